@@ -1,0 +1,56 @@
+"""Settings of the incremental update and of the forgetting gate."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+
+class AdapterSettings(BaseModel):
+    """The PEFT adapter trained on top of the frozen base model."""
+
+    method: Literal["lora"] = Field("lora", description="PEFT method of new adapters.")
+    rank: int = Field(16, gt=0, description="LoRA rank `r`.")
+    alpha: int = Field(32, gt=0, description="LoRA `lora_alpha` (scaling is alpha / rank).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout.")
+    target_modules: str | list[str] = Field(
+        "all-linear", description="Modules that get a LoRA layer (`all-linear` or a list of names)."
+    )
+
+
+class EwcSettings(BaseModel):
+    """Elastic weight consolidation over the trainable (adapter) parameters only."""
+
+    enabled: bool = Field(True, description="Add the EWC penalty to the loss.")
+    strength: float = Field(1000.0, gt=0, description="Weight of the EWC quadratic penalty.")
+    decay: float = Field(0.9, ge=0, le=1, description="Online EWC: share of the old Fisher kept.")
+    fisher_batches: int = Field(16, gt=0, description="Batches used for the diagonal Fisher.")
+
+
+class TrainSettings(BaseModel):
+    """One incremental update: optimiser, schedule, batch mix, budget."""
+
+    learning_rate: float = Field(3e-4, gt=0, description="Peak AdamW learning rate.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine floor as a share of the peak.")
+    warmup_fraction: float = Field(0.1, ge=0, lt=1, description="Share of steps spent warming up.")
+    epochs: float = Field(3.0, gt=0, description="Passes over the new window's training rows.")
+    batch_size: int = Field(16, gt=0, description="Examples per optimiser step.")
+    replay_ratio: float = Field(0.3, ge=0, lt=1, description="Share of each batch drawn from replay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_length: int = Field(128, gt=8, description="Longest training sequence, in tokens.")
+    seed: int = Field(0, description="Seed of sampling, shuffling and adapter initialisation.")
+    adapter: AdapterSettings = AdapterSettings()
+    ewc: EwcSettings = EwcSettings()
+
+
+class GateSettings(BaseModel):
+    """What a candidate must show, against the live version, to be promoted."""
+
+    max_drop: float = Field(
+        0.05, ge=0, le=1, description="Largest accuracy drop allowed on any earlier window."
+    )
+    min_gain: float = Field(
+        0.0, ge=-1, le=1, description="Smallest accuracy gain required on the new window(s)."
+    )

@@ -1,0 +1,99 @@
+"""Elastic weight consolidation over the trainable (adapter) parameters only.
+
+The frozen base never changes, so anchoring it would only double memory; the penalty keeps
+each adapter weight near the value earlier windows left it at, in proportion to how much
+those windows' loss depended on it (the diagonal of the empirical Fisher information).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+_FISHER = "fisher::"
+_ANCHOR = "anchor::"
+
+
+def trainable(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+class EwcPenalty:
+    """`strength/2 · Σ F·(θ − θ*)²` over the adapter parameters.
+
+    Examples
+    --------
+    >>> layer = nn.Linear(2, 1)
+    >>> ewc = EwcPenalty.anchored_at(layer, {n: torch.ones_like(p) for n, p in trainable(layer).items()}, 2.0)
+    >>> ewc.penalty(layer).item()
+    0.0
+    >>> with torch.no_grad(): _ = layer.bias.add_(1.0)
+    >>> ewc.penalty(layer).item()
+    1.0
+    """
+
+    def __init__(self, fisher: Mapping[str, torch.Tensor], anchor: Mapping[str, torch.Tensor],
+                 strength: float) -> None:
+        self.fisher = dict(fisher)
+        self.anchor = dict(anchor)
+        self.strength = strength
+
+    @classmethod
+    def anchored_at(cls, model: nn.Module, fisher: Mapping[str, torch.Tensor], strength: float) -> EwcPenalty:
+        return cls(fisher, {n: p.detach().clone() for n, p in trainable(model).items()}, strength)
+
+    def penalty(self, model: nn.Module) -> torch.Tensor:
+        total = torch.zeros(())
+        for name, param in trainable(model).items():
+            if name in self.fisher:
+                total = total + (self.fisher[name] * (param - self.anchor[name]) ** 2).sum()
+        return 0.5 * self.strength * total
+
+    def save(self, path: Path) -> None:
+        tensors = {_FISHER + n: t.contiguous() for n, t in self.fisher.items()}
+        tensors.update({_ANCHOR + n: t.contiguous() for n, t in self.anchor.items()})
+        save_file(tensors, str(path))
+
+    @classmethod
+    def load(cls, path: Path, strength: float) -> EwcPenalty:
+        tensors = load_file(str(path))
+        return cls({k[len(_FISHER):]: v for k, v in tensors.items() if k.startswith(_FISHER)},
+                   {k[len(_ANCHOR):]: v for k, v in tensors.items() if k.startswith(_ANCHOR)}, strength)
+
+
+def empirical_fisher(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Mean squared gradient of the training loss, per adapter parameter, over `batches`.
+
+    This is the empirical Fisher on mini-batches (gradients of the batch-mean loss): cheap, and
+    a consistent relative importance across parameters, which is what the penalty needs.
+    """
+    params = trainable(model)
+    fisher = {n: torch.zeros_like(p) for n, p in params.items()}
+    count = 0
+    was_training = model.training
+    model.eval()  # no dropout: importance of the weights as they will be served
+    for batch in batches:
+        model.zero_grad(set_to_none=True)
+        model(**batch).loss.backward()
+        for name, param in params.items():
+            if param.grad is not None:
+                fisher[name] += param.grad.detach() ** 2
+        count += 1
+    model.zero_grad(set_to_none=True)
+    model.train(was_training)
+    return {n: f / max(count, 1) for n, f in fisher.items()}
+
+
+def consolidate(previous: EwcPenalty | None, fisher: Mapping[str, torch.Tensor], model: nn.Module,
+                decay: float, strength: float) -> EwcPenalty:
+    """Online EWC: decay the old Fisher, add the new window's, re-anchor at today's weights."""
+    merged = dict(fisher)
+    if previous is not None:
+        for name, old in previous.fisher.items():
+            if name in merged:
+                merged[name] = merged[name] + decay * old
+    return EwcPenalty.anchored_at(model, merged, strength)

@@ -1,0 +1,65 @@
+"""Classification by label log-likelihood, with the prompt's key/value cache shared by all labels.
+
+For each ticket the prompt runs through the model once; its cache is repeated across the
+candidate labels, which then run as one batch. The cost is one prompt pass plus one short
+batched pass, instead of a full prompt pass per label.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from learners.prompts import label_ids, prompt_ids
+
+
+class LabelScorer:
+    """Log-likelihood of each label's tokens after a ticket's prompt.
+
+    Parameters
+    ----------
+    labels
+        Canonical label strings (`card_arrival`); scored as words.
+    max_prompt_tokens
+        Prompts are truncated to this many tokens.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, labels: Sequence[str],
+                 max_prompt_tokens: int = 256) -> None:
+        if not labels:
+            raise ValueError("no labels to score")
+        self.tokenizer = tokenizer
+        self.labels = list(labels)
+        self.max_prompt_tokens = max_prompt_tokens
+        encoded = [label_ids(tokenizer, label) for label in self.labels]
+        width = max(len(ids) for ids in encoded)
+        self._ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
+        self._mask = torch.zeros((len(encoded), width), dtype=torch.long)
+        for row, ids in enumerate(encoded):
+            self._ids[row, : len(ids)] = torch.tensor(ids)
+            self._mask[row, : len(ids)] = 1
+
+    @torch.inference_mode()
+    def score(self, model: nn.Module, text: str) -> torch.Tensor:
+        """Summed log-probability of every label (shape: labels); softmax of it is confidence."""
+        prompt = torch.tensor([prompt_ids(self.tokenizer, text, self.max_prompt_tokens)])
+        out = model(input_ids=prompt, use_cache=True)
+        first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)[self._ids[:, 0]]
+        cache = out.cache
+        n = len(self.labels)
+        cache.batch_repeat_interleave(n)
+        attention = torch.cat([torch.ones((n, prompt.shape[1]), dtype=torch.long), self._mask], dim=1)
+        # Position t of this pass predicts label token t+1; right padding keeps real positions.
+        logits = model(input_ids=self._ids, attention_mask=attention, cache=cache).logits
+        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+        rest = logp.gather(-1, self._ids[:, 1:, None])[..., 0] * self._mask[:, 1:]
+        return first + rest.sum(dim=1)
+
+    def score_many(self, model: nn.Module, texts: Sequence[str]) -> torch.Tensor:
+        """Scores of several tickets (shape: texts × labels)."""
+        if not texts:
+            return torch.zeros((0, len(self.labels)))
+        return torch.stack([self.score(model, text) for text in texts])

@@ -1,0 +1,113 @@
+"""One incremental training round, readable top to bottom (after nanoGPT's train.py)."""
+
+from __future__ import annotations
+
+import math
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from learners.config import TrainSettings
+from learners.ewc import EwcPenalty, trainable
+from learners.prompts import IGNORE, Example
+
+
+class Cancelled(Exception):
+    """The round was asked to stop; nothing it produced may be used."""
+
+
+@dataclass(frozen=True)
+class Progress:
+    step: int
+    steps: int
+    loss: float
+    penalty: float
+    tokens_per_s: float
+
+
+@dataclass(frozen=True)
+class RoundReport:
+    steps: int
+    examples_new: int
+    examples_replay: int
+    final_loss: float
+    tokens: int
+    seconds: float
+
+
+def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch; padding is masked out of attention and loss."""
+    width = max(len(e.input_ids) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    attention = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, e in enumerate(examples):
+        input_ids[row, : len(e.input_ids)] = torch.tensor(e.input_ids)
+        labels[row, : len(e.labels)] = torch.tensor(e.labels)
+        attention[row, : len(e.input_ids)] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
+
+
+def lr_at(step: int, steps: int, cfg: TrainSettings) -> float:
+    """Linear warm-up, then cosine decay to `min_lr_ratio` of the peak (re-warmed every round)."""
+    warmup = max(1, int(cfg.warmup_fraction * steps))
+    if step < warmup:
+        return cfg.learning_rate * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    floor = cfg.min_lr_ratio * cfg.learning_rate
+    return floor + 0.5 * (cfg.learning_rate - floor) * (1 + math.cos(math.pi * progress))
+
+
+def mixed_batches(new: Sequence[Example], replay: Sequence[Example], cfg: TrainSettings,
+                  rng: random.Random) -> list[list[Example]]:
+    """`epochs` passes over the new rows; each batch topped up with `replay_ratio` replay rows."""
+    n_replay = round(cfg.batch_size * cfg.replay_ratio) if replay else 0
+    n_new = cfg.batch_size - n_replay
+    steps = max(1, math.ceil(len(new) * cfg.epochs / n_new))
+    order: list[Example] = []
+    while len(order) < steps * n_new:
+        order += rng.sample(list(new), len(new))  # reshuffle at each pass
+    return [order[s * n_new:(s + 1) * n_new] + rng.sample(list(replay), min(n_replay, len(replay)))
+            for s in range(steps)]
+
+
+def run_round(model: nn.Module, new: Sequence[Example], replay: Sequence[Example], cfg: TrainSettings,
+              pad_id: int, ewc: EwcPenalty | None = None,
+              on_progress: Callable[[Progress], None] | None = None,
+              cancel: threading.Event | None = None) -> RoundReport:
+    """Train the model's adapter on the new window plus replay, regularised by EWC."""
+    if not new:
+        raise ValueError("no new training examples")
+    rng = random.Random(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    batches = mixed_batches(new, replay, cfg, rng)
+    params = list(trainable(model).values())
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    model.train()
+    started, tokens, loss_value = time.perf_counter(), 0, float("nan")
+    for step, examples in enumerate(batches):
+        if cancel is not None and cancel.is_set():
+            raise Cancelled(f"cancelled at step {step} of {len(batches)}")
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, len(batches), cfg)
+        batch = collate(examples, pad_id)
+        loss = model(**batch).loss
+        penalty = ewc.penalty(model) if ewc is not None else torch.zeros(())
+        (loss + penalty).backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        # .item() syncs with the device once per step; the figures feed the progress bar.
+        loss_value = loss.item()
+        tokens += int(batch["attention_mask"].sum())
+        if on_progress is not None:
+            elapsed = time.perf_counter() - started
+            on_progress(Progress(step + 1, len(batches), loss_value, penalty.item(), tokens / elapsed))
+    model.eval()
+    return RoundReport(steps=len(batches), examples_new=len(new), examples_replay=len(replay),
+                       final_loss=loss_value, tokens=tokens, seconds=time.perf_counter() - started)

@@ -1,0 +1,73 @@
+"""One update, end to end on the learner's side: warm start, train, consolidate, save, judge.
+
+The registry (in service/) owns version names and the live pointer; this module only reads
+the live adapter's directory and writes the candidate into the directory it is given.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+
+from learners.base_model import load_base
+from learners.config import AdapterSettings, GateSettings, TrainSettings
+from learners.ewc import EwcPenalty, consolidate, empirical_fisher
+from learners.gate import GateReport, evaluate, judge
+from learners.prompts import classification_example
+from learners.scoring import LabelScorer
+from learners.train import Progress, RoundReport, collate, run_round
+from replay.buffer import Snapshot
+
+EWC_FILE = "ewc.safetensors"
+
+
+@dataclass(frozen=True)
+class UpdateOutcome:
+    gate: GateReport
+    train: RoundReport
+    labels: tuple[str, ...]
+
+
+def initial_adapter(base_path: Path, out_dir: Path, cfg: AdapterSettings, seed: int) -> None:
+    """The first version: an untrained LoRA (B = 0), so it answers exactly as the base does."""
+    base, _ = load_base(base_path)
+    torch.manual_seed(seed)
+    config = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                        target_modules=cfg.target_modules, task_type="CAUSAL_LM")
+    get_peft_model(base, config).save_pretrained(out_dir)
+
+
+def train_candidate(snapshot: Snapshot, base_path: Path, live_dir: Path, out_dir: Path,
+                    cfg: TrainSettings, policy: GateSettings,
+                    on_progress: Callable[[Progress], None] | None = None,
+                    cancel: threading.Event | None = None) -> UpdateOutcome:
+    """Train a candidate warm-started from the live adapter, save it to `out_dir`, gate it."""
+    base, tokenizer = load_base(base_path)
+    model = PeftModel.from_pretrained(base, live_dir, is_trainable=True)
+    new = [classification_example(tokenizer, r.text, r.label, cfg.max_length)
+           for r in snapshot.new if r.label]
+    replay = [classification_example(tokenizer, r.text, r.label, cfg.max_length)
+              for r in snapshot.replay if r.label]
+    previous = (EwcPenalty.load(live_dir / EWC_FILE, cfg.ewc.strength)
+                if cfg.ewc.enabled and (live_dir / EWC_FILE).exists() else None)
+    report = run_round(model, new, replay, cfg, tokenizer.pad_token_id, previous, on_progress, cancel)
+
+    # The Fisher of this window, measured at the weights just learned, joins the old one.
+    fisher_batches = [collate(new[i:i + cfg.batch_size], tokenizer.pad_token_id)
+                      for i in range(0, len(new), cfg.batch_size)][: cfg.ewc.fisher_batches]
+    fisher = empirical_fisher(model, fisher_batches)
+    model.save_pretrained(out_dir)
+    consolidate(previous, fisher, model, cfg.ewc.decay, cfg.ewc.strength).save(out_dir / EWC_FILE)
+
+    scorer = LabelScorer(tokenizer, snapshot.labels)
+    candidate_scores = evaluate(model, scorer, snapshot.probes)
+    del model, base
+    live_model = PeftModel.from_pretrained(load_base(base_path)[0], live_dir)
+    live_scores = evaluate(live_model, scorer, snapshot.probes)
+    gate = judge(candidate_scores, live_scores, snapshot.new_windows, policy)
+    return UpdateOutcome(gate=gate, train=report, labels=snapshot.labels)

@@ -1,0 +1,8 @@
+"""replay: curated, durable, searchable memory of every ticket, split into windows and probes."""
+
+from replay.buffer import ReplayBuffer, Snapshot, WindowInfo, is_probe
+from replay.config import ReplaySettings
+from replay.embed import Embedder, SentenceEmbedder
+
+__all__ = ["Embedder", "ReplayBuffer", "ReplaySettings", "SentenceEmbedder", "Snapshot", "WindowInfo",
+           "is_probe"]

@@ -1,0 +1,1 @@
+"""service: adapter registry, serving runtime with hot-swap, HTTP API, scheduler, CLI."""

@@ -1,0 +1,45 @@
+"""FastAPI dependencies: the running service and API-key scopes."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Callable
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from service.core import Service
+from service.settings import Scope
+
+
+def get_service(request: Request) -> Service:
+    service: Service = request.app.state.service
+    return service
+
+
+ServiceDep = Annotated[Service, Depends(get_service)]
+_bearer = HTTPBearer(auto_error=False, description="An API key with the scope the route needs.")
+
+
+def require(scope: Scope) -> Callable[..., None]:
+    """A dependency that lets the request through only with a key holding `scope`."""
+
+    def check(service: ServiceDep,
+              credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
+        if credentials is None:
+            raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing API key (Authorization: Bearer <key>)",
+                                headers={"WWW-Authenticate": "Bearer"})
+        given = credentials.credentials.encode()
+        key = next((k for k in service.settings.api.keys
+                    if hmac.compare_digest(k.key.get_secret_value().encode(), given)), None)
+        if key is None:
+            raise HTTPException(status.HTTP_401_UNAUTHORIZED, "unknown API key",
+                                headers={"WWW-Authenticate": "Bearer"})
+        if scope not in key.scopes:
+            raise HTTPException(status.HTTP_403_FORBIDDEN, f"this key lacks the `{scope}` scope")
+
+    return check
+
+
+AdminDep = Annotated[None, Depends(require("admin"))]

@@ -1,0 +1,173 @@
+"""The adapter registry: immutable version directories and a live pointer that moves.
+
+Layout under `root`::
+
+    versions/v0003/adapter_config.json        PEFT layout, loadable by PeftModel.from_pretrained
+    versions/v0003/adapter_model.safetensors
+    versions/v0003/ewc.safetensors            Fisher and anchor for the next warm start
+    versions/v0003/evergreen.json             metadata: parent, windows, labels, gate report
+    live.json                                 {"live": "v0003", "history": ["v0000", ...]}
+
+Every write is a temporary file or directory, fsynced, then renamed: a crash at any moment
+leaves the previous live version intact. Names are never reused, rejected ones included.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+Verdict = Literal["accepted", "rejected"]
+_NAME = re.compile(r"^v\d{4,}$")
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+METADATA = "evergreen.json"
+
+
+class RegistryError(Exception):
+    """A request the registry refuses (unknown version, unsafe files, nothing to roll back to)."""
+
+
+@dataclass
+class VersionInfo:
+    name: str
+    parent: str | None
+    created_at: float
+    verdict: Verdict  # of the gate; only accepted versions are promoted without an override
+    windows_trained: list[int]
+    labels: list[str]
+    gate: dict[str, Any] | None = None
+    train: dict[str, Any] | None = None
+    overrides: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Draft:
+    """What a version writer reports about the directory it filled."""
+
+    parent: str | None
+    verdict: Verdict
+    windows_trained: list[int]
+    labels: list[str]
+    gate: dict[str, Any] | None = None
+    train: dict[str, Any] | None = None
+
+
+def _fsync_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    tmp.replace(path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class AdapterRegistry:
+    """Versions on disk, keyed by name; `live` is the one the service answers with."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.versions_dir = root / "versions"
+        self.versions_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        for leftover in self.versions_dir.glob("*.tmp"):
+            shutil.rmtree(leftover)  # a version whose writer crashed never became a version
+
+    # -- reading ----------------------------------------------------------------------------
+    def names(self) -> list[str]:
+        return sorted(p.name for p in self.versions_dir.iterdir() if _NAME.match(p.name))
+
+    def info(self, name: str) -> VersionInfo:
+        path = self.path(name) / METADATA
+        return VersionInfo(**json.loads(path.read_text()))
+
+    def path(self, name: str) -> Path:
+        """Directory of a version; only names the registry made, never a caller's path."""
+        if not _NAME.match(name) or not (self.versions_dir / name).is_dir():
+            raise RegistryError(f"unknown adapter version {name!r}")
+        directory = self.versions_dir / name
+        if not (directory / ADAPTER_WEIGHTS).is_file():
+            raise RegistryError(f"version {name!r} has no {ADAPTER_WEIGHTS}: only safetensors load")
+        return directory
+
+    def _pointer(self) -> dict[str, Any]:
+        path = self.root / "live.json"
+        return json.loads(path.read_text()) if path.exists() else {"live": None, "history": []}
+
+    @property
+    def live(self) -> str | None:
+        live: str | None = self._pointer()["live"]
+        return live
+
+    # -- writing ----------------------------------------------------------------------------
+    def create(self, write: Callable[[Path], Draft]) -> VersionInfo:
+        """Allocate the next name, let `write` fill a temporary directory, then publish it."""
+        with self._lock:
+            taken = [int(m.group(1)) for p in self.versions_dir.iterdir()
+                     if (m := re.match(r"^v(\d{4,})(\.tmp)?$", p.name))]
+            number = max(taken) + 1 if taken else 0
+            name = f"v{number:04d}"
+            tmp = self.versions_dir / f"{name}.tmp"
+            tmp.mkdir()
+        try:
+            draft = write(tmp)
+            if not (tmp / ADAPTER_WEIGHTS).is_file():
+                raise RegistryError(f"the writer of {name} produced no {ADAPTER_WEIGHTS}")
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        info = VersionInfo(name=name, created_at=time.time(), **asdict(draft))
+        _fsync_write(tmp / METADATA, json.dumps(info.__dict__, indent=2).encode())
+        for file in tmp.iterdir():
+            with file.open("rb") as handle:
+                os.fsync(handle.fileno())
+        tmp.replace(self.versions_dir / name)
+        _fsync_dir(self.versions_dir)
+        return info
+
+    def record(self, info: VersionInfo) -> None:
+        """Rewrite a version's metadata (its weights never change)."""
+        _fsync_write(self.path(info.name) / METADATA, json.dumps(info.__dict__, indent=2).encode())
+
+    def promote(self, name: str) -> None:
+        """Move the live pointer to `name` (atomically)."""
+        with self._lock:
+            self.path(name)
+            pointer = self._pointer()
+            if pointer["live"] == name:
+                return
+            history = [*pointer["history"], name]
+            _fsync_write(self.root / "live.json",
+                         json.dumps({"live": name, "history": history}).encode())
+
+    def previous_live(self) -> str:
+        """The version that was live before the current one."""
+        history = self._pointer()["history"]
+        if len(history) < 2:
+            raise RegistryError("no earlier live version to roll back to")
+        previous: str = history[-2]
+        return previous
+
+    def rollback(self) -> str:
+        """Move the live pointer back to the version that was live before; returns it."""
+        with self._lock:
+            history = self._pointer()["history"]
+            previous = self.previous_live()
+            _fsync_write(self.root / "live.json",
+                         json.dumps({"live": previous, "history": history[:-1]}).encode())
+            return previous

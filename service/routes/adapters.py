@@ -1,0 +1,81 @@
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import APIRouter, HTTPException, status
+from pydantic import BaseModel
+
+from service.deps import AdminDep, ServiceDep
+from service.registry import RegistryError, VersionInfo
+from service.runtime import UnsafeAdapter
+
+router = APIRouter(prefix="/v1", tags=["adapters"])
+
+
+class AdapterPublic(BaseModel):
+    """A version as users see it (never its filesystem path)."""
+
+    name: str
+    parent: str | None
+    created_at: float
+    verdict: str
+    live: bool
+    windows_trained: list[int]
+    labels: list[str]
+    gate: dict[str, Any] | None
+    overrides: list[dict[str, Any]]
+
+
+class AdapterList(BaseModel):
+    live: str | None
+    adapters: list[AdapterPublic]
+
+
+def _public(info: VersionInfo, live: str | None) -> AdapterPublic:
+    return AdapterPublic(name=info.name, parent=info.parent, created_at=info.created_at,
+                         verdict=info.verdict, live=info.name == live,
+                         windows_trained=info.windows_trained, labels=info.labels, gate=info.gate,
+                         overrides=info.overrides)
+
+
+@router.get("/adapters")
+def list_adapters(service: ServiceDep) -> AdapterList:
+    """Every version in the registry, oldest first, and which one is live."""
+    live = service.registry.live
+    return AdapterList(live=live, adapters=[_public(service.registry.info(n), live)
+                                            for n in service.registry.names()])
+
+
+def _serve(service: ServiceDep, name: str) -> None:
+    try:
+        service.runtime.swap(name)
+    except (RegistryError, UnsafeAdapter) as exc:
+        raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
+    service.registry.promote(name)
+
+
+@router.post("/adapters/{version}/promote")
+def promote(*, service: ServiceDep, _admin: AdminDep, version: str) -> AdapterPublic:
+    """Serve `version`. Promoting a version the gate rejected is recorded as an override."""
+    try:
+        info = service.registry.info(version)
+    except (RegistryError, FileNotFoundError) as exc:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"unknown adapter version {version!r}") from exc
+    _serve(service, version)
+    if info.verdict == "rejected":
+        info.overrides.append({"action": "promote", "at": time.time()})
+        service.registry.record(info)
+    return _public(info, service.registry.live)
+
+
+@router.post("/rollback")
+def rollback(*, service: ServiceDep, _admin: AdminDep) -> AdapterPublic:
+    """Serve the version that was live before the current one."""
+    try:
+        previous = service.registry.previous_live()
+    except RegistryError as exc:
+        raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
+    service.runtime.swap(previous)
+    service.registry.rollback()
+    return _public(service.registry.info(previous), previous)

@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, status
+from pydantic import BaseModel, Field
+
+from service.deps import ServiceDep
+from service.runtime import NoLabels
+
+router = APIRouter(prefix="/v1", tags=["classify"])
+
+
+class ClassifyRequest(BaseModel):
+    text: str = Field(min_length=1, max_length=16_384, description="The ticket to classify.")
+    labels: list[Annotated[str, Field(min_length=1, max_length=128)]] | None = Field(
+        None, min_length=1, max_length=512,
+        description="Candidate labels; default: every label the serving version has learned.",
+    )
+    top_k: int = Field(3, ge=1, le=50, description="How many ranked labels to return.")
+
+
+class ScoredLabel(BaseModel):
+    label: str
+    confidence: float
+
+
+class ClassifyResponse(BaseModel):
+    label: str
+    confidence: float = Field(description="Probability of the label among the candidates.")
+    top: list[ScoredLabel]
+    adapter_version: str = Field(description="The adapter version that answered.")
+
+
+@router.post("/classify")
+def classify(body: ClassifyRequest, service: ServiceDep) -> ClassifyResponse:
+    """Label a ticket by the log-likelihood of each candidate label."""
+    try:
+        result = service.runtime.classify(body.text, body.labels, body.top_k)
+    except NoLabels as exc:
+        raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
+    return ClassifyResponse(label=result.label, confidence=result.confidence,
+                            top=[ScoredLabel(label=l, confidence=c) for l, c in result.top],
+                            adapter_version=result.adapter_version)

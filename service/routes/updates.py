@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+from fastapi import APIRouter, HTTPException, status
+from pydantic import BaseModel
+
+from service.deps import AdminDep, ServiceDep
+from service.updates import UpdateInProgress, UpdateRecord
+
+router = APIRouter(prefix="/v1", tags=["updates"])
+
+
+class UpdatePublic(BaseModel):
+    id: int
+    trigger: str
+    status: str
+    started_at: float
+    finished_at: float | None
+    version: str | None
+    reason: str | None
+    progress: dict[str, float]
+    gate: dict[str, Any] | None
+
+
+def _public(record: UpdateRecord) -> UpdatePublic:
+    return UpdatePublic(**asdict(record))
+
+
+@router.post("/updates", status_code=status.HTTP_202_ACCEPTED)
+def trigger_update(*, service: ServiceDep, _admin: AdminDep) -> UpdatePublic:
+    """Close the open window and start an update now (409 while one is running)."""
+    try:
+        return _public(service.updates.start("manual"))
+    except UpdateInProgress as exc:
+        raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
+
+
+@router.get("/updates")
+def list_updates(service: ServiceDep) -> list[UpdatePublic]:
+    """Updates of this process, newest first."""
+    return [_public(r) for r in reversed(service.updates.history)]
+
+
+@router.get("/updates/{update_id}")
+def get_update(service: ServiceDep, update_id: int) -> UpdatePublic:
+    record = service.updates.get(update_id)
+    if record is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no update {update_id}")
+    return _public(record)

