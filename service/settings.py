@@ -59,7 +59,7 @@ class SchedulerSettings(BaseModel):
     """When updates run on their own."""
 
     enabled: bool = Field(True, description="Run updates on a schedule.")
-    check_seconds: float = Field(30.0, gt=0, description="How often the trigger condition is checked.")
+    check_seconds: float = Field(10.0, gt=0, description="How often the trigger condition is checked.")
     min_new_records: int = Field(
         200, gt=0, description="Start an update once the open window holds this many records."
     )
@@ -71,7 +71,7 @@ class DemoSettings(BaseModel):
     enabled: bool = Field(True, description="Stream the demo data set on `evergreen up`.")
     windows: int = Field(3, gt=0, description="Windows of new intents to stream.")
     intents_per_window: int = Field(4, gt=0, description="New intents per window.")
-    per_intent: int = Field(60, gt=0, description="Tickets per intent.")
+    per_intent: int = Field(50, gt=0, description="Tickets per intent (4 × 50 = one 200-record update).")
     rate: float = Field(5.0, gt=0, description="Tickets per second.")
     seed: int = Field(0, description="Seed of the intent order.")
 

@@ -40,5 +40,5 @@ def classify(body: ClassifyRequest, service: ServiceDep) -> ClassifyResponse:
     except NoLabels as exc:
         raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
     return ClassifyResponse(label=result.label, confidence=result.confidence,
-                            top=[ScoredLabel(label=l, confidence=c) for l, c in result.top],
+                            top=[ScoredLabel(label=name, confidence=p) for name, p in result.top],
                             adapter_version=result.adapter_version)

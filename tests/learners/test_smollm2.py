@@ -8,10 +8,10 @@ import pytest
 
 from conftest import MODEL_CACHE
 from learners.base_model import SMOLLM2, load_base, resolve_base_model
-from service.registry import AdapterRegistry, Draft
-from service.runtime import ModelRuntime
 from learners.config import AdapterSettings
 from learners.update import initial_adapter
+from service.registry import AdapterRegistry, Draft
+from service.runtime import ModelRuntime
 
 
 @pytest.fixture(scope="module")
