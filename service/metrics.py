@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, get_args
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from service.updates import UpdateStatus
 
 if TYPE_CHECKING:
     from service.core import Service
@@ -42,7 +44,7 @@ class ServiceCollector(Collector):
             yield dlq
         updates = GaugeMetricFamily("evergreen_updates", "Updates of this process by outcome.",
                                     labels=["status"])
-        for status in ("running", "promoted", "rejected", "skipped", "failed"):
+        for status in get_args(UpdateStatus):
             updates.add_metric([status], sum(r.status == status for r in s.updates.history))
         yield updates
 

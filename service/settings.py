@@ -72,7 +72,8 @@ class DemoSettings(BaseModel):
     windows: int = Field(3, gt=0, description="Windows of new intents to stream.")
     intents_per_window: int = Field(4, gt=0, description="New intents per window.")
     per_intent: int = Field(50, gt=0, description="Tickets per intent (4 × 50 = one 200-record update).")
-    rate: float = Field(5.0, gt=0, description="Tickets per second.")
+    # An update of the default model takes about 3 minutes on 2 cores: one window per update.
+    rate: float = Field(1.0, gt=0, description="Tickets per second.")
     seed: int = Field(0, description="Seed of the intent order.")
 
 

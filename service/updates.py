@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from learners.config import GateSettings, TrainSettings
-from learners.train import Progress
+from learners.train import Cancelled, Progress
 from learners.update import initial_adapter, train_candidate
 from replay.buffer import ReplayBuffer
 from service.registry import AdapterRegistry, Draft
@@ -24,7 +24,7 @@ from service.runtime import ModelRuntime
 
 LOG = logging.getLogger(__name__)
 
-UpdateStatus = Literal["running", "promoted", "rejected", "skipped", "failed"]
+UpdateStatus = Literal["running", "promoted", "rejected", "skipped", "cancelled", "failed"]
 
 
 class UpdateInProgress(Exception):
@@ -101,6 +101,9 @@ class UpdateManager:
     def _run(self, record: UpdateRecord) -> None:
         try:
             self._update(record)
+        except Cancelled as exc:
+            LOG.info("update %d cancelled: %s", record.id, exc)
+            record.status, record.reason = "cancelled", str(exc)
         except Exception as exc:  # the service keeps serving; the failure is reported
             LOG.exception("update %d failed", record.id)
             record.status, record.reason = "failed", f"{type(exc).__name__}: {exc}"
