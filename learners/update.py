@@ -21,7 +21,7 @@ from learners.ewc import EwcPenalty, consolidate, empirical_fisher
 from learners.gate import Canary, GateReport, evaluate, judge
 from learners.prompts import classification_example
 from learners.scoring import LabelScorer
-from learners.train import Progress, RoundReport, collate, run_round
+from learners.train import Progress, RoundReport, answer_loss, collate, run_round
 from replay.buffer import Snapshot
 
 EWC_FILE = "ewc.safetensors"
@@ -65,7 +65,7 @@ def train_candidate(snapshot: Snapshot, base_path: Path, live_dir: Path, out_dir
     # The Fisher of this window, measured at the weights just learned, joins the old one.
     fisher_batches = [collate(new[i:i + cfg.batch_size], tokenizer.pad_token_id)
                       for i in range(0, len(new), cfg.batch_size)][: cfg.ewc.fisher_batches]
-    fisher = empirical_fisher(model, fisher_batches)
+    fisher = empirical_fisher(model, fisher_batches, answer_loss)
     model.save_pretrained(out_dir)
     consolidate(previous, fisher, model, cfg.ewc.decay, cfg.ewc.strength).save(out_dir / EWC_FILE)
 
