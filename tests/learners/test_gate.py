@@ -7,6 +7,7 @@ no EWC) must be rejected every time, healthy ones accepted at least nine times i
 
 from __future__ import annotations
 
+import logging
 import random
 from pathlib import Path
 
@@ -20,6 +21,9 @@ from replay.buffer import Snapshot
 from streams.records import TicketRecord
 
 POLICY = GateSettings(max_canary_increase=None)
+LOG = logging.getLogger(__name__)
+# Three new intents from 18 tickets: 5e-3 learns them in 30 epochs for every seed tried (3e-3 missed one).
+LEARNING_RATE = 5e-3
 
 
 def score(correct: list[bool], majority_rate: float = 0.5) -> WindowScore:
@@ -64,12 +68,25 @@ def window(seed: int, labels: list[str], keywords: dict[str, str], n: int, tag: 
             for i in range(n)]
 
 
+def shuffled_labels(labels: list[str], seed: int) -> list[str]:
+    """A random permutation of the labels in which no ticket keeps its own (a broken join)."""
+    rng = random.Random(seed)
+    shuffled = rng.sample(labels, len(labels))
+    for i in range(len(shuffled)):
+        if shuffled[i] == labels[i]:
+            j = next(j for j in rng.sample(range(len(labels)), len(labels))
+                     if shuffled[j] != labels[i] and shuffled[i] != labels[j])
+            shuffled[i], shuffled[j] = shuffled[j], shuffled[i]
+    assert sorted(shuffled) == sorted(labels) and all(a != b for a, b in zip(shuffled, labels, strict=True))
+    return shuffled
+
+
 def run_seed(seed: int, base: Path, out: Path) -> dict[str, bool]:
     """Learn window 1, then gate three candidates for window 2; returns each one's verdict."""
     rng = random.Random(seed)
     keywords = dict(zip([f"intent_{i}" for i in range(6)], rng.sample(WORDS, 6), strict=True))
     first, second = list(keywords)[:3], list(keywords)[3:]
-    train = TINY_TRAIN.model_copy(update={"seed": seed})
+    train = TINY_TRAIN.model_copy(update={"seed": seed, "learning_rate": LEARNING_RATE})
     w1, p1 = window(seed, first, keywords, 18, "w1"), window(seed, first, keywords, 12, "p1")
     w2, p2 = window(seed, second, keywords, 18, "w2"), window(seed, second, keywords, 12, "p2")
     initial_adapter(base, out / "v0", train.adapter, seed)
@@ -79,11 +96,12 @@ def run_seed(seed: int, base: Path, out: Path) -> dict[str, bool]:
 
     def candidate(name: str, rows: list[TicketRecord], replay: list[TicketRecord], cfg: TrainSettings) -> bool:
         snapshot = Snapshot((2,), rows, replay, {1: p1, 2: p2}, tuple(first + second))
-        return train_candidate(snapshot, base, out / "v1", out / name, cfg, POLICY).gate.passed
+        gate = train_candidate(snapshot, base, out / "v1", out / name, cfg, POLICY).gate
+        LOG.info("seed %d, %s: %s", seed, name, gate.reason)
+        return gate.passed
 
-    labels = [r.label for r in w2]
-    random.Random(seed).shuffle(labels)
-    shuffled = [r.model_copy(update={"label": label}) for r, label in zip(w2, labels, strict=True)]
+    shuffled = [r.model_copy(update={"label": label})
+                for r, label in zip(w2, shuffled_labels([r.label or "" for r in w2], seed), strict=True)]
     reckless = train.model_copy(update={"learning_rate": 3e-2, "replay_ratio": 0.0,
                                         "ewc": train.ewc.model_copy(update={"enabled": False})})
     return {"shuffled labels": candidate("shuffled", shuffled, w1, train),
