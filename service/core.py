@@ -11,6 +11,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from learners.base_model import resolve_base_model
 from replay.buffer import ReplayBuffer
 from replay.embed import SentenceEmbedder
+from service.generation import Generator
 from service.metrics import make_registry
 from service.registry import AdapterRegistry
 from service.runtime import ModelRuntime
@@ -41,7 +42,9 @@ class Service:
         self.registry = AdapterRegistry(data / "registry")
         self.updates = UpdateManager(self.buffer, self.registry, self.base_path, settings.train,
                                      settings.gate)
-        self.runtime = ModelRuntime(self.base_path, self.registry, self.updates.ensure_initial_version())
+        self.runtime = ModelRuntime(self.base_path, self.registry, self.updates.ensure_initial_version(),
+                                    max_cached=settings.serving.cached_versions)
+        self.generator = Generator(self.runtime, settings.serving.max_prompt_tokens)
         self.updates.runtime = self.runtime
         self.ingester = (Ingester(self.bootstrap, settings.kafka, self.buffer)
                          if self.bootstrap else None)

@@ -44,6 +44,28 @@ class ApiSettings(BaseModel):
         description="API keys and their scopes.",
     )
     max_body_bytes: int = Field(1024 * 1024, gt=0, description="Largest accepted request body.")
+    require_query_key: bool | None = Field(
+        None, description="Query routes (classify, chat, completions, models) need a key with the `query` "
+                          "scope. Unset: required in production, open in development.",
+    )
+
+
+class ServingSettings(BaseModel):
+    """How answers are generated and which versions stay in memory."""
+
+    max_tokens: int = Field(256, gt=0, description="Largest `max_tokens` a completion request may ask for.")
+    default_max_tokens: int = Field(64, gt=0, description="`max_tokens` of a request that names none.")
+    max_prompt_tokens: int = Field(2048, gt=0, description="Longest prompt accepted, in tokens.")
+    cached_versions: int = Field(
+        2, ge=0, description="Versions besides the live one kept loaded for requests naming them "
+                             "(and for instant rollback); the least recently used is released.",
+    )
+
+    @model_validator(mode="after")
+    def _default_within_bound(self) -> ServingSettings:
+        if self.default_max_tokens > self.max_tokens:
+            raise ValueError("`default_max_tokens` must not exceed `max_tokens`")
+        return self
 
 
 class ModelSettings(BaseModel):
@@ -94,6 +116,7 @@ class Settings(BaseSettings):
     gate: GateSettings = GateSettings()
     scheduler: SchedulerSettings = SchedulerSettings()
     api: ApiSettings = ApiSettings()
+    serving: ServingSettings = ServingSettings()
     demo: DemoSettings = DemoSettings()
 
     @model_validator(mode="after")
@@ -103,6 +126,8 @@ class Settings(BaseSettings):
                 raise ValueError("`api.keys` still holds the development key in production")
             if self.kafka.bootstrap is None:
                 raise ValueError("`kafka.bootstrap` must be set in production")
+        if self.api.require_query_key is None:
+            self.api.require_query_key = self.environment == "production"
         return self
 
     @classmethod
