@@ -26,7 +26,8 @@ from service.runtime import LIVE, UnsafeAdapter
 router = APIRouter(prefix="/v1", tags=["generate"])
 _SSE = {"text/event-stream": {"schema": {"type": "string"}, "description": "With `stream: true`."}}
 
-ModelName = Annotated[str, Field(min_length=1, max_length=64, description="`live` or a registry version.")]
+ModelName = Annotated[str, Field(min_length=1, max_length=64, description="`live` or a registry version.",
+                                 examples=["live"])]
 StopStrings = Annotated[str | list[Annotated[str, Field(min_length=1, max_length=64)]] | None, Field(
     None, description="Up to 4 strings that end the answer (not included in it).")]
 
@@ -63,7 +64,8 @@ class _Common(BaseModel):
 
 
 class ChatCompletionRequest(_Common):
-    messages: list[ChatMessage] = Field(min_length=1, max_length=256)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=256,
+                                        examples=[[{"role": "user", "content": "Where is my card?"}]])
     max_completion_tokens: int | None = Field(None, ge=1, description="Same as `max_tokens`.")
 
 
