@@ -3,36 +3,16 @@
 from __future__ import annotations
 
 import json
-import shutil
 import threading
 from collections.abc import Callable
 from pathlib import Path
 
 import httpx
-import torch
-from safetensors.torch import load_file, save_file
 
-from conftest import LiveService, tiny_settings, wait_for
-from service.registry import ADAPTER_WEIGHTS, AdapterRegistry, Draft
+from conftest import LiveService, add_versions, tiny_settings, wait_for
 from service.settings import Settings
 
 LABELS = ["card arrival", "exchange rate"]
-
-
-def add_versions(registry: AdapterRegistry, count: int) -> list[str]:
-    """Registry versions with distinct (random, finite) LoRA weights, as an update would write."""
-    source = registry.path("v0000")
-    names = []
-    for i in range(count):
-        def write(tmp: Path, seed: int = i) -> Draft:
-            shutil.copy(source / "adapter_config.json", tmp / "adapter_config.json")
-            generator = torch.Generator().manual_seed(seed)
-            weights = {k: torch.randn(v.shape, generator=generator) * 0.05
-                       for k, v in load_file(str(source / ADAPTER_WEIGHTS)).items()}
-            save_file(weights, str(tmp / ADAPTER_WEIGHTS))
-            return Draft(parent="v0000", verdict="accepted", windows_trained=[], labels=LABELS)
-        names.append(registry.create(write).name)
-    return names
 
 
 def number(version: str) -> int:
@@ -41,7 +21,7 @@ def number(version: str) -> int:
 
 def test_ten_promotions_under_four_clients(serve: Callable[[Settings], LiveService], tmp_path: Path) -> None:
     live = serve(tiny_settings(tmp_path, None))
-    versions = add_versions(live.service.registry, 10)
+    versions = add_versions(live.service.registry, 10, LABELS)
     stop = threading.Event()
     seen: list[list[str]] = [[] for _ in range(4)]
     failures: list[str] = []
