@@ -15,7 +15,7 @@ from service.generation import Generator
 from service.metrics import make_registry
 from service.registry import AdapterRegistry
 from service.runtime import ModelRuntime
-from service.scheduler import start_scheduler
+from service.scheduler import start_scheduler, stop_scheduler
 from service.settings import Settings
 from service.updates import UpdateManager
 from streams.ingest import Ingester
@@ -50,7 +50,8 @@ class Service:
                          if self.bootstrap else None)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._scheduler: BackgroundScheduler | None = None
+        self.scheduler: BackgroundScheduler | None = None
+        self.jobstore = settings.scheduler.jobstore or data / "scheduler.sqlite"
         self.metrics_registry, self.http_metrics = make_registry(self)
 
     def start(self) -> None:
@@ -60,13 +61,14 @@ class Service:
             thread.start()
             self._threads.append(thread)
         if self.settings.scheduler.enabled:
-            self._scheduler = start_scheduler(self.settings.scheduler, self.buffer, self.updates)
+            self.scheduler = start_scheduler(self.settings.scheduler, self.buffer, self.updates,
+                                              self.jobstore)
         LOG.info("service started: serving %s, %d records buffered", self.runtime.version, len(self.buffer))
 
     def stop(self) -> None:
         self._stop.set()
-        if self._scheduler is not None:
-            self._scheduler.shutdown(wait=False)
+        if self.scheduler is not None:
+            stop_scheduler(self.scheduler, self.jobstore)
         for thread in self._threads:
             thread.join(timeout=10)
         self.updates.cancel_and_wait(timeout=60)

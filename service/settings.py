@@ -12,7 +12,8 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, model_validator
+from apscheduler.triggers.cron import CronTrigger
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -85,6 +86,24 @@ class SchedulerSettings(BaseModel):
     min_new_records: int = Field(
         200, gt=0, description="Start an update once the open window holds this many records."
     )
+    interval_seconds: float | None = Field(
+        None, gt=0, description="Also start an update this often (unset: no interval trigger).")
+    cron: str | None = Field(
+        None, description="Also start an update on this crontab schedule, e.g. `0 3 * * *` (unset: none).")
+    misfire_grace_seconds: float = Field(
+        3600, gt=0, description="A run missed while the service was down still runs at start if this recent.")
+    jobstore: Path | None = Field(
+        None, description="SQLite file of the persistent job store (unset: `scheduler.sqlite` in `data_dir`).")
+
+    @field_validator("cron")
+    @classmethod
+    def _valid_cron(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                CronTrigger.from_crontab(value)
+            except ValueError as exc:
+                raise ValueError(f"`cron` is not a crontab expression: {exc}") from exc
+        return value
 
 
 class DemoSettings(BaseModel):
