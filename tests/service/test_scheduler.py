@@ -52,7 +52,7 @@ def time_now(service: Service) -> object:
     return datetime.now(service.scheduler.timezone)
 
 
-CRASHING_UPDATE = """
+CRASHING_UPDATE = r"""
 import sys, time
 from pathlib import Path
 from conftest import tiny_settings
