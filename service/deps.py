@@ -58,3 +58,13 @@ def require_query(service: ServiceDep, credentials: Credentials) -> None:
 AdminDep = Annotated[None, Depends(require("admin"))]
 IngestDep = Annotated[None, Depends(require("ingest"))]
 QueryDep = Annotated[None, Depends(require_query)]
+
+
+def require_primary(service: ServiceDep) -> None:
+    """Changes to the registry and updates happen on the primary; replicas only serve."""
+    if service.replica:
+        raise HTTPException(status.HTTP_409_CONFLICT,
+                            "this instance is a serve-only replica: promote, roll back and update on the primary")
+
+
+PrimaryDep = Annotated[None, Depends(require_primary)]

@@ -106,6 +106,16 @@ class SchedulerSettings(BaseModel):
         return value
 
 
+class ReplicaSettings(BaseModel):
+    """Running several instances: one primary, any number of serve-only replicas."""
+
+    role: Literal["primary", "replica"] = Field(
+        "primary", description="`replica`: serve only (no ingestion, scheduler or updates), follow the "
+                               "primary's promotions on `topic` and read versions from the shared registry.")
+    topic: str = Field("evergreen.promotions", description="Kafka topic of live-pointer moves.")
+    poll_timeout_ms: int = Field(500, gt=0, description="How long one poll of the promotion topic waits (ms).")
+
+
 class DemoSettings(BaseModel):
     """The built-in BANKING77 producer that `evergreen up` runs."""
 
@@ -128,6 +138,8 @@ class Settings(BaseSettings):
         "development", description="`production` refuses development defaults such as the dev key."
     )
     data_dir: Path = Field(Path("data"), description="Buffer and adapter registry live here.")
+    registry_dir: Path | None = Field(
+        None, description="Adapter registry (unset: `registry` in `data_dir`); replicas share it.")
     kafka: KafkaSettings = KafkaSettings()
     model: ModelSettings = ModelSettings()
     replay: ReplaySettings = ReplaySettings()
@@ -136,6 +148,7 @@ class Settings(BaseSettings):
     scheduler: SchedulerSettings = SchedulerSettings()
     api: ApiSettings = ApiSettings()
     serving: ServingSettings = ServingSettings()
+    replicas: ReplicaSettings = ReplicaSettings()
     demo: DemoSettings = DemoSettings()
 
     @model_validator(mode="after")
