@@ -12,6 +12,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from learners.base_model import resolve_base_model
 from replay.buffer import ReplayBuffer
 from replay.embed import SentenceEmbedder
+from service.batching import ClassifyBatcher
 from service.generation import Generator
 from service.metrics import make_registry
 from service.registry import AdapterRegistry
@@ -48,6 +49,7 @@ class Service:
         self.runtime = ModelRuntime(self.base_path, self.registry, self._first_version(),
                                     max_cached=settings.serving.cached_versions)
         self.generator = Generator(self.runtime, settings.serving.max_prompt_tokens)
+        self.batcher = ClassifyBatcher(self.runtime, settings.serving.max_batch)
         self.updates.runtime = self.runtime
         # A replica neither ingests nor updates: it only follows the primary's promotions.
         self.ingester = (Ingester(self.bootstrap, settings.kafka, self.buffer)
@@ -98,4 +100,5 @@ class Service:
         self.updates.cancel_and_wait(timeout=60)
         if self.publisher is not None:
             self.publisher.close()
+        self.batcher.close()
         self.buffer.close()

@@ -190,12 +190,21 @@ class ModelRuntime:
 
     def classify(self, text: str, labels: Sequence[str] | None = None, top_k: int = 3,
                  version: str = LIVE) -> Classification:
+        return self.classify_batch([text], labels, [top_k], version)[0]
+
+    def classify_batch(self, texts: Sequence[str], labels: Sequence[str] | None, top_ks: Sequence[int],
+                       version: str = LIVE) -> list[Classification]:
+        """Classify several tickets against one label set in one batched pass, on one version."""
         with self.pinned(version) as run:
             candidates = list(labels) if labels else run.labels
             if not candidates:
                 raise NoLabels(f"adapter {run.version} has learned no labels yet; pass `labels`")
-            scores = self._scorer(candidates).score(run.model, text)
-        probabilities = torch.softmax(scores, dim=0)
-        ranked = torch.argsort(probabilities, descending=True)[:top_k].tolist()
-        top = [(candidates[i], float(probabilities[i])) for i in ranked]
-        return Classification(label=top[0][0], confidence=top[0][1], top=top, adapter_version=run.version)
+            scorer = self._scorer(candidates)
+            scores = scorer.score_batch(run.model, texts) if len(texts) > 1 else scorer.score(run.model, texts[0])[None]
+        answers = []
+        for row, top_k in zip(torch.softmax(scores, dim=1), top_ks, strict=True):
+            ranked = torch.argsort(row, descending=True)[:top_k].tolist()
+            top = [(candidates[i], float(row[i])) for i in ranked]
+            answers.append(Classification(label=top[0][0], confidence=top[0][1], top=top,
+                                          adapter_version=run.version))
+        return answers

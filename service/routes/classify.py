@@ -36,7 +36,7 @@ class ClassifyResponse(BaseModel):
 def classify(body: ClassifyRequest, service: ServiceDep, _query: QueryDep, response: Response) -> ClassifyResponse:
     """Label a ticket by the log-likelihood of each candidate label."""
     try:
-        result = service.runtime.classify(body.text, body.labels, body.top_k)
+        result = service.batcher.classify(body.text, body.labels, body.top_k)
     except NoLabels as exc:
         raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
     response.headers[VERSION_HEADER] = result.adapter_version
