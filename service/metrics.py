@@ -49,6 +49,11 @@ class ServiceCollector(Collector):
         yield updates
         yield from _update_durations(s)
         yield from _registry_metrics(s)
+        batched = GaugeMetricFamily("evergreen_classify_batched", "Classify requests and the batches they ran in.",
+                                    labels=["count"])
+        batched.add_metric(["requests"], s.batcher.requests)
+        batched.add_metric(["batches"], s.batcher.batches)
+        yield batched
         if s.runtime.last_swap_seconds is not None:
             swap = GaugeMetricFamily("evergreen_last_swap_seconds",
                                      "Duration of the last hot-swap (read, check, attach, switch).")
