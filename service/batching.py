@@ -1,9 +1,10 @@
 """Micro-batching of concurrent classify requests.
 
 Requests go to a queue; one worker takes everything queued at that moment (up to `max_batch`)
-and scores it in one batched pass per (version, label set). Nothing waits for a batch to fill:
-a lone request runs at once, and requests that arrive while a batch runs form the next one, so
-batching costs a sequential client no latency and gives concurrent ones the batch's throughput.
+and scores it in one batched pass per (version, label set). A lone request runs at once;
+requests that arrive while a batch runs form the next one. After a batch of several, the worker
+waits up to `max_wait_ms` for as many again (their clients are one round trip away), so a
+sequential client never waits and concurrent ones keep full batches.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -32,9 +34,11 @@ class _Request:
 class ClassifyBatcher:
     """Front of `ModelRuntime.classify_batch` that merges concurrent requests."""
 
-    def __init__(self, runtime: ModelRuntime, max_batch: int) -> None:
+    def __init__(self, runtime: ModelRuntime, max_batch: int, max_wait_ms: float = 5.0) -> None:
         self.runtime = runtime
         self.max_batch = max_batch
+        self.max_wait_s = max_wait_ms / 1000
+        self._last_size = 1
         self.batches = 0  # batches run, and requests in them: their ratio is the mean batch size
         self.requests = 0
         self._queue: queue.Queue[_Request | None] = queue.Queue()
@@ -57,15 +61,21 @@ class ClassifyBatcher:
             if first is None:
                 return
             taken = [first]
+            # Clients answered together come back together, a round trip later: after a batch of
+            # several, wait that long for as many; after a lone request, wait for nothing.
+            expect = min(self._last_size, self.max_batch)
+            deadline = time.monotonic() + self.max_wait_s
             while len(taken) < self.max_batch:
+                remaining = deadline - time.monotonic() if len(taken) < expect else 0
                 try:
-                    more = self._queue.get_nowait()
+                    more = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
                 except queue.Empty:
                     break
                 if more is None:
                     self._queue.put(None)  # finish this batch, then stop
                     break
                 taken.append(more)
+            self._last_size = len(taken)
             groups: dict[tuple[str, tuple[str, ...] | None], list[_Request]] = {}
             for request in taken:
                 groups.setdefault((request.version, request.labels), []).append(request)

@@ -49,7 +49,7 @@ class Service:
         self.runtime = ModelRuntime(self.base_path, self.registry, self._first_version(),
                                     max_cached=settings.serving.cached_versions)
         self.generator = Generator(self.runtime, settings.serving.max_prompt_tokens)
-        self.batcher = ClassifyBatcher(self.runtime, settings.serving.max_batch)
+        self.batcher = ClassifyBatcher(self.runtime, settings.serving.max_batch, settings.serving.batch_wait_ms)
         self.updates.runtime = self.runtime
         # A replica neither ingests nor updates: it only follows the primary's promotions.
         self.ingester = (Ingester(self.bootstrap, settings.kafka, self.buffer)
