@@ -70,6 +70,6 @@ def test_schemathesis_finds_no_server_error(serve: Callable[[Settings], LiveServ
          "--checks", "not_a_server_error", "--phases", "examples,coverage,fuzzing", "--max-examples", "8",
          "--header", f"Authorization: Bearer {DEV_ADMIN_KEY}", "--workers", "1", "--request-timeout", "60",
          "--seed", "1", "--suppress-health-check", "too_slow", "--no-color"],
-        capture_output=True, text=True, timeout=600)
+        capture_output=True, text=True, timeout=600, cwd=tmp_path)  # its cache stays out of the repo
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     live.service.updates.cancel_and_wait(30)
