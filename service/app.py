@@ -9,7 +9,7 @@ from fastapi import FastAPI, Request, Response
 
 from service import errors
 from service.core import Service
-from service.routes import adapters, buffer, classify, health, openai, updates
+from service.routes import adapters, buffer, classify, forgetting, health, openai, updates
 
 
 def create_app(service: Service) -> FastAPI:
@@ -28,6 +28,6 @@ def create_app(service: Service) -> FastAPI:
                                      response.status_code, time.perf_counter() - started)
         return response
 
-    for module in (health, classify, openai, adapters, updates, buffer):
+    for module in (health, classify, openai, adapters, updates, forgetting, buffer):
         app.include_router(module.router)
     return app

@@ -13,6 +13,7 @@ from learners.base_model import resolve_base_model
 from replay.buffer import ReplayBuffer
 from replay.embed import SentenceEmbedder
 from service.batching import ClassifyBatcher
+from service.forgetting import AccuracyMatrix
 from service.generation import Generator
 from service.metrics import make_registry
 from service.registry import AdapterRegistry
@@ -44,8 +45,9 @@ class Service:
         embedder = SentenceEmbedder(settings.replay.embedding_model, settings.replay.embed_batch_size)
         self.buffer = ReplayBuffer(data / "buffer", embedder, settings.replay.probe_percent)
         self.registry = AdapterRegistry(settings.registry_dir or data / "registry", writer=not self.replica)
-        self.updates = UpdateManager(self.buffer, self.registry, self.base_path, settings.train,
-                                     settings.gate)
+        self.matrix = AccuracyMatrix(self.registry.root / "accuracy.json")
+        self.updates = UpdateManager(self.buffer, self.registry, self.matrix, self.base_path,
+                                     settings.train, settings.gate)
         self.runtime = ModelRuntime(self.base_path, self.registry, self._first_version(),
                                     max_cached=settings.serving.cached_versions)
         self.generator = Generator(self.runtime, settings.serving.max_prompt_tokens)
