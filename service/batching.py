@@ -34,7 +34,7 @@ class _Request:
 class ClassifyBatcher:
     """Front of `ModelRuntime.classify_batch` that merges concurrent requests."""
 
-    def __init__(self, runtime: ModelRuntime, max_batch: int, max_wait_ms: float = 5.0) -> None:
+    def __init__(self, runtime: ModelRuntime, max_batch: int, max_wait_ms: float = 25.0) -> None:
         self.runtime = runtime
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1000

@@ -59,7 +59,7 @@ class ServingSettings(BaseModel):
     max_prompt_tokens: int = Field(2048, gt=0, description="Longest prompt accepted, in tokens.")
     max_batch: int = Field(16, gt=0, description="Concurrent classify requests scored together at most.")
     batch_wait_ms: float = Field(
-        5.0, ge=0, description="After a batch of several, how long to wait for their clients' next requests.")
+        25.0, ge=0, description="After a batch of several, how long to wait for their clients' next requests.")
     cached_versions: int = Field(
         2, ge=0, description="Versions besides the live one kept loaded for requests naming them "
                              "(and for instant rollback); the least recently used is released.",
