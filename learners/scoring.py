@@ -58,6 +58,39 @@ class LabelScorer:
         rest = logp.gather(-1, self._ids[:, 1:, None])[..., 0] * self._mask[:, 1:]
         return first + rest.sum(dim=1)
 
+    @torch.inference_mode()
+    def score_batch(self, model: nn.Module, texts: Sequence[str]) -> torch.Tensor:
+        """`score` of several tickets in two batched passes (shape: texts × labels).
+
+        Prompts are left-padded so every prompt ends at the same position; explicit position ids
+        keep each prompt's positions as if it ran alone. On a CPU a small batch costs little more
+        than one ticket: the weights are read once per pass, not once per ticket.
+        """
+        if not texts:
+            return torch.zeros((0, len(self.labels)))
+        prompts = [prompt_ids(self.tokenizer, text, self.max_prompt_tokens) for text in texts]
+        b, n, width = len(prompts), len(self.labels), max(len(p) for p in prompts)
+        ids = torch.full((b, width), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((b, width), dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            ids[row, width - len(prompt):] = torch.tensor(prompt)
+            mask[row, width - len(prompt):] = 1
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)[:, self._ids[:, 0]]  # b × n
+        cache = out.cache
+        cache.batch_repeat_interleave(n)  # row r*n + j: ticket r, label j
+        label_ids = self._ids.repeat(b, 1)
+        label_mask = self._mask.repeat(b, 1)
+        attention = torch.cat([mask.repeat_interleave(n, dim=0), label_mask], dim=1)
+        lengths = mask.sum(dim=1).repeat_interleave(n)
+        label_positions = lengths[:, None] + torch.arange(label_ids.shape[1])[None, :]
+        logits = model(input_ids=label_ids, attention_mask=attention, position_ids=label_positions,
+                       cache=cache).logits
+        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+        rest = (logp.gather(-1, label_ids[:, 1:, None])[..., 0] * label_mask[:, 1:]).sum(dim=1)
+        return first + rest.view(b, n)
+
     def score_many(self, model: nn.Module, texts: Sequence[str]) -> torch.Tensor:
         """Scores of several tickets (shape: texts × labels)."""
         if not texts:

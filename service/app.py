@@ -7,8 +7,9 @@ from collections.abc import Awaitable, Callable
 
 from fastapi import FastAPI, Request, Response
 
+from service import errors
 from service.core import Service
-from service.routes import adapters, buffer, classify, forgetting, health, updates
+from service.routes import adapters, buffer, classify, forgetting, health, openai, updates
 
 
 def create_app(service: Service) -> FastAPI:
@@ -16,6 +17,7 @@ def create_app(service: Service) -> FastAPI:
                   description="Keeps a live language model adapted to a ticket stream, without forgetting.",
                   max_body_size=service.settings.api.max_body_bytes)
     app.state.service = service
+    errors.install(app)
 
     @app.middleware("http")
     async def measure(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
@@ -26,6 +28,6 @@ def create_app(service: Service) -> FastAPI:
                                      response.status_code, time.perf_counter() - started)
         return response
 
-    for module in (health, classify, adapters, updates, forgetting, buffer):
+    for module in (health, classify, openai, adapters, updates, forgetting, buffer):
         app.include_router(module.router)
     return app

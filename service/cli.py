@@ -60,12 +60,16 @@ def _banner(settings: Settings) -> None:
 
 
 @app.command()
-def serve() -> None:
+def serve(replica: Annotated[bool, typer.Option(
+        "--replica", help="Serve only: follow the primary's promotions (same as `replicas.role = replica`).")] = False
+          ) -> None:
     """Run the service (ingester, scheduler, API) against `kafka.bootstrap`."""
     from service.core import Service
     from service.server import run_server
 
     settings = Settings()
+    if replica:
+        settings.replicas.role = "replica"
     _banner(settings)
     run_server(Service(settings))
 

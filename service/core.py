@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 
 import torch
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -11,11 +12,14 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from learners.base_model import resolve_base_model
 from replay.buffer import ReplayBuffer
 from replay.embed import SentenceEmbedder
+from service.batching import ClassifyBatcher
 from service.forgetting import AccuracyMatrix
+from service.generation import Generator
 from service.metrics import make_registry
 from service.registry import AdapterRegistry
+from service.replicas import PromotionFollower, PromotionPublisher
 from service.runtime import ModelRuntime
-from service.scheduler import start_scheduler
+from service.scheduler import start_scheduler, stop_scheduler
 from service.settings import Settings
 from service.updates import UpdateManager
 from streams.ingest import Ingester
@@ -33,40 +37,70 @@ class Service:
     def __init__(self, settings: Settings, bootstrap: str | None = None) -> None:
         self.settings = settings
         self.bootstrap = bootstrap or settings.kafka.bootstrap
+        self.replica = settings.replicas.role == "replica"
         if settings.model.threads:
             torch.set_num_threads(settings.model.threads)
         data = settings.data_dir
         self.base_path = resolve_base_model(settings.model.base, settings.model.cache_dir)
         embedder = SentenceEmbedder(settings.replay.embedding_model, settings.replay.embed_batch_size)
         self.buffer = ReplayBuffer(data / "buffer", embedder, settings.replay.probe_percent)
-        self.registry = AdapterRegistry(data / "registry")
-        self.matrix = AccuracyMatrix(data / "registry" / "accuracy.json")
+        self.registry = AdapterRegistry(settings.registry_dir or data / "registry", writer=not self.replica)
+        self.matrix = AccuracyMatrix(self.registry.root / "accuracy.json")
         self.updates = UpdateManager(self.buffer, self.registry, self.matrix, self.base_path,
                                      settings.train, settings.gate)
-        self.runtime = ModelRuntime(self.base_path, self.registry, self.updates.ensure_initial_version())
+        self.runtime = ModelRuntime(self.base_path, self.registry, self._first_version(),
+                                    max_cached=settings.serving.cached_versions)
+        self.generator = Generator(self.runtime, settings.serving.max_prompt_tokens)
+        self.batcher = ClassifyBatcher(self.runtime, settings.serving.max_batch, settings.serving.batch_wait_ms)
         self.updates.runtime = self.runtime
+        # A replica neither ingests nor updates: it only follows the primary's promotions.
         self.ingester = (Ingester(self.bootstrap, settings.kafka, self.buffer)
-                         if self.bootstrap else None)
+                         if self.bootstrap and not self.replica else None)
+        self.publisher = (PromotionPublisher(self.bootstrap, settings.replicas)
+                          if self.bootstrap and not self.replica else None)
+        if self.publisher is not None:
+            self.registry.listeners.append(self.publisher)
+        self.follower = (PromotionFollower(self.bootstrap, settings.replicas, self.registry, self.runtime)
+                         if self.bootstrap and self.replica else None)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._scheduler: BackgroundScheduler | None = None
+        self.scheduler: BackgroundScheduler | None = None
+        self.jobstore = settings.scheduler.jobstore or data / "scheduler.sqlite"
         self.metrics_registry, self.http_metrics = make_registry(self)
+
+    def _first_version(self) -> str:
+        if not self.replica:
+            return self.updates.ensure_initial_version()
+        live = self.registry.live
+        if live is None:
+            raise RuntimeError(f"the registry at {self.registry.root} has no live version yet: "
+                               "start the primary first (a replica never writes the registry)")
+        return live
+
+    def _spawn(self, name: str, target: Callable[[threading.Event], None]) -> None:
+        thread = threading.Thread(target=target, args=(self._stop,), name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
 
     def start(self) -> None:
         if self.ingester is not None:
-            thread = threading.Thread(target=self.ingester.run, args=(self._stop,), name="ingest",
-                                      daemon=True)
-            thread.start()
-            self._threads.append(thread)
-        if self.settings.scheduler.enabled:
-            self._scheduler = start_scheduler(self.settings.scheduler, self.buffer, self.updates)
-        LOG.info("service started: serving %s, %d records buffered", self.runtime.version, len(self.buffer))
+            self._spawn("ingest", self.ingester.run)
+        if self.follower is not None:
+            self._spawn("follow-promotions", self.follower.run)
+        if self.settings.scheduler.enabled and not self.replica:
+            self.scheduler = start_scheduler(self.settings.scheduler, self.buffer, self.updates,
+                                             self.jobstore)
+        LOG.info("service started (%s): serving %s, %d records buffered", self.settings.replicas.role,
+                 self.runtime.version, len(self.buffer))
 
     def stop(self) -> None:
         self._stop.set()
-        if self._scheduler is not None:
-            self._scheduler.shutdown(wait=False)
+        if self.scheduler is not None:
+            stop_scheduler(self.scheduler, self.jobstore)
         for thread in self._threads:
             thread.join(timeout=10)
         self.updates.cancel_and_wait(timeout=60)
+        if self.publisher is not None:
+            self.publisher.close()
+        self.batcher.close()
         self.buffer.close()

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, get_args
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from service.updates import UpdateStatus
@@ -47,6 +47,56 @@ class ServiceCollector(Collector):
         for status in get_args(UpdateStatus):
             updates.add_metric([status], sum(r.status == status for r in s.updates.history))
         yield updates
+        yield from _update_durations(s)
+        yield from _registry_metrics(s)
+        batched = GaugeMetricFamily("evergreen_classify_batched", "Classify requests and the batches they ran in.",
+                                    labels=["count"])
+        batched.add_metric(["requests"], s.batcher.requests)
+        batched.add_metric(["batches"], s.batcher.batches)
+        yield batched
+        if s.runtime.last_swap_seconds is not None:
+            swap = GaugeMetricFamily("evergreen_last_swap_seconds",
+                                     "Duration of the last hot-swap (read, check, attach, switch).")
+            swap.add_metric([], s.runtime.last_swap_seconds)
+            yield swap
+
+
+UPDATE_BUCKETS = (10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 3600.0)
+
+
+def _update_durations(s: Service) -> Iterator[Metric]:
+    """Finished updates of this process as a histogram by outcome (rebuilt from the history)."""
+    family = HistogramMetricFamily("evergreen_update_duration_seconds", "Duration of finished updates.",
+                                   labels=["status"])
+    by_status: dict[str, list[float]] = {}
+    for record in list(s.updates.history):
+        if record.finished_at is not None:
+            by_status.setdefault(record.status, []).append(record.finished_at - record.started_at)
+    for status, durations in sorted(by_status.items()):
+        buckets = [(str(edge), sum(d <= edge for d in durations)) for edge in UPDATE_BUCKETS]
+        family.add_metric([status], [*buckets, ("+Inf", len(durations))], sum(durations))
+    yield family
+
+
+def _registry_metrics(s: Service) -> Iterator[Metric]:
+    """Gate verdicts over the registry, and the live version's accuracy on every window's probes."""
+    verdicts = GaugeMetricFamily("evergreen_gate_verdicts", "Registry versions by gate verdict.",
+                                 labels=["verdict"])
+    counts = {"accepted": 0, "rejected": 0}
+    for name in s.registry.names():
+        info = s.registry.info(name)
+        if info.gate is not None:  # the initial version was never gated
+            counts[info.verdict] = counts.get(info.verdict, 0) + 1
+    for verdict, count in sorted(counts.items()):
+        verdicts.add_metric([verdict], count)
+    yield verdicts
+    accuracy = GaugeMetricFamily("evergreen_live_window_accuracy",
+                                 "Probe accuracy of the live version per window, from its gate report.",
+                                 labels=["window"])
+    gate = s.registry.info(s.runtime.version).gate or {}
+    for window, score in sorted(gate.get("candidate", {}).items(), key=lambda item: int(item[0])):
+        accuracy.add_metric([str(window)], float(score["accuracy"]))
+    yield accuracy
 
 
 class HttpMetrics:

@@ -80,13 +80,18 @@ def _fsync_dir(path: Path) -> None:
 class AdapterRegistry:
     """Versions on disk, keyed by name; `live` is the one the service answers with."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, writer: bool = True) -> None:
+        """`writer=False` for a serve-only replica sharing the directory: it must never clean up
+        a temporary directory, which may be the primary's candidate being written."""
         self.root = root
         self.versions_dir = root / "versions"
         self.versions_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
-        for leftover in self.versions_dir.glob("*.tmp"):
-            shutil.rmtree(leftover)  # a version whose writer crashed never became a version
+        # Called as listener(version, "promote" | "rollback") after the live pointer moved.
+        self.listeners: list[Callable[[str, str], None]] = []
+        if writer:
+            for leftover in self.versions_dir.glob("*.tmp"):
+                shutil.rmtree(leftover)  # a version whose writer crashed never became a version
 
     # -- reading ----------------------------------------------------------------------------
     def names(self) -> list[str]:
@@ -154,6 +159,11 @@ class AdapterRegistry:
             history = [*pointer["history"], name]
             fsync_write(self.root / "live.json",
                          json.dumps({"live": name, "history": history}).encode())
+        self._moved(name, "promote")
+
+    def _moved(self, name: str, event: str) -> None:
+        for listener in self.listeners:
+            listener(name, event)
 
     def previous_live(self) -> str:
         """The version that was live before the current one."""
@@ -170,4 +180,5 @@ class AdapterRegistry:
             previous = self.previous_live()
             fsync_write(self.root / "live.json",
                          json.dumps({"live": previous, "history": history[:-1]}).encode())
-            return previous
+        self._moved(previous, "rollback")
+        return previous

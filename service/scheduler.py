@@ -1,10 +1,26 @@
-"""APScheduler wiring: a thin job that calls the same `UpdateManager.start` the API calls."""
+"""APScheduler wiring: thin jobs that call the same `UpdateManager.start` the API calls.
+
+Three triggers, each optional: every `interval_seconds`, on a `cron` schedule, and once the open
+window holds `min_new_records` (checked every `check_seconds`); `POST /v1/updates` is the manual
+one. Jobs live in a SQLite job store, so a schedule survives restarts: a cron run missed while
+the service was down runs once at start (within `misfire_grace_seconds`), and an unchanged job
+keeps its next run time instead of starting its interval over. Jobs are stored by reference
+(`service.scheduler:run_trigger` and the service's key), never as pickled objects; updates
+themselves never overlap, whoever triggers them.
+"""
 
 from __future__ import annotations
 
 import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
 
+from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
 from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.interval import IntervalTrigger
 
 from replay.buffer import ReplayBuffer
 from service.settings import SchedulerSettings
@@ -12,23 +28,89 @@ from service.updates import UpdateInProgress, UpdateManager
 
 LOG = logging.getLogger(__name__)
 
+Trigger = Literal["interval", "cron", "records"]
+JOB_IDS: dict[Trigger, str] = {"interval": "update-interval", "cron": "update-cron", "records": "update-if-due"}
+
+
+@dataclass(frozen=True)
+class _Target:
+    buffer: ReplayBuffer
+    updates: UpdateManager
+    min_new_records: int
+
+
+# Stored jobs name their service by key (its job-store path), so they survive pickling.
+_TARGETS: dict[str, _Target] = {}
+_TARGETS_LOCK = threading.Lock()
+
 
 def update_if_due(buffer: ReplayBuffer, updates: UpdateManager, min_new_records: int) -> None:
     """Start an update when the open window holds enough records and none is running."""
     if updates.busy or buffer.pending() < min_new_records:
         return
+    _start(updates, "scheduler")
+
+
+def _start(updates: UpdateManager, trigger: str) -> None:
     try:
-        record = updates.start("scheduler")
-        LOG.info("scheduler started update %d", record.id)
+        record = updates.start(trigger)
+        LOG.info("scheduler (%s) started update %d", trigger, record.id)
     except UpdateInProgress:
-        pass  # a manual trigger got there first
+        pass  # another trigger got there first
 
 
-def start_scheduler(settings: SchedulerSettings, buffer: ReplayBuffer,
-                    updates: UpdateManager) -> BackgroundScheduler:
-    scheduler = BackgroundScheduler(daemon=True)
-    scheduler.add_job(update_if_due, "interval", seconds=settings.check_seconds,
-                      args=(buffer, updates, settings.min_new_records), id="update-if-due",
-                      max_instances=1, coalesce=True)
-    scheduler.start()
+def run_trigger(key: str, kind: Trigger) -> None:
+    """The job every trigger runs; `records` checks the threshold, the others always start one
+    (an update with nothing new to learn is recorded as skipped)."""
+    with _TARGETS_LOCK:
+        target = _TARGETS.get(key)
+    if target is None:
+        LOG.warning("scheduled %s job for %s, which is not running here", kind, key)
+        return
+    if kind == "records":
+        update_if_due(target.buffer, target.updates, target.min_new_records)
+    elif not target.updates.busy:
+        _start(target.updates, kind)
+
+
+def _triggers(settings: SchedulerSettings) -> dict[Trigger, Any]:
+    triggers: dict[Trigger, Any] = {"records": IntervalTrigger(seconds=settings.check_seconds)}
+    if settings.interval_seconds:
+        triggers["interval"] = IntervalTrigger(seconds=settings.interval_seconds)
+    if settings.cron:
+        triggers["cron"] = CronTrigger.from_crontab(settings.cron)
+    return triggers
+
+
+def start_scheduler(settings: SchedulerSettings, buffer: ReplayBuffer, updates: UpdateManager,
+                    jobstore: Path) -> BackgroundScheduler:
+    """Start the scheduler on the SQLite job store at `jobstore`, reconciling its jobs with settings."""
+    key = str(jobstore.resolve())
+    with _TARGETS_LOCK:
+        _TARGETS[key] = _Target(buffer, updates, settings.min_new_records)
+    jobstore.parent.mkdir(parents=True, exist_ok=True)
+    scheduler = BackgroundScheduler(
+        daemon=True, jobstores={"default": SQLAlchemyJobStore(url=f"sqlite:///{jobstore}")},
+        job_defaults={"coalesce": True, "max_instances": 1,
+                      "misfire_grace_time": int(settings.misfire_grace_seconds)})
+    scheduler.start(paused=True)  # the stored jobs are readable, none runs before they are reconciled
+    wanted = _triggers(settings)
+    for kind, job_id in JOB_IDS.items():
+        stored = scheduler.get_job(job_id)
+        trigger = wanted.get(kind)
+        if trigger is None:
+            if stored is not None:
+                stored.remove()
+        elif stored is None or str(stored.trigger) != str(trigger) or stored.args != (key, kind):
+            scheduler.add_job(f"{__name__}:run_trigger", trigger, args=(key, kind), id=job_id,
+                              name=f"update ({kind})", replace_existing=True)
+        else:
+            LOG.info("scheduler keeps stored job %s, next run %s", job_id, stored.next_run_time)
+    scheduler.resume()
     return scheduler
+
+
+def stop_scheduler(scheduler: BackgroundScheduler, jobstore: Path) -> None:
+    scheduler.shutdown(wait=False)
+    with _TARGETS_LOCK:
+        _TARGETS.pop(str(jobstore.resolve()), None)

@@ -12,7 +12,8 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, model_validator
+from apscheduler.triggers.cron import CronTrigger
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -44,6 +45,31 @@ class ApiSettings(BaseModel):
         description="API keys and their scopes.",
     )
     max_body_bytes: int = Field(1024 * 1024, gt=0, description="Largest accepted request body.")
+    require_query_key: bool | None = Field(
+        None, description="Query routes (classify, chat, completions, models) need a key with the `query` "
+                          "scope. Unset: required in production, open in development.",
+    )
+
+
+class ServingSettings(BaseModel):
+    """How answers are generated and which versions stay in memory."""
+
+    max_tokens: int = Field(256, gt=0, description="Largest `max_tokens` a completion request may ask for.")
+    default_max_tokens: int = Field(64, gt=0, description="`max_tokens` of a request that names none.")
+    max_prompt_tokens: int = Field(2048, gt=0, description="Longest prompt accepted, in tokens.")
+    max_batch: int = Field(16, gt=0, description="Concurrent classify requests scored together at most.")
+    batch_wait_ms: float = Field(
+        25.0, ge=0, description="After a batch of several, how long to wait for their clients' next requests.")
+    cached_versions: int = Field(
+        2, ge=0, description="Versions besides the live one kept loaded for requests naming them "
+                             "(and for instant rollback); the least recently used is released.",
+    )
+
+    @model_validator(mode="after")
+    def _default_within_bound(self) -> ServingSettings:
+        if self.default_max_tokens > self.max_tokens:
+            raise ValueError("`default_max_tokens` must not exceed `max_tokens`")
+        return self
 
 
 class ModelSettings(BaseModel):
@@ -63,6 +89,34 @@ class SchedulerSettings(BaseModel):
     min_new_records: int = Field(
         200, gt=0, description="Start an update once the open window holds this many records."
     )
+    interval_seconds: float | None = Field(
+        None, gt=0, description="Also start an update this often (unset: no interval trigger).")
+    cron: str | None = Field(
+        None, description="Also start an update on this crontab schedule, e.g. `0 3 * * *` (unset: none).")
+    misfire_grace_seconds: float = Field(
+        3600, gt=0, description="A run missed while the service was down still runs at start if this recent.")
+    jobstore: Path | None = Field(
+        None, description="SQLite file of the persistent job store (unset: `scheduler.sqlite` in `data_dir`).")
+
+    @field_validator("cron")
+    @classmethod
+    def _valid_cron(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                CronTrigger.from_crontab(value)
+            except ValueError as exc:
+                raise ValueError(f"`cron` is not a crontab expression: {exc}") from exc
+        return value
+
+
+class ReplicaSettings(BaseModel):
+    """Running several instances: one primary, any number of serve-only replicas."""
+
+    role: Literal["primary", "replica"] = Field(
+        "primary", description="`replica`: serve only (no ingestion, scheduler or updates), follow the "
+                               "primary's promotions on `topic` and read versions from the shared registry.")
+    topic: str = Field("evergreen.promotions", description="Kafka topic of live-pointer moves.")
+    poll_timeout_ms: int = Field(500, gt=0, description="How long one poll of the promotion topic waits (ms).")
 
 
 class DemoSettings(BaseModel):
@@ -87,6 +141,8 @@ class Settings(BaseSettings):
         "development", description="`production` refuses development defaults such as the dev key."
     )
     data_dir: Path = Field(Path("data"), description="Buffer and adapter registry live here.")
+    registry_dir: Path | None = Field(
+        None, description="Adapter registry (unset: `registry` in `data_dir`); replicas share it.")
     kafka: KafkaSettings = KafkaSettings()
     model: ModelSettings = ModelSettings()
     replay: ReplaySettings = ReplaySettings()
@@ -94,6 +150,8 @@ class Settings(BaseSettings):
     gate: GateSettings = GateSettings()
     scheduler: SchedulerSettings = SchedulerSettings()
     api: ApiSettings = ApiSettings()
+    serving: ServingSettings = ServingSettings()
+    replicas: ReplicaSettings = ReplicaSettings()
     demo: DemoSettings = DemoSettings()
 
     @model_validator(mode="after")
@@ -103,6 +161,8 @@ class Settings(BaseSettings):
                 raise ValueError("`api.keys` still holds the development key in production")
             if self.kafka.bootstrap is None:
                 raise ValueError("`kafka.bootstrap` must be set in production")
+        if self.api.require_query_key is None:
+            self.api.require_query_key = self.environment == "production"
         return self
 
     @classmethod

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -10,13 +11,16 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 import uvicorn
+from safetensors.torch import load_file, save_file
 
 from learners.base_model import TINY_LLAMA, resolve_base_model
 from learners.config import TrainSettings
 from replay.embed import SentenceEmbedder
 from service.app import create_app
 from service.core import Service
+from service.registry import ADAPTER_WEIGHTS, AdapterRegistry, Draft
 from service.settings import DEV_ADMIN_KEY, ApiSettings, ModelSettings, SchedulerSettings, Settings
 from streams.broker import LocalBroker, free_port
 from streams.config import KafkaSettings
@@ -99,3 +103,21 @@ def serve(tiny_llama: Path) -> Iterator[Callable[[Settings], LiveService]]:
         server.should_exit = True
         thread.join(timeout=10)
         service.stop()
+
+
+def add_versions(registry: AdapterRegistry, count: int, labels: list[str],
+                 gate: dict[str, object] | None = None, verdict: str = "accepted") -> list[str]:
+    """Registry versions with distinct (random, finite) LoRA weights, as an update would write."""
+    source = registry.path("v0000")
+    names = []
+    for i in range(count):
+        def write(tmp: Path, seed: int = i) -> Draft:
+            shutil.copy(source / "adapter_config.json", tmp / "adapter_config.json")
+            generator = torch.Generator().manual_seed(seed)
+            weights = {k: torch.randn(v.shape, generator=generator) * 0.05
+                       for k, v in load_file(str(source / ADAPTER_WEIGHTS)).items()}
+            save_file(weights, str(tmp / ADAPTER_WEIGHTS))
+            return Draft(parent="v0000", verdict=verdict, windows_trained=[],  # type: ignore[arg-type]
+                         labels=labels, gate=gate)
+        names.append(registry.create(write).name)
+    return names

@@ -6,7 +6,7 @@ from typing import Any
 from fastapi import APIRouter, HTTPException, status
 from pydantic import BaseModel
 
-from service.deps import AdminDep, ServiceDep
+from service.deps import AdminDep, PrimaryDep, ServiceDep
 from service.registry import RegistryError, VersionInfo
 from service.runtime import UnsafeAdapter
 
@@ -56,7 +56,7 @@ def _serve(service: ServiceDep, name: str) -> None:
 
 
 @router.post("/adapters/{version}/promote")
-def promote(*, service: ServiceDep, _admin: AdminDep, version: str) -> AdapterPublic:
+def promote(*, service: ServiceDep, _admin: AdminDep, _primary: PrimaryDep, version: str) -> AdapterPublic:
     """Serve `version`. Promoting a version the gate rejected is recorded as an override."""
     try:
         info = service.registry.info(version)
@@ -70,7 +70,7 @@ def promote(*, service: ServiceDep, _admin: AdminDep, version: str) -> AdapterPu
 
 
 @router.post("/rollback")
-def rollback(*, service: ServiceDep, _admin: AdminDep) -> AdapterPublic:
+def rollback(*, service: ServiceDep, _admin: AdminDep, _primary: PrimaryDep) -> AdapterPublic:
     """Serve the version that was live before the current one."""
     try:
         previous = service.registry.previous_live()

@@ -2,10 +2,10 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, status
+from fastapi import APIRouter, HTTPException, Response, status
 from pydantic import BaseModel, Field
 
-from service.deps import ServiceDep
+from service.deps import VERSION_HEADER, QueryDep, ServiceDep
 from service.runtime import NoLabels
 
 router = APIRouter(prefix="/v1", tags=["classify"])
@@ -33,12 +33,13 @@ class ClassifyResponse(BaseModel):
 
 
 @router.post("/classify")
-def classify(body: ClassifyRequest, service: ServiceDep) -> ClassifyResponse:
+def classify(body: ClassifyRequest, service: ServiceDep, _query: QueryDep, response: Response) -> ClassifyResponse:
     """Label a ticket by the log-likelihood of each candidate label."""
     try:
-        result = service.runtime.classify(body.text, body.labels, body.top_k)
+        result = service.batcher.classify(body.text, body.labels, body.top_k)
     except NoLabels as exc:
         raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
+    response.headers[VERSION_HEADER] = result.adapter_version
     return ClassifyResponse(label=result.label, confidence=result.confidence,
                             top=[ScoredLabel(label=name, confidence=p) for name, p in result.top],
                             adapter_version=result.adapter_version)

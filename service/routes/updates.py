@@ -6,7 +6,7 @@ from typing import Any
 from fastapi import APIRouter, HTTPException, status
 from pydantic import BaseModel
 
-from service.deps import AdminDep, ServiceDep
+from service.deps import AdminDep, PrimaryDep, ServiceDep
 from service.updates import UpdateInProgress, UpdateRecord
 
 router = APIRouter(prefix="/v1", tags=["updates"])
@@ -29,7 +29,7 @@ def _public(record: UpdateRecord) -> UpdatePublic:
 
 
 @router.post("/updates", status_code=status.HTTP_202_ACCEPTED)
-def trigger_update(*, service: ServiceDep, _admin: AdminDep) -> UpdatePublic:
+def trigger_update(*, service: ServiceDep, _admin: AdminDep, _primary: PrimaryDep) -> UpdatePublic:
     """Close the open window and start an update now (409 while one is running)."""
     try:
         return _public(service.updates.start("manual"))

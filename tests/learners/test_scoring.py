@@ -32,3 +32,14 @@ def test_cached_prefix_scores_equal_full_sequence_scores(tiny_llama: Path, text:
     expected = torch.tensor([naive_score(model, tokenizer, text, label) for label in LABELS])
     assert torch.allclose(scores, expected, atol=1e-3)
     assert len(set(scores.tolist())) == len(LABELS)  # prefix labels ("card") are told apart
+
+
+def test_batched_scores_equal_one_by_one(tiny_llama: Path) -> None:
+    base, tokenizer = load_base(tiny_llama)
+    torch.manual_seed(0)
+    model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    scorer = LabelScorer(tokenizer, LABELS, max_prompt_tokens=64)
+    texts = ["where is my card", "x " * 100, "rate?", "my top up by cash failed twice this week"]
+    batched = scorer.score_batch(model, texts)  # prompts of very different lengths, left-padded
+    assert torch.allclose(batched, scorer.score_many(model, texts), atol=1e-3)
+    assert scorer.score_batch(model, []).shape == (0, len(LABELS))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pydantic import SecretStr
 
-from conftest import LiveService, tiny_settings
+from conftest import LiveService, add_versions, tiny_settings
 from service.settings import ApiKey, ApiSettings, Settings
 from streams.broker import free_port
 
@@ -50,3 +50,29 @@ def test_auth_limits_and_errors(serve: Callable[[Settings], LiveService], tmp_pa
     assert 'evergreen_live_adapter_info{version="v0000"} 1.0' in metrics
     assert 'evergreen_http_requests_total{method="POST",route="/v1/classify",status="413"} 1.0' in metrics
     assert "openapi" in client.get("/openapi.json").json()
+
+
+def test_metrics_report_updates_verdicts_and_live_accuracy(serve: Callable[[Settings], LiveService],
+                                                           tmp_path: Path) -> None:
+    live = serve(tiny_settings(tmp_path, None))
+    registry = live.service.registry
+    gate = {"passed": True, "candidate": {"1": {"accuracy": 0.75, "loss": 0.5},
+                                          "2": {"accuracy": 0.5, "loss": 0.9}}}
+    accepted = add_versions(registry, 1, ["a", "b"], gate=gate)[0]
+    add_versions(registry, 2, ["a", "b"], gate={**gate, "passed": False}, verdict="rejected")
+    client = live.client()
+    assert client.post(f"/v1/adapters/{accepted}/promote", headers=live.admin).status_code == 200
+    assert client.post("/v1/updates", headers=live.admin).status_code == 202  # nothing new: skipped
+    live.service.updates.cancel_and_wait(30)
+
+    metrics = client.get("/metrics").text
+    assert f'evergreen_live_adapter_info{{version="{accepted}"}} 1.0' in metrics
+    assert 'evergreen_live_window_accuracy{window="1"} 0.75' in metrics
+    assert 'evergreen_live_window_accuracy{window="2"} 0.5' in metrics
+    assert 'evergreen_gate_verdicts{verdict="accepted"} 1.0' in metrics
+    assert 'evergreen_gate_verdicts{verdict="rejected"} 2.0' in metrics
+    assert 'evergreen_update_duration_seconds_count{status="skipped"} 1.0' in metrics
+    assert 'evergreen_update_duration_seconds_bucket{le="10.0",status="skipped"} 1.0' in metrics
+    assert "evergreen_last_swap_seconds " in metrics
+    assert 'evergreen_http_request_seconds_bucket{le="0.005",method="POST",route="/v1/adapters/{version}/promote"}' \
+        in metrics

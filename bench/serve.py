@@ -1,0 +1,241 @@
+"""Serving: the HTTP endpoints against the raw model, measured in one run on one model.
+
+Workload: the first N BANKING77 test tickets scored against L intents, and a few chat prompts,
+on the default base model served by a real uvicorn server (in this process, on a free port).
+Baselines, measured in the same run on the same weights:
+- raw in-process label scoring (`LabelScorer.score`) for `/v1/classify` p50 latency;
+- raw greedy `model.generate` for `/v1/chat/completions` tokens/s;
+- one sequential client for 8 concurrent ones (micro-batching);
+- the adapter merged into the base weights for the unmerged-LoRA overhead;
+- promotion → first answer from the new version is the swap time.
+Prints each figure with its ratio and target; writes bench/results/serve.json.
+
+    nice -n 10 .venv/bin/python bench/serve.py [--tickets 16] [--labels 12] [--base smollm2-135m]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import shutil
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import torch
+import uvicorn
+from safetensors.torch import load_file, save_file
+
+from learners.base_model import SMOLLM2
+from learners.scoring import LabelScorer
+from service.app import create_app
+from service.core import Service
+from service.generation import chat_prompt
+from service.registry import ADAPTER_WEIGHTS, Draft
+from service.settings import DEV_ADMIN_KEY, ApiSettings, ModelSettings, SchedulerSettings, ServingSettings, Settings
+from streams.broker import free_port
+from streams.datasets import load_tickets
+
+ADMIN = {"Authorization": f"Bearer {DEV_ADMIN_KEY}"}
+CHAT_PROMPTS = ["My new card still has not arrived, what should I do?",
+                "I was charged twice for one payment.",
+                "How do I change my PIN?"]
+
+
+def timed(call: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    call()
+    return time.perf_counter() - started
+
+
+def start_server(service: Service, port: int) -> uvicorn.Server:
+    server = uvicorn.Server(uvicorn.Config(create_app(service), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    while not server.started:
+        time.sleep(0.05)
+    return server
+
+
+def new_version(service: Service, seed: int) -> str:
+    """A registry version with distinct finite weights, as an update would write it."""
+    source = service.registry.path(service.registry.live or "v0000")
+
+    def write(tmp: Path) -> Draft:
+        shutil.copy(source / "adapter_config.json", tmp / "adapter_config.json")
+        generator = torch.Generator().manual_seed(seed)
+        save_file({k: torch.randn(v.shape, generator=generator) * 0.01
+                   for k, v in load_file(str(source / ADAPTER_WEIGHTS)).items()}, str(tmp / ADAPTER_WEIGHTS))
+        return Draft(parent=None, verdict="accepted", windows_trained=[], labels=[])
+
+    return service.registry.create(write).name
+
+
+def classify_figures(service: Service, http: httpx.Client, texts: list[str], labels: list[str],
+                     concurrency: int) -> dict[str, float]:
+    scorer = LabelScorer(service.runtime.tokenizer, labels)
+    model = service.runtime.model
+    body = [{"text": t, "labels": labels} for t in texts]
+    scorer.score(model, texts[0])
+    http.post("/v1/classify", json=body[0]).raise_for_status()  # warm-up of both paths
+    raw, served = [], []
+    for text, request in zip(texts, body, strict=True):  # interleaved: load drift hits both alike
+        raw.append(timed(lambda t=text: scorer.score(model, t)))
+        served.append(timed(lambda b=request: http.post("/v1/classify", json=b).raise_for_status()))
+
+    rounds = 4  # each concurrent client sends this many requests
+    def client(worker: int) -> None:
+        with httpx.Client(base_url=str(http.base_url), timeout=600) as own:
+            for i in range(rounds):
+                own.post("/v1/classify", json=body[(worker * rounds + i) % len(body)]).raise_for_status()
+
+    threads = [threading.Thread(target=client, args=(w,)) for w in range(concurrency)]
+    batches, requests = service.batcher.batches, service.batcher.requests
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    concurrent_s = time.perf_counter() - started
+    sequential_rps = len(served) / sum(served)
+    concurrent_rps = concurrency * rounds / concurrent_s
+    return {"raw_p50_s": statistics.median(raw), "http_p50_s": statistics.median(served),
+            "p50_ratio": statistics.median(served) / statistics.median(raw),
+            "sequential_rps": sequential_rps, "concurrent_rps": concurrent_rps,
+            "throughput_ratio": concurrent_rps / sequential_rps,
+            "mean_batch": (service.batcher.requests - requests) / max(service.batcher.batches - batches, 1)}
+
+
+@torch.inference_mode()
+def generate_tokens_per_s(model: torch.nn.Module, tokenizer: object, prompts: list[list[int]],
+                          max_tokens: int) -> float:
+    tokens, seconds = 0, 0.0
+    for prompt in prompts:
+        ids = torch.tensor([prompt])
+        started = time.perf_counter()
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
+                             do_sample=False, pad_token_id=tokenizer.pad_token_id)  # type: ignore[attr-defined]
+        seconds += time.perf_counter() - started
+        tokens += out.shape[1] - ids.shape[1]
+    return tokens / seconds
+
+
+def chat_figures(service: Service, http: httpx.Client, max_tokens: int) -> dict[str, float]:
+    tokenizer = service.runtime.tokenizer
+    prompts = [chat_prompt(tokenizer, [{"role": "user", "content": p}]) for p in CHAT_PROMPTS]
+    generate_tokens_per_s(service.runtime.model, tokenizer, prompts[:1], 4)  # warm-up
+    raw = generate_tokens_per_s(service.runtime.model, tokenizer, prompts, max_tokens)
+    tokens, seconds = 0, 0.0
+    for text in CHAT_PROMPTS:
+        request = {"model": "live", "messages": [{"role": "user", "content": text}],
+                   "max_tokens": max_tokens, "temperature": 0}
+        started = time.perf_counter()
+        answer = http.post("/v1/chat/completions", json=request)
+        seconds += time.perf_counter() - started
+        answer.raise_for_status()
+        tokens += answer.json()["usage"]["completion_tokens"]
+    served = tokens / seconds
+    return {"raw_tokens_per_s": raw, "http_tokens_per_s": served, "tokens_ratio": served / raw}
+
+
+def merged_figures(service: Service, texts: list[str], labels: list[str], max_tokens: int) -> dict[str, float]:
+    """The same adapter served unmerged (PEFT LoRA layers) and merged into a copy of the base."""
+    unmerged = service.runtime.model
+    merged = copy.deepcopy(unmerged).merge_and_unload()
+    scorer = LabelScorer(service.runtime.tokenizer, labels)
+    prompts = [chat_prompt(service.runtime.tokenizer, [{"role": "user", "content": CHAT_PROMPTS[0]}])]
+    figures = {}
+    for name, model in (("unmerged", unmerged), ("merged", merged)):
+        scorer.score(model, texts[0])
+        figures[f"{name}_score_s"] = statistics.median(timed(lambda t=t, m=model: scorer.score(m, t))
+                                                       for t in texts)
+        figures[f"{name}_tokens_per_s"] = generate_tokens_per_s(model, service.runtime.tokenizer, prompts,
+                                                                max_tokens)
+    figures["score_overhead"] = figures["unmerged_score_s"] / figures["merged_score_s"]
+    figures["tokens_overhead"] = figures["merged_tokens_per_s"] / figures["unmerged_tokens_per_s"]
+    del merged
+    return figures
+
+
+def swap_figures(service: Service, http: httpx.Client, labels: list[str], swaps: int) -> dict[str, float]:
+    """Promotion request sent → first classify answer naming the new version."""
+    times, promote_times = [], []
+    for i in range(swaps):
+        version = new_version(service, seed=100 + i)
+        started = time.perf_counter()
+        http.post(f"/v1/adapters/{version}/promote", headers=ADMIN).raise_for_status()
+        promote_times.append(time.perf_counter() - started)
+        # A short request: the figure is the swap, not the scoring of 12 labels.
+        probe = {"text": "card", "labels": labels[:2]}
+        while http.post("/v1/classify", json=probe).json()["adapter_version"] != version:
+            pass
+        times.append(time.perf_counter() - started)
+    return {"swap_to_first_answer_s": statistics.median(times), "swap_max_s": max(times),
+            "promote_request_s": statistics.median(promote_times)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tickets", type=int, default=16)
+    parser.add_argument("--labels", type=int, default=12)
+    parser.add_argument("--max-tokens", type=int, default=24)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--swaps", type=int, default=3)
+    parser.add_argument("--base", default=SMOLLM2)
+    args = parser.parse_args()
+
+    test = load_tickets("banking77", "test")
+    labels = sorted({t.label for t in test if t.label})[: args.labels]
+    texts = [t.text for t in test[: args.tickets]]
+    with tempfile.TemporaryDirectory() as data:
+        port = free_port()
+        settings = Settings(data_dir=Path(data), model=ModelSettings(base=args.base),
+                            scheduler=SchedulerSettings(enabled=False), api=ApiSettings(port=port),
+                            serving=ServingSettings(max_tokens=max(args.max_tokens, 64)))
+        service = Service(settings)
+        server = start_server(service, port)
+        try:
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600) as http:
+                results = {"classify": classify_figures(service, http, texts, labels, args.concurrency),
+                           "chat": chat_figures(service, http, args.max_tokens),
+                           "lora": merged_figures(service, texts[:4], labels, args.max_tokens),
+                           "swap": swap_figures(service, http, labels, args.swaps)}
+        finally:
+            server.should_exit = True
+            service.stop()
+
+    c, g, lora, s = results["classify"], results["chat"], results["lora"], results["swap"]
+    rows = [
+        ("/v1/classify p50 vs raw scoring", f"{c['http_p50_s'] * 1e3:.1f} ms vs {c['raw_p50_s'] * 1e3:.1f} ms",
+         c["p50_ratio"], "≤ 1.15", c["p50_ratio"] <= 1.15),
+        ("chat tokens/s vs raw generate", f"{g['http_tokens_per_s']:.2f} vs {g['raw_tokens_per_s']:.2f}",
+         g["tokens_ratio"], "≥ 0.9", g["tokens_ratio"] >= 0.9),
+        (f"{args.concurrency} concurrent vs sequential req/s",
+         f"{c['concurrent_rps']:.2f} vs {c['sequential_rps']:.2f} (mean batch {c['mean_batch']:.1f})",
+         c["throughput_ratio"], "≥ 2", c["throughput_ratio"] >= 2),
+        ("LoRA unmerged/merged scoring time", f"{lora['unmerged_score_s'] * 1e3:.1f} vs "
+         f"{lora['merged_score_s'] * 1e3:.1f} ms", lora["score_overhead"], "report", True),
+        ("LoRA merged/unmerged tokens/s", f"{lora['merged_tokens_per_s']:.2f} vs "
+         f"{lora['unmerged_tokens_per_s']:.2f}", lora["tokens_overhead"], "report", True),
+        ("swap: promote → first new answer", f"{s['swap_to_first_answer_s']:.3f} s (max {s['swap_max_s']:.3f} s)",
+         s["swap_to_first_answer_s"], "≤ 1 s", s["swap_max_s"] <= 1.0),
+    ]
+    print(f"base {args.base}, {args.tickets} tickets × {len(labels)} labels, {args.max_tokens} tokens, "
+          f"{torch.get_num_threads()} threads")
+    for name, figures, ratio, target, ok in rows:
+        print(f"  {name:38s} {figures:44s} ratio {ratio:6.3f}  target {target:7s} {'ok' if ok else 'MISSED'}")
+    out = Path(__file__).parent / "results" / "serve.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps({"args": vars(args), "machine": platform.processor() or platform.machine(),
+                               "torch_threads": torch.get_num_threads(), **results}, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""The scheduler's persistent job store, its triggers, and a crash in the middle of an update."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from conftest import tiny_settings, wait_for
+from learners.config import TrainSettings
+from service.core import Service
+from service.settings import SchedulerSettings
+
+TESTS = Path(__file__).resolve().parents[1]
+
+
+def test_jobs_persist_across_restarts_and_triggers_fire(tiny_llama: Path, tmp_path: Path) -> None:
+    schedule = SchedulerSettings(enabled=True, check_seconds=3600, interval_seconds=3600, cron="0 3 * * *")
+    first = Service(tiny_settings(tmp_path, None, scheduler=schedule))
+    first.start()
+    assert first.scheduler is not None
+    stored = {job.id: job.next_run_time for job in first.scheduler.get_jobs()}
+    assert set(stored) == {"update-if-due", "update-interval", "update-cron"}
+    first.stop()
+    assert (tmp_path / "scheduler.sqlite").is_file()
+    time.sleep(1.1)
+
+    # Restarted with the same schedule: the stored jobs keep their next run times (an interval
+    # does not start over); a job dropped from the settings is removed; a new one fires.
+    again = SchedulerSettings(enabled=True, check_seconds=3600, interval_seconds=3600, cron=None)
+    second = Service(tiny_settings(tmp_path, None, scheduler=again))
+    second.start()
+    try:
+        assert second.scheduler is not None
+        jobs = {job.id: job.next_run_time for job in second.scheduler.get_jobs()}
+        assert jobs == {k: v for k, v in stored.items() if k != "update-cron"}
+        second.scheduler.modify_job("update-interval", next_run_time=time_now(second))
+        wait_for(lambda: any(u.trigger == "interval" and u.finished_at for u in second.updates.history), 20,
+                 "the interval trigger")
+        assert [u.status for u in second.updates.history] == ["skipped"]  # nothing to learn yet
+    finally:
+        second.stop()
+
+
+def time_now(service: Service) -> object:
+    from datetime import datetime
+
+    assert service.scheduler is not None
+    return datetime.now(service.scheduler.timezone)
+
+
+CRASHING_UPDATE = r"""
+import sys, time
+from pathlib import Path
+from conftest import tiny_settings
+from learners.config import TrainSettings
+from service.core import Service
+from streams.records import TicketRecord
+service = Service(tiny_settings(Path(sys.argv[1]), None, train=TrainSettings(epochs=2, batch_size=8)))
+service.buffer.add_many([TicketRecord(id=f"t{i}", text=f"my {'card' if i % 2 else 'rate'} issue {i}",
+                                      label="card_arrival" if i % 2 else "exchange_rate") for i in range(30)])
+record = service.updates.start("manual")
+while not record.progress and record.finished_at is None:  # tell the test once training is under way
+    time.sleep(0.01)
+sys.stdout.write("training\n" if record.finished_at is None else f"finished: {record.status} {record.reason}\n")
+sys.stdout.flush()
+time.sleep(600)
+"""
+
+
+def test_crash_mid_update_leaves_live_untouched_and_next_run_clean(tiny_llama: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    child = subprocess.Popen([sys.executable, "-c", CRASHING_UPDATE, str(tmp_path)], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    candidate = tmp_path / "registry" / "versions" / "v0001.tmp"
+    try:
+        assert child.stdout is not None and child.stdout.readline() == "training\n", \
+            child.stderr.read()[-2000:] if child.stderr else ""
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        child.kill()
+        child.wait(30)
+    assert candidate.is_dir() and not (tmp_path / "registry" / "versions" / "v0001").exists()
+
+    service = Service(tiny_settings(tmp_path, None, train=TrainSettings(epochs=2, batch_size=8)))
+    try:
+        assert service.registry.live == "v0000" and service.runtime.version == "v0000"
+        assert service.registry.names() == ["v0000"]
+        assert not list((tmp_path / "registry" / "versions").glob("*.tmp"))  # the crashed candidate is gone
+        assert len(service.buffer) == 30  # the tickets survived; their window waits to be learned
+        record = service.updates.start("manual")
+        wait_for(lambda: record.finished_at is not None, 180, "the update after the crash")
+        assert record.status in ("promoted", "rejected"), record
+        assert record.version == "v0001" and record.gate is not None and "1" in record.gate["candidate"]
+        assert service.registry.live == ("v0001" if record.status == "promoted" else "v0000")
+    finally:
+        service.stop()
