@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -57,7 +58,10 @@ def test_canary_drift_over_the_bound_is_rejected() -> None:
     assert report.to_json()["canary"]["drift"] == pytest.approx(0.5)
 
 
-WORDS = ["card", "rate", "topup", "stolen", "refund", "pin", "atm", "fee", "transfer", "cash"]
+INTENTS = {"card_arrival": "card", "exchange_rate": "rate", "top_up_failed": "topup",
+           "lost_or_stolen_card": "stolen", "refund_not_showing_up": "refund", "pin_blocked": "pin",
+           "atm_support": "atm", "extra_charge_on_statement": "fee", "transfer_timing": "transfer",
+           "cash_withdrawal_not_recognised": "cash"}
 
 
 def window(seed: int, labels: list[str], keywords: dict[str, str], n: int, tag: str) -> list[TicketRecord]:
@@ -81,36 +85,56 @@ def shuffled_labels(labels: list[str], seed: int) -> list[str]:
     return shuffled
 
 
-def run_seed(seed: int, base: Path, out: Path) -> dict[str, bool]:
-    """Learn window 1, then gate three candidates for window 2; returns each one's verdict."""
-    rng = random.Random(seed)
-    keywords = dict(zip([f"intent_{i}" for i in range(6)], rng.sample(WORDS, 6), strict=True))
-    first, second = list(keywords)[:3], list(keywords)[3:]
-    train = TINY_TRAIN.model_copy(update={"seed": seed, "learning_rate": LEARNING_RATE})
-    w1, p1 = window(seed, first, keywords, 18, "w1"), window(seed, first, keywords, 12, "p1")
-    w2, p2 = window(seed, second, keywords, 18, "w2"), window(seed, second, keywords, 12, "p2")
-    initial_adapter(base, out / "v0", train.adapter, seed)
-    learned = train_candidate(Snapshot((1,), w1, [], {1: p1}, tuple(first)), base,
-                              out / "v0", out / "v1", train, POLICY)
-    assert learned.gate.passed, learned.gate.reason
+FIRST = {label: INTENTS[label] for label in ("card_arrival", "exchange_rate", "top_up_failed")}
 
-    def candidate(name: str, rows: list[TicketRecord], replay: list[TicketRecord], cfg: TrainSettings) -> bool:
-        snapshot = Snapshot((2,), rows, replay, {1: p1, 2: p2}, tuple(first + second))
-        gate = train_candidate(snapshot, base, out / "v1", out / name, cfg, POLICY).gate
+
+@dataclass(frozen=True)
+class Learned:
+    """Window 1, learned once: the live version every seed's candidates compete with."""
+
+    live: Path
+    rows: list[TicketRecord]
+    probes: list[TicketRecord]
+
+
+@pytest.fixture(scope="module")
+def learned(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Learned:
+    out = tmp_path_factory.mktemp("window1")
+    train = TINY_TRAIN.model_copy(update={"learning_rate": LEARNING_RATE})
+    rows, probes = window(0, list(FIRST), FIRST, 18, "w1"), window(0, list(FIRST), FIRST, 12, "p1")
+    initial_adapter(tiny_llama, out / "v0", train.adapter, 0)
+    outcome = train_candidate(Snapshot((1,), rows, [], {1: probes}, tuple(FIRST)), tiny_llama,
+                              out / "v0", out / "v1", train, POLICY)
+    assert outcome.gate.passed, outcome.gate.reason
+    return Learned(out / "v1", rows, probes)
+
+
+def run_seed(seed: int, base: Path, learned: Learned, out: Path) -> dict[str, bool]:
+    """Gate three candidates for a second window of three new intents; each one's verdict."""
+    second = random.Random(seed).sample(sorted(set(INTENTS) - set(FIRST)), 3)
+    keywords = {label: INTENTS[label] for label in second}
+    train = TINY_TRAIN.model_copy(update={"seed": seed, "learning_rate": LEARNING_RATE})
+    rows, probes = window(seed, second, keywords, 18, "w2"), window(seed, second, keywords, 12, "p2")
+
+    def candidate(name: str, new: list[TicketRecord], replay: list[TicketRecord], cfg: TrainSettings) -> bool:
+        snapshot = Snapshot((2,), new, replay, {1: learned.probes, 2: probes}, (*FIRST, *second))
+        gate = train_candidate(snapshot, base, learned.live, out / name, cfg, POLICY).gate
         LOG.info("seed %d, %s: %s", seed, name, gate.reason)
         return gate.passed
 
     shuffled = [r.model_copy(update={"label": label})
-                for r, label in zip(w2, shuffled_labels([r.label or "" for r in w2], seed), strict=True)]
-    reckless = train.model_copy(update={"learning_rate": 3e-2, "replay_ratio": 0.0,
+                for r, label in zip(rows, shuffled_labels([r.label or "" for r in rows], seed), strict=True)]
+    # Six times the learning rate, new rows only: it overwrites window 1 within a few epochs.
+    reckless = train.model_copy(update={"learning_rate": 3e-2, "epochs": 10, "replay_ratio": 0.0,
                                         "ewc": train.ewc.model_copy(update={"enabled": False})})
-    return {"shuffled labels": candidate("shuffled", shuffled, w1, train),
-            "large lr, no replay, no EWC": candidate("reckless", w2, [], reckless),
-            "healthy": candidate("healthy", w2, w1, train)}
+    return {"shuffled labels": candidate("shuffled", shuffled, learned.rows, train),
+            "large lr, no replay, no EWC": candidate("reckless", rows, [], reckless),
+            "healthy": candidate("healthy", rows, learned.rows, train)}
 
 
-def test_poisoned_updates_are_rejected_and_healthy_ones_accepted(tiny_llama: Path, tmp_path: Path) -> None:
-    verdicts = [run_seed(seed, tiny_llama, tmp_path / str(seed)) for seed in range(10)]
+def test_poisoned_updates_are_rejected_and_healthy_ones_accepted(tiny_llama: Path, learned: Learned,
+                                                                 tmp_path: Path) -> None:
+    verdicts = [run_seed(seed, tiny_llama, learned, tmp_path / str(seed)) for seed in range(10)]
     accepted = {kind: sum(v[kind] for v in verdicts) for kind in verdicts[0]}
     assert accepted["shuffled labels"] == 0, accepted
     assert accepted["large lr, no replay, no EWC"] == 0, accepted
