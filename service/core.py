@@ -18,6 +18,7 @@ from service.scheduler import start_scheduler
 from service.settings import Settings
 from service.updates import UpdateManager
 from streams.ingest import Ingester
+from streams.produce import TicketProducer
 
 LOG = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ class Service:
         data = settings.data_dir
         self.base_path = resolve_base_model(settings.model.base, settings.model.cache_dir)
         embedder = SentenceEmbedder(settings.replay.embedding_model, settings.replay.embed_batch_size)
-        self.buffer = ReplayBuffer(data / "buffer", embedder, settings.replay.probe_percent)
+        self.buffer = ReplayBuffer(data / "buffer", embedder, settings=settings.replay)
         self.registry = AdapterRegistry(data / "registry")
         self.updates = UpdateManager(self.buffer, self.registry, self.base_path, settings.train,
                                      settings.gate)
@@ -48,6 +49,8 @@ class Service:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._scheduler: BackgroundScheduler | None = None
+        self._ticket_producer: TicketProducer | None = None  # made on the first POST /v1/tickets
+        self._producer_lock = threading.Lock()
         self.metrics_registry, self.http_metrics = make_registry(self)
 
     def start(self) -> None:
@@ -60,8 +63,21 @@ class Service:
             self._scheduler = start_scheduler(self.settings.scheduler, self.buffer, self.updates)
         LOG.info("service started: serving %s, %d records buffered", self.runtime.version, len(self.buffer))
 
+    def ticket_producer(self) -> TicketProducer:
+        """The producer behind `POST /v1/tickets`; raises RuntimeError without a broker."""
+        if self.bootstrap is None:
+            raise RuntimeError("no Kafka broker configured (`kafka.bootstrap`)")
+        with self._producer_lock:
+            if self._ticket_producer is None:
+                k = self.settings.kafka
+                self._ticket_producer = TicketProducer(self.bootstrap, k.topic, max_block_ms=k.produce_timeout_ms,
+                                                       max_request_size=k.max_message_bytes * 2 + 4096)
+            return self._ticket_producer
+
     def stop(self) -> None:
         self._stop.set()
+        if self._ticket_producer is not None:
+            self._ticket_producer.close()
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=False)
         for thread in self._threads:
