@@ -53,6 +53,7 @@ class IngestStats:
     dead_lettered: Counter[str] = field(default_factory=Counter)
     lag: dict[tuple[str, int], int] = field(default_factory=dict)  # (topic, partition) → records behind
     committed: dict[tuple[str, int], int] = field(default_factory=dict)  # last committed offset
+    assigned: tuple[tuple[str, int], ...] = ()  # partitions this instance owns now
     queued_batches: int = 0
     paused: bool = False  # backpressure is on
     reconnects: int = 0
@@ -183,7 +184,9 @@ class Ingester:
 
     def _update_lag(self, consumer: KafkaConsumer) -> None:
         lag: dict[tuple[str, int], int] = {}
-        for tp in consumer.assignment():
+        owned = consumer.assignment()
+        self.stats.assigned = tuple(sorted((tp.topic, tp.partition) for tp in owned))
+        for tp in owned:
             end = consumer.highwater(tp)  # from the last fetch response; no extra request
             if end is None:
                 continue
