@@ -61,14 +61,18 @@ def redact(text: str) -> tuple[str, Counter[str]]:
     ('mail [EMAIL], card [CARD], order 1234', Counter({'email': 1, 'card': 1}))
     """
     counts: Counter[str] = Counter()
+    kept: list[str] = []  # account-shaped numbers that failed their check: no later pattern sees them
 
-    def sub(kind: str, pattern: re.Pattern[str], valid: object = None) -> None:
+    def sub(kind: str, pattern: re.Pattern[str], valid: object = None, protect: bool = False) -> None:
         nonlocal text
 
         def replace(match: re.Match[str]) -> str:
             found = match.group(0)
             if valid is not None and not valid(found):  # type: ignore[operator]
-                return found
+                if not protect:
+                    return found
+                kept.append(found)
+                return f"\x00{len(kept) - 1}\x00"
             counts[kind] += 1
             return f"[{kind.upper()}]"
 
@@ -76,9 +80,10 @@ def redact(text: str) -> tuple[str, Counter[str]]:
 
     # Order matters: IBANs and cards contain digit runs a phone pattern would also take.
     sub("email", EMAIL)
-    sub("iban", IBAN, iban_valid)
+    sub("iban", IBAN, iban_valid, protect=True)
     sub("card", CARD, lambda s: luhn_valid(re.sub(r"\D", "", s)))
     sub("phone", PHONE, _phone_like)
+    text = re.sub("\x00(\\d+)\x00", lambda m: kept[int(m.group(1))], text)
     return text, counts
 
 
