@@ -42,7 +42,8 @@ class ServiceCollector(Collector):
             for reason, count in sorted(stats.dead_lettered.items()):
                 dlq.add_metric([reason], count)
             yield dlq
-            stored = GaugeMetricFamily("evergreen_ingest_stored", "Valid records written to the buffer.")
+            stored = GaugeMetricFamily("evergreen_ingest_stored", "Valid records handed to the buffer "
+                                       "(a redelivery is handed again, stored once).")
             stored.add_metric([], stats.stored)
             yield stored
             lag = GaugeMetricFamily("evergreen_ingest_lag", "Records behind the end of each partition, "
