@@ -14,7 +14,6 @@ never drawn for replay). Past `capacity`, closed windows' training rows are evic
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import random
 import sqlite3
@@ -29,14 +28,15 @@ from typing import Literal
 import numpy as np
 
 from replay.config import ReplaySettings
-from replay.curate import disagreement, redact
+from replay.curate import curate_batch, redact
 from replay.embed import Embedder
 from replay.index import VectorIndex, kind_for
-from replay.policy import balanced_sample, choose_victims, clusters
+from replay.policy import balanced_sample, choose_victims, clusters, eviction_key, is_probe
 from streams.records import TicketRecord
 
 LOG = logging.getLogger(__name__)
 SamplePolicy = Literal["uniform", "class-balanced", "coverage"]
+__all__ = ["ReplayBuffer", "SamplePolicy", "Snapshot", "WindowInfo", "is_probe"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS windows (
@@ -64,31 +64,6 @@ CREATE TABLE IF NOT EXISTS skipped (
     duplicate_of TEXT
 );
 """
-
-
-def is_probe(ticket_id: str, probe_percent: int) -> bool:
-    """Deterministic held-out split: the same id is always on the same side.
-
-    Examples
-    --------
-    >>> is_probe("ticket-1", 20) == is_probe("ticket-1", 20)
-    True
-    """
-    digest = hashlib.sha256(ticket_id.encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") % 100 < probe_percent
-
-
-def eviction_key(ticket_id: str) -> float:
-    """The row's reservoir key in [0, 1): a salted hash, so independent of the probe split and
-    reproducible across restarts.
-
-    Examples
-    --------
-    >>> 0 <= eviction_key("t1") < 1 and eviction_key("t1") == eviction_key("t1")
-    True
-    """
-    digest = hashlib.sha256(b"evict:" + ticket_id.encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
 
 
 @dataclass(frozen=True)
@@ -256,26 +231,10 @@ class ReplayBuffer:
         hits = sorted({int(i) for i in ids.ravel() if i >= 0})
         stored = {row: (tid, label) for chunk in _chunks(hits, 500) for row, tid, label in self._db.execute(
             f"SELECT row, id, label FROM records WHERE row IN ({','.join('?' * len(chunk))})", chunk)}
-        similar = vectors @ vectors.T  # within the batch: a duplicate of an earlier kept ticket
-        keep: list[int] = []
-        skipped: dict[int, str] = {}
-        suspect: set[int] = set()
-        for i, record in enumerate(fresh):
-            near = [(float(sc), stored[int(j)]) for sc, j in zip(scores[i], ids[i], strict=True)
-                    if int(j) in stored][:k]
-            if s.near_duplicate_cosine is not None:
-                if near and near[0][0] >= s.near_duplicate_cosine:
-                    skipped[i] = near[0][1][0]
-                    continue
-                twin = next((j for j in keep if similar[i, j] >= s.near_duplicate_cosine), None)
-                if twin is not None:
-                    skipped[i] = fresh[twin].id
-                    continue
-            if s.disagreement_k and disagreement(record.label, [lbl for _, (_, lbl) in near],
-                                                  s.disagreement_share):
-                suspect.add(i)
-            keep.append(i)
-        return keep, skipped, suspect
+        neighbours = [[(float(sc), *stored[int(j)]) for sc, j in zip(scores[i], ids[i], strict=True)
+                       if int(j) in stored][:k] for i in range(len(fresh))]
+        return curate_batch(fresh, vectors, neighbours, near_duplicate_cosine=s.near_duplicate_cosine,
+                            disagreement_k=s.disagreement_k, disagreement_share=s.disagreement_share)
 
     def _maybe_rebuild(self) -> None:
         want = kind_for(len(self), self.settings)

@@ -11,6 +11,8 @@ import re
 from collections import Counter
 from collections.abc import Sequence
 
+import numpy as np
+
 EMAIL = re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b")
 # An IBAN: country, check digits, then 11-30 alphanumerics, optionally grouped by spaces.
 IBAN = re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}\b")
@@ -114,3 +116,43 @@ def disagreement(label: str | None, neighbour_labels: Sequence[str | None], shar
         return False
     top, votes = Counter(labelled).most_common(1)[0]
     return top != label and votes / len(labelled) >= share
+
+
+Neighbour = tuple[float, str, str | None]  # cosine, id, label of a stored ticket
+
+
+def curate_batch(records: Sequence[object], vectors: np.ndarray, neighbours: Sequence[Sequence[Neighbour]], *,
+                 near_duplicate_cosine: float | None, disagreement_k: int, disagreement_share: float
+                 ) -> tuple[list[int], dict[int, str], set[int]]:
+    """Decide a batch: positions to keep, near-duplicates (position → id of the ticket it
+    copies: a stored one, or an earlier one of the batch), and kept positions flagged as likely
+    mislabelled. `neighbours[i]` are record i's nearest stored tickets, best first.
+
+    Examples
+    --------
+    >>> from streams.records import TicketRecord
+    >>> rs = [TicketRecord(id="a", text="x", label="l1"), TicketRecord(id="b", text="x", label="l1")]
+    >>> v = np.ones((2, 1), np.float32)
+    >>> curate_batch(rs, v, [[(0.5, "s", "l2")] * 3] * 2, near_duplicate_cosine=0.99,
+    ...              disagreement_k=3, disagreement_share=0.8)
+    ([0], {1: 'a'}, {0})
+    """
+    similar = vectors @ vectors.T  # within the batch: a copy of an earlier kept ticket
+    keep: list[int] = []
+    skipped: dict[int, str] = {}
+    suspect: set[int] = set()
+    for i, record in enumerate(records):
+        near = neighbours[i]
+        if near_duplicate_cosine is not None:
+            if near and near[0][0] >= near_duplicate_cosine:
+                skipped[i] = near[0][1]
+                continue
+            twin = next((j for j in keep if similar[i, j] >= near_duplicate_cosine), None)
+            if twin is not None:
+                skipped[i] = records[twin].id  # type: ignore[attr-defined]
+                continue
+        label = record.label  # type: ignore[attr-defined]
+        if disagreement_k and disagreement(label, [n[2] for n in near[:disagreement_k]], disagreement_share):
+            suspect.add(i)
+        keep.append(i)
+    return keep, skipped, suspect

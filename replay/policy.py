@@ -1,4 +1,4 @@
-"""Which rows to evict and which to replay: pure functions over groups and random keys.
+"""Which rows to hold out, evict and replay: pure functions over ids, groups and random keys.
 
 Every row carries a random key drawn once when it is stored. Keeping the rows with the largest
 keys is a reservoir sample of everything stored (each row equally likely to survive); balancing
@@ -8,6 +8,7 @@ lowest key first, so the classes or regions of the embedding space keep equal sh
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import random
 from collections import defaultdict
@@ -15,6 +16,31 @@ from collections.abc import Hashable, Sequence
 
 import faiss
 import numpy as np
+
+
+def is_probe(ticket_id: str, probe_percent: int) -> bool:
+    """Deterministic held-out split: the same id is always on the same side.
+
+    Examples
+    --------
+    >>> is_probe("ticket-1", 20) == is_probe("ticket-1", 20)
+    True
+    """
+    digest = hashlib.sha256(ticket_id.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") % 100 < probe_percent
+
+
+def eviction_key(ticket_id: str) -> float:
+    """The row's reservoir key in [0, 1): a salted hash, so independent of the probe split and
+    reproducible across restarts.
+
+    Examples
+    --------
+    >>> 0 <= eviction_key("t1") < 1 and eviction_key("t1") == eviction_key("t1")
+    True
+    """
+    digest = hashlib.sha256(b"evict:" + ticket_id.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
 
 
 def choose_victims(groups: Sequence[Hashable], keys: Sequence[float], n: int) -> list[int]:
