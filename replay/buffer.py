@@ -30,7 +30,7 @@ import numpy as np
 from replay.config import ReplaySettings
 from replay.curate import curate_batch, redact
 from replay.embed import Embedder
-from replay.index import VectorIndex, kind_for
+from replay.index import VectorIndex, ivf_lists, kind_for
 from replay.policy import balanced_sample, choose_victims, clusters, eviction_key, is_probe
 from streams.records import TicketRecord
 
@@ -141,6 +141,12 @@ class ReplayBuffer:
 
     def _build_index(self, kind: str) -> VectorIndex:
         index = VectorIndex(self.embedder.dim, kind, self.settings)  # type: ignore[arg-type]
+        if kind == "ivf":  # lists placed from a random sample (the eviction key is a random hash)
+            rows = len(self)
+            sample = self._db.execute("SELECT embedding FROM records ORDER BY key LIMIT ?",
+                                      (min(rows, 100 * ivf_lists(rows, self.settings)),)).fetchall()
+            if sample:
+                index.train(self._vectors([r[0] for r in sample]), rows)
         for ids, vectors in self._embedding_blocks():
             index.add(vectors, ids)
         LOG.info("built a %s index over %d rows", kind, index.ntotal)

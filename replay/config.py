@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, model_validator
 
-IndexKind = Literal["auto", "flat", "hnsw"]
+IndexKind = Literal["auto", "flat", "hnsw", "ivf"]
 EvictionPolicy = Literal["auto", "reservoir", "class-balanced", "coverage"]
 
 
@@ -23,11 +23,19 @@ class ReplaySettings(BaseModel):
     )
     # -- index ------------------------------------------------------------------------------
     index: IndexKind = Field(
-        "auto", description="FAISS index: `flat` (exact), `hnsw` (approximate), `auto` (by size)."
+        "auto", description="FAISS index: `flat` (exact), `hnsw` or `ivf` (approximate), `auto` (by size)."
     )
     exact_max_rows: int = Field(
-        50_000, gt=0, description="`auto` switches from the exact index to HNSW above this many rows."
+        50_000, gt=0, description="`auto` switches from the exact index to `large_index` above this many rows."
     )
+    large_index: Literal["hnsw", "ivf"] = Field(
+        "hnsw", description="What `auto` uses past `exact_max_rows`: `hnsw` (best recall per query time, "
+        "slow to build) or `ivf` (fast to build, needs training, recall set by `ivf_nprobe`)."
+    )
+    ivf_lists: int | None = Field(
+        None, gt=0, description="IVF inverted lists (unset: 4·√rows, at least 39 training rows per list)."
+    )
+    ivf_nprobe: int = Field(32, gt=0, description="IVF lists scanned per query (recall vs speed).")
     hnsw_m: int = Field(32, ge=4, le=128, description="HNSW graph degree (memory and recall grow with it).")
     hnsw_ef_search: int = Field(128, ge=8, description="HNSW candidates examined per query (recall vs speed).")
     hnsw_ef_construction: int = Field(64, ge=8, description="HNSW candidates examined per insertion.")

@@ -3,9 +3,10 @@
 Vectors are L2-normalised, so inner product is cosine similarity. The exact index
 (`IndexFlatIP`) is the right choice while a query scanning every row stays in the low
 milliseconds (tens of thousands of rows); past that an HNSW graph answers in about a
-millisecond at a recall near 0.95-0.99 (see `bench/buffer.py`).
+millisecond at a recall near 0.95-0.99 on embedding-like data (see `bench/buffer.py`), and an
+IVF index (k-means lists, `nprobe` of them scanned) builds much faster at some recall cost.
 
-HNSW cannot delete: an evicted row stays in the graph as a tombstone, searches over-fetch by
+HNSW (and IVF behind the id map) cannot delete: an evicted row stays as a tombstone, searches over-fetch by
 the number of tombstones and the caller drops ids it no longer stores, and the owner rebuilds
 when tombstones pass a share of the index (`needs_rebuild`).
 """
@@ -22,7 +23,7 @@ import numpy as np
 from replay.config import ReplaySettings
 
 LOG = logging.getLogger(__name__)
-Kind = Literal["flat", "hnsw"]
+Kind = Literal["flat", "hnsw", "ivf"]
 REBUILD_STALE_SHARE = 0.2  # rebuild an HNSW index once a fifth of it is tombstones
 
 
@@ -38,7 +39,19 @@ def kind_for(rows: int, settings: ReplaySettings) -> Kind:
     """
     if settings.index != "auto":
         return settings.index
-    return "flat" if rows <= settings.exact_max_rows else "hnsw"
+    return "flat" if rows <= settings.exact_max_rows else settings.large_index
+
+
+def ivf_lists(rows: int, settings: ReplaySettings) -> int:
+    """Inverted lists for an IVF index over `rows` rows: 4·√rows, with 39 training rows each.
+
+    Examples
+    --------
+    >>> ivf_lists(1_000_000, ReplaySettings()), ivf_lists(100, ReplaySettings())
+    (4000, 2)
+    """
+    wanted = settings.ivf_lists or int(4 * rows**0.5)
+    return max(1, min(wanted, rows // 39))
 
 
 class VectorIndex:
@@ -66,11 +79,16 @@ class VectorIndex:
     def _inner(self) -> faiss.Index:
         if self.kind == "flat":
             return faiss.IndexFlatIP(self.dim)
+        if self.kind == "ivf":
+            # Untrained: the lists are placed by `train` (or the first `add`) from real rows.
+            return faiss.IndexIVFFlat(faiss.IndexFlatIP(self.dim), self.dim, 1, faiss.METRIC_INNER_PRODUCT)
         hnsw = faiss.IndexHNSWFlat(self.dim, self.settings.hnsw_m, faiss.METRIC_INNER_PRODUCT)
         hnsw.hnsw.efConstruction = self.settings.hnsw_ef_construction
         return hnsw
 
     def _tune(self) -> None:
+        if self.kind == "ivf":
+            faiss.downcast_index(self._index.index).nprobe = self.settings.ivf_nprobe
         if self.kind == "hnsw":
             # efSearch is a search-time knob: applied on every load, not taken from the file.
             faiss.downcast_index(self._index.index).hnsw.efSearch = self.settings.hnsw_ef_search
@@ -83,12 +101,29 @@ class VectorIndex:
         """Every id in the index, tombstones included."""
         return faiss.vector_to_array(self._index.id_map).astype(np.int64)
 
+    def train(self, sample: np.ndarray, rows: int) -> None:
+        """Place an IVF index's lists by k-means over `sample`, sized for `rows` rows."""
+        if self.kind != "ivf" or self._index.is_trained:
+            return
+        lists = ivf_lists(max(rows, len(sample)), self.settings)
+        lists = max(1, min(lists, len(sample) // 39))
+        quantizer = faiss.IndexFlatIP(self.dim)
+        ivf = faiss.IndexIVFFlat(quantizer, self.dim, lists, faiss.METRIC_INNER_PRODUCT)
+        ivf.train(np.ascontiguousarray(sample, dtype=np.float32))
+        self._quantizer = quantizer  # the IVF index does not own it: keep it alive
+        self._index = faiss.IndexIDMap2(ivf)
+        self._tune()
+        LOG.info("trained an IVF index: %d lists from %d rows", lists, len(sample))
+
     def add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
+        if len(ids) and not self._index.is_trained:
+            self.train(vectors, len(vectors))
         if len(ids):
             self._index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), ids.astype(np.int64))
 
     def remove(self, ids: np.ndarray) -> None:
-        """Forget ids: removed from the exact index, tombstoned in HNSW."""
+        """Forget ids: removed from the exact index, tombstoned in HNSW and IVF (an ID map over
+        IVF cannot remove: its inner ids are not contiguous)."""
         if not len(ids):
             return
         if self.kind == "flat":
@@ -127,5 +162,7 @@ class VectorIndex:
             return None
         if not isinstance(raw, faiss.IndexIDMap2) or raw.d != dim:
             return None
-        kind: Kind = "hnsw" if isinstance(faiss.downcast_index(raw.index), faiss.IndexHNSWFlat) else "flat"
+        inner = faiss.downcast_index(raw.index)
+        kind: Kind = ("hnsw" if isinstance(inner, faiss.IndexHNSWFlat)
+                      else "ivf" if isinstance(inner, faiss.IndexIVFFlat) else "flat")
         return cls(dim, kind, settings, raw)

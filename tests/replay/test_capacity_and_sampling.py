@@ -96,6 +96,22 @@ def test_auto_index_switches_to_hnsw_past_the_exact_limit(tmp_path: Path, embedd
     assert reopened._index.kind == "hnsw" and reopened._index.stale == 10 and reopened.index_matches_rows()
 
 
+def test_ivf_index_trains_from_the_rows_and_deletes(tmp_path: Path, embedder: SentenceEmbedder) -> None:
+    settings = ReplaySettings(exact_max_rows=50, large_index="ivf", ivf_nprobe=4, capacity=90)
+    buffer = ReplayBuffer(tmp_path, embedder, settings=settings)
+    tickets = by_label(["card_arrival", "exchange_rate", "top_up_failed"], [40, 40, 40])
+    buffer.add_many(tickets[:100])
+    assert buffer._index.kind == "ivf" and buffer.index_matches_rows()
+    assert buffer.search(tickets[70].text, k=1)[0][0].id == tickets[70].id
+    buffer.close_window()
+    buffer.add_many(tickets[100:])  # over capacity: evicted rows become tombstones, then a rebuild
+    assert len(buffer) == 90 and buffer.index_matches_rows()
+    assert {r.id for r, _ in buffer.search("card", k=90)} == {r.id for r in buffer.records([1, 2], probe=False)} | {
+        r.id for r in buffer.records([1, 2], probe=True)}
+    buffer.close()
+    assert ReplayBuffer(tmp_path, embedder, settings=settings).index_matches_rows()
+
+
 # -- properties of the policies (pure functions, so hypothesis can run many cases fast) -------
 groups_strategy = st.lists(st.sampled_from("abcde"), min_size=0, max_size=60)
 
