@@ -1,5 +1,6 @@
-"""Replay-buffer vector search at scale: the HNSW index the buffer switches to past
-`replay.exact_max_rows`, against exact search over the same vectors in the same run.
+"""Replay-buffer vector search at scale: the approximate index the buffer switches to past
+`replay.exact_max_rows` (`--kind hnsw`, the default, or `ivf`), against exact search over the
+same vectors in the same run.
 
 Workload: N random 384-d unit vectors (`--data uniform`: isotropic Gaussian, the hardest case
 for any approximate index, since no neighbour is much closer than a random point; `--data
@@ -10,7 +11,7 @@ Baseline, measured in the same run: the exact `IndexFlatIP` over the same vector
 are the ground truth for recall@10). Prints add rate, p50/p99 query latency of both, the
 speed-up, recall@10 and resident memory; writes bench/results/buffer.json.
 
-    nice -n 10 .venv/bin/python bench/buffer.py [--n 1000000] [--data uniform|clustered]
+    nice -n 10 .venv/bin/python bench/buffer.py [--n 1000000] [--data uniform|clustered] [--kind hnsw|ivf]
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import faiss
 import numpy as np
 
 from replay.config import ReplaySettings
-from replay.index import VectorIndex
+from replay.index import VectorIndex, ivf_lists
 
 
 def rss_mib() -> float:
@@ -57,6 +58,9 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=500)
     parser.add_argument("--exact-queries", type=int, default=50, help="single queries timed on the baseline")
     parser.add_argument("--data", choices=["uniform", "clustered"], default="uniform")
+    parser.add_argument("--kind", choices=["hnsw", "ivf"], default="hnsw")
+    parser.add_argument("--nprobe", type=int, default=ReplaySettings().ivf_nprobe)
+    parser.add_argument("--lists", type=int, default=1024, help="IVF lists (k-means cost grows with them)")
     parser.add_argument("--ef-search", type=int, default=ReplaySettings().hnsw_ef_search)
     parser.add_argument("--m", type=int, default=ReplaySettings().hnsw_m)
     parser.add_argument("--ef-construction", type=int, default=ReplaySettings().hnsw_ef_construction)
@@ -65,13 +69,23 @@ def main() -> None:
     k = 10
     rng = np.random.default_rng(0)
     centres = rng.standard_normal((1000, args.dim), dtype=np.float32) if args.data == "clustered" else None
-    settings = ReplaySettings(index="hnsw", hnsw_m=args.m, hnsw_ef_search=args.ef_search,
-                              hnsw_ef_construction=args.ef_construction)
-    print(f"{args.n:,} {args.data} {args.dim}-d vectors, HNSW M={args.m} efConstruction={args.ef_construction} "
-          f"efSearch={args.ef_search}, {faiss.omp_get_max_threads()} FAISS threads")
+    settings = ReplaySettings(index=args.kind, hnsw_m=args.m, hnsw_ef_search=args.ef_search,
+                              hnsw_ef_construction=args.ef_construction, ivf_nprobe=args.nprobe,
+                              ivf_lists=args.lists)
+    params = (f"HNSW M={args.m} efConstruction={args.ef_construction} efSearch={args.ef_search}"
+              if args.kind == "hnsw" else f"IVF {ivf_lists(args.n, settings)} lists, nprobe={args.nprobe}")
+    print(f"{args.n:,} {args.data} {args.dim}-d vectors, {params}, {faiss.omp_get_max_threads()} FAISS threads")
 
     base_rss = rss_mib()
-    hnsw = VectorIndex(args.dim, "hnsw", settings)
+    hnsw = VectorIndex(args.dim, args.kind, settings)
+    train_s = 0.0
+    if args.kind == "ivf":  # k-means over a sample from the same distribution, timed as adding
+        sample = vectors(min(args.n, 50 * ivf_lists(args.n, settings)), args.dim, args.data, rng, centres)
+        t = time.perf_counter()
+        hnsw.train(sample, args.n)
+        train_s = time.perf_counter() - t
+        del sample
+        print(f"  trained in {train_s:.1f} s")
     exact = faiss.IndexFlatIP(args.dim)
     add_s = exact_add_s = 0.0
     block = 10_000
@@ -86,7 +100,8 @@ def main() -> None:
         if (start // block) % 10 == 0:
             print(f"  added {start + len(v):>9,}  ({(start + len(v)) / add_s:,.0f} vectors/s)", flush=True)
     # Both indexes hold a copy of the vectors; HNSW's share is its copy plus the graph.
-    hnsw_bytes = args.n * (args.dim * 4 + args.m * 2 * 4)
+    add_s += train_s
+    hnsw_bytes = args.n * (args.dim * 4 + (args.m * 2 * 4 if args.kind == "hnsw" else 8))
     rss_after = rss_mib()
 
     queries = vectors(args.queries, args.dim, args.data, rng, centres)
@@ -107,7 +122,10 @@ def main() -> None:
 
     result = {
         "n": args.n, "dim": args.dim, "data": args.data, "k": k, "queries": args.queries,
-        "hnsw": {"m": args.m, "ef_construction": args.ef_construction, "ef_search": args.ef_search},
+        "index": args.kind,
+        "params": ({"m": args.m, "ef_construction": args.ef_construction, "ef_search": args.ef_search}
+                   if args.kind == "hnsw" else {"lists": ivf_lists(args.n, settings), "nprobe": args.nprobe}),
+        "train_s": train_s,
         "add_vectors_per_s": args.n / add_s,
         "exact_add_vectors_per_s": args.n / exact_add_s,
         "knn_p50_ms": percentile_ms(latencies, 50), "knn_p99_ms": percentile_ms(latencies, 99),
@@ -116,7 +134,7 @@ def main() -> None:
         "recall_at_10": recall,
         "rss_mib": rss_after, "rss_growth_mib": rss_after - base_rss,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "hnsw_estimated_mib": hnsw_bytes / 2**20,
+        "index_estimated_mib": hnsw_bytes / 2**20,
         "machine": platform.processor() or platform.machine(),
     }
     result["speedup_vs_exact_p50"] = result["exact_knn_p50_ms"] / result["knn_p50_ms"]
@@ -130,7 +148,7 @@ def main() -> None:
     print(f"recall@10          {recall:>10.3f}   (target >= 0.95: "
           f"{'met' if result['targets_met']['recall_ge_0_95'] else 'MISSED'})")
     print(f"resident memory    {rss_after:>10,.0f} MiB (grew {result['rss_growth_mib']:,.0f} MiB for both "
-          f"indexes; HNSW alone ~{result['hnsw_estimated_mib']:,.0f} MiB)")
+          f"indexes; {args.kind} alone ~{result['index_estimated_mib']:,.0f} MiB)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
