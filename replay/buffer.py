@@ -123,6 +123,8 @@ class ReplayBuffer:
         self._db.executescript(_SCHEMA)
         if self._db.execute("SELECT COUNT(*) FROM windows WHERE closed_at IS NULL").fetchone()[0] == 0:
             self._db.execute("INSERT INTO windows(opened_at) VALUES (?)", (time.time(),))
+        # Cached: COUNT(*) scans the table, and every write asks (capacity, index kind).
+        self._count: int = self._db.execute("SELECT COUNT(*) FROM records").fetchone()[0]
         self._index = self._open_index()
 
     # -- index ------------------------------------------------------------------------------
@@ -212,6 +214,7 @@ class ReplayBuffer:
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+            self._count += len(rows)
             self._index.add(vectors[keep], np.array(rows, dtype=np.int64))
             self.stats.update(near_duplicate=len(skipped), suspect=len(suspect))
             self._enforce_capacity()
@@ -280,6 +283,7 @@ class ReplayBuffer:
         except BaseException:
             self._db.execute("ROLLBACK")
             raise
+        self._count -= len(victims)
         self._index.remove(np.array([v[0] for v in victims], dtype=np.int64))
         self.stats["evicted"] += len(victims)
         LOG.info("evicted %d rows (%s) to keep the buffer at %d", len(victims), policy, capacity)
@@ -301,8 +305,7 @@ class ReplayBuffer:
     # -- reading ----------------------------------------------------------------------------
     def __len__(self) -> int:
         with self._lock:
-            count: int = self._db.execute("SELECT COUNT(*) FROM records").fetchone()[0]
-            return count
+            return self._count
 
     def contains(self, ticket_id: str) -> bool:
         """Whether the id was seen: stored, or skipped as a near-duplicate or evicted."""
