@@ -27,11 +27,13 @@ class KafkaSettings(BaseModel):
     strict: bool = Field(False, description="Dead-letter records that carry unknown fields.")
     # -- the pipeline between the poll loop and the buffer ---------------------------------------
     queue_batches: int = Field(
-        8, gt=0, description="Polled batches held in memory at most; when full, the partitions are "
+        16, gt=0, description="Polled batches held in memory at most; when full, the partitions are "
         "paused (backpressure) instead of memory growing."
     )
+    # Larger merged writes pad less: the embedder sorts each call's texts by length (measured:
+    # one call of 1,000 texts ~20 % faster than four of 250). Only a backlog makes them large.
     write_batch_records: int = Field(
-        256, gt=0, description="Queued batches are merged up to this many records per buffer write "
+        512, gt=0, description="Queued batches are merged up to this many records per buffer write "
         "(one embedding pass)."
     )
     commit_timeout_ms: int = Field(5_000, gt=0, description="How long an offset commit may wait for the broker.")
