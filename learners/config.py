@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, Field
@@ -46,11 +47,26 @@ class TrainSettings(BaseModel):
 
 
 class GateSettings(BaseModel):
-    """What a candidate must show, against the live version, to be promoted."""
+    """What a candidate must show, against the live version, to be promoted. A regression
+    counts only when it passes its threshold and is significant at `alpha`."""
 
     max_drop: float = Field(
         0.05, ge=0, le=1, description="Largest accuracy drop allowed on any earlier window."
     )
+    max_average_forgetting: float = Field(
+        0.02, ge=0, le=1, description="Largest average forgetting over earlier windows."
+    )
     min_gain: float = Field(
-        0.0, ge=-1, le=1, description="Smallest accuracy gain required on the new window(s)."
+        0.0, ge=-1, le=1, description="Smallest accuracy gain over live required on the new window(s)."
+    )
+    require_learning: bool = Field(
+        True, description="New windows must be learned significantly beyond their majority label."
+    )
+    alpha: float = Field(0.05, gt=0, lt=1, description="Significance level of the gate's exact tests.")
+    max_canary_increase: float | None = Field(
+        0.5, ge=0, description="Largest rise of mean canary loss (nats/token) over the base model; "
+                               "unset: no canary check.",
+    )
+    canary_file: Path | None = Field(
+        None, description="Text file of general prompts, one per line. Unset: the built-in set."
     )

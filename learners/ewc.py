@@ -7,7 +7,7 @@ those windows' loss depended on it (the diagonal of the empirical Fisher informa
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -65,7 +65,8 @@ class EwcPenalty:
                    {k[len(_ANCHOR):]: v for k, v in tensors.items() if k.startswith(_ANCHOR)}, strength)
 
 
-def empirical_fisher(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def empirical_fisher(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]],
+                     loss_fn: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]) -> dict[str, torch.Tensor]:
     """Mean squared gradient of the training loss, per adapter parameter, over `batches`.
 
     This is the empirical Fisher on mini-batches (gradients of the batch-mean loss): cheap, and
@@ -78,7 +79,7 @@ def empirical_fisher(model: nn.Module, batches: Iterable[Mapping[str, torch.Tens
     model.eval()  # no dropout: importance of the weights as they will be served
     for batch in batches:
         model.zero_grad(set_to_none=True)
-        model(**batch).loss.backward()
+        loss_fn(model, batch).backward()
         for name, param in params.items():
             if param.grad is not None:
                 fisher[name] += param.grad.detach() ** 2

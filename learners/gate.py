@@ -1,9 +1,15 @@
-"""The forgetting gate: the candidate against the live version on every window's probe set."""
+"""The forgetting gate: the candidate against the live version on every window's probe set.
+
+A regression counts only when it is both past its threshold and statistically significant on
+the same probe records (exact one-sided McNemar test at `alpha`): small probe sets are noisy,
+and the gate must neither wave real forgetting through nor block good updates at random.
+"""
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -11,16 +17,22 @@ from torch import nn
 
 from learners.config import GateSettings
 from learners.scoring import LabelScorer
+from learners.stats import binomial_tail, paired_regression
 from streams.records import TicketRecord
+
+TEST_NAME = "exact one-sided McNemar test on the paired probe records"
 
 
 @dataclass(frozen=True)
 class WindowScore:
-    """Accuracy by label scoring and mean negative log-likelihood of the true label."""
+    """Accuracy by label scoring, mean negative log-likelihood of the true label, and which
+    probes were right (in probe order, for paired tests)."""
 
     accuracy: float
     loss: float
     n: int
+    correct: tuple[bool, ...] = field(default=(), repr=False)
+    majority_rate: float = 0.0  # accuracy of always answering the window's most common label
 
 
 def evaluate(model: nn.Module, scorer: LabelScorer,
@@ -34,13 +46,39 @@ def evaluate(model: nn.Module, scorer: LabelScorer,
             continue
         scores = scorer.score_many(model, [r.text for r in labelled])
         truth = torch.tensor([index[r.label] for r in labelled if r.label is not None])
+        correct = (scores.argmax(dim=1) == truth).tolist()
         log_probs = torch.log_softmax(scores, dim=1)
         result[window] = WindowScore(
-            accuracy=float((scores.argmax(dim=1) == truth).float().mean()),
+            accuracy=sum(correct) / len(correct),
             loss=float(-log_probs.gather(1, truth[:, None]).mean()),
             n=len(labelled),
+            correct=tuple(correct),
+            majority_rate=max(Counter(r.label for r in labelled).values()) / len(labelled),
         )
     return result
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    passed: bool
+    observed: float
+    threshold: float
+    p_value: float | None = None
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Canary:
+    """Mean per-token loss on general prompts: drift from the base measures general forgetting."""
+
+    candidate: float
+    live: float
+    base: float
+
+    @property
+    def drift(self) -> float:
+        return self.candidate - self.base
 
 
 @dataclass(frozen=True)
@@ -50,40 +88,80 @@ class GateReport:
     new_windows: tuple[int, ...]
     candidate: dict[int, WindowScore]
     live: dict[int, WindowScore]
+    base: dict[int, WindowScore]
+    checks: list[Check]
     thresholds: GateSettings
+    canary: Canary | None = None
 
     def to_json(self) -> dict[str, Any]:
+        def scores(by_window: dict[int, WindowScore]) -> dict[str, Any]:
+            return {str(w): {k: v for k, v in asdict(s).items() if k != "correct"}
+                    for w, s in by_window.items()}
+
         return {
             "passed": self.passed,
             "reason": self.reason,
+            "test": TEST_NAME,
             "new_windows": list(self.new_windows),
-            "candidate": {str(w): asdict(s) for w, s in self.candidate.items()},
-            "live": {str(w): asdict(s) for w, s in self.live.items()},
+            "candidate": scores(self.candidate),
+            "live": scores(self.live),
+            "base": scores(self.base),
+            "checks": [asdict(c) for c in self.checks],
+            "canary": None if self.canary is None else {**asdict(self.canary), "drift": self.canary.drift},
             "thresholds": self.thresholds.model_dump(),
         }
 
 
-def judge(candidate: dict[int, WindowScore], live: dict[int, WindowScore],
-          new_windows: Sequence[int], policy: GateSettings) -> GateReport:
-    """Pass only if no earlier window drops past `max_drop` and the new ones gain `min_gain`."""
-    def report(passed: bool, reason: str) -> GateReport:
-        return GateReport(passed, reason, tuple(new_windows), candidate, live, policy)
+def judge(candidate: dict[int, WindowScore], live: dict[int, WindowScore], new_windows: Sequence[int],
+          policy: GateSettings, *, best_before: Mapping[int, float] | None = None,
+          base: dict[int, WindowScore] | None = None, canary: Canary | None = None) -> GateReport:
+    """Apply every check of the policy; the first failing one gives the reason.
 
-    for window in sorted(candidate):
-        if window in new_windows or window not in live:
-            continue
-        drop = live[window].accuracy - candidate[window].accuracy
-        if drop > policy.max_drop:
-            return report(False, f"window {window} accuracy fell {drop:.3f} "
-                                 f"({live[window].accuracy:.3f} → {candidate[window].accuracy:.3f}), "
-                                 f"more than max_drop {policy.max_drop}")
-    scored_new = [w for w in new_windows if w in candidate and w in live]
-    if scored_new:
-        gain = (sum(candidate[w].accuracy - live[w].accuracy for w in scored_new)) / len(scored_new)
-        if gain < policy.min_gain:
-            return report(False, f"new window(s) gained {gain:.3f} accuracy, less than min_gain "
-                                 f"{policy.min_gain}")
-        return report(True, f"new window(s) gained {gain:.3f} accuracy and no earlier window fell "
-                            f"more than {policy.max_drop}")
-    return report(True, f"no earlier window fell more than {policy.max_drop}; new windows have no "
-                        "labelled probes")
+    `best_before` is each earlier window's best accuracy under earlier live versions (the
+    forgetting reference); without it the live version's accuracy is used.
+    """
+    old = [w for w in sorted(candidate) if w not in new_windows and w in live]
+    new = [w for w in new_windows if w in candidate and w in live]
+    checks: list[Check] = []
+
+    for w in old:  # no earlier window may drop, significantly, by more than max_drop
+        drop = live[w].accuracy - candidate[w].accuracy
+        test = paired_regression(live[w].correct, candidate[w].correct)
+        checks.append(Check(f"drop on window {w}", not (drop > policy.max_drop and test.p_value < policy.alpha),
+                            drop, policy.max_drop, test.p_value,
+                            f"{live[w].accuracy:.3f} → {candidate[w].accuracy:.3f}, "
+                            f"{test.lost} probes lost, {test.gained} gained"))
+    if old:  # nor may the average forgetting exceed its bound, on the pooled probes
+        reference = {w: max(live[w].accuracy, (best_before or {}).get(w, 0.0)) for w in old}
+        forgetting = sum(reference[w] - candidate[w].accuracy for w in old) / len(old)
+        pooled = paired_regression([c for w in old for c in live[w].correct],
+                                   [c for w in old for c in candidate[w].correct])
+        checks.append(Check("average forgetting",
+                            not (forgetting > policy.max_average_forgetting and pooled.p_value < policy.alpha),
+                            forgetting, policy.max_average_forgetting, pooled.p_value))
+    if new:  # the new windows must be learned: a gain over live, and beyond their label prior
+        gain = sum(candidate[w].accuracy - live[w].accuracy for w in new) / len(new)
+        checks.append(Check("gain on new windows", gain >= policy.min_gain, gain, policy.min_gain))
+        if policy.require_learning:
+            right = sum(sum(candidate[w].correct) for w in new)
+            total = sum(candidate[w].n for w in new)
+            prior = sum(candidate[w].majority_rate * candidate[w].n for w in new) / total
+            p_value = binomial_tail(right, total, prior)
+            checks.append(Check("new windows learned beyond their label prior", p_value < policy.alpha,
+                                right / total, prior, p_value))
+    if canary is not None and policy.max_canary_increase is not None:
+        checks.append(Check("canary loss increase over the base model",
+                            canary.drift <= policy.max_canary_increase, canary.drift,
+                            policy.max_canary_increase))
+
+    failed = next((c for c in checks if not c.passed), None)
+    if failed is None:
+        reason = (f"passed all {len(checks)} checks" if checks else "nothing to compare yet") + \
+                 f" (alpha {policy.alpha})"
+    else:
+        p = f", p = {failed.p_value:.3g}" if failed.p_value is not None else ""
+        reason = f"{failed.name}: {failed.observed:.3f} against threshold {failed.threshold:.3f}{p}"
+        if failed.detail:
+            reason += f" ({failed.detail})"
+    return GateReport(failed is None, reason, tuple(new_windows), candidate, live, base or {}, checks,
+                      policy, canary)

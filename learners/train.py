@@ -41,16 +41,37 @@ class RoundReport:
 
 
 def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch; padding is masked out of attention and loss."""
+    """Left-pad a batch, so every answer sits in the last few positions (see `answer_loss`).
+
+    Padding is masked out of attention and loss; rotary position embeddings depend only on
+    relative positions, so the shift left padding causes does not change any real token's output.
+    """
     width = max(len(e.input_ids) for e in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
     attention = torch.zeros((len(examples), width), dtype=torch.long)
     for row, e in enumerate(examples):
-        input_ids[row, : len(e.input_ids)] = torch.tensor(e.input_ids)
-        labels[row, : len(e.labels)] = torch.tensor(e.labels)
-        attention[row, : len(e.input_ids)] = 1
+        input_ids[row, width - len(e.input_ids):] = torch.tensor(e.input_ids)
+        labels[row, width - len(e.labels):] = torch.tensor(e.labels)
+        attention[row, width - len(e.input_ids):] = 1
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
+
+
+def answer_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean cross-entropy over the answer tokens.
+
+    The vocabulary projection is the largest matrix product of a small model; computing logits
+    only for the positions that predict answer tokens (the last few, thanks to left padding)
+    skips it for the whole prompt.
+    """
+    labels = batch["labels"]
+    answer_start = int((labels != IGNORE).int().argmax(dim=1).min())
+    keep = labels.shape[1] - answer_start + 1  # the position before the answer predicts its first token
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   logits_to_keep=keep).logits
+    targets = labels[:, labels.shape[1] - keep + 1:]
+    return nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                       targets.reshape(-1), ignore_index=IGNORE)
 
 
 def lr_at(step: int, steps: int, cfg: TrainSettings) -> float:
@@ -96,7 +117,7 @@ def run_round(model: nn.Module, new: Sequence[Example], replay: Sequence[Example
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, len(batches), cfg)
         batch = collate(examples, pad_id)
-        loss = model(**batch).loss
+        loss = answer_loss(model, batch)
         penalty = ewc.penalty(model) if ewc is not None else torch.zeros(())
         (loss + penalty).backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)

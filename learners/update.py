@@ -7,7 +7,7 @@ the live adapter's directory and writes the candidate into the directory it is g
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,12 +15,13 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from learners.base_model import load_base
+from learners.canary import canary_loss, load_canary
 from learners.config import AdapterSettings, GateSettings, TrainSettings
 from learners.ewc import EwcPenalty, consolidate, empirical_fisher
-from learners.gate import GateReport, evaluate, judge
+from learners.gate import Canary, GateReport, evaluate, judge
 from learners.prompts import classification_example
 from learners.scoring import LabelScorer
-from learners.train import Progress, RoundReport, collate, run_round
+from learners.train import Progress, RoundReport, answer_loss, collate, run_round
 from replay.buffer import Snapshot
 
 EWC_FILE = "ewc.safetensors"
@@ -45,8 +46,12 @@ def initial_adapter(base_path: Path, out_dir: Path, cfg: AdapterSettings, seed: 
 def train_candidate(snapshot: Snapshot, base_path: Path, live_dir: Path, out_dir: Path,
                     cfg: TrainSettings, policy: GateSettings,
                     on_progress: Callable[[Progress], None] | None = None,
-                    cancel: threading.Event | None = None) -> UpdateOutcome:
-    """Train a candidate warm-started from the live adapter, save it to `out_dir`, gate it."""
+                    cancel: threading.Event | None = None,
+                    best_before: Mapping[int, float] | None = None) -> UpdateOutcome:
+    """Train a candidate warm-started from the live adapter, save it to `out_dir`, gate it.
+
+    `best_before`: each window's best accuracy under earlier live versions (see `judge`).
+    """
     base, tokenizer = load_base(base_path)
     model = PeftModel.from_pretrained(base, live_dir, is_trainable=True)
     new = [classification_example(tokenizer, r.text, r.label, cfg.max_length)
@@ -60,14 +65,23 @@ def train_candidate(snapshot: Snapshot, base_path: Path, live_dir: Path, out_dir
     # The Fisher of this window, measured at the weights just learned, joins the old one.
     fisher_batches = [collate(new[i:i + cfg.batch_size], tokenizer.pad_token_id)
                       for i in range(0, len(new), cfg.batch_size)][: cfg.ewc.fisher_batches]
-    fisher = empirical_fisher(model, fisher_batches)
+    fisher = empirical_fisher(model, fisher_batches, answer_loss)
     model.save_pretrained(out_dir)
     consolidate(previous, fisher, model, cfg.ewc.decay, cfg.ewc.strength).save(out_dir / EWC_FILE)
 
     scorer = LabelScorer(tokenizer, snapshot.labels)
+    canary = load_canary(policy.canary_file) if policy.max_canary_increase is not None else []
     candidate_scores = evaluate(model, scorer, snapshot.probes)
+    candidate_canary = canary_loss(model, tokenizer, canary)
     del model, base
     live_model = PeftModel.from_pretrained(load_base(base_path)[0], live_dir)
     live_scores = evaluate(live_model, scorer, snapshot.probes)
-    gate = judge(candidate_scores, live_scores, snapshot.new_windows, policy)
+    live_canary = canary_loss(live_model, tokenizer, canary)
+    with live_model.disable_adapter():  # the base model, for forward transfer and canary drift
+        base_scores = evaluate(live_model, scorer, {w: snapshot.probes[w] for w in snapshot.new_windows
+                                                    if w in snapshot.probes})
+        base_canary = canary_loss(live_model, tokenizer, canary)
+    gate = judge(candidate_scores, live_scores, snapshot.new_windows, policy, best_before=best_before,
+                 base=base_scores,
+                 canary=Canary(candidate_canary, live_canary, base_canary) if canary else None)
     return UpdateOutcome(gate=gate, train=report, labels=snapshot.labels)

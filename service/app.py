@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 from fastapi import FastAPI, Request, Response
 
 from service.core import Service
-from service.routes import adapters, buffer, classify, health, tickets, updates
+from service.routes import adapters, buffer, classify, forgetting, health, tickets, updates
 
 
 def create_app(service: Service) -> FastAPI:
@@ -26,6 +26,6 @@ def create_app(service: Service) -> FastAPI:
                                      response.status_code, time.perf_counter() - started)
         return response
 
-    for module in (health, classify, adapters, updates, buffer, tickets):
+    for module in (health, classify, adapters, updates, forgetting, buffer, tickets):
         app.include_router(module.router)
     return app

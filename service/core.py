@@ -11,6 +11,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from learners.base_model import resolve_base_model
 from replay.buffer import ReplayBuffer
 from replay.embed import SentenceEmbedder
+from service.forgetting import AccuracyMatrix
 from service.metrics import make_registry
 from service.registry import AdapterRegistry
 from service.runtime import ModelRuntime
@@ -40,8 +41,9 @@ class Service:
         embedder = SentenceEmbedder(settings.replay.embedding_model, settings.replay.embed_batch_size)
         self.buffer = ReplayBuffer(data / "buffer", embedder, settings=settings.replay)
         self.registry = AdapterRegistry(data / "registry")
-        self.updates = UpdateManager(self.buffer, self.registry, self.base_path, settings.train,
-                                     settings.gate)
+        self.matrix = AccuracyMatrix(data / "registry" / "accuracy.json")
+        self.updates = UpdateManager(self.buffer, self.registry, self.matrix, self.base_path,
+                                     settings.train, settings.gate)
         self.runtime = ModelRuntime(self.base_path, self.registry, self.updates.ensure_initial_version())
         self.updates.runtime = self.runtime
         self.ingester = (Ingester(self.bootstrap, settings.kafka, self.buffer)

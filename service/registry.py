@@ -60,7 +60,7 @@ class Draft:
     train: dict[str, Any] | None = None
 
 
-def _fsync_write(path: Path, data: bytes) -> None:
+def fsync_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("wb") as handle:
         handle.write(data)
@@ -132,7 +132,7 @@ class AdapterRegistry:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         info = VersionInfo(name=name, created_at=time.time(), **asdict(draft))
-        _fsync_write(tmp / METADATA, json.dumps(info.__dict__, indent=2).encode())
+        fsync_write(tmp / METADATA, json.dumps(info.__dict__, indent=2).encode())
         for file in tmp.iterdir():
             with file.open("rb") as handle:
                 os.fsync(handle.fileno())
@@ -142,7 +142,7 @@ class AdapterRegistry:
 
     def record(self, info: VersionInfo) -> None:
         """Rewrite a version's metadata (its weights never change)."""
-        _fsync_write(self.path(info.name) / METADATA, json.dumps(info.__dict__, indent=2).encode())
+        fsync_write(self.path(info.name) / METADATA, json.dumps(info.__dict__, indent=2).encode())
 
     def promote(self, name: str) -> None:
         """Move the live pointer to `name` (atomically)."""
@@ -152,7 +152,7 @@ class AdapterRegistry:
             if pointer["live"] == name:
                 return
             history = [*pointer["history"], name]
-            _fsync_write(self.root / "live.json",
+            fsync_write(self.root / "live.json",
                          json.dumps({"live": name, "history": history}).encode())
 
     def previous_live(self) -> str:
@@ -168,6 +168,6 @@ class AdapterRegistry:
         with self._lock:
             history = self._pointer()["history"]
             previous = self.previous_live()
-            _fsync_write(self.root / "live.json",
+            fsync_write(self.root / "live.json",
                          json.dumps({"live": previous, "history": history[:-1]}).encode())
             return previous

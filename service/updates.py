@@ -19,6 +19,7 @@ from learners.config import GateSettings, TrainSettings
 from learners.train import Cancelled, Progress
 from learners.update import initial_adapter, train_candidate
 from replay.buffer import ReplayBuffer
+from service.forgetting import AccuracyMatrix, best_before
 from service.registry import AdapterRegistry, Draft
 from service.runtime import ModelRuntime
 
@@ -47,10 +48,11 @@ class UpdateRecord:
 class UpdateManager:
     """Owns the update lifecycle and the history of updates of this process."""
 
-    def __init__(self, buffer: ReplayBuffer, registry: AdapterRegistry, base_path: Path,
-                 train: TrainSettings, gate: GateSettings) -> None:
+    def __init__(self, buffer: ReplayBuffer, registry: AdapterRegistry, matrix: AccuracyMatrix,
+                 base_path: Path, train: TrainSettings, gate: GateSettings) -> None:
         self.buffer = buffer
         self.registry = registry
+        self.matrix = matrix
         self.base_path = base_path
         self.train = train
         self.gate = gate
@@ -126,13 +128,16 @@ class UpdateManager:
 
         def write(tmp: Path) -> Draft:
             outcome = train_candidate(snapshot, self.base_path, self.registry.path(live), tmp,
-                                      self.train, self.gate, on_progress, self._cancel)
+                                      self.train, self.gate, on_progress, self._cancel,
+                                      best_before(self.registry, self.matrix, live))
             return Draft(parent=live, verdict="accepted" if outcome.gate.passed else "rejected",
                          windows_trained=sorted({*live_info.windows_trained, *snapshot.new_windows}),
                          labels=list(outcome.labels), gate=outcome.gate.to_json(),
                          train=asdict(outcome.train))
 
         info = self.registry.create(write)
+        assert info.gate is not None
+        self.matrix.record_gate(info.name, live, info.gate)
         record.version, record.gate = info.name, info.gate
         record.reason = info.gate["reason"] if info.gate else None
         if info.verdict == "rejected":

@@ -63,6 +63,12 @@ def test_tickets_flow_through_gate_to_served_answers(
     adapters = client.get("/v1/adapters").json()
     assert adapters["live"] == "v0001"
     assert adapters["adapters"][1]["parent"] == "v0000"
+    forgetting = client.get("/v1/forgetting").json()
+    assert forgetting["windows"] == [1] and forgetting["live"] == "v0001"
+    v1 = next(v for v in forgetting["versions"] if v["name"] == "v0001")
+    assert v1["accuracy"]["1"] == first["gate"]["candidate"]["1"]["accuracy"]
+    assert v1["summary"]["average_accuracy"] == v1["accuracy"]["1"]
+    assert v1["summary"]["plasticity"] == first["gate"]["checks"][0]["observed"]  # gain over v0000
     answer = client.post("/v1/classify", json={"text": "hello my card issue 7"}).json()
     assert answer["adapter_version"] == "v0001"
     assert answer["label"] in WINDOW_1

@@ -1,0 +1,94 @@
+"""The persisted accuracy matrix (versions × windows) and the forgetting figures drawn from it.
+
+Every gate measures the candidate, the live version and the base model on the probe sets;
+each measurement lands here (`accuracy.json` beside the registry, written atomically). A
+version's figures follow its training lineage: the chain of parents it was warm-started from.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from learners.metrics import Row, summarize
+from service.registry import AdapterRegistry, VersionInfo, fsync_write
+
+BASE = "base"
+
+
+class AccuracyMatrix:
+    """`R[version][window] = {"accuracy", "loss", "n"}`, plus a `base` row for the base model."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._cells: dict[str, dict[str, dict[str, float]]] = (
+            json.loads(path.read_text()) if path.exists() else {})
+
+    def record(self, version: str, scores: dict[str, dict[str, float]]) -> None:
+        """Add or refresh a version's cells (probe sets never change, so neither do cells)."""
+        with self._lock:
+            row = self._cells.setdefault(version, {})
+            row.update({w: {k: s[k] for k in ("accuracy", "loss", "n")} for w, s in scores.items()})
+            fsync_write(self.path, json.dumps(self._cells, indent=1).encode())
+
+    def record_gate(self, candidate: str, live: str, gate: dict[str, Any]) -> None:
+        self.record(candidate, gate["candidate"])
+        self.record(live, gate["live"])
+        self.record(BASE, gate.get("base", {}))
+
+    def accuracy(self, version: str) -> dict[int, float]:
+        with self._lock:
+            return {int(w): c["accuracy"] for w, c in self._cells.get(version, {}).items()}
+
+    def windows(self) -> list[int]:
+        with self._lock:
+            return sorted({int(w) for row in self._cells.values() for w in row})
+
+
+def lineage(registry: AdapterRegistry, version: str) -> list[VersionInfo]:
+    """The version and the parents it was warm-started from, oldest first."""
+    chain = []
+    name: str | None = version
+    while name is not None:
+        info = registry.info(name)
+        chain.append(info)
+        name = info.parent
+    return chain[::-1]
+
+
+def rows_for(registry: AdapterRegistry, matrix: AccuracyMatrix, version: str) -> list[Row]:
+    return [Row(info.name, frozenset(info.windows_trained), matrix.accuracy(info.name))
+            for info in lineage(registry, version)]
+
+
+def best_before(registry: AdapterRegistry, matrix: AccuracyMatrix, version: str) -> dict[int, float]:
+    """Each window's best accuracy along `version`'s lineage, once trained: the forgetting
+    reference the gate holds a candidate of `version` to."""
+    best: dict[int, float] = {}
+    for row in rows_for(registry, matrix, version):
+        for window in row.trained:
+            if window in row.accuracy:
+                best[window] = max(best.get(window, 0.0), row.accuracy[window])
+    return best
+
+
+def report(registry: AdapterRegistry, matrix: AccuracyMatrix) -> dict[str, Any]:
+    """The matrix and, for every version, its figures along its own lineage."""
+    base = matrix.accuracy(BASE)
+    live = registry.live
+    versions = []
+    for name in registry.names():
+        info = registry.info(name)
+        summary = summarize(rows_for(registry, matrix, name), base)[-1]
+        versions.append({
+            "name": name, "parent": info.parent, "verdict": info.verdict, "live": name == live,
+            "windows_trained": info.windows_trained,
+            "accuracy": {str(w): a for w, a in sorted(matrix.accuracy(name).items())},
+            "summary": {**asdict(summary), "forgetting": {str(w): f for w, f in summary.forgetting.items()}},
+        })
+    return {"windows": matrix.windows(), "live": live, "base": {str(w): a for w, a in sorted(base.items())},
+            "versions": versions}
