@@ -1,29 +1,42 @@
 """The replay buffer: ticket rows in SQLite, their embeddings in a FAISS inner-product index.
 
 SQLite is the source of truth (each row keeps its embedding); the FAISS index is derived from
-it, saved on close and rebuilt on open when it does not match the rows, so a crash at any
-moment loses neither rows nor the index.
+it, saved on close and rebuilt on open when it does not cover the rows, so a crash at any
+moment loses neither rows nor the index. Row ids are AUTOINCREMENT: an evicted row's id is
+never reused, so a stale id in the index can never point at another ticket.
+
+Before a ticket is stored it is curated (`replay.curate`): PII redacted, near-duplicates of a
+stored ticket skipped (remembered in `skipped`, so the id stays idempotent), and a ticket whose
+nearest labelled neighbours agree on another label flagged as a likely mislabel (kept, but
+never drawn for replay). Past `capacity`, closed windows' training rows are evicted by policy
+(`replay.policy`); probe rows and the open window are never evicted.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import random
 import sqlite3
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
-import faiss
 import numpy as np
 
+from replay.config import ReplaySettings
+from replay.curate import curate_batch, redact
 from replay.embed import Embedder
+from replay.index import VectorIndex, ivf_lists, kind_for
+from replay.policy import balanced_sample, choose_victims, clusters, eviction_key, is_probe
 from streams.records import TicketRecord
 
 LOG = logging.getLogger(__name__)
+SamplePolicy = Literal["uniform", "class-balanced", "coverage"]
+__all__ = ["ReplayBuffer", "SamplePolicy", "Snapshot", "WindowInfo", "is_probe"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS windows (
@@ -32,7 +45,7 @@ CREATE TABLE IF NOT EXISTS windows (
     closed_at REAL
 );
 CREATE TABLE IF NOT EXISTS records (
-    row INTEGER PRIMARY KEY,
+    row INTEGER PRIMARY KEY AUTOINCREMENT,
     id TEXT NOT NULL UNIQUE,
     text TEXT NOT NULL,
     label TEXT,
@@ -40,22 +53,17 @@ CREATE TABLE IF NOT EXISTS records (
     window INTEGER NOT NULL REFERENCES windows(id),
     probe INTEGER NOT NULL,
     added_at REAL NOT NULL,
-    embedding BLOB NOT NULL
+    embedding BLOB NOT NULL,
+    key REAL NOT NULL DEFAULT 0,
+    suspect INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS records_window ON records(window, probe);
+CREATE TABLE IF NOT EXISTS skipped (
+    id TEXT PRIMARY KEY,
+    reason TEXT NOT NULL,
+    duplicate_of TEXT
+);
 """
-
-
-def is_probe(ticket_id: str, probe_percent: int) -> bool:
-    """Deterministic held-out split: the same id is always on the same side.
-
-    Examples
-    --------
-    >>> is_probe("ticket-1", 20) == is_probe("ticket-1", 20)
-    True
-    """
-    digest = hashlib.sha256(ticket_id.encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") % 100 < probe_percent
 
 
 @dataclass(frozen=True)
@@ -79,7 +87,7 @@ class Snapshot:
 
 
 class ReplayBuffer:
-    """Durable, idempotent store of tickets, grouped into windows, searchable by meaning.
+    """Durable, idempotent, curated store of tickets, grouped into windows, searchable by meaning.
 
     Examples
     --------
@@ -99,10 +107,13 @@ class ReplayBuffer:
     '1'
     """
 
-    def __init__(self, directory: Path, embedder: Embedder, probe_percent: int = 20) -> None:
+    def __init__(self, directory: Path, embedder: Embedder, probe_percent: int | None = None, *,
+                 settings: ReplaySettings | None = None) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.embedder = embedder
-        self.probe_percent = probe_percent
+        self.settings = settings or ReplaySettings()
+        self.probe_percent = probe_percent if probe_percent is not None else self.settings.probe_percent
+        self.stats: Counter[str] = Counter()  # curation and eviction counts since this process started
         self._index_path = directory / "buffer.faiss"
         self._lock = threading.RLock()
         self._db = sqlite3.connect(directory / "buffer.sqlite3", check_same_thread=False,
@@ -112,19 +123,35 @@ class ReplayBuffer:
         self._db.executescript(_SCHEMA)
         if self._db.execute("SELECT COUNT(*) FROM windows WHERE closed_at IS NULL").fetchone()[0] == 0:
             self._db.execute("INSERT INTO windows(opened_at) VALUES (?)", (time.time(),))
-        self._index = self._load_index()
+        # Cached: COUNT(*) scans the table, and every write asks (capacity, index kind).
+        self._count: int = self._db.execute("SELECT COUNT(*) FROM records").fetchone()[0]
+        self._index = self._open_index()
 
     # -- index ------------------------------------------------------------------------------
-    def _load_index(self) -> faiss.IndexIDMap2:
-        rows = self._db.execute("SELECT COUNT(*), COALESCE(MAX(row), 0) FROM records").fetchone()
-        if self._index_path.exists():
-            index = faiss.read_index(str(self._index_path))
-            if index.ntotal == rows[0] and (rows[0] == 0 or index.id_map.at(index.ntotal - 1) == rows[1]):
+    def _open_index(self) -> VectorIndex:
+        rows = np.array([r[0] for r in self._db.execute("SELECT row FROM records")], dtype=np.int64)
+        want = kind_for(len(rows), self.settings)
+        index = VectorIndex.load(self._index_path, self.embedder.dim, self.settings)
+        if index is not None and index.kind == want:
+            stored = index.ids()
+            if np.isin(rows, stored).all():  # every row is searchable; extras are evicted rows
+                extra = stored[~np.isin(stored, rows)]
+                index.remove(extra)
                 return index
-            LOG.warning("FAISS index does not match the rows (%d vs %d): rebuilding", index.ntotal, rows[0])
-        index = faiss.IndexIDMap2(faiss.IndexFlatIP(self.embedder.dim))
+            LOG.warning("FAISS index misses rows (%d indexed, %d rows): rebuilding", len(stored), len(rows))
+        return self._build_index(want)
+
+    def _build_index(self, kind: str) -> VectorIndex:
+        index = VectorIndex(self.embedder.dim, kind, self.settings)  # type: ignore[arg-type]
+        if kind == "ivf":  # lists placed from a random sample (the eviction key is a random hash)
+            rows = len(self)
+            sample = self._db.execute("SELECT embedding FROM records ORDER BY key LIMIT ?",
+                                      (min(rows, 100 * ivf_lists(rows, self.settings)),)).fetchall()
+            if sample:
+                index.train(self._vectors([r[0] for r in sample]), rows)
         for ids, vectors in self._embedding_blocks():
-            index.add_with_ids(vectors, ids)
+            index.add(vectors, ids)
+        LOG.info("built a %s index over %d rows", kind, index.ntotal)
         return index
 
     def _embedding_blocks(self, block: int = 10_000) -> Iterable[tuple[np.ndarray, np.ndarray]]:
@@ -137,16 +164,16 @@ class ReplayBuffer:
             if not rows:
                 return
             ids = np.array([r[0] for r in rows], dtype=np.int64)
-            vectors = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32)
-            yield ids, vectors.reshape(len(rows), self.embedder.dim)
+            yield ids, self._vectors([r[1] for r in rows])
             last = int(ids[-1])
+
+    def _vectors(self, blobs: Sequence[bytes]) -> np.ndarray:
+        return np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(len(blobs), self.embedder.dim)
 
     def save(self) -> None:
         """Write the index next to the rows (atomically: temporary file, then rename)."""
         with self._lock:
-            tmp = self._index_path.with_suffix(".tmp")
-            faiss.write_index(self._index, str(tmp))
-            tmp.replace(self._index_path)
+            self._index.save(self._index_path)
 
     def close(self) -> None:
         with self._lock:
@@ -155,33 +182,111 @@ class ReplayBuffer:
 
     # -- writing ----------------------------------------------------------------------------
     def add_many(self, records: Sequence[TicketRecord]) -> None:
-        """Store records in the open window; ids already stored are skipped. Durable on return."""
+        """Curate and store records in the open window; ids already seen are skipped.
+        Durable on return."""
         with self._lock:
             unique = {r.id: r for r in records}
-            known = {row[0] for chunk in _chunks(list(unique), 500) for row in self._db.execute(
-                f"SELECT id FROM records WHERE id IN ({','.join('?' * len(chunk))})", chunk)}
-            fresh = [r for r in unique.values() if r.id not in known]
+            known = {row[0] for chunk in _chunks(list(unique), 500) for table in ("records", "skipped")
+                     for row in self._db.execute(
+                         f"SELECT id FROM {table} WHERE id IN ({','.join('?' * len(chunk))})", chunk)}
+            fresh = [self._redacted(r) for r in unique.values() if r.id not in known]
             if not fresh:
                 return
             vectors = self.embedder.encode([r.text for r in fresh])
+            keep, skipped, suspect = self._curate(fresh, vectors)
             window = self.open_window()
             now = time.time()
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 rows = [
                     self._db.execute(
-                        "INSERT INTO records(id, text, label, reply, window, probe, added_at, embedding)"
-                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                        (r.id, r.text, r.label, r.reply, window,
-                         is_probe(r.id, self.probe_percent), now, vector.tobytes()),
+                        "INSERT INTO records(id, text, label, reply, window, probe, added_at, embedding,"
+                        " key, suspect) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (fresh[i].id, fresh[i].text, fresh[i].label, fresh[i].reply, window,
+                         is_probe(fresh[i].id, self.probe_percent), now, vectors[i].tobytes(),
+                         eviction_key(fresh[i].id), int(i in suspect)),
                     ).lastrowid
-                    for r, vector in zip(fresh, vectors, strict=True)
+                    for i in keep
                 ]
+                self._db.executemany("INSERT INTO skipped(id, reason, duplicate_of) VALUES (?, ?, ?)",
+                                     [(fresh[i].id, "near_duplicate", of) for i, of in skipped.items()])
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
-            self._index.add_with_ids(vectors, np.array(rows, dtype=np.int64))
+            self._count += len(rows)
+            self._index.add(vectors[keep], np.array(rows, dtype=np.int64))
+            self.stats.update(near_duplicate=len(skipped), suspect=len(suspect))
+            self._enforce_capacity()
+            self._maybe_rebuild()
+
+    def _redacted(self, record: TicketRecord) -> TicketRecord:
+        if not self.settings.redact_pii:
+            return record
+        text, counts = redact(record.text)
+        reply, reply_counts = redact(record.reply) if record.reply else (record.reply, Counter())
+        counts.update(reply_counts)
+        if not counts:
+            return record
+        self.stats.update({f"redacted_{kind}": n for kind, n in counts.items()})
+        return record.model_copy(update={"text": text, "reply": reply})
+
+    def _curate(self, fresh: Sequence[TicketRecord], vectors: np.ndarray
+                ) -> tuple[list[int], dict[int, str], set[int]]:
+        """Which of `fresh` to keep, which are near-duplicates (of which id), which are suspect."""
+        s = self.settings
+        k = max(s.disagreement_k, 1)
+        scores, ids = self._index.search(vectors, k)
+        hits = sorted({int(i) for i in ids.ravel() if i >= 0})
+        stored = {row: (tid, label) for chunk in _chunks(hits, 500) for row, tid, label in self._db.execute(
+            f"SELECT row, id, label FROM records WHERE row IN ({','.join('?' * len(chunk))})", chunk)}
+        neighbours = [[(float(sc), *stored[int(j)]) for sc, j in zip(scores[i], ids[i], strict=True)
+                       if int(j) in stored][:k] for i in range(len(fresh))]
+        return curate_batch(fresh, vectors, neighbours, near_duplicate_cosine=s.near_duplicate_cosine,
+                            disagreement_k=s.disagreement_k, disagreement_share=s.disagreement_share)
+
+    def _maybe_rebuild(self) -> None:
+        want = kind_for(len(self), self.settings)
+        if want != self._index.kind or self._index.needs_rebuild():
+            self._index = self._build_index(want)
+
+    def _enforce_capacity(self) -> None:
+        """Evict closed windows' training rows by policy until the buffer fits `capacity`."""
+        capacity = self.settings.capacity
+        excess = len(self) - capacity if capacity else 0
+        if excess <= 0:
+            return
+        eligible = self._db.execute(
+            "SELECT r.row, r.id, r.label, r.key, r.embedding FROM records r JOIN windows w ON r.window = w.id"
+            " WHERE w.closed_at IS NOT NULL AND r.probe = 0 ORDER BY r.row").fetchall()
+        if not eligible:
+            LOG.warning("buffer holds %d rows over capacity, none evictable yet (open window or probes)", excess)
+            return
+        policy = self.settings.eviction
+        if policy == "auto":
+            policy = "class-balanced" if any(r[2] is not None for r in eligible) else "reservoir"
+        if policy == "class-balanced":
+            groups: Sequence[object] = [r[2] for r in eligible]
+        elif policy == "coverage":
+            groups = clusters(self._vectors([r[4] for r in eligible]), self.settings.coverage_clusters).tolist()
+        else:
+            groups = [0] * len(eligible)
+        victims = [eligible[i] for i in choose_victims(groups, [r[3] for r in eligible], excess)]
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            for chunk in _chunks([v[0] for v in victims], 500):
+                self._db.execute(f"DELETE FROM records WHERE row IN ({','.join('?' * len(chunk))})", chunk)
+            # Remembered, so a late redelivery of an evicted ticket does not store it again.
+            self._db.executemany("INSERT OR IGNORE INTO skipped(id, reason) VALUES (?, 'evicted')",
+                                 [(v[1],) for v in victims])
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._count -= len(victims)
+        self._index.remove(np.array([v[0] for v in victims], dtype=np.int64))
+        self.stats["evicted"] += len(victims)
+        LOG.info("evicted %d rows (%s) to keep the buffer at %d", len(victims), policy, capacity)
 
     def close_window(self) -> int | None:
         """Close the open window if it holds records and open the next; returns the closed id."""
@@ -193,13 +298,27 @@ class ReplayBuffer:
             self._db.execute("UPDATE windows SET closed_at = ? WHERE id = ?", (time.time(), window))
             self._db.execute("INSERT INTO windows(opened_at) VALUES (?)", (time.time(),))
             self._db.execute("COMMIT")
+            self._enforce_capacity()  # its rows just became evictable
+            self._maybe_rebuild()
             return window
 
     # -- reading ----------------------------------------------------------------------------
     def __len__(self) -> int:
         with self._lock:
-            count: int = self._db.execute("SELECT COUNT(*) FROM records").fetchone()[0]
-            return count
+            return self._count
+
+    def contains(self, ticket_id: str) -> bool:
+        """Whether the id was seen: stored, or skipped as a near-duplicate or evicted."""
+        with self._lock:
+            return any(self._db.execute(f"SELECT 1 FROM {table} WHERE id = ?", (ticket_id,)).fetchone()
+                       for table in ("records", "skipped"))
+
+    def index_matches_rows(self) -> bool:
+        """Whether every stored row is in the FAISS index (extra ids are tombstones)."""
+        with self._lock:
+            rows = np.array([r[0] for r in self._db.execute("SELECT row FROM records")], dtype=np.int64)
+            return bool(np.isin(rows, self._index.ids()).all()) and \
+                self._index.ntotal - self._index.stale == len(rows)
 
     def open_window(self) -> int:
         with self._lock:
@@ -228,19 +347,36 @@ class ReplayBuffer:
 
     def records(self, windows: Iterable[int], *, probe: bool) -> list[TicketRecord]:
         """Rows of the given windows, the probe side or the training side, in arrival order."""
+        return [_record(row[1:5]) for row in self._rows(windows, probe=probe)]
+
+    def _rows(self, windows: Iterable[int], *, probe: bool, suspects: bool = True,
+              embeddings: bool = False) -> list[tuple]:  # type: ignore[type-arg]
         wanted = list(windows)
         if not wanted:
             return []
         with self._lock:
-            rows = self._db.execute(
-                f"SELECT id, text, label, reply FROM records WHERE probe = ? AND window IN"
-                f" ({','.join('?' * len(wanted))}) ORDER BY row", (int(probe), *wanted)).fetchall()
-        return [_record(row) for row in rows]
+            return self._db.execute(
+                f"SELECT row, id, text, label, reply{', embedding' if embeddings else ''} FROM records"
+                f" WHERE probe = ? AND window IN ({','.join('?' * len(wanted))})"
+                f"{'' if suspects else ' AND suspect = 0'} ORDER BY row", (int(probe), *wanted)).fetchall()
 
-    def sample(self, k: int, windows: Iterable[int], *, seed: int | None = None) -> list[TicketRecord]:
-        """Up to k training rows drawn uniformly without replacement from the given windows."""
-        pool = self.records(windows, probe=False)
-        return random.Random(seed).sample(pool, min(k, len(pool)))
+    def sample(self, k: int, windows: Iterable[int], *, seed: int | None = None,
+               policy: SamplePolicy = "uniform") -> list[TicketRecord]:
+        """Up to k distinct training rows of the given windows, drawn by `policy`: `uniform`,
+        `class-balanced` (labels as even as their counts allow) or `coverage` (even over k-means
+        clusters of the embeddings). Probe rows and likely-mislabelled rows are never drawn."""
+        pool = self._rows(windows, probe=False, suspects=False, embeddings=policy == "coverage")
+        if policy == "uniform":
+            picked = random.Random(seed).sample(range(len(pool)), min(k, len(pool)))
+        elif policy == "class-balanced":
+            picked = balanced_sample([row[3] for row in pool], k, seed)
+        elif policy == "coverage":
+            groups = clusters(self._vectors([row[5] for row in pool]), self.settings.coverage_clusters,
+                              seed=seed or 0) if pool else np.zeros(0)
+            picked = balanced_sample(groups.tolist(), k, seed)
+        else:
+            raise ValueError(f"unknown sampling policy {policy!r}")
+        return [_record(pool[i][1:5]) for i in picked]
 
     def search(self, text: str, k: int = 5) -> list[tuple[TicketRecord, float]]:
         """The k stored tickets nearest in meaning to `text`, with cosine similarity."""
@@ -248,10 +384,10 @@ class ReplayBuffer:
         with self._lock:
             scores, ids = self._index.search(vector, k)
             found = [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0]
-            rows = {row[0]: row[1:] for row in self._db.execute(
+            rows = {row[0]: row[1:] for chunk in _chunks([i for i, _ in found], 500) for row in self._db.execute(
                 f"SELECT row, id, text, label, reply FROM records WHERE row IN"
-                f" ({','.join('?' * len(found))})", [i for i, _ in found])} if found else {}
-        return [(_record(rows[i]), score) for i, score in found if i in rows]
+                f" ({','.join('?' * len(chunk))})", chunk)}
+        return [(_record(rows[i]), score) for i, score in found if i in rows][:k]
 
     def snapshot(self, trained_windows: Iterable[int], seed: int) -> Snapshot:
         """Training material for one update: every closed window not yet trained is new, and
@@ -275,6 +411,6 @@ def _record(row: Sequence[str | None]) -> TicketRecord:
     return TicketRecord(id=ticket_id, text=text, label=label, reply=reply)
 
 
-def _chunks(items: list[str], size: int) -> Iterable[list[str]]:
+def _chunks(items: Sequence[object], size: int) -> Iterable[list[object]]:
     for start in range(0, len(items), size):
-        yield items[start:start + size]
+        yield list(items[start:start + size])

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
+
+IndexKind = Literal["auto", "flat", "hnsw", "ivf"]
+EvictionPolicy = Literal["auto", "reservoir", "class-balanced", "coverage"]
 
 
 class ReplaySettings(BaseModel):
-    """Where rows and vectors live, and how each window is split into train and probe."""
+    """Where rows and vectors live, how they are curated and bounded, and how windows split."""
 
     embedding_model: Path | None = Field(
         None, description="Sentence-transformers model directory. Unset: the bundled all-MiniLM-L6-v2."
@@ -17,3 +21,52 @@ class ReplaySettings(BaseModel):
     probe_percent: int = Field(
         20, ge=1, le=50, description="Share of each window held out as its probe set (by hash of `id`)."
     )
+    # -- index ------------------------------------------------------------------------------
+    index: IndexKind = Field(
+        "auto", description="FAISS index: `flat` (exact), `hnsw` or `ivf` (approximate), `auto` (by size)."
+    )
+    exact_max_rows: int = Field(
+        50_000, gt=0, description="`auto` switches from the exact index to `large_index` above this many rows."
+    )
+    large_index: Literal["hnsw", "ivf"] = Field(
+        "hnsw", description="What `auto` uses past `exact_max_rows`: `hnsw` (best recall per query time, "
+        "slow to build) or `ivf` (fast to build, needs training, recall set by `ivf_nprobe`)."
+    )
+    ivf_lists: int | None = Field(
+        None, gt=0, description="IVF inverted lists (unset: 4·√rows, at least 39 training rows per list)."
+    )
+    ivf_nprobe: int = Field(32, gt=0, description="IVF lists scanned per query (recall vs speed).")
+    hnsw_m: int = Field(32, ge=4, le=128, description="HNSW graph degree (memory and recall grow with it).")
+    hnsw_ef_search: int = Field(128, ge=8, description="HNSW candidates examined per query (recall vs speed).")
+    hnsw_ef_construction: int = Field(64, ge=8, description="HNSW candidates examined per insertion.")
+    # -- curation ---------------------------------------------------------------------------
+    redact_pii: bool = Field(True, description="Redact e-mails, phone, card and IBAN numbers before storage.")
+    # Off by default: two customers asking the same thing are two tickets (and two votes for
+    # the class balance). Set it (0.98 is a good start) to keep the memory free of copies.
+    near_duplicate_cosine: float | None = Field(
+        None, gt=0, le=1, description="Skip a ticket at least this cosine-similar to a stored one "
+        "(unset: keep all)."
+    )
+    disagreement_k: int = Field(
+        5, ge=0, description="Neighbours consulted to flag a likely mislabelled ticket (0: off)."
+    )
+    disagreement_share: float = Field(
+        0.8, gt=0.5, le=1, description="Flag when at least this share of labelled neighbours agree on "
+        "another label."
+    )
+    # -- capacity ---------------------------------------------------------------------------
+    capacity: int | None = Field(
+        None, gt=0, description="Most rows kept (unset: unbounded); only closed windows' training rows "
+        "are evicted."
+    )
+    eviction: EvictionPolicy = Field(
+        "auto", description="`reservoir`, `class-balanced`, `coverage` (k-means clusters), or `auto`: "
+        "class-balanced when the rows carry labels, else reservoir."
+    )
+    coverage_clusters: int = Field(32, ge=2, description="k-means clusters of the `coverage` policy.")
+
+    @model_validator(mode="after")
+    def _hnsw_search_is_wide_enough(self) -> ReplaySettings:
+        if self.hnsw_ef_search < 10:
+            raise ValueError("`hnsw_ef_search` must be at least the k of a kNN@10 query")
+        return self

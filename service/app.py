@@ -9,7 +9,7 @@ from fastapi import FastAPI, Request, Response
 
 from service import errors
 from service.core import Service
-from service.routes import adapters, buffer, classify, forgetting, health, openai, updates
+from service.routes import adapters, buffer, classify, forgetting, health, openai, tickets, updates
 
 
 def create_app(service: Service) -> FastAPI:
@@ -28,6 +28,6 @@ def create_app(service: Service) -> FastAPI:
                                      response.status_code, time.perf_counter() - started)
         return response
 
-    for module in (health, classify, openai, adapters, updates, forgetting, buffer):
+    for module in (health, classify, openai, adapters, updates, forgetting, buffer, tickets):
         app.include_router(module.router)
     return app

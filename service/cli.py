@@ -88,29 +88,23 @@ def up() -> None:
 def produce(
     source: Annotated[str, typer.Argument(help="A JSONL file, or a data set: banking77, clinc150, hwu64, mcid.")],
     order: Annotated[str, typer.Option(help="random or class-incremental.")] = "class-incremental",
-    windows: Annotated[int, typer.Option(help="Windows of new intents.")] = 3,
+    windows: Annotated[int, typer.Option(help="Windows of new intents (JSONL: labels split into N windows).")] = 3,
     intents_per_window: Annotated[int, typer.Option(help="New intents per window.")] = 4,
     per_intent: Annotated[Optional[int], typer.Option(help="Tickets per intent (default: all).")] = None,  # noqa: UP045
     rate: Annotated[Optional[float], typer.Option(help="Tickets per second (default: as fast as possible).")] = None,  # noqa: UP045
     seed: Annotated[int, typer.Option(help="Seed of the order.")] = 0,
 ) -> None:
     """Stream tickets to the `kafka.topic` topic."""
-    from streams.datasets import DATASETS, load_tickets, stream_order
-    from streams.produce import TicketProducer, encode, read_jsonl
+    from streams.produce import TicketProducer, source_values
 
     settings = Settings()
     if not settings.kafka.bootstrap:
         raise typer.BadParameter("set EVERGREEN_KAFKA_BOOTSTRAP (or kafka.bootstrap) to produce")
-    if order not in ("random", "class-incremental"):
-        raise typer.BadParameter("--order must be `random` or `class-incremental`")
-    if source in DATASETS:
-        values = [encode(t) for t in stream_order(
-            load_tickets(source, "train"), order=order,  # type: ignore[arg-type]
-            windows=windows, intents_per_window=intents_per_window, per_intent=per_intent, seed=seed)]
-    elif Path(source).is_file():
-        values = list(read_jsonl(Path(source)))
-    else:
-        raise typer.BadParameter(f"{source!r} is neither a file nor one of {', '.join(DATASETS)}")
+    try:
+        values = source_values(source, order=order, windows=windows,  # type: ignore[arg-type]
+                               intents_per_window=intents_per_window, per_intent=per_intent, seed=seed)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
     producer = TicketProducer(settings.kafka.bootstrap, settings.kafka.topic)
     with Progress(TextColumn("producing"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=console) as bar:

@@ -23,6 +23,7 @@ from service.scheduler import start_scheduler, stop_scheduler
 from service.settings import Settings
 from service.updates import UpdateManager
 from streams.ingest import Ingester
+from streams.produce import TicketProducer
 
 LOG = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ class Service:
         data = settings.data_dir
         self.base_path = resolve_base_model(settings.model.base, settings.model.cache_dir)
         embedder = SentenceEmbedder(settings.replay.embedding_model, settings.replay.embed_batch_size)
-        self.buffer = ReplayBuffer(data / "buffer", embedder, settings.replay.probe_percent)
+        self.buffer = ReplayBuffer(data / "buffer", embedder, settings=settings.replay)
         self.registry = AdapterRegistry(settings.registry_dir or data / "registry", writer=not self.replica)
         self.matrix = AccuracyMatrix(self.registry.root / "accuracy.json")
         self.updates = UpdateManager(self.buffer, self.registry, self.matrix, self.base_path,
@@ -66,6 +67,8 @@ class Service:
         self._threads: list[threading.Thread] = []
         self.scheduler: BackgroundScheduler | None = None
         self.jobstore = settings.scheduler.jobstore or data / "scheduler.sqlite"
+        self._ticket_producer: TicketProducer | None = None  # made on the first POST /v1/tickets
+        self._producer_lock = threading.Lock()
         self.metrics_registry, self.http_metrics = make_registry(self)
 
     def _first_version(self) -> str:
@@ -93,10 +96,23 @@ class Service:
         LOG.info("service started (%s): serving %s, %d records buffered", self.settings.replicas.role,
                  self.runtime.version, len(self.buffer))
 
+    def ticket_producer(self) -> TicketProducer:
+        """The producer behind `POST /v1/tickets`; raises RuntimeError without a broker."""
+        if self.bootstrap is None:
+            raise RuntimeError("no Kafka broker configured (`kafka.bootstrap`)")
+        with self._producer_lock:
+            if self._ticket_producer is None:
+                k = self.settings.kafka
+                self._ticket_producer = TicketProducer(self.bootstrap, k.topic, max_block_ms=k.produce_timeout_ms,
+                                                       max_request_size=k.max_message_bytes * 2 + 4096)
+            return self._ticket_producer
+
     def stop(self) -> None:
         self._stop.set()
         if self.scheduler is not None:
             stop_scheduler(self.scheduler, self.jobstore)
+        if self._ticket_producer is not None:
+            self._ticket_producer.close()
         for thread in self._threads:
             thread.join(timeout=10)
         self.updates.cancel_and_wait(timeout=60)

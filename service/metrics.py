@@ -42,6 +42,31 @@ class ServiceCollector(Collector):
             for reason, count in sorted(stats.dead_lettered.items()):
                 dlq.add_metric([reason], count)
             yield dlq
+            stored = GaugeMetricFamily("evergreen_ingest_stored", "Valid records handed to the buffer "
+                                       "(a redelivery is handed again, stored once).")
+            stored.add_metric([], stats.stored)
+            yield stored
+            lag = GaugeMetricFamily("evergreen_ingest_lag", "Records behind the end of each partition, "
+                                    "counted from the last committed (stored) offset.",
+                                    labels=["topic", "partition"])
+            for (topic, partition), behind in sorted(stats.lag.items()):
+                lag.add_metric([topic, str(partition)], behind)
+            yield lag
+            queued = GaugeMetricFamily("evergreen_ingest_queued_batches", "Batches waiting for the buffer writer.")
+            queued.add_metric([], stats.queued_batches)
+            yield queued
+            paused = GaugeMetricFamily("evergreen_ingest_paused", "1 while fetching is paused (backpressure).")
+            paused.add_metric([], int(stats.paused))
+            yield paused
+            reconnects = GaugeMetricFamily("evergreen_ingest_reconnects", "Reconnections after broker errors.")
+            reconnects.add_metric([], stats.reconnects)
+            yield reconnects
+        curation = GaugeMetricFamily("evergreen_buffer_curation", "Curation and eviction events by kind "
+                                     "(redactions per PII kind, near-duplicates, suspects, evictions).",
+                                     labels=["kind"])
+        for kind, count in sorted(s.buffer.stats.items()):
+            curation.add_metric([kind], count)
+        yield curation
         updates = GaugeMetricFamily("evergreen_updates", "Updates of this process by outcome.",
                                     labels=["status"])
         for status in get_args(UpdateStatus):

@@ -1,7 +1,17 @@
 """Kafka → buffer ingestion: at-least-once, with bad records dead-lettered and never blocking.
 
-Offsets are committed only after the sink has stored a batch durably; the sink is idempotent
-by ticket `id`, so a redelivery after a crash never makes a second row.
+Two threads and a bounded queue between them:
+
+    poll loop ── validated batch + its offsets ──► queue (bounded) ──► writer ──► sink.add_many
+        ▲                                                                │
+        └──────────── offsets of stored batches (commit) ◄───────────────┘
+
+The poll loop owns the consumer (kafka-python clients are not thread-safe): it validates,
+dead-letters rejects, queues the rest, and commits only offsets the writer reports as stored,
+so delivery is at least once; the sink is idempotent by ticket `id`, so a redelivery after a
+crash never makes a second row. The writer merges queued batches into one `add_many` call
+(one embedding pass over many records). When the queue is full the loop pauses its partitions
+and keeps polling, which keeps the group membership alive without fetching more.
 """
 
 from __future__ import annotations
@@ -9,21 +19,23 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import queue
 import threading
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, OffsetAndMetadata, TopicPartition
 from kafka.admin import NewTopic
 from kafka.consumer.fetcher import ConsumerRecord
-from kafka.errors import KafkaError, TopicAlreadyExistsError
+from kafka.errors import CommitFailedError, KafkaError, TopicAlreadyExistsError
 
 from streams.config import KafkaSettings
 from streams.records import Rejection, TicketRecord, parse_ticket
 
 LOG = logging.getLogger(__name__)
+Offsets = dict[TopicPartition, int]  # next offset to read, per partition
 
 
 class RecordSink(Protocol):
@@ -39,6 +51,13 @@ class IngestStats:
     consumed: int = 0
     stored: int = 0
     dead_lettered: Counter[str] = field(default_factory=Counter)
+    lag: dict[tuple[str, int], int] = field(default_factory=dict)  # (topic, partition) → records behind
+    committed: dict[tuple[str, int], int] = field(default_factory=dict)  # last committed offset
+    assigned: tuple[tuple[str, int], ...] = ()  # partitions this instance owns now
+    queued_batches: int = 0
+    paused: bool = False  # backpressure is on
+    reconnects: int = 0
+    write_errors: int = 0
 
 
 def ensure_topics(bootstrap: str, settings: KafkaSettings) -> None:
@@ -75,6 +94,12 @@ def dead_letter_value(message: ConsumerRecord, rejection: Rejection) -> bytes:
     ).encode("utf-8")
 
 
+@dataclass
+class _Batch:
+    records: list[TicketRecord]
+    offsets: Offsets
+
+
 class Ingester:
     """Consumes the ticket topic in a consumer group and hands valid batches to a sink."""
 
@@ -83,7 +108,11 @@ class Ingester:
         self.settings = settings
         self.sink = sink
         self.stats = IngestStats()
+        self._queue: queue.Queue[_Batch] = queue.Queue(maxsize=settings.queue_batches)
+        self._stored: queue.SimpleQueue[Offsets] = queue.SimpleQueue()  # writer → poll loop
+        self._read: dict[tuple[str, int], int] = {}  # next offset to poll, per partition
 
+    # -- clients ----------------------------------------------------------------------------
     def _consumer(self) -> KafkaConsumer:
         s = self.settings
         return KafkaConsumer(
@@ -97,21 +126,26 @@ class Ingester:
             max_poll_interval_ms=s.max_poll_interval_ms,
             session_timeout_ms=s.session_timeout_ms,
             heartbeat_interval_ms=max(s.session_timeout_ms // 3, 100),
+            reconnect_backoff_max_ms=s.reconnect_backoff_max_ms,
             # The broker's own limit is enforced by parse_ticket; let the fetch carry such records.
             max_partition_fetch_bytes=max(s.max_message_bytes * 2, 1024 * 1024),
         )
 
-    def handle(self, messages: Sequence[ConsumerRecord], producer: KafkaProducer) -> None:
-        """Validate one polled batch, dead-letter rejects, store the rest (durably)."""
+    def _producer(self) -> KafkaProducer:
+        s = self.settings
+        return KafkaProducer(bootstrap_servers=self.bootstrap, acks="all",
+                             max_request_size=s.max_message_bytes * 2 + 4096,
+                             max_block_ms=s.commit_timeout_ms,
+                             reconnect_backoff_max_ms=s.reconnect_backoff_max_ms)
+
+    # -- the poll side ----------------------------------------------------------------------
+    def validate(self, messages: Sequence[ConsumerRecord], producer: KafkaProducer) -> list[TicketRecord]:
+        """Split one polled batch: dead-letter the rejects (flushed), return the valid records."""
         s = self.settings
         valid: list[TicketRecord] = []
         for message in messages:
-            parsed = parse_ticket(
-                message.value,
-                max_text_bytes=s.max_text_bytes,
-                max_message_bytes=s.max_message_bytes,
-                strict=s.strict,
-            )
+            parsed = parse_ticket(message.value, max_text_bytes=s.max_text_bytes,
+                                  max_message_bytes=s.max_message_bytes, strict=s.strict)
             if isinstance(parsed, Rejection):
                 LOG.warning("dead-lettering %s:%d@%d: %s", message.topic, message.partition,
                             message.offset, parsed.detail)
@@ -120,37 +154,162 @@ class Ingester:
                 self.stats.dead_lettered[parsed.reason] += 1
             else:
                 valid.append(parsed)
-        producer.flush()  # the DLQ must hold the rejects before their offsets are committed
-        if valid:
-            self.sink.add_many(valid)
+        # The DLQ must hold the rejects before their offsets can be committed; a timeout raises
+        # KafkaTimeoutError, and the batch is polled again after reconnecting.
+        producer.flush(timeout=s.commit_timeout_ms / 1000)
         self.stats.consumed += len(messages)
-        self.stats.stored += len(valid)
+        return valid
+
+    def _commit_stored(self, consumer: KafkaConsumer) -> None:
+        """Commit the offsets the writer has stored, for partitions this instance still owns."""
+        done: Offsets = {}
+        while True:
+            try:
+                done.update(self._stored.get_nowait())  # later batches carry later offsets
+            except queue.Empty:
+                break
+        owned = consumer.assignment()
+        done = {tp: offset for tp, offset in done.items() if tp in owned}
+        if not done:
+            return
+        try:
+            consumer.commit({tp: OffsetAndMetadata(offset, "", -1) for tp, offset in done.items()},
+                            timeout_ms=self.settings.commit_timeout_ms)
+        except CommitFailedError as exc:
+            # A rebalance moved the partition: its new owner redelivers, the sink dedups.
+            LOG.info("commit after a rebalance refused, left to the new owner: %s", exc)
+            return
+        for tp, offset in done.items():
+            self.stats.committed[(tp.topic, tp.partition)] = offset
+
+    def _update_lag(self, consumer: KafkaConsumer) -> None:
+        lag: dict[tuple[str, int], int] = {}
+        owned = consumer.assignment()
+        self.stats.assigned = tuple(sorted((tp.topic, tp.partition) for tp in owned))
+        for tp in owned:
+            end = consumer.highwater(tp)  # from the last fetch response; no extra request
+            if end is None:
+                continue
+            key = (tp.topic, tp.partition)
+            # Behind what is stored and committed; before the first commit, behind what was read.
+            base = self.stats.committed.get(key, self._read.get(key))
+            if base is not None:
+                lag[key] = max(end - base, 0)
+        self.stats.lag = lag
+
+    def _backpressure(self, consumer: KafkaConsumer) -> None:
+        full = self._queue.full()
+        if full and not self.stats.paused:
+            consumer.pause(*consumer.assignment())
+            LOG.info("buffer writer behind (%d batches queued): pausing fetches", self._queue.qsize())
+        elif not full and self.stats.paused:
+            consumer.resume(*consumer.paused())
+        self.stats.paused = full
+
+    def _enqueue(self, batch: _Batch, stop: threading.Event) -> None:
+        # Fetching is paused while the queue is full, but partitions assigned during this poll
+        # were not yet paused: wait in short steps (the heartbeat runs on its own thread).
+        while not stop.is_set():
+            try:
+                self._queue.put(batch, timeout=0.5)
+                return
+            except queue.Full:
+                continue
 
     def run(self, stop: threading.Event) -> None:
-        """Poll until `stop` is set; broker errors are logged and retried, never fatal."""
+        """Poll until `stop` is set; broker errors are logged and retried, never fatal.
+
+        On stop, the queued batches are written and their offsets committed before returning.
+        """
+        writer = threading.Thread(target=self._write_loop, args=(stop,), name="ingest-writer", daemon=True)
+        writer.start()
         consumer: KafkaConsumer | None = None
         producer: KafkaProducer | None = None
         while not stop.is_set():
             try:
                 if consumer is None or producer is None:
                     ensure_topics(self.bootstrap, self.settings)
-                    producer = KafkaProducer(bootstrap_servers=self.bootstrap, acks="all",
-                                             max_request_size=self.settings.max_message_bytes * 2)
+                    producer = self._producer()
                     consumer = self._consumer()
+                    self.stats.paused = False
+                self._backpressure(consumer)
                 polled = consumer.poll(timeout_ms=self.settings.poll_timeout_ms)
                 batch = [m for messages in polled.values() for m in messages]
                 if batch:
-                    self.handle(batch, producer)
-                    consumer.commit()
+                    valid = self.validate(batch, producer)
+                    offsets: Offsets = {}
+                    for m in batch:
+                        tp = TopicPartition(m.topic, m.partition)
+                        offsets[tp] = max(offsets.get(tp, 0), m.offset + 1)
+                        self._read[(m.topic, m.partition)] = offsets[tp]
+                    self._enqueue(_Batch(valid, offsets), stop)
+                    self.stats.queued_batches = self._queue.qsize()
+                self._commit_stored(consumer)
+                self._update_lag(consumer)
             except KafkaError as exc:
-                # The uncommitted batch is redelivered after reconnecting; the sink dedups it.
+                # Uncommitted batches are redelivered after reconnecting; the sink dedups them.
                 LOG.warning("Kafka error, reconnecting in 1 s: %s", exc)
-                for client in (consumer, producer):
-                    if client is not None:
-                        client.close()
+                self.stats.reconnects += 1
+                self._close(consumer, producer)
                 consumer = producer = None
                 stop.wait(1.0)
-        for client in (consumer, producer):
-            if client is not None:
-                client.close()
+        writer.join(timeout=60)
+        if consumer is not None:
+            try:
+                self._commit_stored(consumer)
+            except KafkaError as exc:
+                LOG.warning("final commit failed (the batches will be redelivered): %s", exc)
+        self._close(consumer, producer)
 
+    @staticmethod
+    def _close(consumer: KafkaConsumer | None, producer: KafkaProducer | None) -> None:
+        for client in (consumer, producer):
+            if client is None:
+                continue
+            try:
+                if isinstance(client, KafkaConsumer):
+                    client.close(autocommit=False, timeout_ms=2000)
+                else:
+                    client.close(timeout=2)
+            except Exception as exc:  # closing a client of a dead broker must not stop the loop
+                LOG.debug("closing a Kafka client: %s", exc)
+
+    # -- the writer side --------------------------------------------------------------------
+    def _write_loop(self, stop: threading.Event) -> None:
+        """Merge queued batches into one sink write; report their offsets once stored."""
+        while not (stop.is_set() and self._queue.empty()):
+            try:
+                batches = [self._queue.get(timeout=0.2)]
+            except queue.Empty:
+                continue
+            records = list(batches[0].records)
+            while len(records) < self.settings.write_batch_records:
+                try:
+                    batches.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+                records.extend(batches[-1].records)
+            if not self._store(records, stop):
+                return  # shutting down mid-retry: report nothing past the unstored batch
+            merged: Offsets = {}
+            for b in batches:
+                merged.update(b.offsets)
+            self._stored.put(merged)
+            self.stats.stored += len(records)
+            self.stats.queued_batches = self._queue.qsize()
+
+    def _store(self, records: list[TicketRecord], stop: threading.Event) -> bool:
+        """Write until it succeeds (True), or until stop interrupts a retry (False): nothing
+        past a batch is committed before the batch is stored."""
+        delay = 0.5
+        while True:
+            try:
+                if records:
+                    self.sink.add_many(records)
+                return True
+            except Exception:
+                self.stats.write_errors += 1
+                LOG.exception("buffer write of %d records failed; retrying in %.1f s", len(records), delay)
+                if stop.wait(delay):
+                    return False  # shutting down: the batch stays uncommitted and is redelivered
+                delay = min(delay * 2, 30.0)

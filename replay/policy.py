@@ -1,0 +1,120 @@
+"""Which rows to hold out, evict and replay: pure functions over ids, groups and random keys.
+
+Every row carries a random key drawn once when it is stored. Keeping the rows with the largest
+keys is a reservoir sample of everything stored (each row equally likely to survive); balancing
+by group (a label, or a k-means cluster of the embeddings) evicts from the largest group first,
+lowest key first, so the classes or regions of the embedding space keep equal shares.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import random
+from collections import defaultdict
+from collections.abc import Hashable, Sequence
+
+import faiss
+import numpy as np
+
+
+def is_probe(ticket_id: str, probe_percent: int) -> bool:
+    """Deterministic held-out split: the same id is always on the same side.
+
+    Examples
+    --------
+    >>> is_probe("ticket-1", 20) == is_probe("ticket-1", 20)
+    True
+    """
+    digest = hashlib.sha256(ticket_id.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") % 100 < probe_percent
+
+
+def eviction_key(ticket_id: str) -> float:
+    """The row's reservoir key in [0, 1): a salted hash, so independent of the probe split and
+    reproducible across restarts.
+
+    Examples
+    --------
+    >>> 0 <= eviction_key("t1") < 1 and eviction_key("t1") == eviction_key("t1")
+    True
+    """
+    digest = hashlib.sha256(b"evict:" + ticket_id.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def choose_victims(groups: Sequence[Hashable], keys: Sequence[float], n: int) -> list[int]:
+    """Positions of `n` rows to evict: always from a largest group, its lowest key first.
+
+    With a single group this is reservoir eviction (the lowest keys go).
+
+    Examples
+    --------
+    >>> sorted(choose_victims(["a", "a", "a", "b"], [0.1, 0.2, 0.3, 0.0], 2))
+    [0, 1]
+    """
+    members: dict[Hashable, list[tuple[float, int]]] = defaultdict(list)
+    for position, (group, key) in enumerate(zip(groups, keys, strict=True)):
+        members[group].append((key, position))
+    for rows in members.values():
+        rows.sort(reverse=True)  # pop() then yields the lowest key
+    # Largest group first; ties go to the group whose next victim has the lowest key.
+    heap = [(-len(rows), rows[-1][0], i, group) for i, (group, rows) in enumerate(members.items())]
+    heapq.heapify(heap)
+    victims: list[int] = []
+    while len(victims) < min(n, len(keys)):
+        _, _, i, group = heapq.heappop(heap)
+        rows = members[group]
+        victims.append(rows.pop()[1])
+        if rows:
+            heapq.heappush(heap, (-len(rows), rows[-1][0], i, group))
+    return victims
+
+
+def balanced_sample(groups: Sequence[Hashable], k: int, seed: int | None = None) -> list[int]:
+    """Positions of `k` distinct rows, spread over the groups as evenly as their sizes allow.
+
+    A group gets fewer than another only when it has run out of rows.
+
+    Examples
+    --------
+    >>> groups = ["a"] * 8 + ["b"] * 2
+    >>> sorted(groups[p] for p in balanced_sample(groups, 6, seed=0))
+    ['a', 'a', 'a', 'a', 'b', 'b']
+    """
+    rng = random.Random(seed)
+    members: dict[Hashable, list[int]] = defaultdict(list)
+    for position, group in enumerate(groups):
+        members[group].append(position)
+    for rows in members.values():
+        rng.shuffle(rows)
+    order = list(members)
+    rng.shuffle(order)  # which groups get the remainder is random, not alphabetical
+    heap = [(0, i, group) for i, group in enumerate(order)]
+    picked: list[int] = []
+    while heap and len(picked) < k:
+        taken, i, group = heapq.heappop(heap)
+        rows = members[group]
+        picked.append(rows.pop())
+        if rows:
+            heapq.heappush(heap, (taken + 1, i, group))
+    return picked
+
+
+def clusters(vectors: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
+    """Spherical k-means cluster of each row (FAISS); fewer clusters when rows are few.
+
+    Examples
+    --------
+    >>> v = np.repeat(np.eye(3, dtype=np.float32), 50, axis=0)
+    >>> len(set(clusters(v, 3).tolist()))
+    3
+    """
+    # FAISS wants about 39 points per centroid; below that the clusters are noise.
+    k = max(1, min(k, len(vectors) // 39))
+    if k == 1:
+        return np.zeros(len(vectors), dtype=np.int64)
+    kmeans = faiss.Kmeans(vectors.shape[1], k, niter=10, seed=seed, spherical=True, verbose=False)
+    kmeans.train(np.ascontiguousarray(vectors, dtype=np.float32))
+    _, assigned = kmeans.index.search(np.ascontiguousarray(vectors, dtype=np.float32), 1)
+    return assigned[:, 0].astype(np.int64)

@@ -1,0 +1,73 @@
+"""`POST /v1/tickets`: tickets in over HTTP, out to the Kafka topic (the ingester stores them).
+
+The same validation as the ingester applies (`streams.records.parse_ticket`), so a ticket the
+API accepts is never dead-lettered; a bad one is a 422 naming the ticket and the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import datetime
+from typing import Annotated
+
+from fastapi import APIRouter, Body, Depends, HTTPException, status
+from kafka.errors import KafkaError
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.deps import ServiceDep, require
+from streams.records import Rejection, parse_ticket
+
+LOG = logging.getLogger(__name__)
+router = APIRouter(prefix="/v1", tags=["tickets"])
+IngestDep = Annotated[None, Depends(require("ingest"))]
+
+
+class TicketIn(BaseModel):
+    """One ticket as a producer sends it (the `TicketRecord` contract)."""
+
+    model_config = ConfigDict(extra="allow")  # unknown fields: refused only in `kafka.strict` mode
+
+    id: str = Field(min_length=1, max_length=256, description="Idempotency key: resending never duplicates.")
+    text: str = Field(min_length=1, description="The ticket text (at most `kafka.max_text_bytes` bytes).")
+    label: str | None = Field(None, min_length=1, max_length=128, description="Intent or queue, if known.")
+    reply: str | None = Field(None, description="The agent's resolution, if any.")
+    created_at: datetime | None = None
+    tags: list[str] = Field(default_factory=list)
+
+
+class TicketsAccepted(BaseModel):
+    accepted: int = Field(description="Tickets acknowledged by the broker.")
+    ids: list[str]
+    topic: str
+
+
+@router.post("/tickets", status_code=status.HTTP_202_ACCEPTED)
+def post_tickets(*, body: Annotated[TicketIn | list[TicketIn], Body()], service: ServiceDep,
+                 _: IngestDep) -> TicketsAccepted:
+    """Produce one ticket or a batch to the ticket topic (`ingest` scope). 202 once the broker
+    acknowledged every one; they are searchable after the ingester stored them."""
+    k = service.settings.kafka
+    tickets = body if isinstance(body, list) else [body]
+    if not tickets or len(tickets) > k.max_request_tickets:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
+                            f"send between 1 and {k.max_request_tickets} tickets (`kafka.max_request_tickets`)")
+    values: list[bytes] = []
+    for i, ticket in enumerate(tickets):
+        value = json.dumps(ticket.model_dump(mode="json", exclude_none=True, exclude_defaults=True)
+                           | {"id": ticket.id, "text": ticket.text}).encode("utf-8")
+        parsed = parse_ticket(value, max_text_bytes=k.max_text_bytes, max_message_bytes=k.max_message_bytes,
+                              strict=k.strict)
+        if isinstance(parsed, Rejection):
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
+                                f"ticket {i} (`{ticket.id}`): {parsed.reason}: {parsed.detail}")
+        values.append(value)
+    try:
+        service.ticket_producer().send_confirmed(values, timeout_s=k.produce_timeout_ms / 1000)
+    except RuntimeError as exc:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(exc)) from exc
+    except KafkaError as exc:
+        LOG.warning("producing %d tickets failed: %s", len(values), exc)
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"the Kafka broker did not acknowledge: {exc}",
+                            headers={"Retry-After": "5"}) from exc
+    return TicketsAccepted(accepted=len(values), ids=[t.id for t in tickets], topic=k.topic)

@@ -1,0 +1,77 @@
+"""Curation before storage: PII redaction with counts, near-duplicates, the mislabel flag."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from replay.buffer import ReplayBuffer
+from replay.config import ReplaySettings
+from replay.curate import iban_valid, luhn_valid, redact
+from replay.embed import SentenceEmbedder
+from streams.records import TicketRecord
+
+
+@pytest.mark.parametrize(("text", "redacted", "counts"), [
+    ("write to anna.k+bank@example.co.uk today", "write to [EMAIL] today", {"email": 1}),
+    ("card 4539 1488 0343 6467 was charged twice", "card [CARD] was charged twice", {"card": 1}),
+    ("card 4539-1488-0343-6467", "card [CARD]", {"card": 1}),
+    ("my number 5500005555555559 and 4111111111111111", "my number [CARD] and [CARD]", {"card": 2}),
+    ("IBAN GB82 WEST 1234 5698 7654 32 please", "IBAN [IBAN] please", {"iban": 1}),
+    ("send it to DE89370400440532013000", "send it to [IBAN]", {"iban": 1}),
+    ("call +44 20 7946 0958 or (555) 123-4567", "call [PHONE] or [PHONE]", {"phone": 2}),
+    ("ring me on 07700 900123", "ring me on [PHONE]", {"phone": 1}),
+    # Numbers that are not PII stay: a failing Luhn or IBAN check, amounts, dates, short ids.
+    ("card 4539 1488 0343 6468 failed", "card 4539 1488 0343 6468 failed", {}),
+    ("IBAN GB82 WEST 1234 5698 7654 33", "IBAN GB82 WEST 1234 5698 7654 33", {}),
+    ("I paid 1500 pounds on 12.03.2024 for order 123456", "I paid 1500 pounds on 12.03.2024 for order 123456", {}),
+])
+def test_redaction(text: str, redacted: str, counts: dict[str, int]) -> None:
+    out, found = redact(text)
+    assert out == redacted
+    assert dict(found) == counts
+
+
+def test_checksums() -> None:
+    assert luhn_valid("79927398713") and not luhn_valid("79927398710")
+    assert iban_valid("FR1420041010050500013M02606") and not iban_valid("FR1420041010050500013M02607")
+
+
+def test_buffer_stores_only_redacted_text_and_counts(tmp_path: Path, embedder: SentenceEmbedder) -> None:
+    buffer = ReplayBuffer(tmp_path, embedder)
+    buffer.add_many([TicketRecord(id="1", text="I am jo@example.com, card 4111 1111 1111 1111",
+                                  reply="We emailed jo@example.com")])
+    stored = buffer.search("card", k=1)[0][0]
+    assert stored.text == "I am [EMAIL], card [CARD]" and stored.reply == "We emailed [EMAIL]"
+    assert buffer.stats["redacted_email"] == 2 and buffer.stats["redacted_card"] == 1
+    raw = buffer._db.execute("SELECT group_concat(text || coalesce(reply, '')) FROM records").fetchone()[0]
+    assert "example.com" not in raw and "4111" not in raw
+
+
+def test_near_duplicates_are_skipped_but_remembered(tmp_path: Path, embedder: SentenceEmbedder) -> None:
+    buffer = ReplayBuffer(tmp_path, embedder, settings=ReplaySettings(near_duplicate_cosine=0.95))
+    buffer.add_many([TicketRecord(id="a", text="My card has not arrived yet"),
+                     TicketRecord(id="b", text="My card has not arrived yet!"),  # same batch
+                     TicketRecord(id="c", text="What is the exchange rate for euros?")])
+    buffer.add_many([TicketRecord(id="d", text="my card has not arrived yet")])  # a later batch
+    assert len(buffer) == 2 and buffer.stats["near_duplicate"] == 2
+    assert all(buffer.contains(i) for i in "abcd")  # the skipped ids stay idempotent
+    skipped = dict(buffer._db.execute("SELECT id, duplicate_of FROM skipped").fetchall())
+    assert skipped == {"b": "a", "d": "a"}
+
+
+def test_a_ticket_whose_neighbours_agree_on_another_label_is_flagged(
+        tmp_path: Path, embedder: SentenceEmbedder) -> None:
+    buffer = ReplayBuffer(tmp_path, embedder)
+    buffer.add_many([TicketRecord(id=f"c{i}", text=text, label="card_arrival") for i, text in enumerate([
+        "My card has not arrived", "When will my new card arrive?", "Still waiting for my card",
+        "The card you sent never came", "How long does card delivery take?"])])
+    buffer.add_many([TicketRecord(id="wrong", text="my card still hasn't been delivered", label="exchange_rate"),
+                     TicketRecord(id="right", text="my card has not come in the post", label="card_arrival")])
+    suspects = {row[0] for row in buffer._db.execute("SELECT id FROM records WHERE suspect = 1")}
+    assert suspects == {"wrong"} and buffer.stats["suspect"] == 1
+    window = buffer.close_window()
+    assert window is not None
+    # Likely mislabels are kept (visible, countable) but never replayed.
+    assert "wrong" not in {r.id for r in buffer.sample(100, [window], seed=0)}

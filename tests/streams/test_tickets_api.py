@@ -1,0 +1,63 @@
+"""`POST /v1/tickets` over real HTTP into a real broker, then the ingester into the buffer."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+from pydantic import SecretStr
+
+from conftest import LiveService, tiny_settings, wait_for
+from service.settings import ApiKey, ApiSettings, Settings
+from streams.broker import LocalBroker, free_port
+
+
+def test_tickets_are_produced_and_stored(broker: LocalBroker, serve: Callable[[Settings], LiveService],
+                                         tmp_path: Path) -> None:
+    keys = [ApiKey(key=SecretStr("ingest-key"), scopes={"ingest"}),
+            ApiKey(key=SecretStr("query-key"), scopes={"query"})]
+    settings = tiny_settings(tmp_path, broker.bootstrap, api=ApiSettings(port=free_port(), keys=keys))
+    settings.kafka.max_request_tickets = 5
+    settings.kafka.max_text_bytes = 200
+    settings.kafka.produce_timeout_ms = 2000
+    live = serve(settings)
+    client = live.client()
+    ingest = {"Authorization": "Bearer ingest-key"}
+    one = {"id": "api-1", "text": "My card has not arrived", "label": "card_arrival"}
+
+    assert client.post("/v1/tickets", json=one).status_code == 401
+    assert client.post("/v1/tickets", json=one, headers={"Authorization": "Bearer query-key"}).status_code == 403
+    accepted = client.post("/v1/tickets", json=one, headers=ingest)
+    assert accepted.status_code == 202 and accepted.json() == {"accepted": 1, "ids": ["api-1"], "topic": "tickets"}
+    batch = [{"id": f"api-{i}", "text": f"exchange rate question {i}", "tags": ["web"]} for i in range(2, 5)]
+    assert client.post("/v1/tickets", json=batch, headers=ingest).json()["accepted"] == 3
+    assert client.post("/v1/tickets", json=one, headers=ingest).status_code == 202  # resent: stored once
+
+    # Bad input is a 4xx naming the problem, never a 500, and nothing of the request is produced.
+    too_many = client.post("/v1/tickets", json=[one] * 6, headers=ingest)
+    assert too_many.status_code == 422 and "between 1 and 5" in too_many.json()["detail"]
+    assert client.post("/v1/tickets", json=[], headers=ingest).status_code == 422
+    long = client.post("/v1/tickets", json=[one, {"id": "long", "text": "x" * 201}], headers=ingest)
+    assert long.status_code == 422 and "ticket 1 (`long`): text_too_large" in long.json()["detail"]
+    for bad in ({"id": 7, "text": "id must be a string"}, {"id": "x"}, {"id": "x", "text": " "}, "text"):
+        assert client.post("/v1/tickets", json=bad, headers=ingest).status_code == 422, bad
+    assert client.post("/v1/tickets", content=b"{", headers=ingest | {"content-type": "application/json"}
+                       ).status_code == 422
+
+    wait_for(lambda: client.get("/v1/buffer").json()["records"] == 4, 30, "the API's tickets in the buffer")
+    assert client.get("/v1/buffer").json()["dead_lettered"] == {}
+    wait_for(lambda: 'evergreen_ingest_lag{partition="0",topic="tickets"} 0.0' in client.get("/metrics").text,
+             10, "the lag gauge at zero")
+    metrics = client.get("/metrics").text
+    assert "evergreen_ingest_stored 5.0" in metrics  # the resent ticket was consumed, not stored twice
+
+    # A broker that stops answering: the API says 503 within the produce timeout, serving goes on.
+    os.kill(broker.pid, signal.SIGSTOP)
+    try:
+        stalled = client.post("/v1/tickets", json={"id": "late", "text": "hello"}, headers=ingest)
+        assert stalled.status_code == 503 and stalled.headers["retry-after"] == "5"
+        assert client.get("/healthz").status_code == 200
+    finally:
+        os.kill(broker.pid, signal.SIGCONT)
