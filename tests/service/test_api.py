@@ -76,3 +76,23 @@ def test_metrics_report_updates_verdicts_and_live_accuracy(serve: Callable[[Sett
     assert "evergreen_last_swap_seconds " in metrics
     assert 'evergreen_http_request_seconds_bucket{le="0.005",method="POST",route="/v1/adapters/{version}/promote"}' \
         in metrics
+
+
+def test_a_rejected_version_is_never_served_unless_an_admin_overrides(
+        serve: Callable[[Settings], LiveService], tmp_path: Path) -> None:
+    live = serve(tiny_settings(tmp_path, None))
+    gate = {"passed": False, "reason": "drop on window 1", "candidate": {}}
+    rejected = add_versions(live.service.registry, 1, ["a", "b"], gate=gate, verdict="rejected")[0]
+    client = live.client()
+    before = client.get("/v1/adapters").json()
+    assert before["live"] == "v0000"
+    assert next(a for a in before["adapters"] if a["name"] == rejected)["verdict"] == "rejected"
+
+    promoted = client.post(f"/v1/adapters/{rejected}/promote", headers=live.admin)
+    assert promoted.status_code == 200
+    assert [o["action"] for o in promoted.json()["overrides"]] == ["promote"]
+    after = client.get("/v1/adapters").json()
+    assert after["live"] == rejected
+    assert next(a for a in after["adapters"] if a["name"] == rejected)["overrides"][0]["action"] == "promote"
+    answer = client.post("/v1/classify", json={"text": "hi", "labels": ["a", "b"]}).json()
+    assert answer["adapter_version"] == rejected
