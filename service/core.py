@@ -28,6 +28,10 @@ from streams.produce import TicketProducer
 LOG = logging.getLogger(__name__)
 
 
+class NoBroker(Exception):
+    """The instance runs without Kafka, so it cannot produce tickets."""
+
+
 class Service:
     """Buffer, registry, serving runtime, updates, ingester and scheduler of one process.
 
@@ -97,9 +101,10 @@ class Service:
                  self.runtime.version, len(self.buffer))
 
     def ticket_producer(self) -> TicketProducer:
-        """The producer behind `POST /v1/tickets`; raises RuntimeError without a broker."""
+        """The producer behind `POST /v1/tickets`; raises NoBroker without a broker."""
         if self.bootstrap is None:
-            raise RuntimeError("no Kafka broker configured (`kafka.bootstrap`)")
+            raise NoBroker("this instance has no Kafka broker configured (`kafka.bootstrap`): "
+                           "it cannot take tickets")
         with self._producer_lock:
             if self._ticket_producer is None:
                 k = self.settings.kafka

@@ -15,6 +15,7 @@ from fastapi import APIRouter, Body, Depends, HTTPException, status
 from kafka.errors import KafkaError
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.core import NoBroker
 from service.deps import ServiceDep, require
 from streams.records import Rejection, parse_ticket
 
@@ -64,8 +65,8 @@ def post_tickets(*, body: Annotated[TicketIn | list[TicketIn], Body()], service:
         values.append(value)
     try:
         service.ticket_producer().send_confirmed(values, timeout_s=k.produce_timeout_ms / 1000)
-    except RuntimeError as exc:
-        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(exc)) from exc
+    except NoBroker as exc:  # a lasting state of this instance, not a transient outage
+        raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
     except KafkaError as exc:
         LOG.warning("producing %d tickets failed: %s", len(values), exc)
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"the Kafka broker did not acknowledge: {exc}",

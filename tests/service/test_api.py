@@ -96,3 +96,5 @@ def test_a_rejected_version_is_never_served_unless_an_admin_overrides(
     assert next(a for a in after["adapters"] if a["name"] == rejected)["overrides"][0]["action"] == "promote"
     answer = client.post("/v1/classify", json={"text": "hi", "labels": ["a", "b"]}).json()
     assert answer["adapter_version"] == rejected
+    no_broker = client.post("/v1/tickets", json={"id": "t1", "text": "hi"}, headers=live.admin)
+    assert no_broker.status_code == 409 and "kafka.bootstrap" in no_broker.json()["detail"]
