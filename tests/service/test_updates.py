@@ -1,5 +1,6 @@
-"""Updates train in a child process: the service keeps answering, progress reaches the API and
-the metrics, and a cancel or a crash of the child leaves the live version and the registry clean.
+"""Updates train in a child process: the service keeps answering, progress reaches the API, the
+metrics and `evergreen update`, and a cancel or a crash of the child leaves the live version and
+the registry clean.
 
 Real parts: a uvicorn server, the tiny llama with LoRA, `python -m learners.worker` children.
 """
@@ -9,14 +10,22 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from conftest import TINY_TRAIN, LiveService, tiny_settings, wait_for
+from typer.testing import CliRunner
+
+from conftest import TINY_TRAIN, LiveService, is_alive, tiny_settings, wait_for
+from learners.config import GateSettings
+from service.cli import UPDATE_EXIT, app
 from service.core import Service
-from service.settings import Settings
+from service.settings import DEV_ADMIN_KEY, Settings
 from streams.records import TicketRecord
+
+ROOT = Path(__file__).resolve().parents[2]
 
 # About 110 optimiser steps of the tiny llama: training lasts seconds, long enough to act during it.
 TRAIN = TINY_TRAIN.model_copy(update={"threads": 1})
@@ -37,14 +46,6 @@ def assert_nothing_published(service: Service) -> None:
 def gauge(metrics: str, name: str) -> float | None:
     found = re.search(rf"^{name} (\S+)$", metrics, re.MULTILINE)
     return float(found.group(1)) if found else None
-
-
-def is_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def test_queries_are_answered_while_an_update_trains_in_its_own_process(
@@ -159,3 +160,46 @@ def test_shutdown_terminates_a_training_process_that_does_not_stop(tiny_llama: P
         assert_nothing_published(service)
     finally:
         service.stop()
+
+
+def test_update_shows_progress_and_exits_with_the_verdict(serve: Callable[[Settings], LiveService],
+                                                          tmp_path: Path) -> None:
+    # No candidate can gain a whole 1.0 of accuracy over live: the gate must reject it.
+    live = serve(tiny_settings(tmp_path, None, train=TRAIN, gate=GateSettings(min_gain=1.0)))
+    runner = CliRunner()
+
+    nothing = runner.invoke(app, ["update", "--url", live.url])  # the key defaults to the settings' admin key
+    assert nothing.exit_code == 0, nothing.output
+    assert nothing.stdout == "update 1 skipped: no new labelled records since the live version\n"
+
+    add_window(live.service)
+    result = runner.invoke(app, ["update", "--url", live.url, "--key", DEV_ADMIN_KEY, "--poll", "0.2"])
+    record = live.service.updates.get(2)
+    assert record is not None and record.status == "rejected" and record.gate is not None
+    assert result.exit_code == UPDATE_EXIT["rejected"] == 1, result.output
+    assert result.stdout == f"update 2 rejected v0001: {record.gate['reason']}\n"
+    steps = int(record.progress["steps"])
+    assert f"{steps}/{steps}" in result.stderr and "loss 0." in result.stderr and "tok/s" in result.stderr
+
+    wrong = runner.invoke(app, ["update", "--url", live.url, "--key", "nope"])
+    assert wrong.exit_code == 2 and "unknown API key" in wrong.stderr
+
+
+def test_ctrl_c_cancels_the_update(serve: Callable[[Settings], LiveService], tmp_path: Path) -> None:
+    live = serve(tiny_settings(tmp_path, None, train=TRAIN))
+    add_window(live.service)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cli = subprocess.Popen([sys.executable, "-c", "from service.cli import app; app()", "update", "--url", live.url],
+                           cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: (r := live.service.updates.get(1)) is not None and r.stage == "training", 90, "training")
+        cli.send_signal(signal.SIGINT)
+        out, err = cli.communicate(timeout=60)
+    finally:
+        cli.kill()
+    record = live.service.updates.get(1)
+    assert record is not None and record.status == "cancelled", (record, err[-2000:])
+    assert cli.returncode == UPDATE_EXIT["cancelled"] == 3, err[-2000:]
+    assert out == f"update 1 cancelled: {record.reason}\n"
+    assert record.reason is not None and record.reason.startswith("cancelled through the API")
+    assert live.service.registry.names() == ["v0000"]
