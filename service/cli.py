@@ -151,7 +151,10 @@ def update(
     with httpx.Client(base_url=url or _service_url(settings), headers=headers, timeout=30) as client:
         started = client.post("/v1/updates")
         if started.status_code == 409:
-            running = next(u for u in client.get("/v1/updates").json() if u["status"] == "running")
+            running = next((u for u in client.get("/v1/updates").json() if u["status"] == "running"), None)
+            if running is None:
+                console.print("an update was running and has just finished: run the command again")
+                raise typer.Exit(2)
             console.print(f"an update is already running: following update {running['id']}")
         elif started.status_code != 202:
             console.print(f"[red]{started.status_code}[/]: {started.json().get('detail', started.text)}")

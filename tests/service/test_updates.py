@@ -173,7 +173,9 @@ def test_update_shows_progress_and_exits_with_the_verdict(serve: Callable[[Setti
     assert nothing.stdout == "update 1 skipped: no new labelled records since the live version\n"
 
     add_window(live.service)
+    assert live.client().post("/v1/updates", headers=live.admin).status_code == 202
     result = runner.invoke(app, ["update", "--url", live.url, "--key", DEV_ADMIN_KEY, "--poll", "0.2"])
+    assert "already running: following update 2" in result.stderr
     record = live.service.updates.get(2)
     assert record is not None and record.status == "rejected" and record.gate is not None
     assert result.exit_code == UPDATE_EXIT["rejected"] == 1, result.output
