@@ -55,7 +55,8 @@ class Job(BaseModel):
 
 def thread_budget(cfg: TrainSettings) -> int:
     """`train.threads`, or half the cores this process may run on (the other half serves)."""
-    return cfg.threads or max(1, len(os.sched_getaffinity(0)) // 2)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
+    return cfg.threads or max(1, cores // 2)
 
 
 class Reporter:
