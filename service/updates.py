@@ -122,9 +122,16 @@ class UpdateManager:
             record.status, record.reason = "skipped", "no new labelled records since the live version"
             return
 
+        first_step: list[float] = []  # when step 1 ended: the steps after it set the pace
+
         def on_progress(p: Progress) -> None:
-            record.progress = {"step": p.step, "steps": p.steps, "loss": p.loss,
-                               "penalty": p.penalty, "tokens_per_s": p.tokens_per_s}
+            now = time.monotonic()
+            first_step[:] = first_step or [now]
+            progress = {"step": p.step, "steps": p.steps, "loss": p.loss,
+                        "penalty": p.penalty, "tokens_per_s": p.tokens_per_s}
+            if p.step > 1:  # training time left only: the gate's evaluation follows it
+                progress["eta_s"] = (now - first_step[0]) / (p.step - 1) * (p.steps - p.step)
+            record.progress = progress
 
         def write(tmp: Path) -> Draft:
             outcome = train_candidate(snapshot, self.base_path, self.registry.path(live), tmp,

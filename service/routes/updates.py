@@ -1,15 +1,18 @@
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, HTTPException, status
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from service.deps import AdminDep, PrimaryDep, ServiceDep
 from service.updates import UpdateInProgress, UpdateRecord
 
 router = APIRouter(prefix="/v1", tags=["updates"])
+
+
+Phase = Literal["preparing", "training", "gating"]
 
 
 class UpdatePublic(BaseModel):
@@ -20,12 +23,23 @@ class UpdatePublic(BaseModel):
     finished_at: float | None
     version: str | None
     reason: str | None
-    progress: dict[str, float]
+    progress: dict[str, float] = Field(description="step, steps, loss, penalty, tokens_per_s and, from "
+                                                   "step 2, eta_s: seconds of training left (gating follows).")
+    phase: Phase | None = Field(description="While running: loading and snapshotting, training, or the "
+                                            "gate's evaluation after the last step.")
     gate: dict[str, Any] | None
 
 
+def _phase(record: UpdateRecord) -> Phase | None:
+    if record.status != "running":
+        return None
+    if not record.progress:
+        return "preparing"
+    return "training" if record.progress["step"] < record.progress["steps"] else "gating"
+
+
 def _public(record: UpdateRecord) -> UpdatePublic:
-    return UpdatePublic(**asdict(record))
+    return UpdatePublic(**asdict(record), phase=_phase(record))
 
 
 @router.post("/updates", status_code=status.HTTP_202_ACCEPTED)
