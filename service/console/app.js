@@ -72,20 +72,30 @@ async function act(label, method, path, done = () => `${label}: done.`) {
 const SOURCES = { adapters: "/v1/adapters", forgetting: "/v1/forgetting", buffer: "/v1/buffer", updates: "/v1/updates" };
 const RENDER = { adapters: renderAdapters, forgetting: renderForgetting, buffer: renderBuffer, updates: renderUpdates };
 
+async function load(names) {
+  const results = await Promise.all(names.map(async (name) => {
+    const response = await fetch(SOURCES[name]);
+    if (!response.ok) throw new Error(`${SOURCES[name]}: ${response.status}`);
+    return [name, await response.text()];
+  }));
+  const changed = [];
+  for (const [name, body] of results) {
+    if (state.seen[name] === body) continue;  // unchanged: keep the DOM (and any hover) as it is
+    state.seen[name] = body;
+    state.data[name] = JSON.parse(body);
+    RENDER[name](state.data[name]);
+    changed.push(name);
+  }
+  return changed;
+}
+
 async function refresh() {
   clearTimeout(state.timer);
   try {
-    const results = await Promise.all(Object.entries(SOURCES).map(async ([name, path]) => {
-      const response = await fetch(path);
-      if (!response.ok) throw new Error(`${path}: ${response.status}`);
-      return [name, await response.text()];
-    }));
-    for (const [name, body] of results) {
-      if (state.seen[name] === body) continue;  // unchanged: keep the DOM (and any hover) as it is
-      state.seen[name] = body;
-      state.data[name] = JSON.parse(body);
-      RENDER[name](state.data[name]);
-    }
+    const changed = await load(["adapters", "buffer", "updates"]);
+    // The matrix only changes when an update gates a candidate or the live pointer moves, and
+    // it is the costliest figure to serve: ask for it only then.
+    if (!state.seen.forgetting || changed.includes("adapters") || changed.includes("updates")) await load(["forgetting"]);
     state.lastSync = now();
     $("sync").classList.remove("down");
     tick();
@@ -227,7 +237,7 @@ function renderUpdates(updates) {
 }
 
 function figures(list, pairs) {
-  list.replaceChildren(...pairs.flatMap(([k, v]) => [h("dt", {}, k), h("dd", {}, String(v))]));
+  list.replaceChildren(...pairs.map(([k, v]) => h("div", {}, h("dt", {}, k), h("dd", {}, String(v)))));
 }
 
 // -- buffer ---------------------------------------------------------------------------------

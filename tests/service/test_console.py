@@ -7,6 +7,7 @@ The full-page screenshots land in `docs/img/*.tmp.png` (ignored by git); the REA
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -88,9 +89,14 @@ def test_console_watches_forgetting_and_steers_updates(
     expect(page.locator("#key-state")).to_have_text("key set for this tab")
     page.click("#trigger-update")
     # Progress is shown while the update runs (step, loss, ETA), then the new version appears.
-    expect(page.locator("#progress-figures")).to_contain_text("step", timeout=UPDATE_TIMEOUT_MS)
+    expect(page.locator("#progress-figures")).to_contain_text(re.compile(r"step\d+ / \d+"), timeout=UPDATE_TIMEOUT_MS)
+    page.locator("#update").screenshot(path=str(SHOTS / "console-update.tmp.png"))
     expect(page.locator('#timeline [data-name="v0001"]')).to_be_visible(timeout=UPDATE_TIMEOUT_MS)
+    expect(page.locator("#progress-figures")).to_contain_text("ETA")
     wait_for(lambda: client.get("/v1/updates/1").json()["status"] != "running", 120, "update 1 settled")
+    first = client.get("/v1/updates/1").json()
+    assert first["phase"] is None and first["progress"]["step"] == first["progress"]["steps"]
+    assert first["progress"]["eta_s"] == 0  # measured from the pace of the steps; none were left
 
     # Windows 2 and 3 (new intents, then window 1's intents again): one click each.
     produce(broker.bootstrap, settings.kafka.topic, window_tickets(2, WINDOW_2, 60))
@@ -118,6 +124,8 @@ def test_console_watches_forgetting_and_steers_updates(
     adapters = client.get("/v1/adapters").json()
     assert [a["name"] for a in adapters["adapters"]] == ["v0000", "v0001", "v0002", "v0003"]
     expect(page.locator("#live-version")).to_have_text(adapters["live"])
+    live_info = next(a for a in adapters["adapters"] if a["live"])
+    assert adapters["live_since"] >= live_info["created_at"]
     page.click('#timeline [data-name="v0002"]')
     gate = next(a for a in adapters["adapters"] if a["name"] == "v0002")["gate"]
     expect(page.locator("#gate .reason")).to_have_text(gate["reason"])
