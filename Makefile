@@ -14,7 +14,7 @@ setup: $(SETUP_STAMP) $(CHROMIUM)
 # here). Installed only where it is missing; apt needs its package lists on a fresh machine.
 $(CHROMIUM):
 	apt-get update -qq
-	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium fonts-liberation
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-liberation
 
 # The CPU build of torch lies on these machines' disk; the constraints pin it so pip never
 # reaches for a multi-GB CUDA build. The base model is converted once into the cache.
