@@ -187,8 +187,8 @@ function renderForgetting(data) {
     trained: v.windows_trained }));
   if (!data.windows.length) {
     $("forgetting-note").textContent = "";
-    const none = "No window measured yet: once tickets have arrived, trigger an update.";
-    for (const id of ["heatmap", "window-lines", "summary-lines"]) Charts.placeholder($(id), none);
+    Charts.placeholder($("heatmap"), "No window measured yet: once tickets have arrived, trigger an update.");
+    for (const id of ["window-lines", "summary-lines"]) Charts.placeholder($(id), "Drawn after the first gated update.");
     return;
   }
   const live = versions.find((v) => v.live);
