@@ -333,6 +333,18 @@ class ReplayBuffer:
                 "SELECT COUNT(*) FROM records WHERE window = ?", (self.open_window(),)).fetchone()[0]
             return count
 
+    def label_counts(self) -> dict[str, int]:
+        """Stored records per label (probe rows included; unlabelled rows are not counted)."""
+        with self._lock:
+            return dict(self._db.execute(
+                "SELECT label, COUNT(*) FROM records WHERE label IS NOT NULL GROUP BY label ORDER BY label"))
+
+    def skipped_counts(self) -> dict[str, int]:
+        """Ids refused or removed for good, by reason (`near_duplicate`, `evicted`), over the
+        buffer's whole life (unlike `stats`, which counts since this process started)."""
+        with self._lock:
+            return dict(self._db.execute("SELECT reason, COUNT(*) FROM skipped GROUP BY reason ORDER BY reason"))
+
     def windows(self) -> list[WindowInfo]:
         with self._lock:
             rows = self._db.execute(

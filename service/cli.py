@@ -57,7 +57,7 @@ def model_prepare(base: Annotated[Optional[str], typer.Argument(help="Base model
 def _banner(settings: Settings) -> None:
     api = settings.api
     console.print(f"[bold green]Evergreen[/] API on http://{api.host}:{api.port}  "
-                  f"(docs: /docs, metrics: /metrics)")
+                  f"(console: /, docs: /docs, metrics: /metrics)")
     if any(k.key.get_secret_value() == DEV_ADMIN_KEY for k in api.keys):
         console.print(f"development admin key: [bold]{DEV_ADMIN_KEY}[/]")
 

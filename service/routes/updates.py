@@ -4,10 +4,10 @@ from dataclasses import asdict
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, status
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from service.deps import AdminDep, PrimaryDep, ServiceDep
-from service.updates import UpdateInProgress, UpdateNotRunning, UpdateRecord
+from service.updates import UpdateInProgress, UpdateNotRunning, UpdateRecord, UpdateStage
 
 router = APIRouter(prefix="/v1", tags=["updates"])
 
@@ -16,12 +16,14 @@ class UpdatePublic(BaseModel):
     id: int
     trigger: str
     status: str
-    stage: str
+    stage: UpdateStage = Field(description="preparing (loading, snapshotting), training, gating (the gate's "
+                                           "evaluation after the last step), or finished.")
     started_at: float
     finished_at: float | None
     version: str | None
     reason: str | None
-    progress: dict[str, float]
+    progress: dict[str, float] = Field(description="step, steps, loss, penalty, tokens_per_s and, from "
+                                                   "step 2, eta_s: seconds of training left (gating follows).")
     gate: dict[str, Any] | None
 
 
