@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from service.settings import DEV_ADMIN_KEY, Settings, masked, use_config_file
+from service.settings_doc import reference
 
 app = typer.Typer(help="Evergreen: keep a live model adapted to a ticket stream without forgetting.",
                   no_args_is_help=True)
@@ -37,6 +38,12 @@ def main(config: Annotated[Optional[Path], typer.Option(help="TOML settings file
 def config_show() -> None:
     """Print the effective settings (defaults < config file < EVERGREEN_* env), secrets masked."""
     typer.echo(json.dumps(masked(Settings()), indent=2))
+
+
+@config_app.command("reference")
+def config_reference() -> None:
+    """Print the reference of every setting as markdown (the source of docs/settings.md)."""
+    typer.echo(reference(), nl=False)
 
 
 @model_app.command("prepare")
