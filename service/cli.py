@@ -121,3 +121,21 @@ def produce(
             bar.update(task, advance=len(values[chunk:chunk + 100]))
     producer.close()
     console.print(f"sent {len(values)} tickets to {settings.kafka.topic}")
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "bench"
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench(ctx: typer.Context,
+          name: Annotated[str, typer.Argument(help="cl, buffer, ingest, scoring, serve, train, ...")]) -> None:
+    """Run a benchmark of the checkout's bench/ folder; its own options follow (`... -- --help`)."""
+    import runpy
+    import sys
+
+    script = BENCHMARKS / f"{name}.py"
+    if not script.is_file():
+        known = ", ".join(sorted(p.stem for p in BENCHMARKS.glob("*.py"))) or "none (not a checkout)"
+        raise typer.BadParameter(f"no benchmark {name!r}; known: {known}")
+    sys.argv = [str(script), *ctx.args]
+    runpy.run_path(str(script), run_name="__main__")
