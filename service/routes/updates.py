@@ -7,7 +7,7 @@ from fastapi import APIRouter, HTTPException, status
 from pydantic import BaseModel
 
 from service.deps import AdminDep, PrimaryDep, ServiceDep
-from service.updates import UpdateInProgress, UpdateRecord
+from service.updates import UpdateInProgress, UpdateNotRunning, UpdateRecord
 
 router = APIRouter(prefix="/v1", tags=["updates"])
 
@@ -16,6 +16,7 @@ class UpdatePublic(BaseModel):
     id: int
     trigger: str
     status: str
+    stage: str
     started_at: float
     finished_at: float | None
     version: str | None
@@ -49,3 +50,18 @@ def get_update(service: ServiceDep, update_id: int) -> UpdatePublic:
     if record is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no update {update_id}")
     return _public(record)
+
+
+@router.post("/updates/{update_id}/cancel", status_code=status.HTTP_202_ACCEPTED)
+def cancel_update(*, service: ServiceDep, _admin: AdminDep, _primary: PrimaryDep, update_id: int) -> UpdatePublic:
+    """Stop a running update (409 once it has finished); it ends `cancelled`, nothing published.
+
+    Answers at once: the training process stops at its next step, or is terminated after
+    `train.cancel_grace_seconds`; poll `GET /v1/updates/{id}` for the end.
+    """
+    try:
+        return _public(service.updates.cancel(update_id, "cancelled through the API"))
+    except KeyError as exc:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no update {update_id}") from exc
+    except UpdateNotRunning as exc:
+        raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
