@@ -122,7 +122,7 @@ def fresh_adapter(base_path: Path, cfg: TrainSettings, scratch: Path) -> tuple[P
 
 
 def run_method(method: str, stream: Stream, base_path: Path, base_cfg: TrainSettings,
-               advance: Callable[[str], None]) -> dict[str, object]:
+               advance: Callable[[str, str], None]) -> dict[str, object]:
     """Train one method along the stream; its accuracy rows and timing."""
     cfg = settings_for(method, base_cfg)
     with tempfile.TemporaryDirectory() as scratch:
@@ -155,7 +155,7 @@ def run_method(method: str, stream: Stream, base_path: Path, base_cfg: TrainSett
             scores = evaluate(model, scorer, {w + 1: stream.test[w] for w in learnt})
         rows.append(Row(f"after window {last + 1}", frozenset(w + 1 for w in learnt),
                         {w: s.accuracy for w, s in scores.items()}))
-        advance(method)
+        advance(method, f"after window {last + 1}: " + " ".join(f"{s.accuracy:.2f}" for s in scores.values()))
     return {"rows": rows, "seconds": time.perf_counter() - started, "steps": steps}
 
 
@@ -253,7 +253,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
                   TimeElapsedColumn()) as bar:
         tasks = {m: bar.add_task(m, total=units[m]) for m in methods}
         for method in methods:
-            run = run_method(method, stream, base_path, base_cfg, lambda m: bar.advance(tasks[m]))
+            def advance(m: str, line: str) -> None:
+                bar.console.print(f"{m:<11} {line}")  # a log line too: the bar is not kept off a terminal
+                bar.advance(tasks[m])
+
+            run = run_method(method, stream, base_path, base_cfg, advance)
             results[method] = {**figures(run["rows"]), "seconds": run["seconds"], "steps": run["steps"]}  # type: ignore[arg-type]
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"cl-{args.preset}"
