@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 
 from service.settings import DEV_ADMIN_KEY, Settings, masked, use_config_file
+from service.settings_doc import reference
 
 app = typer.Typer(help="Evergreen: keep a live model adapted to a ticket stream without forgetting.",
                   no_args_is_help=True)
@@ -40,6 +41,12 @@ def main(config: Annotated[Optional[Path], typer.Option(help="TOML settings file
 def config_show() -> None:
     """Print the effective settings (defaults < config file < EVERGREEN_* env), secrets masked."""
     typer.echo(json.dumps(masked(Settings()), indent=2))
+
+
+@config_app.command("reference")
+def config_reference() -> None:
+    """Print the reference of every setting as markdown (the source of docs/settings.md)."""
+    typer.echo(reference(), nl=False)
 
 
 @model_app.command("prepare")
@@ -197,3 +204,21 @@ def _show(bar: Progress, task: TaskID, record: dict[str, Any], cancelling: bool)
                loss=f"{p['loss']:.4f}" if "loss" in p else "-",
                speed=f"{p['tokens_per_s']:,.0f}" if "tokens_per_s" in p else "-",
                eta=str(datetime.timedelta(seconds=round(eta))) if eta is not None else "-")
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "bench"
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench(ctx: typer.Context,
+          name: Annotated[str, typer.Argument(help="cl, buffer, ingest, scoring, serve, train, ...")]) -> None:
+    """Run a benchmark of the checkout's bench/ folder; its own options follow (`... -- --help`)."""
+    import runpy
+    import sys
+
+    script = BENCHMARKS / f"{name}.py"
+    if not script.is_file():
+        known = ", ".join(sorted(p.stem for p in BENCHMARKS.glob("*.py"))) or "none (not a checkout)"
+        raise typer.BadParameter(f"no benchmark {name!r}; known: {known}")
+    sys.argv = [str(script), *ctx.args]
+    runpy.run_path(str(script), run_name="__main__")
