@@ -26,7 +26,7 @@ $(SETUP_STAMP): pyproject.toml requirements/constraints.txt requirements/assets.
 	$(BIN)/evergreen model prepare tiny-llama
 	touch $@
 
-run: setup
+run: $(SETUP_STAMP)  # the service needs no browser
 	$(BIN)/evergreen up
 
 test: setup
