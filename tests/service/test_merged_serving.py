@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -12,13 +13,14 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
-from conftest import add_versions
+from conftest import LiveService, add_versions, tiny_settings
 from learners.base_model import load_base
 from learners.config import AdapterSettings
 from learners.scoring import LabelScorer
 from learners.update import initial_adapter
 from service.registry import ADAPTER_WEIGHTS, AdapterRegistry, Draft
 from service.runtime import ModelRuntime, UnsafeAdapter
+from service.settings import Settings
 
 LABELS = ["card arrival", "exchange rate", "top up failed", "lost or stolen card"]
 TEXTS = ["my card has not arrived", "what rate do you use for euros?", "top up did not work"]
@@ -109,3 +111,20 @@ def test_finite_weights_whose_merge_overflows_are_refused(tiny_llama: Path, regi
     with pytest.raises(UnsafeAdapter, match="non-finite"):
         runtime.prepare(overflowing)
     assert runtime.attached() == ["v0000"]
+
+
+def test_a_loaded_version_is_promoted_by_moving_the_pointer(serve: Callable[[Settings], LiveService],
+                                                           tmp_path: Path) -> None:
+    live = serve(tiny_settings(tmp_path, None))
+    [version] = add_versions(live.service.registry, 1, LABELS)
+    runtime = live.service.runtime
+    with live.client() as client:
+        assert client.post(f"/v1/adapters/{version}/load", headers=live.admin).status_code == 200
+        assert runtime.version == "v0000" and version in runtime.attached()
+        with runtime.pinned(version) as loaded:
+            pass
+        assert client.post(f"/v1/adapters/{version}/promote", headers=live.admin).status_code == 200
+        assert runtime.model is loaded.model  # nothing was rebuilt at promotion
+        assert client.post("/v1/classify", json={"text": "my card", "labels": LABELS}).json()[
+            "adapter_version"] == version
+        assert client.post("/v1/adapters/v9999/load", headers=live.admin).status_code == 404
