@@ -71,19 +71,27 @@ def lora_merged_weights(base: nn.Module, config: PeftConfig,
     # A weight reached under two names is tied (embeddings and lm_head): merging into it would
     # change both, where PEFT changes only the adapted module.
     uses = Counter(id(p) for _, p in base.named_parameters(remove_duplicate=False))
-    scale = config.lora_alpha / (math.sqrt(config.r) if config.use_rslora else config.r)
-    merged = {}
+    groups: dict[torch.Size, list[str]] = {}  # weights of one shape merge in one batched product
     for module, pair in pairs.items():
         target = params.get(f"{module}.weight")
         if target is None or target.dim() != 2 or uses[id(target)] > 1 or set(pair) != {"A", "B"}:
             return None
-        a, b = pair["A"].to(target.dtype), pair["B"].to(target.dtype)
-        if a.shape != (config.r, target.shape[1]) or b.shape != (target.shape[0], config.r):
+        if pair["A"].shape != (config.r, target.shape[1]) or pair["B"].shape != (target.shape[0], config.r):
             raise UnsafeAdapter(f"the LoRA weights of {module} do not fit the base model")
-        weight = torch.addmm(target.data, b, a, alpha=scale)
-        if not torch.isfinite(weight).all():  # what PEFT's merge(safe_merge=True) refuses
-            raise UnsafeAdapter(f"merging the adapter into {module} gives non-finite weights")
-        merged[f"{module}.weight"] = weight
+        groups.setdefault(target.shape, []).append(module)
+    scale = config.lora_alpha / (math.sqrt(config.r) if config.use_rslora else config.r)
+    merged = {}
+    # A handful of large operations rather than two per layer: on a CPU shared with other work
+    # each operation's thread start-up, not its arithmetic, dominates (210 layers of SmolLM2).
+    for modules in groups.values():
+        weights_of = [params[f"{m}.weight"].data for m in modules]
+        stacked = torch.stack(weights_of)  # the copy that becomes this version's weights
+        b = torch.stack([pairs[m]["B"] for m in modules]).to(stacked.dtype)
+        a = torch.stack([pairs[m]["A"] for m in modules]).to(stacked.dtype)
+        stacked.baddbmm_(b, a, alpha=scale)
+        if not torch.isfinite(stacked).all():  # what PEFT's merge(safe_merge=True) refuses
+            raise UnsafeAdapter(f"merging the adapter gives non-finite weights in one of {', '.join(modules)}")
+        merged.update({f"{m}.weight": w for m, w in zip(modules, stacked.unbind(), strict=True)})
     return merged
 
 
