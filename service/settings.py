@@ -62,8 +62,9 @@ class ServingSettings(BaseModel):
         50.0, ge=0, description="How long to wait for the clients of the last batch to send their next "
                                 "requests (a lone sequential client never waits).")
     cached_versions: int = Field(
-        2, ge=0, description="Versions besides the live one kept loaded for requests naming them "
-                             "(and for instant rollback); the least recently used is released.",
+        2, ge=0, description="Versions besides the live one kept loaded for requests naming them, "
+                             "for instant rollback and loaded ahead of promotion; the least recently "
+                             "used is released. Each holds its merged weights (~430 MB on SmolLM2-135M).",
     )
 
     @model_validator(mode="after")
