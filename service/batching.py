@@ -64,30 +64,7 @@ class ClassifyBatcher:
             first = self._queue.get()
             if first is None:
                 return
-            taken, stopping = [first], False
-            while len(taken) < self.max_batch:  # everything queued now, without waiting
-                try:
-                    more = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    stopping = True
-                    break
-                taken.append(more)
-            # Expected: the last batch's clients, and those who arrived while it ran. After a lone
-            # request with nothing queued during it, that is one: the request already taken.
-            early = sum(r.arrived < self._last_end for r in taken)
-            expect = min(self._last_size + early, self.max_batch)
-            deadline = time.monotonic() + self.max_wait_s
-            while not stopping and len(taken) < expect:
-                try:
-                    more = self._queue.get(timeout=max(deadline - time.monotonic(), 0))
-                except queue.Empty:
-                    break
-                if more is None:
-                    stopping = True
-                    break
-                taken.append(more)
+            taken, stopping = self._collect(first)
             if stopping:
                 self._queue.put(None)  # finish this batch, then stop
             self._last_size = len(taken)
@@ -97,6 +74,27 @@ class ClassifyBatcher:
             for (version, labels), group in groups.items():
                 self._answer(version, labels, group)
             self._last_end = time.monotonic()
+
+    def _collect(self, first: _Request) -> tuple[list[_Request], bool]:
+        """The next batch, and whether `close` was called meanwhile."""
+        taken, expect, deadline = [first], 0, 0.0
+        while len(taken) < self.max_batch:
+            waiting = len(taken) < expect
+            try:
+                more = (self._queue.get(timeout=max(deadline - time.monotonic(), 0)) if waiting
+                        else self._queue.get_nowait())
+            except queue.Empty:
+                if expect:
+                    break
+                # All that was queued is taken. Expected: the last batch's clients, and those who
+                # arrived while it ran; after a lone request with none behind it, only the one taken.
+                early = sum(r.arrived < self._last_end for r in taken)
+                expect, deadline = min(self._last_size + early, self.max_batch), time.monotonic() + self.max_wait_s
+                continue
+            if more is None:
+                return taken, True
+            taken.append(more)
+        return taken, False
 
     def _answer(self, version: str, labels: tuple[str, ...] | None, group: list[_Request]) -> None:
         try:

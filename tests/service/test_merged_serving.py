@@ -76,21 +76,26 @@ def test_a_version_peft_must_merge_scores_like_the_unmerged_model(tiny_llama: Pa
     assert torch.allclose(served, unmerged_scores(tiny_llama, registry, version), atol=1e-4)
 
 
-@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_non_finite_versions_are_refused_and_the_live_one_kept(tiny_llama: Path, registry: AdapterRegistry,
-                                                               bad: float) -> None:
+def version_with(registry: AdapterRegistry, change: Callable[[str, torch.Tensor], torch.Tensor]) -> str:
+    """A registry version whose weights are v0000's passed through `change(name, tensor)`."""
     source = registry.path("v0000")
 
     def write(tmp: Path) -> Draft:
         shutil.copy(source / "adapter_config.json", tmp / "adapter_config.json")
-        weights = load_file(str(source / ADAPTER_WEIGHTS))
-        first = sorted(weights)[0]
-        weights[first] = weights[first].clone()
-        weights[first][0, 0] = bad
+        weights = {k: change(k, v) for k, v in load_file(str(source / ADAPTER_WEIGHTS)).items()}
         save_file(weights, str(tmp / ADAPTER_WEIGHTS))
         return Draft(parent="v0000", verdict="accepted", windows_trained=[], labels=LABELS)
 
-    poisoned = registry.create(write).name
+    return registry.create(write).name
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_versions_are_refused_and_the_live_one_kept(tiny_llama: Path, registry: AdapterRegistry,
+                                                               bad: float) -> None:
+    def poison(name: str, tensor: torch.Tensor) -> torch.Tensor:
+        return torch.where(torch.arange(tensor.numel()).view(tensor.shape) == 0, bad, tensor)
+
+    poisoned = version_with(registry, poison)
     runtime = ModelRuntime(tiny_llama, registry, "v0000")
     with pytest.raises(UnsafeAdapter, match="non-finite"):
         runtime.swap(poisoned)
@@ -98,15 +103,7 @@ def test_non_finite_versions_are_refused_and_the_live_one_kept(tiny_llama: Path,
 
 
 def test_finite_weights_whose_merge_overflows_are_refused(tiny_llama: Path, registry: AdapterRegistry) -> None:
-    source = registry.path("v0000")
-
-    def write(tmp: Path) -> Draft:
-        shutil.copy(source / "adapter_config.json", tmp / "adapter_config.json")
-        weights = {k: torch.full_like(v, 1e30) for k, v in load_file(str(source / ADAPTER_WEIGHTS)).items()}
-        save_file(weights, str(tmp / ADAPTER_WEIGHTS))
-        return Draft(parent="v0000", verdict="accepted", windows_trained=[], labels=LABELS)
-
-    overflowing = registry.create(write).name
+    overflowing = version_with(registry, lambda name, tensor: torch.full_like(tensor, 1e30))
     runtime = ModelRuntime(tiny_llama, registry, "v0000")
     with pytest.raises(UnsafeAdapter, match="non-finite"):
         runtime.prepare(overflowing)
