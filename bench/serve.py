@@ -12,7 +12,7 @@ Baselines, measured in the same run on the same weights:
   beforehand (the pointer move plus one request) and for one the promotion must load.
 Prints each figure with its ratio and target; writes bench/results/serve.json.
 
-    nice -n 10 .venv/bin/python bench/serve.py [--tickets 16] [--labels 12] [--base smollm2-135m]
+    nice -n 10 .venv/bin/python bench/serve.py [--tickets 16] [--labels 12] [--threads 0] [--base smollm2-135m]
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import shutil
 import statistics
@@ -158,15 +159,17 @@ def lora_figures(service: Service, texts: list[str], labels: list[str], max_toke
     scorer = LabelScorer(service.runtime.tokenizer, labels)
     prompts = [chat_prompt(service.runtime.tokenizer, [{"role": "user", "content": CHAT_PROMPTS[0]}])]
     times: dict[str, list[float]] = {name: [] for name in models}
+    rates: dict[str, list[float]] = {name: [] for name in models}
     for model in models.values():
         scorer.score(model, texts[0])
     for text in texts:  # interleaved: load drift hits all three alike
         for name, model in models.items():
             times[name].append(timed(lambda t=text, m=model: scorer.score(m, t)))
+    for _ in range(3):
+        for name, model in models.items():
+            rates[name].append(generate_tokens_per_s(model, service.runtime.tokenizer, prompts, max_tokens))
     figures = {f"{name}_score_s": statistics.median(t) for name, t in times.items()}
-    for name, model in models.items():
-        figures[f"{name}_tokens_per_s"] = generate_tokens_per_s(model, service.runtime.tokenizer, prompts,
-                                                                max_tokens)
+    figures.update({f"{name}_tokens_per_s": statistics.median(r) for name, r in rates.items()})
     figures["served_vs_merged_score"] = figures["served_score_s"] / figures["merged_score_s"]
     figures["unmerged_vs_merged_score"] = figures["unmerged_score_s"] / figures["merged_score_s"]
     figures["served_vs_merged_tokens"] = figures["served_tokens_per_s"] / figures["merged_tokens_per_s"]
@@ -210,14 +213,16 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--swaps", type=int, default=3)
     parser.add_argument("--base", default=SMOLLM2)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = parser.parse_args()
 
+    load_before = os.getloadavg()[0]  # other work on the machine: the ratios cancel most of it
     test = load_tickets("banking77", "test")
     labels = sorted({t.label for t in test if t.label})[: args.labels]
     texts = [t.text for t in test[: args.tickets]]
     with tempfile.TemporaryDirectory() as data:
         port = free_port()
-        settings = Settings(data_dir=Path(data), model=ModelSettings(base=args.base),
+        settings = Settings(data_dir=Path(data), model=ModelSettings(base=args.base, threads=args.threads),
                             scheduler=SchedulerSettings(enabled=False), api=ApiSettings(port=port),
                             serving=ServingSettings(max_tokens=max(args.max_tokens, 64)))
         service = Service(settings)
@@ -255,13 +260,14 @@ def main() -> None:
          s["cold_s_p50"], "report", True),
     ]
     print(f"base {args.base}, {args.tickets} tickets × {len(labels)} labels, {args.max_tokens} tokens, "
-          f"{torch.get_num_threads()} threads")
+          f"{torch.get_num_threads()} threads, load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
     for name, figures, ratio, target, ok in rows:
         print(f"  {name:38s} {figures:44s} ratio {ratio:6.3f}  target {target:7s} {'ok' if ok else 'MISSED'}")
     out = Path(__file__).parent / "results" / "serve.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({"args": vars(args), "machine": platform.processor() or platform.machine(),
-                               "torch_threads": torch.get_num_threads(), **results}, indent=2))
+                               "torch_threads": torch.get_num_threads(),
+                               "load_average": [load_before, os.getloadavg()[0]], **results}, indent=2))
     print(f"wrote {out}")
 
 
