@@ -86,13 +86,6 @@ def classify_figures(service: Service, http: httpx.Client, texts: list[str], lab
     scorer = LabelScorer(service.runtime.tokenizer, labels)
     model = service.runtime.model
     body = [{"text": t, "labels": labels} for t in texts]
-    scorer.score(model, texts[0])
-    http.post("/v1/classify", json=body[0]).raise_for_status()  # warm-up of both paths
-    raw, served = [], []
-    for text, request in zip(texts, body, strict=True):  # interleaved: load drift hits both alike
-        raw.append(timed(lambda t=text: scorer.score(model, t)))
-        served.append(timed(lambda b=request: http.post("/v1/classify", json=b).raise_for_status()))
-
     rounds = 4  # each concurrent client sends this many requests
 
     def client(worker: int) -> None:
@@ -100,44 +93,59 @@ def classify_figures(service: Service, http: httpx.Client, texts: list[str], lab
             for i in range(rounds):
                 own.post("/v1/classify", json=body[(worker * rounds + i) % len(body)]).raise_for_status()
 
-    threads = [threading.Thread(target=client, args=(w,)) for w in range(concurrency)]
+    def concurrent_block() -> float:
+        threads = [threading.Thread(target=client, args=(w,)) for w in range(concurrency)]
+        started = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return time.perf_counter() - started
+
+    scorer.score(model, texts[0])
+    http.post("/v1/classify", json=body[0]).raise_for_status()  # warm-up of both paths
     batches, requests = service.batcher.batches, service.batcher.requests
-    started = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    concurrent_s = time.perf_counter() - started
+    concurrent_s = concurrent_block()  # once before and once after the sequential client: drift hits both
+    raw, served = [], []
+    for text, request in zip(texts, body, strict=True):  # interleaved: load drift hits both alike
+        raw.append(timed(lambda t=text: scorer.score(model, t)))
+        served.append(timed(lambda b=request: http.post("/v1/classify", json=b).raise_for_status()))
+    concurrent_s += concurrent_block()
     sequential_rps = len(served) / sum(served)
-    concurrent_rps = concurrency * rounds / concurrent_s
+    concurrent_rps = 2 * concurrency * rounds / concurrent_s
     return {"raw_p50_s": statistics.median(raw), "http_p50_s": statistics.median(served),
             "p50_ratio": statistics.median(served) / statistics.median(raw),
             "sequential_rps": sequential_rps, "concurrent_rps": concurrent_rps,
             "throughput_ratio": concurrent_rps / sequential_rps,
-            "mean_batch": (service.batcher.requests - requests) / max(service.batcher.batches - batches, 1)}
+            # The sequential client's requests run alone: the concurrent ones are these less those.
+            "mean_batch": (service.batcher.requests - requests - len(served))
+                          / max(service.batcher.batches - batches - len(served), 1)}
 
 
 @torch.inference_mode()
+def generate_one(model: torch.nn.Module, tokenizer: object, prompt: list[int], max_tokens: int) -> tuple[int, float]:
+    """Greedy `model.generate` of one prompt: tokens generated and seconds taken."""
+    ids = torch.tensor([prompt])
+    started = time.perf_counter()
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
+                         do_sample=False, pad_token_id=tokenizer.pad_token_id)  # type: ignore[attr-defined]
+    return out.shape[1] - ids.shape[1], time.perf_counter() - started
+
+
 def generate_tokens_per_s(model: torch.nn.Module, tokenizer: object, prompts: list[list[int]],
                           max_tokens: int) -> float:
-    tokens, seconds = 0, 0.0
-    for prompt in prompts:
-        ids = torch.tensor([prompt])
-        started = time.perf_counter()
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
-                             do_sample=False, pad_token_id=tokenizer.pad_token_id)  # type: ignore[attr-defined]
-        seconds += time.perf_counter() - started
-        tokens += out.shape[1] - ids.shape[1]
-    return tokens / seconds
+    runs = [generate_one(model, tokenizer, prompt, max_tokens) for prompt in prompts]
+    return sum(tokens for tokens, _ in runs) / sum(seconds for _, seconds in runs)
 
 
 def chat_figures(service: Service, http: httpx.Client, max_tokens: int) -> dict[str, float]:
     tokenizer = service.runtime.tokenizer
     prompts = [chat_prompt(tokenizer, [{"role": "user", "content": p}]) for p in CHAT_PROMPTS]
     generate_tokens_per_s(service.runtime.model, tokenizer, prompts[:1], 4)  # warm-up
-    raw = generate_tokens_per_s(service.runtime.model, tokenizer, prompts, max_tokens)
-    tokens, seconds = 0, 0.0
-    for text in CHAT_PROMPTS:
+    raw_tokens, raw_seconds, tokens, seconds = 0, 0.0, 0, 0.0
+    for prompt, text in zip(prompts, CHAT_PROMPTS, strict=True):  # interleaved, as for classify
+        generated, took = generate_one(service.runtime.model, tokenizer, prompt, max_tokens)
+        raw_tokens, raw_seconds = raw_tokens + generated, raw_seconds + took
         request = {"model": "live", "messages": [{"role": "user", "content": text}],
                    "max_tokens": max_tokens, "temperature": 0}
         started = time.perf_counter()
@@ -145,7 +153,7 @@ def chat_figures(service: Service, http: httpx.Client, max_tokens: int) -> dict[
         seconds += time.perf_counter() - started
         answer.raise_for_status()
         tokens += answer.json()["usage"]["completion_tokens"]
-    served = tokens / seconds
+    raw, served = raw_tokens / raw_seconds, tokens / seconds
     return {"raw_tokens_per_s": raw, "http_tokens_per_s": served, "tokens_ratio": served / raw}
 
 
