@@ -73,7 +73,6 @@ class ModelRuntime:
         self.max_cached = max_cached
         self.base, self.tokenizer = load_base(base_path)  # pristine: never served, never written
         self.last_swap_seconds: float | None = None
-        self.last_prepare_seconds: float | None = None
         self._cached: OrderedDict[str, Loaded] = OrderedDict()  # non-live loaded versions
         self._scorers: dict[tuple[str, ...], LabelScorer] = {}
         self._state = threading.Lock()  # the live pointer and the cache; held for microseconds
@@ -107,9 +106,8 @@ class ModelRuntime:
         config = PeftConfig.from_pretrained(str(path))
         config.inference_mode = True
         built = build(self.base, version, config, weights)
-        self.last_prepare_seconds = time.perf_counter() - started
         LOG.info("loaded adapter %s (%s) in %.3f s", version, "merged" if built.merged else "unmerged",
-                 self.last_prepare_seconds)
+                 time.perf_counter() - started)
         return Loaded(version, built.model, self.registry.info(version).labels, built.merged)
 
     def _lookup(self, version: str) -> Loaded | None:
