@@ -6,7 +6,15 @@ SETUP_STAMP := $(VENV)/.setup-done
 
 .PHONY: setup run test lint clean
 
-setup: $(SETUP_STAMP)
+CHROMIUM := /usr/bin/chromium
+
+setup: $(SETUP_STAMP) $(CHROMIUM)
+
+# The console tests drive Debian's Chromium through Playwright (which never downloads a browser
+# here). Installed only where it is missing; apt needs its package lists on a fresh machine.
+$(CHROMIUM):
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-liberation
 
 # The CPU build of torch lies on these machines' disk; the constraints pin it so pip never
 # reaches for a multi-GB CUDA build. The base model is converted once into the cache.
@@ -18,7 +26,7 @@ $(SETUP_STAMP): pyproject.toml requirements/constraints.txt requirements/assets.
 	$(BIN)/evergreen model prepare tiny-llama
 	touch $@
 
-run: setup
+run: $(SETUP_STAMP)  # the service needs no browser
 	$(BIN)/evergreen up
 
 test: setup

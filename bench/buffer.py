@@ -1,6 +1,6 @@
 """Replay-buffer vector search at scale: the approximate index the buffer switches to past
-`replay.exact_max_rows` (`--kind hnsw`, the default, or `ivf`), against exact search over the
-same vectors in the same run.
+`replay.exact_max_rows` (`--kind pq`, the default, `hnsw` or `ivf`), against exact search over
+the same vectors in the same run.
 
 Workload: N random 384-d unit vectors (`--data uniform`: isotropic Gaussian, the hardest case
 for any approximate index, since no neighbour is much closer than a random point; `--data
@@ -11,7 +11,7 @@ Baseline, measured in the same run: the exact `IndexFlatIP` over the same vector
 are the ground truth for recall@10). Prints add rate, p50/p99 query latency of both, the
 speed-up, recall@10 and resident memory; writes bench/results/buffer.json.
 
-    nice -n 10 .venv/bin/python bench/buffer.py [--n 1000000] [--data uniform|clustered] [--kind hnsw|ivf]
+    .venv/bin/python bench/buffer.py [--n 1000000] [--data uniform|clustered] [--kind pq|hnsw|ivf]
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import faiss
 import numpy as np
 
 from replay.config import ReplaySettings
-from replay.index import VectorIndex, ivf_lists
+from replay.index import PQ_DIMS_PER_CODE, VectorIndex, ivf_lists
 
 
 def rss_mib() -> float:
@@ -58,7 +58,8 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=500)
     parser.add_argument("--exact-queries", type=int, default=50, help="single queries timed on the baseline")
     parser.add_argument("--data", choices=["uniform", "clustered"], default="uniform")
-    parser.add_argument("--kind", choices=["hnsw", "ivf"], default="hnsw")
+    parser.add_argument("--kind", choices=["pq", "hnsw", "ivf"], default=ReplaySettings().large_index)
+    parser.add_argument("--refine", type=int, default=ReplaySettings().pq_refine_factor)
     parser.add_argument("--nprobe", type=int, default=ReplaySettings().ivf_nprobe)
     parser.add_argument("--lists", type=int, default=1024, help="IVF lists (k-means cost grows with them)")
     parser.add_argument("--ef-search", type=int, default=ReplaySettings().hnsw_ef_search)
@@ -71,18 +72,20 @@ def main() -> None:
     centres = rng.standard_normal((1000, args.dim), dtype=np.float32) if args.data == "clustered" else None
     settings = ReplaySettings(index=args.kind, hnsw_m=args.m, hnsw_ef_search=args.ef_search,
                               hnsw_ef_construction=args.ef_construction, ivf_nprobe=args.nprobe,
-                              ivf_lists=args.lists)
-    params = (f"HNSW M={args.m} efConstruction={args.ef_construction} efSearch={args.ef_search}"
-              if args.kind == "hnsw" else f"IVF {ivf_lists(args.n, settings)} lists, nprobe={args.nprobe}")
-    print(f"{args.n:,} {args.data} {args.dim}-d vectors, {params}, {faiss.omp_get_max_threads()} FAISS threads")
+                              ivf_lists=args.lists, pq_refine_factor=args.refine)
+    params = {"hnsw": {"m": args.m, "ef_construction": args.ef_construction, "ef_search": args.ef_search},
+              "ivf": {"lists": ivf_lists(args.n, settings), "nprobe": args.nprobe},
+              "pq": {"dims_per_code": PQ_DIMS_PER_CODE, "bits": 4, "refine_factor": args.refine}}[args.kind]
+    print(f"{args.n:,} {args.data} {args.dim}-d vectors, {args.kind} {params}, "
+          f"{faiss.omp_get_max_threads()} FAISS threads")
 
     base_rss = rss_mib()
-    hnsw = VectorIndex(args.dim, args.kind, settings)
+    approx = VectorIndex(args.dim, args.kind, settings)
     train_s = 0.0
-    if args.kind == "ivf":  # k-means over a sample from the same distribution, timed as adding
-        sample = vectors(min(args.n, 50 * ivf_lists(args.n, settings)), args.dim, args.data, rng, centres)
+    if wanted := approx.train_sample_size(args.n):  # k-means over a sample of the same data, timed as adding
+        sample = vectors(wanted, args.dim, args.data, rng, centres)
         t = time.perf_counter()
-        hnsw.train(sample, args.n)
+        approx.train(sample, args.n)
         train_s = time.perf_counter() - t
         del sample
         print(f"  trained in {train_s:.1f} s")
@@ -92,16 +95,17 @@ def main() -> None:
     for start in range(0, args.n, block):
         v = vectors(min(block, args.n - start), args.dim, args.data, rng, centres)
         t = time.perf_counter()
-        hnsw.add(v, np.arange(start, start + len(v), dtype=np.int64))
+        approx.add(v, np.arange(start, start + len(v), dtype=np.int64))
         add_s += time.perf_counter() - t
         t = time.perf_counter()
         exact.add(v)
         exact_add_s += time.perf_counter() - t
         if (start // block) % 10 == 0:
             print(f"  added {start + len(v):>9,}  ({(start + len(v)) / add_s:,.0f} vectors/s)", flush=True)
-    # Both indexes hold a copy of the vectors; HNSW's share is its copy plus the graph.
+    # Both indexes hold a copy of the vectors; the approximate one adds its graph, ids or codes.
     add_s += train_s
-    hnsw_bytes = args.n * (args.dim * 4 + (args.m * 2 * 4 if args.kind == "hnsw" else 8))
+    extra = {"hnsw": args.m * 2 * 4, "ivf": 8, "pq": args.dim // PQ_DIMS_PER_CODE // 2 + 8}[args.kind]
+    approx_bytes = args.n * (args.dim * 4 + extra)
     rss_after = rss_mib()
 
     queries = vectors(args.queries, args.dim, args.data, rng, centres)
@@ -110,7 +114,7 @@ def main() -> None:
     latencies = []
     for i, q in enumerate(queries):
         t = time.perf_counter()
-        _, ids = hnsw.search(q[None], k)
+        _, ids = approx.search(q[None], k)
         latencies.append(time.perf_counter() - t)
         found[i] = ids[0, :k]
     recall = float(np.mean([len(set(found[i]) & set(truth[i])) / k for i in range(len(queries))]))
@@ -123,8 +127,7 @@ def main() -> None:
     result = {
         "n": args.n, "dim": args.dim, "data": args.data, "k": k, "queries": args.queries,
         "index": args.kind,
-        "params": ({"m": args.m, "ef_construction": args.ef_construction, "ef_search": args.ef_search}
-                   if args.kind == "hnsw" else {"lists": ivf_lists(args.n, settings), "nprobe": args.nprobe}),
+        "params": params, "faiss_threads": faiss.omp_get_max_threads(),
         "train_s": train_s,
         "add_vectors_per_s": args.n / add_s,
         "exact_add_vectors_per_s": args.n / exact_add_s,
@@ -134,7 +137,7 @@ def main() -> None:
         "recall_at_10": recall,
         "rss_mib": rss_after, "rss_growth_mib": rss_after - base_rss,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "index_estimated_mib": hnsw_bytes / 2**20,
+        "index_estimated_mib": approx_bytes / 2**20,
         "machine": platform.processor() or platform.machine(),
     }
     result["speedup_vs_exact_p50"] = result["exact_knn_p50_ms"] / result["knn_p50_ms"]

@@ -42,6 +42,11 @@ class TrainSettings(BaseModel):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_length: int = Field(128, gt=8, description="Longest training sequence, in tokens.")
     seed: int = Field(0, description="Seed of sampling, shuffling and adapter initialisation.")
+    threads: int = Field(0, ge=0, description="Torch CPU threads of the training process (0: half the "
+                                              "cores, at least 1); serving keeps its own (`model.threads`).")
+    cancel_grace_seconds: float = Field(
+        10.0, gt=0, description="After a cancel, how long the training process may take to stop before it is "
+                                "terminated.")
     adapter: AdapterSettings = AdapterSettings()
     ewc: EwcSettings = EwcSettings()
 

@@ -7,7 +7,7 @@ the live adapter's directory and writes the candidate into the directory it is g
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +19,7 @@ from learners.canary import canary_loss, load_canary
 from learners.config import AdapterSettings, GateSettings, TrainSettings
 from learners.ewc import EwcPenalty, consolidate, empirical_fisher
 from learners.gate import Canary, GateReport, evaluate, judge
-from learners.prompts import classification_example
+from learners.prompts import Example, classification_example
 from learners.scoring import LabelScorer
 from learners.train import Progress, RoundReport, answer_loss, collate, run_round
 from replay.buffer import Snapshot
@@ -43,6 +43,16 @@ def initial_adapter(base_path: Path, out_dir: Path, cfg: AdapterSettings, seed: 
     get_peft_model(base, config).save_pretrained(out_dir)
 
 
+def consolidate_window(model: PeftModel, new: Sequence[Example], previous: EwcPenalty | None,
+                       cfg: TrainSettings, pad_id: int) -> EwcPenalty:
+    """The EWC state after learning a window: its Fisher, measured at the weights just learned
+    (where the penalty will anchor them), joined with the decayed old one."""
+    fisher_batches = [collate(new[i:i + cfg.batch_size], pad_id)
+                      for i in range(0, len(new), cfg.batch_size)][: cfg.ewc.fisher_batches]
+    fisher = empirical_fisher(model, fisher_batches, answer_loss)
+    return consolidate(previous, fisher, model, cfg.ewc.decay, cfg.ewc.strength)
+
+
 def train_candidate(snapshot: Snapshot, base_path: Path, live_dir: Path, out_dir: Path,
                     cfg: TrainSettings, policy: GateSettings,
                     on_progress: Callable[[Progress], None] | None = None,
@@ -61,13 +71,8 @@ def train_candidate(snapshot: Snapshot, base_path: Path, live_dir: Path, out_dir
     previous = (EwcPenalty.load(live_dir / EWC_FILE, cfg.ewc.strength)
                 if cfg.ewc.enabled and (live_dir / EWC_FILE).exists() else None)
     report = run_round(model, new, replay, cfg, tokenizer.pad_token_id, previous, on_progress, cancel)
-
-    # The Fisher of this window, measured at the weights just learned, joins the old one.
-    fisher_batches = [collate(new[i:i + cfg.batch_size], tokenizer.pad_token_id)
-                      for i in range(0, len(new), cfg.batch_size)][: cfg.ewc.fisher_batches]
-    fisher = empirical_fisher(model, fisher_batches, answer_loss)
     model.save_pretrained(out_dir)
-    consolidate(previous, fisher, model, cfg.ewc.decay, cfg.ewc.strength).save(out_dir / EWC_FILE)
+    consolidate_window(model, new, previous, cfg, tokenizer.pad_token_id).save(out_dir / EWC_FILE)
 
     scorer = LabelScorer(tokenizer, snapshot.labels)
     canary = load_canary(policy.canary_file) if policy.max_canary_increase is not None else []

@@ -30,40 +30,15 @@ import numpy as np
 from replay.config import ReplaySettings
 from replay.curate import curate_batch, redact
 from replay.embed import Embedder
-from replay.index import VectorIndex, ivf_lists, kind_for
+from replay.index import VectorIndex, kind_for
 from replay.policy import balanced_sample, choose_victims, clusters, eviction_key, is_probe
+from replay.schema import SCHEMA
 from streams.records import TicketRecord
 
 LOG = logging.getLogger(__name__)
 SamplePolicy = Literal["uniform", "class-balanced", "coverage"]
 __all__ = ["ReplayBuffer", "SamplePolicy", "Snapshot", "WindowInfo", "is_probe"]
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS windows (
-    id INTEGER PRIMARY KEY,
-    opened_at REAL NOT NULL,
-    closed_at REAL
-);
-CREATE TABLE IF NOT EXISTS records (
-    row INTEGER PRIMARY KEY AUTOINCREMENT,
-    id TEXT NOT NULL UNIQUE,
-    text TEXT NOT NULL,
-    label TEXT,
-    reply TEXT,
-    window INTEGER NOT NULL REFERENCES windows(id),
-    probe INTEGER NOT NULL,
-    added_at REAL NOT NULL,
-    embedding BLOB NOT NULL,
-    key REAL NOT NULL DEFAULT 0,
-    suspect INTEGER NOT NULL DEFAULT 0
-);
-CREATE INDEX IF NOT EXISTS records_window ON records(window, probe);
-CREATE TABLE IF NOT EXISTS skipped (
-    id TEXT PRIMARY KEY,
-    reason TEXT NOT NULL,
-    duplicate_of TEXT
-);
-"""
 
 
 @dataclass(frozen=True)
@@ -120,7 +95,7 @@ class ReplayBuffer:
                                    isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")  # a committed batch survives power loss
-        self._db.executescript(_SCHEMA)
+        self._db.executescript(SCHEMA)
         if self._db.execute("SELECT COUNT(*) FROM windows WHERE closed_at IS NULL").fetchone()[0] == 0:
             self._db.execute("INSERT INTO windows(opened_at) VALUES (?)", (time.time(),))
         # Cached: COUNT(*) scans the table, and every write asks (capacity, index kind).
@@ -143,12 +118,10 @@ class ReplayBuffer:
 
     def _build_index(self, kind: str) -> VectorIndex:
         index = VectorIndex(self.embedder.dim, kind, self.settings)  # type: ignore[arg-type]
-        if kind == "ivf":  # lists placed from a random sample (the eviction key is a random hash)
-            rows = len(self)
-            sample = self._db.execute("SELECT embedding FROM records ORDER BY key LIMIT ?",
-                                      (min(rows, 100 * ivf_lists(rows, self.settings)),)).fetchall()
+        if wanted := index.train_sample_size(len(self)):  # a random sample: the key is a random hash
+            sample = self._db.execute("SELECT embedding FROM records ORDER BY key LIMIT ?", (wanted,)).fetchall()
             if sample:
-                index.train(self._vectors([r[0] for r in sample]), rows)
+                index.train(self._vectors([r[0] for r in sample]), len(self))
         for ids, vectors in self._embedding_blocks():
             index.add(vectors, ids)
         LOG.info("built a %s index over %d rows", kind, index.ntotal)
@@ -332,6 +305,18 @@ class ReplayBuffer:
             count: int = self._db.execute(
                 "SELECT COUNT(*) FROM records WHERE window = ?", (self.open_window(),)).fetchone()[0]
             return count
+
+    def label_counts(self) -> dict[str, int]:
+        """Stored records per label (probe rows included; unlabelled rows are not counted)."""
+        with self._lock:
+            return dict(self._db.execute(
+                "SELECT label, COUNT(*) FROM records WHERE label IS NOT NULL GROUP BY label ORDER BY label"))
+
+    def skipped_counts(self) -> dict[str, int]:
+        """Ids refused or removed for good, by reason (`near_duplicate`, `evicted`), over the
+        buffer's whole life (unlike `stats`, which counts since this process started)."""
+        with self._lock:
+            return dict(self._db.execute("SELECT reason, COUNT(*) FROM skipped GROUP BY reason ORDER BY reason"))
 
     def windows(self) -> list[WindowInfo]:
         with self._lock:

@@ -1,14 +1,17 @@
-"""The FAISS side of the buffer: an id-mapped inner-product index, exact or HNSW by size.
+"""The FAISS side of the buffer: an id-mapped inner-product index, exact or approximate by size.
 
 Vectors are L2-normalised, so inner product is cosine similarity. The exact index
 (`IndexFlatIP`) is the right choice while a query scanning every row stays in the low
-milliseconds (tens of thousands of rows); past that an HNSW graph answers in about a
-millisecond at a recall near 0.95-0.99 on embedding-like data (see `bench/buffer.py`), and an
-IVF index (k-means lists, `nprobe` of them scanned) builds much faster at some recall cost.
+milliseconds (tens of thousands of rows). Past that, the default (`pq`) still visits every
+row, but through 4-bit product-quantised codes scanned with SIMD lookups (FAISS fast-scan, 1/16
+of the float bytes), and re-ranks the best candidates exactly: its recall does not depend on the
+data having clusters. Graph (HNSW) and partition (IVF) indexes skip most rows, which is faster
+on clustered embeddings but loses most true neighbours on unstructured data (see
+`bench/buffer.py`).
 
-HNSW (and IVF behind the id map) cannot delete: an evicted row stays as a tombstone, searches over-fetch by
-the number of tombstones and the caller drops ids it no longer stores, and the owner rebuilds
-when tombstones pass a share of the index (`needs_rebuild`).
+The approximate indexes cannot delete behind the id map: an evicted row stays as a tombstone,
+searches over-fetch by the number of tombstones and the caller drops ids it no longer stores,
+and the owner rebuilds when tombstones pass a share of the index (`needs_rebuild`).
 """
 
 from __future__ import annotations
@@ -23,8 +26,13 @@ import numpy as np
 from replay.config import ReplaySettings
 
 LOG = logging.getLogger(__name__)
-Kind = Literal["flat", "hnsw", "ivf"]
-REBUILD_STALE_SHARE = 0.2  # rebuild an HNSW index once a fifth of it is tombstones
+Kind = Literal["flat", "hnsw", "ivf", "pq"]
+REBUILD_STALE_SHARE = 0.2  # rebuild an approximate index once a fifth of it is tombstones
+# Two dimensions per 4-bit sub-quantiser: with one per 4 dimensions, uniform random vectors needed
+# 20x more exact re-ranking for the same recall, which cost more than the longer codes' scan.
+PQ_DIMS_PER_CODE = 2
+PQ_MIN_TRAIN_ROWS = 256  # k-means of 16 centroids per sub-space wants well over 16 points
+PQ_TRAIN_SAMPLE = 50_000  # more rows than this barely move 16 centroids in 2 dimensions
 
 
 def kind_for(rows: int, settings: ReplaySettings) -> Kind:
@@ -33,10 +41,14 @@ def kind_for(rows: int, settings: ReplaySettings) -> Kind:
     Examples
     --------
     >>> kind_for(10, ReplaySettings()), kind_for(10**6, ReplaySettings())
-    ('flat', 'hnsw')
+    ('flat', 'pq')
     >>> kind_for(10**6, ReplaySettings(index="flat"))
     'flat'
+    >>> kind_for(10, ReplaySettings(index="pq")), kind_for(10**6, ReplaySettings(index="pq"))
+    ('flat', 'pq')
     """
+    if settings.index == "pq" and rows < PQ_MIN_TRAIN_ROWS:  # too few rows to train its codebooks
+        return "flat"
     if settings.index != "auto":
         return settings.index
     return "flat" if rows <= settings.exact_max_rows else settings.large_index
@@ -55,7 +67,7 @@ def ivf_lists(rows: int, settings: ReplaySettings) -> int:
 
 
 class VectorIndex:
-    """An `IndexIDMap2` over a flat or HNSW inner-product index, keyed by SQLite row id.
+    """An `IndexIDMap2` over a flat or approximate inner-product index, keyed by SQLite row id.
 
     Examples
     --------
@@ -82,6 +94,9 @@ class VectorIndex:
         if self.kind == "ivf":
             # Untrained: the lists are placed by `train` (or the first `add`) from real rows.
             return faiss.IndexIVFFlat(faiss.IndexFlatIP(self.dim), self.dim, 1, faiss.METRIC_INNER_PRODUCT)
+        if self.kind == "pq":  # untrained too: its codebooks are learnt by `train`
+            codes = faiss.IndexPQFastScan(self.dim, self.dim // PQ_DIMS_PER_CODE, 4, faiss.METRIC_INNER_PRODUCT)
+            return faiss.IndexRefineFlat(codes)
         hnsw = faiss.IndexHNSWFlat(self.dim, self.settings.hnsw_m, faiss.METRIC_INNER_PRODUCT)
         hnsw.hnsw.efConstruction = self.settings.hnsw_ef_construction
         return hnsw
@@ -92,6 +107,8 @@ class VectorIndex:
         if self.kind == "hnsw":
             # efSearch is a search-time knob: applied on every load, not taken from the file.
             faiss.downcast_index(self._index.index).hnsw.efSearch = self.settings.hnsw_ef_search
+        if self.kind == "pq":
+            faiss.downcast_index(self._index.index).k_factor = self.settings.pq_refine_factor
 
     @property
     def ntotal(self) -> int:
@@ -101,15 +118,27 @@ class VectorIndex:
         """Every id in the index, tombstones included."""
         return faiss.vector_to_array(self._index.id_map).astype(np.int64)
 
+    def train_sample_size(self, rows: int) -> int:
+        """Rows `train` wants for an index of `rows` rows (0: this kind needs no training)."""
+        if self.kind == "ivf":
+            return min(rows, 100 * ivf_lists(rows, self.settings))
+        return min(rows, PQ_TRAIN_SAMPLE) if self.kind == "pq" else 0
+
     def train(self, sample: np.ndarray, rows: int) -> None:
-        """Place an IVF index's lists by k-means over `sample`, sized for `rows` rows."""
-        if self.kind != "ivf" or self._index.is_trained:
+        """Learn a `pq` index's codebooks, or place an IVF index's lists sized for `rows` rows,
+        by k-means over `sample`."""
+        if self._index.is_trained:
+            return
+        sample = np.ascontiguousarray(sample, dtype=np.float32)
+        if self.kind == "pq":
+            self._index.train(sample)
+            LOG.info("trained a PQ index's codebooks from %d rows", len(sample))
             return
         lists = ivf_lists(max(rows, len(sample)), self.settings)
         lists = max(1, min(lists, len(sample) // 39))
         quantizer = faiss.IndexFlatIP(self.dim)
         ivf = faiss.IndexIVFFlat(quantizer, self.dim, lists, faiss.METRIC_INNER_PRODUCT)
-        ivf.train(np.ascontiguousarray(sample, dtype=np.float32))
+        ivf.train(sample)
         self._quantizer = quantizer  # the IVF index does not own it: keep it alive
         self._index = faiss.IndexIDMap2(ivf)
         self._tune()
@@ -122,8 +151,8 @@ class VectorIndex:
             self._index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), ids.astype(np.int64))
 
     def remove(self, ids: np.ndarray) -> None:
-        """Forget ids: removed from the exact index, tombstoned in HNSW and IVF (an ID map over
-        IVF cannot remove: its inner ids are not contiguous)."""
+        """Forget ids: removed from the exact index, tombstoned in the approximate ones (an ID map
+        over them cannot remove: their inner ids are not contiguous)."""
         if not len(ids):
             return
         if self.kind == "flat":
@@ -164,5 +193,6 @@ class VectorIndex:
             return None
         inner = faiss.downcast_index(raw.index)
         kind: Kind = ("hnsw" if isinstance(inner, faiss.IndexHNSWFlat)
-                      else "ivf" if isinstance(inner, faiss.IndexIVFFlat) else "flat")
+                      else "ivf" if isinstance(inner, faiss.IndexIVFFlat)
+                      else "pq" if isinstance(inner, faiss.IndexRefineFlat) else "flat")
         return cls(dim, kind, settings, raw)

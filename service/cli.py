@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
+import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
+import httpx
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 
 from service.settings import DEV_ADMIN_KEY, Settings, masked, use_config_file
+from service.settings_doc import reference
 
 app = typer.Typer(help="Evergreen: keep a live model adapted to a ticket stream without forgetting.",
                   no_args_is_help=True)
@@ -39,6 +43,12 @@ def config_show() -> None:
     typer.echo(json.dumps(masked(Settings()), indent=2))
 
 
+@config_app.command("reference")
+def config_reference() -> None:
+    """Print the reference of every setting as markdown (the source of docs/settings.md)."""
+    typer.echo(reference(), nl=False)
+
+
 @model_app.command("prepare")
 def model_prepare(base: Annotated[Optional[str], typer.Argument(help="Base model; default: `model.base`.")] = None  # noqa: UP045
                   ) -> None:
@@ -54,7 +64,7 @@ def model_prepare(base: Annotated[Optional[str], typer.Argument(help="Base model
 def _banner(settings: Settings) -> None:
     api = settings.api
     console.print(f"[bold green]Evergreen[/] API on http://{api.host}:{api.port}  "
-                  f"(docs: /docs, metrics: /metrics)")
+                  f"(console: /, docs: /docs, metrics: /metrics)")
     if any(k.key.get_secret_value() == DEV_ADMIN_KEY for k in api.keys):
         console.print(f"development admin key: [bold]{DEV_ADMIN_KEY}[/]")
 
@@ -114,3 +124,101 @@ def produce(
             bar.update(task, advance=len(values[chunk:chunk + 100]))
     producer.close()
     console.print(f"sent {len(values)} tickets to {settings.kafka.topic}")
+
+
+# Exit status of `evergreen update` by the update's outcome.
+UPDATE_EXIT = {"promoted": 0, "skipped": 0, "rejected": 1, "failed": 2, "cancelled": 3}
+
+
+def _service_url(settings: Settings) -> str:
+    host = settings.api.host
+    return f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{settings.api.port}"
+
+
+def _admin_key(settings: Settings) -> str:
+    key = next((k for k in settings.api.keys if "admin" in k.scopes), None)
+    if key is None:
+        raise typer.BadParameter("no key with the `admin` scope in `api.keys`: pass --key")
+    return key.key.get_secret_value()
+
+
+@app.command()
+def update(
+    url: Annotated[Optional[str], typer.Option(help="The service (default: `api.host`, `api.port`).")] = None,  # noqa: UP045
+    key: Annotated[Optional[str], typer.Option(help="Admin API key (default: the first in `api.keys`).")] = None,  # noqa: UP045
+    poll: Annotated[float, typer.Option(help="Seconds between progress reads.")] = 0.5,
+) -> None:
+    """Start an update on a running service and follow it to its verdict; Ctrl-C cancels it.
+
+    Follows the running update instead when one is under way. Exit status: 0 promoted or
+    skipped, 1 rejected, 2 failed, 3 cancelled.
+    """
+    settings = Settings()
+    headers = {"Authorization": f"Bearer {key or _admin_key(settings)}"}
+    with httpx.Client(base_url=url or _service_url(settings), headers=headers, timeout=30) as client:
+        started = client.post("/v1/updates")
+        if started.status_code == 409:
+            running = next((u for u in client.get("/v1/updates").json() if u["status"] == "running"), None)
+            if running is None:
+                console.print("an update was running and has just finished: run the command again")
+                raise typer.Exit(2)
+            console.print(f"an update is already running: following update {running['id']}")
+        elif started.status_code != 202:
+            console.print(f"[red]{started.status_code}[/]: {started.json().get('detail', started.text)}")
+            raise typer.Exit(2)
+        else:
+            running = started.json()
+        record = _follow(client, running["id"], poll)
+    version = f" {record['version']}" if record["version"] else ""
+    typer.echo(f"update {record['id']} {record['status']}{version}: {record['reason']}")
+    raise typer.Exit(UPDATE_EXIT[record["status"]])
+
+
+def _follow(client: httpx.Client, update_id: int, poll: float) -> dict[str, Any]:
+    """Poll an update into a progress bar until it ends; the first Ctrl-C asks the service to cancel it."""
+    columns = (TextColumn("update {task.fields[id]}: {task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} tok/s"),
+               TextColumn("ETA {task.fields[eta]}"))
+    cancelling = False
+    with Progress(*columns, console=console) as bar:
+        task = bar.add_task("preparing", total=None, id=update_id, loss="-", speed="-", eta="-")
+        while True:
+            try:
+                record: dict[str, Any] = client.get(f"/v1/updates/{update_id}").raise_for_status().json()
+                _show(bar, task, record, cancelling)
+                if record["status"] != "running":
+                    return record
+                time.sleep(poll)
+            except KeyboardInterrupt:
+                if cancelling:
+                    raise
+                cancelling = True
+                client.post(f"/v1/updates/{update_id}/cancel")  # 409 if it ended meanwhile: shown next poll
+
+
+def _show(bar: Progress, task: TaskID, record: dict[str, Any], cancelling: bool) -> None:
+    p = record["progress"]
+    eta = p.get("eta_s")
+    bar.update(task, description="cancelling" if cancelling else record["stage"],
+               completed=p.get("step", 0), total=p.get("steps"),
+               loss=f"{p['loss']:.4f}" if "loss" in p else "-",
+               speed=f"{p['tokens_per_s']:,.0f}" if "tokens_per_s" in p else "-",
+               eta=str(datetime.timedelta(seconds=round(eta))) if eta is not None else "-")
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "bench"
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench(ctx: typer.Context,
+          name: Annotated[str, typer.Argument(help="cl, buffer, ingest, scoring, serve, train, ...")]) -> None:
+    """Run a benchmark of the checkout's bench/ folder; its own options follow (`... -- --help`)."""
+    import runpy
+    import sys
+
+    script = BENCHMARKS / f"{name}.py"
+    if not script.is_file():
+        known = ", ".join(sorted(p.stem for p in BENCHMARKS.glob("*.py"))) or "none (not a checkout)"
+        raise typer.BadParameter(f"no benchmark {name!r}; known: {known}")
+    sys.argv = [str(script), *ctx.args]
+    runpy.run_path(str(script), run_name="__main__")

@@ -72,6 +72,7 @@ class ServiceCollector(Collector):
         for status in get_args(UpdateStatus):
             updates.add_metric([status], sum(r.status == status for r in s.updates.history))
         yield updates
+        yield from _update_progress(s)
         yield from _update_durations(s)
         yield from _registry_metrics(s)
         batched = GaugeMetricFamily("evergreen_classify_batched", "Classify requests and the batches they ran in.",
@@ -85,6 +86,31 @@ class ServiceCollector(Collector):
                                      "then the pointer move).")
             swap.add_metric([], s.runtime.last_swap_seconds)
             yield swap
+
+
+# Progress field of the running update -> gauge name and help.
+PROGRESS_GAUGES = {
+    "step": ("evergreen_update_step", "Optimiser steps done by the running update."),
+    "steps": ("evergreen_update_steps", "Optimiser steps the running update will take."),
+    "loss": ("evergreen_update_loss", "Training loss (answer tokens) at the running update's last step."),
+    "penalty": ("evergreen_update_penalty", "EWC penalty at the running update's last step."),
+    "tokens_per_s": ("evergreen_update_tokens_per_second", "Training throughput of the running update."),
+    "eta_s": ("evergreen_update_eta_seconds", "Estimated training seconds left (the gate comes after)."),
+}
+
+
+def _update_progress(s: Service) -> Iterator[Metric]:
+    """Whether an update runs, and its progress as its training process last reported it."""
+    record = s.updates.current
+    running = GaugeMetricFamily("evergreen_update_running", "1 while an update runs.")
+    running.add_metric([], int(record is not None))
+    yield running
+    progress = dict(record.progress) if record is not None else {}
+    for key, (name, help_text) in PROGRESS_GAUGES.items():
+        if key in progress:
+            gauge = GaugeMetricFamily(name, help_text)
+            gauge.add_metric([], progress[key])
+            yield gauge
 
 
 UPDATE_BUCKETS = (10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 3600.0)

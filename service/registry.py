@@ -6,7 +6,7 @@ Layout under `root`::
     versions/v0003/adapter_model.safetensors
     versions/v0003/ewc.safetensors            Fisher and anchor for the next warm start
     versions/v0003/evergreen.json             metadata: parent, windows, labels, gate report
-    live.json                                 {"live": "v0003", "history": ["v0000", ...]}
+    live.json                                 {"live": "v0003", "history": ["v0000", ...], "since": t}
 
 Every write is a temporary file or directory, fsynced, then renamed: a crash at any moment
 leaves the previous live version intact. Names are never reused, rejected ones included.
@@ -119,6 +119,12 @@ class AdapterRegistry:
         live: str | None = self._pointer()["live"]
         return live
 
+    @property
+    def live_since(self) -> float | None:
+        """When the live pointer last moved (None for a pointer written before this was kept)."""
+        since: float | None = self._pointer().get("since")
+        return since
+
     # -- writing ----------------------------------------------------------------------------
     def create(self, write: Callable[[Path], Draft]) -> VersionInfo:
         """Allocate the next name, let `write` fill a temporary directory, then publish it."""
@@ -158,7 +164,7 @@ class AdapterRegistry:
                 return
             history = [*pointer["history"], name]
             fsync_write(self.root / "live.json",
-                         json.dumps({"live": name, "history": history}).encode())
+                         json.dumps({"live": name, "history": history, "since": time.time()}).encode())
         self._moved(name, "promote")
 
     def _moved(self, name: str, event: str) -> None:
@@ -179,6 +185,6 @@ class AdapterRegistry:
             history = self._pointer()["history"]
             previous = self.previous_live()
             fsync_write(self.root / "live.json",
-                         json.dumps({"live": previous, "history": history[:-1]}).encode())
+                         json.dumps({"live": previous, "history": history[:-1], "since": time.time()}).encode())
         self._moved(previous, "rollback")
         return previous

@@ -1,35 +1,46 @@
 """Running updates: snapshot the buffer, train and gate a candidate, register it, promote it.
 
 The API's `POST /v1/updates` and the scheduler both call `UpdateManager.start`; only one update
-runs at a time. A crash or error anywhere leaves the live version untouched: the candidate
-directory is published only when complete, and the pointer moves only after the gate passes.
+runs at a time. Training and gating run in a child process (`service.training`) whose progress
+lands in `UpdateRecord.progress`; `cancel` stops it. A crash or error anywhere leaves the live
+version untouched: the candidate directory is published only when complete, and the pointer
+moves only after the gate passes.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from learners.config import GateSettings, TrainSettings
-from learners.train import Cancelled, Progress
-from learners.update import initial_adapter, train_candidate
+from learners.train import Cancelled
+from learners.update import initial_adapter
+from learners.worker import Job
 from replay.buffer import ReplayBuffer
 from service.forgetting import AccuracyMatrix, best_before
 from service.registry import AdapterRegistry, Draft
 from service.runtime import ModelRuntime
+from service.training import TrainingFailed, TrainingProcess, describe_exit
 
 LOG = logging.getLogger(__name__)
 
 UpdateStatus = Literal["running", "promoted", "rejected", "skipped", "cancelled", "failed"]
+# preparing: snapshot, starting the training process, loading the model; gating: Fisher, save, gate.
+UpdateStage = Literal["preparing", "training", "gating", "finished"]
 
 
 class UpdateInProgress(Exception):
     """Another update is running; updates never overlap."""
+
+
+class UpdateNotRunning(Exception):
+    """The update asked to be cancelled has finished already."""
 
 
 @dataclass
@@ -37,10 +48,12 @@ class UpdateRecord:
     id: int
     trigger: str
     status: UpdateStatus = "running"
+    stage: UpdateStage = "preparing"
     started_at: float = field(default_factory=time.time)
     finished_at: float | None = None
     version: str | None = None
     reason: str | None = None
+    # step, steps, loss, penalty, tokens_per_s, and eta_s (training seconds left) once known
     progress: dict[str, float] = field(default_factory=dict)
     gate: dict[str, Any] | None = None
 
@@ -61,7 +74,10 @@ class UpdateManager:
         self._ids = itertools.count(1)
         self._running = threading.Lock()
         self._thread: threading.Thread | None = None
-        self._cancel = threading.Event()
+        # Guards the current update's cancel request and training process, set from API threads.
+        self._control = threading.Lock()
+        self._cancelled: str | None = None  # why the running update was asked to stop
+        self._process: TrainingProcess | None = None
 
     def ensure_initial_version(self) -> str:
         """The registry's first version (an untrained adapter) when it has none; the live name."""
@@ -79,10 +95,23 @@ class UpdateManager:
     def busy(self) -> bool:
         return self._running.locked()
 
+    @property
+    def current(self) -> UpdateRecord | None:
+        """The running update, if any."""
+        return next((r for r in reversed(self.history) if r.status == "running"), None)
+
+    @property
+    def worker_pid(self) -> int | None:
+        """Process id of the running update's training process, once started."""
+        with self._control:
+            return self._process.pid if self._process is not None else None
+
     def start(self, trigger: str) -> UpdateRecord:
         """Start an update in the background; raises UpdateInProgress if one is running."""
         if not self._running.acquire(blocking=False):
             raise UpdateInProgress("an update is already running")
+        with self._control:
+            self._cancelled, self._process = None, None
         record = UpdateRecord(id=next(self._ids), trigger=trigger)
         self.history.append(record)
         self._thread = threading.Thread(target=self._run, args=(record,), name=f"update-{record.id}",
@@ -90,12 +119,30 @@ class UpdateManager:
         self._thread.start()
         return record
 
+    def cancel(self, update_id: int, why: str) -> UpdateRecord:
+        """Ask a running update to stop: its training process gets a cancel message, and is
+        terminated after `train.cancel_grace_seconds`; its candidate is discarded. Returns at once."""
+        record = self.get(update_id)
+        if record is None:
+            raise KeyError(update_id)
+        with self._control:
+            if record.status != "running":
+                raise UpdateNotRunning(f"update {update_id} has finished: {record.status}")
+            self._cancelled = self._cancelled or why
+            if self._process is not None:
+                self._process.cancel()
+        return record
+
     def cancel_and_wait(self, timeout: float | None = None) -> None:
-        """Stop a running update at its next step (its candidate is discarded) and wait for it."""
-        self._cancel.set()
+        """Stop the running update, if any, and wait for it (at shutdown)."""
+        record = self.current
+        if record is not None:
+            try:
+                self.cancel(record.id, "the service is stopping")
+            except UpdateNotRunning:
+                pass
         if self._thread is not None:
             self._thread.join(timeout)
-        self._cancel.clear()
 
     def get(self, update_id: int) -> UpdateRecord | None:
         return next((r for r in self.history if r.id == update_id), None)
@@ -110,7 +157,7 @@ class UpdateManager:
             LOG.exception("update %d failed", record.id)
             record.status, record.reason = "failed", f"{type(exc).__name__}: {exc}"
         finally:
-            record.finished_at = time.time()
+            record.finished_at, record.stage = time.time(), "finished"
             self._running.release()
 
     def _update(self, record: UpdateRecord) -> None:
@@ -122,18 +169,13 @@ class UpdateManager:
             record.status, record.reason = "skipped", "no new labelled records since the live version"
             return
 
-        def on_progress(p: Progress) -> None:
-            record.progress = {"step": p.step, "steps": p.steps, "loss": p.loss,
-                               "penalty": p.penalty, "tokens_per_s": p.tokens_per_s}
-
         def write(tmp: Path) -> Draft:
-            outcome = train_candidate(snapshot, self.base_path, self.registry.path(live), tmp,
-                                      self.train, self.gate, on_progress, self._cancel,
-                                      best_before(self.registry, self.matrix, live))
-            return Draft(parent=live, verdict="accepted" if outcome.gate.passed else "rejected",
+            job = Job(snapshot=snapshot, base_path=self.base_path, live_dir=self.registry.path(live), out_dir=tmp,
+                      train=self.train, gate=self.gate, best_before=best_before(self.registry, self.matrix, live))
+            outcome = self._train(record, job)
+            return Draft(parent=live, verdict="accepted" if outcome["gate"]["passed"] else "rejected",
                          windows_trained=sorted({*live_info.windows_trained, *snapshot.new_windows}),
-                         labels=list(outcome.labels), gate=outcome.gate.to_json(),
-                         train=asdict(outcome.train))
+                         labels=outcome["labels"], gate=outcome["gate"], train=outcome["train"])
 
         info = self.registry.create(write)
         assert info.gate is not None
@@ -148,3 +190,37 @@ class UpdateManager:
             self.runtime.swap(info.name)
         self.registry.promote(info.name)
         record.status = "promoted"
+
+    def _train(self, record: UpdateRecord, job: Job) -> dict[str, Any]:
+        """Run the training process to its end; its `done` message, or an exception saying why not."""
+        with tempfile.TemporaryDirectory(prefix="evergreen-update-") as scratch:
+            with self._control:
+                if self._cancelled is not None:
+                    raise Cancelled(self._cancelled)
+                process = self._process = TrainingProcess(job, Path(scratch) / "job.json",
+                                                          self.train.cancel_grace_seconds)
+            last: dict[str, Any] = {"event": None}  # the message that ended the run, if any
+            try:
+                for message in process.messages():
+                    if message["event"] == "progress":
+                        record.progress = {k: v for k, v in message.items() if k != "event"}
+                        record.stage = "training" if message["step"] < message["steps"] else "gating"
+                    elif message["event"] != "started":
+                        last = message
+            finally:
+                code = process.wait()
+                with self._control:
+                    self._process = None
+        if self._cancelled is not None:  # a candidate finished before the child read the request is dropped too
+            raise Cancelled(f"{self._cancelled}: {_how_it_stopped(last, code)}")
+        if last["event"] == "done":
+            return last
+        raise TrainingFailed(last.get("reason") or describe_exit(code))
+
+
+def _how_it_stopped(last: dict[str, Any], code: int) -> str:
+    if last["event"] == "cancelled":
+        return str(last["reason"])
+    if last["event"] == "done":
+        return "the finished candidate was discarded"
+    return describe_exit(code)

@@ -32,6 +32,15 @@ MODEL_CACHE = ModelSettings().cache_dir
 TINY_TRAIN = TrainSettings(learning_rate=3e-3, epochs=30, batch_size=8)
 
 
+def is_alive(pid: int) -> bool:
+    """Whether a process runs (a zombie left to an init that does not reap counts as gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
 def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

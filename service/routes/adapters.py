@@ -4,7 +4,7 @@ import time
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, status
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from service.deps import AdminDep, PrimaryDep, ServiceDep
 from service.registry import RegistryError, VersionInfo
@@ -29,6 +29,7 @@ class AdapterPublic(BaseModel):
 
 class AdapterList(BaseModel):
     live: str | None
+    live_since: float | None = Field(description="Unix time the live pointer last moved (promotion or rollback).")
     adapters: list[AdapterPublic]
 
 
@@ -43,8 +44,8 @@ def _public(info: VersionInfo, live: str | None) -> AdapterPublic:
 def list_adapters(service: ServiceDep) -> AdapterList:
     """Every version in the registry, oldest first, and which one is live."""
     live = service.registry.live
-    return AdapterList(live=live, adapters=[_public(service.registry.info(n), live)
-                                            for n in service.registry.names()])
+    return AdapterList(live=live, live_since=service.registry.live_since,
+                       adapters=[_public(service.registry.info(n), live) for n in service.registry.names()])
 
 
 def _serve(service: ServiceDep, name: str) -> None:

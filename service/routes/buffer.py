@@ -1,11 +1,13 @@
 from __future__ import annotations
 
 from fastapi import APIRouter
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from service.deps import ServiceDep
 
 router = APIRouter(prefix="/v1", tags=["buffer"])
+
+REDACTED = "redacted_"  # prefix of the buffer's per-PII-kind redaction counters
 
 
 class WindowPublic(BaseModel):
@@ -16,21 +18,57 @@ class WindowPublic(BaseModel):
     labels: list[str]
 
 
+class PartitionLag(BaseModel):
+    topic: str
+    partition: int
+    lag: int = Field(description="Records behind the end of the partition, from the last committed offset.")
+
+
+class IngestPublic(BaseModel):
+    """The Kafka consumer of this instance (counters since the process started)."""
+
+    consumed: int
+    stored: int = Field(description="Valid records handed to the buffer (a redelivery counts again).")
+    lag: list[PartitionLag] = Field(description="Per partition this instance owns.")
+    total_lag: int
+    paused: bool = Field(description="Fetching is paused because the buffer writer is behind.")
+    reconnects: int
+
+
 class BufferPublic(BaseModel):
     records: int
-    pending: int
+    pending: int = Field(description="Records in the open window: what the next update learns.")
     windows: list[WindowPublic]
-    dead_lettered: dict[str, int]
+    labels: dict[str, int] = Field(description="Stored records per label.")
+    duplicates_dropped: int = Field(description="Near-duplicates never stored, over the buffer's life.")
+    evicted: int = Field(description="Training rows evicted to respect `replay.capacity`, over the buffer's life.")
+    redactions: dict[str, int] = Field(description="PII redactions per kind since this process started.")
+    suspects: int = Field(description="Records flagged as likely mislabelled since this process started.")
+    dead_lettered: dict[str, int] = Field(description="Messages sent to the dead-letter topic, by reason.")
+    ingest: IngestPublic | None = Field(description="Null when this instance does not consume Kafka.")
 
 
 @router.get("/buffer")
 def buffer_summary(service: ServiceDep) -> BufferPublic:
-    """Replay buffer size, windows with their train/probe split, and dead-letter counts."""
-    stats = service.ingester.stats.dead_lettered if service.ingester else {}
+    """Replay buffer size, labels, curation counts, windows with their train/probe split, and
+    the consumer's dead letters and lag."""
+    buffer, ingester = service.buffer, service.ingester
+    skipped, stats = buffer.skipped_counts(), dict(buffer.stats)
+    ingest = None
+    if ingester is not None:
+        s = ingester.stats
+        lag = [PartitionLag(topic=t, partition=p, lag=n) for (t, p), n in sorted(s.lag.items())]
+        ingest = IngestPublic(consumed=s.consumed, stored=s.stored, lag=lag, total_lag=sum(x.lag for x in lag),
+                              paused=s.paused, reconnects=s.reconnects)
     return BufferPublic(
-        records=len(service.buffer), pending=service.buffer.pending(),
+        records=len(buffer), pending=buffer.pending(),
         windows=[WindowPublic(id=w.id, closed=w.closed, train_size=w.train_size,
                               probe_size=w.probe_size, labels=list(w.labels))
-                 for w in service.buffer.windows()],
-        dead_lettered=dict(stats),
+                 for w in buffer.windows()],
+        labels=buffer.label_counts(),
+        duplicates_dropped=skipped.get("near_duplicate", 0), evicted=skipped.get("evicted", 0),
+        redactions={k.removeprefix(REDACTED): n for k, n in sorted(stats.items()) if k.startswith(REDACTED)},
+        suspects=stats.get("suspect", 0),
+        dead_lettered=dict(ingester.stats.dead_lettered) if ingester else {},
+        ingest=ingest,
     )

@@ -4,10 +4,10 @@ from dataclasses import asdict
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, status
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from service.deps import AdminDep, PrimaryDep, ServiceDep
-from service.updates import UpdateInProgress, UpdateRecord
+from service.updates import UpdateInProgress, UpdateNotRunning, UpdateRecord, UpdateStage
 
 router = APIRouter(prefix="/v1", tags=["updates"])
 
@@ -16,11 +16,14 @@ class UpdatePublic(BaseModel):
     id: int
     trigger: str
     status: str
+    stage: UpdateStage = Field(description="preparing (loading, snapshotting), training, gating (the gate's "
+                                           "evaluation after the last step), or finished.")
     started_at: float
     finished_at: float | None
     version: str | None
     reason: str | None
-    progress: dict[str, float]
+    progress: dict[str, float] = Field(description="step, steps, loss, penalty, tokens_per_s and, from "
+                                                   "step 2, eta_s: seconds of training left (gating follows).")
     gate: dict[str, Any] | None
 
 
@@ -49,3 +52,18 @@ def get_update(service: ServiceDep, update_id: int) -> UpdatePublic:
     if record is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no update {update_id}")
     return _public(record)
+
+
+@router.post("/updates/{update_id}/cancel", status_code=status.HTTP_202_ACCEPTED)
+def cancel_update(*, service: ServiceDep, _admin: AdminDep, _primary: PrimaryDep, update_id: int) -> UpdatePublic:
+    """Stop a running update (409 once it has finished); it ends `cancelled`, nothing published.
+
+    Answers at once: the training process stops at its next step, or is terminated after
+    `train.cancel_grace_seconds`; poll `GET /v1/updates/{id}` for the end.
+    """
+    try:
+        return _public(service.updates.cancel(update_id, "cancelled through the API"))
+    except KeyError as exc:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no update {update_id}") from exc
+    except UpdateNotRunning as exc:
+        raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc

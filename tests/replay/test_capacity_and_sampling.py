@@ -7,6 +7,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -77,23 +78,24 @@ def test_sampling_policies(tmp_path: Path, embedder: SentenceEmbedder) -> None:
     assert buffer.sample(30, [window], seed=1) == buffer.sample(30, [window], seed=1)  # seeded
 
 
-def test_auto_index_switches_to_hnsw_past_the_exact_limit(tmp_path: Path, embedder: SentenceEmbedder) -> None:
-    settings = ReplaySettings(exact_max_rows=50, capacity=80, eviction="reservoir")
+@pytest.mark.parametrize("large", ["pq", "hnsw"])
+def test_auto_index_switches_past_the_exact_limit(tmp_path: Path, embedder: SentenceEmbedder, large: str) -> None:
+    settings = ReplaySettings(exact_max_rows=50, large_index=large, capacity=80, eviction="reservoir")
     buffer = ReplayBuffer(tmp_path, embedder, settings=settings)
     tickets = by_label(["card_arrival", "exchange_rate"], [50, 50])
     buffer.add_many(tickets[:40])
     assert buffer._index.kind == "flat"
     buffer.close_window()
     buffer.add_many(tickets[40:90])  # 90 rows, 10 evicted from the closed window: 80 > 50 rows
-    assert buffer._index.kind == "hnsw" and buffer.index_matches_rows() and len(buffer) == 80
+    assert buffer._index.kind == large and buffer.index_matches_rows() and len(buffer) == 80
     target = tickets[60]
     assert buffer.search(target.text, k=1)[0][0].id == target.id
-    buffer.add_many(tickets[90:])  # 10 more evicted: HNSW cannot delete, it keeps tombstones
+    buffer.add_many(tickets[90:])  # 10 more evicted: approximate indexes keep tombstones
     assert len(buffer) == 80 and buffer._index.stale == 10
     assert len({r.id for r, _ in buffer.search("card", k=80)}) == 80  # search skips the tombstones
     buffer.close()
     reopened = ReplayBuffer(tmp_path, embedder, settings=settings)
-    assert reopened._index.kind == "hnsw" and reopened._index.stale == 10 and reopened.index_matches_rows()
+    assert reopened._index.kind == large and reopened._index.stale == 10 and reopened.index_matches_rows()
 
 
 def test_ivf_index_trains_from_the_rows_and_deletes(tmp_path: Path, embedder: SentenceEmbedder) -> None:

@@ -9,12 +9,13 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import tiny_settings, wait_for
+from conftest import is_alive, tiny_settings, wait_for
 from learners.config import TrainSettings
 from service.core import Service
 from service.settings import SchedulerSettings
 
 TESTS = Path(__file__).resolve().parents[1]
+ROOT = TESTS.parent
 
 
 def test_jobs_persist_across_restarts_and_triggers_fire(tiny_llama: Path, tmp_path: Path) -> None:
@@ -65,24 +66,29 @@ service.buffer.add_many([TicketRecord(id=f"t{i}", text=f"my {'card' if i % 2 els
 record = service.updates.start("manual")
 while not record.progress and record.finished_at is None:  # tell the test once training is under way
     time.sleep(0.01)
-sys.stdout.write("training\n" if record.finished_at is None else f"finished: {record.status} {record.reason}\n")
+sys.stdout.write(f"training {service.updates.worker_pid}\n" if record.finished_at is None
+                 else f"finished: {record.status} {record.reason}\n")
 sys.stdout.flush()
 time.sleep(600)
 """
 
 
 def test_crash_mid_update_leaves_live_untouched_and_next_run_clean(tiny_llama: Path, tmp_path: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    # This checkout first: tests/service would otherwise stand in for the `service` package.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS), os.environ.get("PYTHONPATH", "")])}
     child = subprocess.Popen([sys.executable, "-c", CRASHING_UPDATE, str(tmp_path)], env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     candidate = tmp_path / "registry" / "versions" / "v0001.tmp"
     try:
-        assert child.stdout is not None and child.stdout.readline() == "training\n", \
-            child.stderr.read()[-2000:] if child.stderr else ""
+        assert child.stdout is not None
+        said = child.stdout.readline()
+        assert said.startswith("training "), said + (child.stderr.read()[-2000:] if child.stderr else "")
         os.kill(child.pid, signal.SIGKILL)
     finally:
         child.kill()
         child.wait(30)
+    # Its training process sees the service gone (stdin closed) and exits rather than write on.
+    wait_for(lambda: not is_alive(int(said.split()[1])), 5, "the orphaned training process to exit")
     assert candidate.is_dir() and not (tmp_path / "registry" / "versions" / "v0001").exists()
 
     service = Service(tiny_settings(tmp_path, None, train=TrainSettings(epochs=2, batch_size=8)))

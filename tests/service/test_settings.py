@@ -43,3 +43,11 @@ def test_config_show_prints_effective_settings_with_secrets_masked(monkeypatch: 
     shown = json.loads(result.stdout)
     assert shown["kafka"]["bootstrap"] == "broker:9092"
     assert "s3cret" not in result.stdout and shown["api"]["keys"][0]["key"] == "**********"
+
+
+def test_settings_reference_matches_the_settings_tree() -> None:
+    """docs/settings.md is generated from the tree; a new or changed setting must regenerate it."""
+    from service.settings_doc import reference
+
+    committed = (Path(__file__).parents[2] / "docs" / "settings.md").read_text()
+    assert committed == reference(), "run: evergreen config reference > docs/settings.md"

@@ -1,0 +1,121 @@
+"""One update's training and gating in a process of its own: `python -m learners.worker JOB`.
+
+The serving process writes a `Job` (the snapshot, the paths, the settings) as JSON and starts
+this module; it trains with its own torch thread budget, so queries keep being answered, and
+writes the candidate into `Job.out_dir`. It talks back with one JSON object per line on stdout:
+
+    {"event": "started", "pid": 4711, "threads": 1}
+    {"event": "progress", "step": 3, "steps": 40, "loss": 1.9, "penalty": 0.0, "tokens_per_s": 812.5,
+     "eta_s": 9.1}                                  # eta_s from the second step on
+    {"event": "done", "gate": {...}, "train": {...}, "labels": [...]}
+    {"event": "cancelled", "reason": "..."} or {"event": "failed", "reason": "..."}
+
+Its stdin carries the other direction: a `cancel` line stops training at the next step. End of
+stdin means the serving process is gone: nobody will read the result, so the worker exits at once
+rather than keep writing into a draft directory a restarted service is about to remove.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+from pydantic import BaseModel, Field
+
+from learners.config import GateSettings, TrainSettings
+from learners.train import Cancelled, Progress
+from learners.update import train_candidate
+from replay.buffer import Snapshot
+
+LOG = logging.getLogger(__name__)
+CANCEL = "cancel"
+EXIT_CANCELLED = 3
+EXIT_ORPHANED = 4
+
+
+class Job(BaseModel):
+    """Everything the worker needs, written by the serving process as JSON."""
+
+    snapshot: Snapshot = Field(description="New window, replay sample and probes (see `ReplayBuffer.snapshot`).")
+    base_path: Path = Field(description="Directory of the base model.")
+    live_dir: Path = Field(description="The live adapter, the warm start and the gate's reference.")
+    out_dir: Path = Field(description="Where the candidate is written (the registry's draft directory).")
+    train: TrainSettings
+    gate: GateSettings
+    best_before: dict[int, float] = Field(description="Each window's best accuracy under earlier live versions.")
+
+
+def thread_budget(cfg: TrainSettings) -> int:
+    """`train.threads`, or half the cores this process may run on (the other half serves)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
+    return cfg.threads or max(1, cores // 2)
+
+
+class Reporter:
+    """Writes protocol lines; adds an ETA from the pace of the steps seen so far."""
+
+    def __init__(self, out: IO[str]) -> None:
+        self.out = out
+        self._first: tuple[float, int] | None = None  # when the first reported step ended
+
+    def send(self, event: str, **fields: Any) -> None:
+        self.out.write(json.dumps({"event": event, **fields}, default=str) + "\n")
+        self.out.flush()
+
+    def progress(self, p: Progress) -> None:
+        now = time.monotonic()
+        fields: dict[str, float] = asdict(p)
+        if self._first is None:
+            self._first = (now, p.step)
+        elif p.step > self._first[1]:
+            per_step = (now - self._first[0]) / (p.step - self._first[1])
+            fields["eta_s"] = per_step * (p.steps - p.step)
+        self.send("progress", **fields)
+
+
+def watch_stdin(cancel: threading.Event) -> None:
+    """Sets `cancel` on a `cancel` line; exits the process when the parent closes stdin."""
+    for line in sys.stdin:
+        if line.strip() == CANCEL:
+            cancel.set()
+    LOG.warning("the serving process is gone: stopping")
+    os._exit(EXIT_ORPHANED)
+
+
+def main(job_file: Path) -> int:
+    # Protocol lines own the real stdout; anything a library prints goes to stderr instead.
+    out = os.fdopen(os.dup(sys.stdout.fileno()), "w")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    reporter = Reporter(out)
+    cancel = threading.Event()
+    threading.Thread(target=watch_stdin, args=(cancel,), name="stdin", daemon=True).start()
+    try:
+        job = Job.model_validate_json(job_file.read_text())
+        threads = thread_budget(job.train)
+        torch.set_num_threads(threads)
+        reporter.send("started", pid=os.getpid(), threads=threads)
+        outcome = train_candidate(job.snapshot, job.base_path, job.live_dir, job.out_dir, job.train, job.gate,
+                                  reporter.progress, cancel, job.best_before)
+    except Cancelled as exc:
+        reporter.send("cancelled", reason=str(exc))
+        return EXIT_CANCELLED
+    except Exception as exc:  # reported to the parent, which marks the update failed
+        LOG.exception("training failed")
+        reporter.send("failed", reason=f"{type(exc).__name__}: {exc}")
+        return 1
+    reporter.send("done", gate=outcome.gate.to_json(), train={**asdict(outcome.train), "threads": threads},
+                  labels=list(outcome.labels))
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s[worker]: %(message)s")
+    sys.exit(main(Path(sys.argv[1])))

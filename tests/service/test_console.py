@@ -1,0 +1,185 @@
+"""The web console in real headless Chromium (Debian's), against a real service: Tansu broker,
+MiniLM + FAISS buffer, the tiny llama with LoRA, uvicorn. Updates really train and gate.
+
+The full-page screenshots land in `docs/img/*.tmp.png` (ignored by git); the README shows copies.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from playwright.sync_api import Browser, ConsoleMessage, Page, expect, sync_playwright
+from test_end_to_end import WINDOW_1, WINDOW_2, window_tickets
+
+from conftest import LiveService, tiny_settings, wait_for
+from replay.config import ReplaySettings
+from service.settings import DEV_ADMIN_KEY, Settings
+from streams.broker import LocalBroker
+from streams.produce import TicketProducer
+
+CHROMIUM = "/usr/bin/chromium"  # Debian's package; Playwright never downloads a browser here
+# Without the background-networking flags Chromium stalls on refused connections (no internet).
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+SHOTS = Path(__file__).resolve().parents[2] / "docs" / "img"
+UPDATE_TIMEOUT_MS = 240_000
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
+        yield launched
+        launched.close()
+
+
+def open_console(browser: Browser, url: str, errors: list[str]) -> Page:
+    page = browser.new_page(viewport={"width": 1360, "height": 900})
+
+    def on_console(message: ConsoleMessage) -> None:
+        if message.type == "error":
+            errors.append(message.text)
+
+    page.on("console", on_console)
+    page.on("pageerror", lambda exc: errors.append(f"uncaught: {exc}"))
+    page.goto(url)
+    expect(page.locator('#timeline [data-name="v0000"]')).to_be_visible()
+    return page
+
+
+def produce(bootstrap: str, topic: str, values: list[bytes]) -> None:
+    producer = TicketProducer(bootstrap, topic)
+    assert producer.send_all(values) == len(values)
+    producer.close()
+
+
+def stored(client: httpx.Client, count: int) -> None:
+    """Wait until the ingester handed `count` valid records to the buffer in all."""
+    wait_for(lambda: (client.get("/v1/buffer").json()["ingest"] or {}).get("stored") == count, 60,
+             f"{count} records stored")
+
+
+def trigger_and_wait(page: Page, version: str) -> None:
+    page.click("#trigger-update")
+    expect(page.locator("#message")).to_contain_text("Update #")
+    expect(page.locator(f'#timeline [data-name="{version}"]')).to_be_visible(timeout=UPDATE_TIMEOUT_MS)
+
+
+def test_console_watches_forgetting_and_steers_updates(
+        broker: LocalBroker, serve: Callable[[Settings], LiveService], browser: Browser, tmp_path: Path) -> None:
+    settings = tiny_settings(tmp_path, broker.bootstrap, replay=ReplaySettings(near_duplicate_cosine=0.999))
+    live = serve(settings)
+    client = live.client()
+    errors: list[str] = []
+    page = open_console(browser, live.url, errors)
+
+    # Window 1 over Kafka, with a malformed message (dead-lettered) and a ticket carrying PII.
+    pii = json.dumps({"id": "pii", "label": WINDOW_1[0], "text": "my card issue, write to jo@example.com"})
+    window1 = [*window_tickets(1, WINDOW_1, 60), pii.encode(), b'{"id": "broken", "text": 42}']
+    produce(broker.bootstrap, settings.kafka.topic, window1)
+    stored(client, len(window1) - 1)
+
+    page.fill("#admin-key", DEV_ADMIN_KEY)
+    page.click("#key-save")
+    expect(page.locator("#key-state")).to_have_text("key set for this tab")
+    page.click("#trigger-update")
+    # Progress is shown while the update runs (step, loss, ETA), then the new version appears.
+    expect(page.locator("#progress-figures")).to_contain_text(re.compile(r"step\d+ / \d+"), timeout=UPDATE_TIMEOUT_MS)
+    page.locator("#update").screenshot(path=str(SHOTS / "console-update.tmp.png"))
+    expect(page.locator('#timeline [data-name="v0001"]')).to_be_visible(timeout=UPDATE_TIMEOUT_MS)
+    expect(page.locator("#progress-figures")).to_contain_text("ETA")
+    wait_for(lambda: client.get("/v1/updates/1").json()["status"] != "running", 120, "update 1 settled")
+    first = client.get("/v1/updates/1").json()
+    assert first["stage"] == "finished" and first["progress"]["step"] == first["progress"]["steps"]
+    assert first["progress"]["eta_s"] == 0  # measured from the pace of the steps; none were left
+
+    # Windows 2 and 3 (new intents, then window 1's intents again): one click each.
+    produce(broker.bootstrap, settings.kafka.topic, window_tickets(2, WINDOW_2, 60))
+    stored(client, len(window1) - 1 + 60)
+    trigger_and_wait(page, "v0002")
+    produce(broker.bootstrap, settings.kafka.topic, window_tickets(3, WINDOW_1, 60))
+    stored(client, len(window1) - 1 + 120)
+    trigger_and_wait(page, "v0003")
+    wait_for(lambda: all(u["status"] != "running" for u in client.get("/v1/updates").json()), 120, "updates done")
+
+    # The heatmap has one cell per version and window of the served matrix, coloured where measured.
+    forgetting = client.get("/v1/forgetting").json()
+    assert forgetting["windows"] == [1, 2, 3]
+    versions = forgetting["versions"]
+    cells = page.locator("#heatmap .cell")
+    expect(cells).to_have_count(len(versions) * len(forgetting["windows"]))
+    expect(page.locator("#heatmap .cell.measured")).to_have_count(sum(len(v["accuracy"]) for v in versions))
+    newest = versions[-1]
+    cell = page.locator(f'#heatmap .cell[data-version="{newest["name"]}"][data-window="1"]')
+    expect(cell).to_contain_text(f"{round(newest['accuracy']['1'] * 100)}%")
+    expect(page.locator("#window-lines path.series")).to_have_count(3)
+    expect(page.locator("#summary-lines path.series")).to_have_count(3)
+
+    # The timeline names every version with its verdict; a click opens its gate report.
+    adapters = client.get("/v1/adapters").json()
+    assert [a["name"] for a in adapters["adapters"]] == ["v0000", "v0001", "v0002", "v0003"]
+    expect(page.locator("#live-version")).to_have_text(adapters["live"])
+    live_info = next(a for a in adapters["adapters"] if a["live"])
+    assert adapters["live_since"] >= live_info["created_at"]
+    page.click('#timeline [data-name="v0002"]')
+    gate = next(a for a in adapters["adapters"] if a["name"] == "v0002")["gate"]
+    expect(page.locator("#gate .reason")).to_have_text(gate["reason"])
+    expect(page.locator("#gate table.list").nth(1).locator("tr")).to_have_count(len(gate["checks"]) + 1)
+
+    # The buffer card shows what the API counts: per label, duplicates, PII, dead letters, lag.
+    buffer = client.get("/v1/buffer").json()
+    assert buffer["redactions"] and buffer["dead_lettered"] == {"invalid_fields": 1}
+    assert buffer["ingest"]["lag"] and buffer["ingest"]["total_lag"] == 0
+    figures = page.locator("#buffer-figures")
+    expect(figures).to_contain_text(f"records{buffer['records']}")
+    expect(figures).to_contain_text(f"duplicates dropped{buffer['duplicates_dropped']}")
+    expect(page.locator("#labels .bar-row")).to_have_count(len(buffer["labels"]))
+    expect(page.locator("#dead-letters")).to_contain_text("invalid_fields")
+    expect(page.locator("#redactions .bar-row")).to_have_count(len(buffer["redactions"]))
+    expect(page.locator("#lag .bar-row")).to_have_count(len(buffer["ingest"]["lag"]))
+
+    # The playground asks the live version.
+    page.fill("#ticket", "hello my topup issue 12")
+    page.click("#classify")
+    expect(page.locator("#answer-label")).to_have_text(
+        client.post("/v1/classify", json={"text": "hello my topup issue 12", "top_k": 5}).json()["label"])
+    page.click("#reply")
+    expect(page.locator("#answer-reply")).to_be_visible(timeout=60_000)
+
+    expect(page.locator("#gate")).to_be_visible()  # the screenshot shows v0002's gate report
+    page.screenshot(path=str(SHOTS / "console.tmp.png"), full_page=True)
+    assert errors == []
+
+
+def test_actions_are_refused_without_the_admin_key(
+        serve: Callable[[Settings], LiveService], browser: Browser, tmp_path: Path) -> None:
+    live = serve(tiny_settings(tmp_path, None))
+    errors: list[str] = []
+    page = open_console(browser, live.url, errors)
+    expect(page.locator("#key-state")).to_have_text("no key: read-only")
+
+    page.click("#trigger-update")
+    message = page.locator("#message")
+    expect(message).to_contain_text("Refused (401)")
+    expect(message).to_contain_text("Enter the admin key")
+    page.click("#rollback")
+    expect(message).to_contain_text("Roll back: Refused (401)")
+    page.click('#timeline [data-name="v0000"]')
+    expect(page.locator("#gate")).to_contain_text("never judged")
+
+    page.fill("#admin-key", "not-the-key")  # a wrong key is refused the same way
+    page.click("#key-save")
+    page.click("#trigger-update")
+    expect(message).to_contain_text("unknown API key")
+
+    client = live.client()
+    assert client.get("/v1/updates").json() == []  # nothing started
+    assert client.get("/v1/adapters").json()["live"] == "v0000"
+    # The only errors the browser logged are the refused requests themselves.
+    assert errors and all("401" in e for e in errors), errors
+    page.screenshot(path=str(SHOTS / "console-refused.tmp.png"))

@@ -1,0 +1,207 @@
+"""Updates train in a child process: the service keeps answering, progress reaches the API, the
+metrics and `evergreen update`, and a cancel or a crash of the child leaves the live version and
+the registry clean.
+
+Real parts: a uvicorn server, the tiny llama with LoRA, `python -m learners.worker` children.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from conftest import TINY_TRAIN, LiveService, is_alive, tiny_settings, wait_for
+from learners.config import GateSettings
+from service.cli import UPDATE_EXIT, app
+from service.core import Service
+from service.settings import DEV_ADMIN_KEY, Settings
+from streams.records import TicketRecord
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# About 110 optimiser steps of the tiny llama: training lasts seconds, long enough to act during it.
+TRAIN = TINY_TRAIN.model_copy(update={"threads": 1})
+LABELS = ["card_arrival", "exchange_rate"]
+
+
+def add_window(service: Service, n: int = 40) -> None:
+    service.buffer.add_many([TicketRecord(id=f"t{i}", text=f"my {'card' if i % 2 else 'rate'} issue {i}",
+                                          label=LABELS[i % 2]) for i in range(n)])
+
+
+def assert_nothing_published(service: Service) -> None:
+    assert service.registry.live == "v0000" and service.runtime.version == "v0000"
+    assert service.registry.names() == ["v0000"]
+    assert not list(service.registry.versions_dir.glob("*.tmp"))
+
+
+def gauge(metrics: str, name: str) -> float | None:
+    found = re.search(rf"^{name} (\S+)$", metrics, re.MULTILINE)
+    return float(found.group(1)) if found else None
+
+
+def test_queries_are_answered_while_an_update_trains_in_its_own_process(
+        serve: Callable[[Settings], LiveService], tmp_path: Path) -> None:
+    live = serve(tiny_settings(tmp_path, None, train=TRAIN))
+    add_window(live.service)
+    client = live.client()
+    update_id = client.post("/v1/updates", headers=live.admin).json()["id"]
+    wait_for(lambda: live.service.updates.worker_pid is not None, 60, "the training process")
+    worker = live.service.updates.worker_pid
+    assert worker is not None and worker != os.getpid() and is_alive(worker)
+
+    seen: list[dict[str, float]] = []
+    answers: list[int] = []
+    scraped = ""
+    while (record := client.get(f"/v1/updates/{update_id}").json())["stage"] in ("preparing", "training"):
+        if record["stage"] == "training":
+            seen.append(record["progress"])
+            answers.append(client.post("/v1/classify", json={"text": "my card issue", "labels": LABELS}).status_code)
+            if not scraped:
+                scraped = client.get("/metrics").text
+        time.sleep(0.05)
+    wait_for(lambda: client.get(f"/v1/updates/{update_id}").json()["status"] != "running", 120, "the update")
+    record = client.get(f"/v1/updates/{update_id}").json()
+
+    assert record["status"] in ("promoted", "rejected"), record
+    assert len(answers) >= 5 and set(answers) == {200}, answers  # served all through training
+    steps = [p["step"] for p in seen]
+    assert steps == sorted(steps) and steps[-1] > steps[0]  # progress arrived as training went
+    assert record["progress"]["step"] == record["progress"]["steps"] == seen[0]["steps"]
+    assert {"loss", "penalty", "tokens_per_s", "eta_s"} <= set(record["progress"])
+    assert record["progress"]["tokens_per_s"] > 0
+    assert gauge(scraped, "evergreen_update_running") == 1
+    assert gauge(scraped, "evergreen_update_steps") == seen[0]["steps"]
+    assert 1 <= (gauge(scraped, "evergreen_update_step") or 0) <= seen[0]["steps"]
+    assert (gauge(scraped, "evergreen_update_tokens_per_second") or 0) > 0
+    assert gauge(scraped, "evergreen_update_loss") is not None
+    after = client.get("/metrics").text
+    assert gauge(after, "evergreen_update_running") == 0 and gauge(after, "evergreen_update_step") is None
+    assert not is_alive(worker)
+    train = live.service.registry.info(record["version"]).train
+    assert train is not None and train["threads"] == 1 and train["steps"] == record["progress"]["steps"]
+
+
+def test_cancel_stops_the_training_and_publishes_nothing(serve: Callable[[Settings], LiveService],
+                                                        tmp_path: Path) -> None:
+    live = serve(tiny_settings(tmp_path, None, train=TRAIN))
+    add_window(live.service)
+    client = live.client()
+    update_id = client.post("/v1/updates", headers=live.admin).json()["id"]
+    wait_for(lambda: client.get(f"/v1/updates/{update_id}").json()["stage"] == "training", 90, "training")
+    worker = live.service.updates.worker_pid
+    assert worker is not None
+
+    assert client.post(f"/v1/updates/{update_id}/cancel").status_code == 401
+    asked = time.monotonic()
+    cancelled = client.post(f"/v1/updates/{update_id}/cancel", headers=live.admin)
+    assert cancelled.status_code == 202 and cancelled.json()["status"] == "running"
+    wait_for(lambda: client.get(f"/v1/updates/{update_id}").json()["status"] != "running", 30, "the cancel")
+    took = time.monotonic() - asked
+    record = client.get(f"/v1/updates/{update_id}").json()
+
+    assert record["status"] == "cancelled", record
+    # Stopped at a step boundary, well within the grace period (not terminated).
+    assert record["reason"].startswith("cancelled through the API: cancelled at step"), record["reason"]
+    assert took < TRAIN.cancel_grace_seconds
+    assert not is_alive(worker)
+    assert_nothing_published(live.service)
+    assert client.post(f"/v1/updates/{update_id}/cancel", headers=live.admin).status_code == 409
+    assert client.post("/v1/updates/99/cancel", headers=live.admin).status_code == 404
+    assert client.post("/v1/classify", json={"text": "my card", "labels": LABELS}).status_code == 200
+
+
+def test_a_killed_training_process_fails_the_update_and_the_next_starts_clean(tiny_llama: Path,
+                                                                              tmp_path: Path) -> None:
+    service = Service(tiny_settings(tmp_path, None, train=TRAIN))
+    try:
+        add_window(service)
+        crashed = service.updates.start("manual")
+        wait_for(lambda: bool(crashed.progress) or crashed.finished_at is not None, 90, "training")
+        worker = service.updates.worker_pid
+        assert worker is not None, crashed
+        os.kill(worker, signal.SIGKILL)
+        wait_for(lambda: crashed.finished_at is not None, 30, "the update to notice")
+        assert crashed.status == "failed"
+        assert crashed.reason == "TrainingFailed: the training process was killed by SIGKILL"
+        assert_nothing_published(service)
+
+        again = service.updates.start("manual")
+        wait_for(lambda: again.finished_at is not None, 180, "the update after the crash")
+        assert again.status in ("promoted", "rejected"), again
+        assert again.version == "v0001" and again.gate is not None and "1" in again.gate["candidate"]
+    finally:
+        service.stop()
+
+
+def test_shutdown_terminates_a_training_process_that_does_not_stop(tiny_llama: Path, tmp_path: Path) -> None:
+    # Cancelled before its first step (still importing torch), the child cannot act on the
+    # message in time: it is terminated when the grace period ends.
+    service = Service(tiny_settings(tmp_path, None, train=TRAIN.model_copy(update={"cancel_grace_seconds": 0.5})))
+    try:
+        add_window(service)
+        record = service.updates.start("manual")
+        wait_for(lambda: service.updates.worker_pid is not None, 60, "the training process")
+        worker = service.updates.worker_pid
+        assert worker is not None
+        asked = time.monotonic()
+        service.updates.cancel_and_wait(30)
+        assert record.status == "cancelled" and time.monotonic() - asked < 10
+        assert record.reason == "the service is stopping: the training process was killed by SIGTERM"
+        assert not is_alive(worker)
+        assert_nothing_published(service)
+    finally:
+        service.stop()
+
+
+def test_update_shows_progress_and_exits_with_the_verdict(serve: Callable[[Settings], LiveService],
+                                                          tmp_path: Path) -> None:
+    # No candidate can gain a whole 1.0 of accuracy over live: the gate must reject it.
+    live = serve(tiny_settings(tmp_path, None, train=TRAIN, gate=GateSettings(min_gain=1.0)))
+    runner = CliRunner()
+
+    nothing = runner.invoke(app, ["update", "--url", live.url])  # the key defaults to the settings' admin key
+    assert nothing.exit_code == 0, nothing.output
+    assert nothing.stdout == "update 1 skipped: no new labelled records since the live version\n"
+
+    add_window(live.service)
+    assert live.client().post("/v1/updates", headers=live.admin).status_code == 202
+    result = runner.invoke(app, ["update", "--url", live.url, "--key", DEV_ADMIN_KEY, "--poll", "0.2"])
+    assert "already running: following update 2" in result.stderr
+    record = live.service.updates.get(2)
+    assert record is not None and record.status == "rejected" and record.gate is not None
+    assert result.exit_code == UPDATE_EXIT["rejected"] == 1, result.output
+    assert result.stdout == f"update 2 rejected v0001: {record.gate['reason']}\n"
+    steps = int(record.progress["steps"])
+    assert f"{steps}/{steps}" in result.stderr and "loss 0." in result.stderr and "tok/s" in result.stderr
+
+    wrong = runner.invoke(app, ["update", "--url", live.url, "--key", "nope"])
+    assert wrong.exit_code == 2 and "unknown API key" in wrong.stderr
+
+
+def test_ctrl_c_cancels_the_update(serve: Callable[[Settings], LiveService], tmp_path: Path) -> None:
+    live = serve(tiny_settings(tmp_path, None, train=TRAIN))
+    add_window(live.service)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cli = subprocess.Popen([sys.executable, "-c", "from service.cli import app; app()", "update", "--url", live.url],
+                           cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: (r := live.service.updates.get(1)) is not None and r.stage == "training", 90, "training")
+        cli.send_signal(signal.SIGINT)
+        out, err = cli.communicate(timeout=60)
+    finally:
+        cli.kill()
+    record = live.service.updates.get(1)
+    assert record is not None and record.status == "cancelled", (record, err[-2000:])
+    assert cli.returncode == UPDATE_EXIT["cancelled"] == 3, err[-2000:]
+    assert out == f"update 1 cancelled: {record.reason}\n"
+    assert record.reason is not None and record.reason.startswith("cancelled through the API")
+    assert live.service.registry.names() == ["v0000"]
