@@ -42,21 +42,9 @@ class LabelScorer:
             self._ids[row, : len(ids)] = torch.tensor(ids)
             self._mask[row, : len(ids)] = 1
 
-    @torch.inference_mode()
     def score(self, model: nn.Module, text: str) -> torch.Tensor:
         """Summed log-probability of every label (shape: labels); softmax of it is confidence."""
-        prompt = torch.tensor([prompt_ids(self.tokenizer, text, self.max_prompt_tokens)])
-        out = model(input_ids=prompt, use_cache=True)
-        first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)[self._ids[:, 0]]
-        cache = out.cache
-        n = len(self.labels)
-        cache.batch_repeat_interleave(n)
-        attention = torch.cat([torch.ones((n, prompt.shape[1]), dtype=torch.long), self._mask], dim=1)
-        # Position t of this pass predicts label token t+1; right padding keeps real positions.
-        logits = model(input_ids=self._ids, attention_mask=attention, cache=cache).logits
-        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-        rest = logp.gather(-1, self._ids[:, 1:, None])[..., 0] * self._mask[:, 1:]
-        return first + rest.sum(dim=1)
+        return self.score_batch(model, [text])[0]
 
     @torch.inference_mode()
     def score_batch(self, model: nn.Module, texts: Sequence[str]) -> torch.Tensor:
@@ -64,7 +52,9 @@ class LabelScorer:
 
         Prompts are left-padded so every prompt ends at the same position; explicit position ids
         keep each prompt's positions as if it ran alone. On a CPU a small batch costs little more
-        than one ticket: the weights are read once per pass, not once per ticket.
+        than one ticket: the weights are read once per pass, not once per ticket. Only logits
+        that score a label token are computed: the vocabulary projection is a fifth of the
+        model's work per token, and prompt positions, padding and each label's last token need none.
         """
         if not texts:
             return torch.zeros((0, len(self.labels)))
@@ -76,19 +66,24 @@ class LabelScorer:
             ids[row, width - len(prompt):] = torch.tensor(prompt)
             mask[row, width - len(prompt):] = 1
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
         first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)[:, self._ids[:, 0]]  # b × n
-        cache = out.cache
-        cache.batch_repeat_interleave(n)  # row r*n + j: ticket r, label j
+        if self._ids.shape[1] == 1:
+            return first  # every label is one token
+        # Row r*n + j: ticket r, label j. Position t of this pass predicts label token t+1, so the
+        # last column is never fed; right padding keeps the real positions.
+        keep = self._mask[:, 1:].bool().repeat(b, 1)
         label_ids = self._ids.repeat(b, 1)
-        label_mask = self._mask.repeat(b, 1)
-        attention = torch.cat([mask.repeat_interleave(n, dim=0), label_mask], dim=1)
+        cache = out.cache
+        cache.batch_repeat_interleave(n)
+        attention = torch.cat([mask.repeat_interleave(n, dim=0), self._mask[:, :-1].repeat(b, 1)], dim=1)
         lengths = mask.sum(dim=1).repeat_interleave(n)
-        label_positions = lengths[:, None] + torch.arange(label_ids.shape[1])[None, :]
-        logits = model(input_ids=label_ids, attention_mask=attention, position_ids=label_positions,
-                       cache=cache).logits
-        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-        rest = (logp.gather(-1, label_ids[:, 1:, None])[..., 0] * label_mask[:, 1:]).sum(dim=1)
+        label_positions = lengths[:, None] + torch.arange(label_ids.shape[1] - 1)[None, :]
+        logits = model(input_ids=label_ids[:, :-1], attention_mask=attention, position_ids=label_positions,
+                       cache=cache, logits_to_keep=keep).logits  # one row per kept position
+        logp = torch.log_softmax(logits.reshape(-1, logits.shape[-1]).float(), dim=-1)
+        token_logp = logp.gather(-1, label_ids[:, 1:][keep][:, None])[:, 0]
+        rest = torch.zeros(b * n).index_add_(0, keep.nonzero()[:, 0], token_logp)
         return first + rest.view(b, n)
 
     def score_many(self, model: nn.Module, texts: Sequence[str]) -> torch.Tensor:

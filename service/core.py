@@ -65,7 +65,8 @@ class Service:
                           if self.bootstrap and not self.replica else None)
         if self.publisher is not None:
             self.registry.listeners.append(self.publisher)
-        self.follower = (PromotionFollower(self.bootstrap, settings.replicas, self.registry, self.runtime)
+        self.follower = (PromotionFollower(self.bootstrap, settings.replicas, self.registry, self.runtime,
+                                           self.matrix)
                          if self.bootstrap and self.replica else None)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []

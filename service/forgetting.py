@@ -2,6 +2,8 @@
 
 Every gate measures the candidate, the live version and the base model on the probe sets;
 each measurement lands here (`accuracy.json` beside the registry, written atomically). A
+serve-only replica shares the file with the primary that writes it, so readers re-read it
+whenever it has been replaced since they last looked. A
 version's figures follow its training lineage: the chain of parents it was warm-started from.
 """
 
@@ -25,8 +27,26 @@ class AccuracyMatrix:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.Lock()
-        self._cells: dict[str, dict[str, dict[str, float]]] = (
-            json.loads(path.read_text()) if path.exists() else {})
+        self._cells: dict[str, dict[str, dict[str, float]]] = {}
+        self._seen: tuple[int, int, int] | None = None  # the file as last read or written
+        self.refresh()
+
+    def _signature(self) -> tuple[int, int, int] | None:
+        try:
+            stat = self.path.stat()
+        except FileNotFoundError:
+            return None
+        # Writes replace the file (a new inode), so this changes even where mtimes are coarse.
+        return stat.st_ino, stat.st_mtime_ns, stat.st_size
+
+    def refresh(self, force: bool = False) -> None:
+        """Re-read the file if another process has rewritten it since (or always, with `force`)."""
+        with self._lock:
+            seen = self._signature()  # before reading: a write in between is caught next time
+            if seen is None or (seen == self._seen and not force):
+                return
+            self._cells = json.loads(self.path.read_text())
+            self._seen = seen
 
     def record(self, version: str, scores: dict[str, dict[str, float]]) -> None:
         """Add or refresh a version's cells (probe sets never change, so neither do cells)."""
@@ -34,6 +54,7 @@ class AccuracyMatrix:
             row = self._cells.setdefault(version, {})
             row.update({w: {k: s[k] for k in ("accuracy", "loss", "n")} for w, s in scores.items()})
             fsync_write(self.path, json.dumps(self._cells, indent=1).encode())
+            self._seen = self._signature()
 
     def record_gate(self, candidate: str, live: str, gate: dict[str, Any]) -> None:
         self.record(candidate, gate["candidate"])
@@ -78,6 +99,7 @@ def best_before(registry: AdapterRegistry, matrix: AccuracyMatrix, version: str)
 
 def report(registry: AdapterRegistry, matrix: AccuracyMatrix) -> dict[str, Any]:
     """The matrix and, for every version, its figures along its own lineage."""
+    matrix.refresh()
     base = matrix.accuracy(BASE)
     live = registry.live
     versions = []

@@ -82,7 +82,8 @@ class ServiceCollector(Collector):
         yield batched
         if s.runtime.last_swap_seconds is not None:
             swap = GaugeMetricFamily("evergreen_last_swap_seconds",
-                                     "Duration of the last hot-swap (read, check, attach, switch).")
+                                     "Duration of the last hot-swap (loading the version unless loaded before, "
+                                     "then the pointer move).")
             swap.add_metric([], s.runtime.last_swap_seconds)
             yield swap
 

@@ -17,6 +17,7 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
+from service.forgetting import AccuracyMatrix
 from service.registry import AdapterRegistry, RegistryError
 from service.runtime import ModelRuntime, UnsafeAdapter
 from service.settings import ReplicaSettings
@@ -60,10 +61,11 @@ class PromotionFollower:
     """Replica side: swap the runtime to each version announced on the promotion topic."""
 
     def __init__(self, bootstrap: str, settings: ReplicaSettings, registry: AdapterRegistry,
-                 runtime: ModelRuntime) -> None:
+                 runtime: ModelRuntime, matrix: AccuracyMatrix) -> None:
         ensure_promotion_topic(bootstrap, settings.topic)
         self.registry = registry
         self.runtime = runtime
+        self.matrix = matrix
         self.poll_timeout_ms = settings.poll_timeout_ms
         self.followed = 0
         self._consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
@@ -77,6 +79,8 @@ class PromotionFollower:
             self._swap(live, "start")
 
     def _swap(self, version: str, event: str) -> None:
+        # A promotion follows a gate, which has added to the accuracy matrix the primary writes.
+        self.matrix.refresh(force=True)
         try:
             self.runtime.swap(version)
             self.followed += 1

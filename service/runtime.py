@@ -1,12 +1,11 @@
-"""The serving model: one base model, the live adapter on it, swapped blue/green.
+"""The serving model: one pristine base, a model per loaded adapter version, swapped blue/green.
 
-Every adapter the runtime holds is attached to the one base model under its version name.
-A new version is read from the registry and checked (finite safetensors weights) off the
-request path; attaching it and moving the live pointer run under the inference lock. Each
-request resolves its version once, at its start, and runs whole under that lock: a request in
-flight finishes on the version it started with, and every answer names that version. The
-previous live version is released (or kept as a cached named version) only once the lock is
-free again, that is, once the requests using it have drained.
+A version is read from the registry, checked (finite safetensors weights) and built into its own
+model (merged into a copy of the adapted base weights where the method allows, see
+`service/merge.py`) entirely off the request path: `prepare` does that, and `swap` only moves
+the live pointer. Each request resolves its version once, when it gets the inference lock, runs
+whole on that version's model, and every answer names it. A replaced version stays cached for
+rollback until evicted; its memory goes once the last request holding it has finished.
 """
 
 from __future__ import annotations
@@ -21,24 +20,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, set_peft_model_state_dict
+from peft import PeftConfig
 from safetensors.torch import load_file
+from torch import nn
 
 from learners.base_model import load_base
 from learners.scoring import LabelScorer
+from service.merge import UnsafeAdapter, build
 from service.registry import ADAPTER_WEIGHTS, AdapterRegistry
 
 LOG = logging.getLogger(__name__)
 
 LIVE = "live"  # the name a request uses for "whatever version is live when I start"
 
+__all__ = ["LIVE", "Classification", "Loaded", "ModelRuntime", "NoLabels", "UnsafeAdapter"]
+
 
 class NoLabels(Exception):
     """The version has learned no labels yet and the request named none."""
-
-
-class UnsafeAdapter(Exception):
-    """Adapter weights that must not be served (not finite)."""
 
 
 @dataclass(frozen=True)
@@ -50,137 +49,133 @@ class Classification:
 
 
 @dataclass(frozen=True)
-class Checked:
-    """A version read from the registry and checked, ready to attach (no model touched yet)."""
+class Loaded:
+    """A version ready to answer: its own model, and the labels it has learned."""
 
-    name: str
-    config: LoraConfig
-    weights: dict[str, torch.Tensor]
-    labels: list[str]
-
-
-@dataclass(frozen=True)
-class Pinned:
-    """What a request runs on, fixed at its start: the model with `version` active."""
-
-    model: PeftModel
     version: str
+    model: nn.Module
     labels: list[str]
+    merged: bool
 
 
 class ModelRuntime:
-    """Serves the live adapter (and, on request, other registry versions by name).
+    """Serves the live version (and, on request, other registry versions by name).
 
     Parameters
     ----------
     max_cached
-        Versions other than the live one kept attached for requests that name them; the least
-        recently used is released beyond that.
+        Versions other than the live one kept loaded, for requests that name them, for instant
+        rollback, and prepared ahead of their promotion; the least recently used goes beyond that.
     """
 
     def __init__(self, base_path: Path, registry: AdapterRegistry, version: str, max_cached: int = 2) -> None:
         self.registry = registry
         self.max_cached = max_cached
-        base, self.tokenizer = load_base(base_path)
-        self.model = PeftModel.from_pretrained(base, registry.path(version), adapter_name=version)
-        self.model.eval()
-        self.version = version
-        self.labels = registry.info(version).labels
+        self.base, self.tokenizer = load_base(base_path)  # pristine: never served, never written
         self.last_swap_seconds: float | None = None
-        self._cached: OrderedDict[str, list[str]] = OrderedDict()  # non-live attached versions
+        self._cached: OrderedDict[str, Loaded] = OrderedDict()  # non-live loaded versions
         self._scorers: dict[tuple[str, ...], LabelScorer] = {}
+        self._state = threading.Lock()  # the live pointer and the cache; held for microseconds
+        self._building = threading.Lock()  # one version built at a time: each holds ~430 MB
+        # One request computes at a time: on a few cores two would only slow each other down.
         self._lock = threading.Lock()
+        self._live = self._build(version)
+
+    @property
+    def version(self) -> str:
+        return self._live.version
+
+    @property
+    def labels(self) -> list[str]:
+        return self._live.labels
+
+    @property
+    def model(self) -> nn.Module:
+        """The live version's model."""
+        return self._live.model
 
     # -- loading ----------------------------------------------------------------------------
-    def check(self, version: str) -> Checked:
-        """Read and check a registry version; raises RegistryError or UnsafeAdapter."""
+    def _build(self, version: str) -> Loaded:
+        """Read, check and build a registry version; raises RegistryError or UnsafeAdapter."""
+        started = time.perf_counter()
         path = self.registry.path(version)  # registry names only, never a caller's path
         weights = load_file(str(path / ADAPTER_WEIGHTS))  # safetensors only: nothing unpickled
         bad = [name for name, tensor in weights.items() if not torch.isfinite(tensor).all()]
         if bad:
             raise UnsafeAdapter(f"version {version} has non-finite weights in {bad[0]}")
-        config = LoraConfig.from_pretrained(str(path))
+        config = PeftConfig.from_pretrained(str(path))
         config.inference_mode = True
-        return Checked(version, config, weights, self.registry.info(version).labels)
+        built = build(self.base, version, config, weights)
+        LOG.info("loaded adapter %s (%s) in %.3f s", version, "merged" if built.merged else "unmerged",
+                 time.perf_counter() - started)
+        return Loaded(version, built.model, self.registry.info(version).labels, built.merged)
 
-    def _attach(self, checked: Checked) -> None:
-        """Add a checked version to the model (caller holds the lock)."""
-        if checked.name in self.model.peft_config:
-            return
-        self.model.add_adapter(checked.name, checked.config, low_cpu_mem_usage=True)
-        result = set_peft_model_state_dict(self.model, checked.weights, adapter_name=checked.name,
-                                           low_cpu_mem_usage=True)
-        missing = [k for k in result.missing_keys if checked.name in k and "lora_" in k]
-        if missing or result.unexpected_keys:
-            self.model.delete_adapter(checked.name)
-            raise UnsafeAdapter(f"version {checked.name} does not fit the base model "
-                                f"({len(missing)} missing, {len(result.unexpected_keys)} unexpected tensors)")
-        self.model.eval()
-
-    def _release(self, name: str) -> None:
-        if name in self.model.peft_config and name != self.version:
-            self.model.delete_adapter(name)
-            LOG.info("released adapter %s", name)
+    def _lookup(self, version: str) -> Loaded | None:
+        with self._state:
+            if version == self._live.version:
+                return self._live
+            loaded = self._cached.get(version)
+            if loaded is not None:
+                self._cached.move_to_end(version)
+            return loaded
 
     def _trim_cache(self) -> None:
         while len(self._cached) > self.max_cached:
             name, _ = self._cached.popitem(last=False)
-            self._release(name)
+            LOG.info("released adapter %s", name)
+
+    def prepare(self, version: str) -> Loaded:
+        """Load `version` into the cache without serving it (nothing waits on this but the caller)."""
+        loaded = self._lookup(version)
+        if loaded is not None:
+            return loaded
+        with self._building:
+            loaded = self._lookup(version)  # another caller may have built it meanwhile
+            if loaded is None:
+                loaded = self._build(version)
+                with self._state:
+                    self._cached[version] = loaded
+                    self._trim_cache()
+        return loaded
 
     def swap(self, version: str) -> None:
-        """Serve `version` from the next request on (requests in flight keep theirs)."""
-        if version == self.version:
-            return
+        """Serve `version` from the next request on (requests in flight keep theirs).
+
+        Loads it first unless `prepare` already has; the switch itself is one pointer move.
+        """
         started = time.perf_counter()
-        checked = self.check(version) if version not in self._cached else None
-        with self._lock:
-            if version in self._cached:
-                labels = self._cached.pop(version)
-            else:
-                checked = checked or self.check(version)  # evicted since the look above: rare
-                self._attach(checked)
-                labels = checked.labels
-            old, old_labels = self.version, self.labels
-            self.version, self.labels = version, labels
-            self.model.set_adapter(version)
-            self._cached[old] = old_labels  # keeps rollback instant; released when evicted
+        loaded = self.prepare(version)
+        with self._state:
+            old = self._live
+            if old.version == version:
+                return
+            self._cached.pop(version, None)
+            self._live = loaded
+            self._cached[old.version] = old  # keeps rollback instant
             self._trim_cache()
         self.last_swap_seconds = time.perf_counter() - started
-        LOG.info("now serving adapter %s (was %s; swap %.3f s)", version, old, self.last_swap_seconds)
+        LOG.info("now serving adapter %s (was %s; swap %.3f s)", version, old.version, self.last_swap_seconds)
 
     # -- serving ----------------------------------------------------------------------------
     @contextmanager
-    def pinned(self, version: str = LIVE) -> Iterator[Pinned]:
-        """Hold the model with `version` active (default: the live one) for one request.
+    def pinned(self, version: str = LIVE) -> Iterator[Loaded]:
+        """Hold the inference lock with `version` (default: the live one) for one request.
 
-        Named versions not yet attached are read and checked before the lock is taken.
+        A named version not loaded yet is loaded before the lock is taken.
         """
-        wanted = None if version == LIVE else version
-        checked = (self.check(wanted) if wanted and wanted != self.version and wanted not in self._cached
-                   else None)
+        named = None if version == LIVE else self.prepare(version)
         with self._lock:
-            if wanted is None or wanted == self.version:
-                name, labels = self.version, self.labels
+            if named is None:
+                with self._state:
+                    run = self._live
             else:
-                if wanted not in self._cached:
-                    # Rare: it was live at the check above and has since been swapped out and evicted.
-                    ready = checked or self.check(wanted)
-                    self._attach(ready)
-                    self._cached[wanted] = ready.labels
-                self._cached.move_to_end(wanted)
-                name, labels = wanted, self._cached[wanted]
-            if self.model.active_adapter != name:
-                self.model.set_adapter(name)
-            try:
-                yield Pinned(self.model, name, labels)
-            finally:
-                if self.model.active_adapter != self.version:
-                    self.model.set_adapter(self.version)
-                self._trim_cache()
+                run = named
+            yield run
 
     def attached(self) -> list[str]:
-        """Versions currently attached to the model, the live one first."""
-        return [self.version, *self._cached]
+        """Versions currently loaded, the live one first."""
+        with self._state:
+            return [self._live.version, *self._cached]
 
     def _scorer(self, labels: Sequence[str]) -> LabelScorer:
         key = tuple(labels)

@@ -56,6 +56,20 @@ def _serve(service: ServiceDep, name: str) -> None:
     service.registry.promote(name)
 
 
+@router.post("/adapters/{version}/load")
+def load(*, service: ServiceDep, _admin: AdminDep, version: str) -> AdapterPublic:
+    """Load and check `version` without serving it, so that promoting it later only moves the
+    live pointer. It is kept among the `serving.cached_versions` until used or evicted."""
+    try:
+        info = service.registry.info(version)
+        service.runtime.prepare(version)
+    except (RegistryError, FileNotFoundError) as exc:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"unknown adapter version {version!r}") from exc
+    except UnsafeAdapter as exc:
+        raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
+    return _public(info, service.registry.live)
+
+
 @router.post("/adapters/{version}/promote")
 def promote(*, service: ServiceDep, _admin: AdminDep, _primary: PrimaryDep, version: str) -> AdapterPublic:
     """Serve `version`. Promoting a version the gate rejected is recorded as an override."""

@@ -39,6 +39,11 @@ def test_replica_follows_promotions_and_rollbacks(broker: LocalBroker, serve: Ca
         assert admin.post("/v1/rollback", headers=primary.admin).json()["name"] == versions[0]
         wait_for(served_by_replica(versions[0]), 20, "the replica to roll back")
 
+    # Accuracy the primary records after the replica started shows in the replica's report.
+    primary.service.matrix.record(versions[1], {"0": {"accuracy": 0.75, "loss": 1.0, "n": 8}})
+    rows = {row["name"]: row for row in answers.get("/v1/forgetting").json()["versions"]}
+    assert rows[versions[1]]["accuracy"] == {"0": 0.75}
+
     # The replica serves; it never changes the shared registry or trains.
     for path in (f"/v1/adapters/{versions[1]}/promote", "/v1/rollback", "/v1/updates"):
         refused = answers.post(path, headers=replica.admin)
