@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -68,7 +69,7 @@ class Preset:
 
 PRESETS = {
     # Sized so that all five methods finish within 45 minutes on a 2-core CPU.
-    "quick": Preset(windows=4, intents_per_window=3, train_per_intent=24, test_per_intent=20),
+    "quick": Preset(windows=4, intents_per_window=3, train_per_intent=16, test_per_intent=15),
     "full": Preset(windows=7, intents_per_window=11, train_per_intent=None, test_per_intent=None),
     # A smoke run of the whole pipeline on the tiny test model (tests/learners/test_cl_bench.py).
     "smoke": Preset(windows=2, intents_per_window=2, train_per_intent=6, test_per_intent=4),
@@ -249,6 +250,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
           f"{sum(map(len, stream.train))} training / {sum(map(len, stream.test))} test tickets, base {args.base}")
     results: dict[str, dict[str, object]] = {}
     units = {m: 1 if m == "joint" else preset.windows for m in methods}
+    command = "evergreen bench cl " + " ".join(sys.argv[1:] if argv is None else argv)
+    document: dict[str, object] = {}
     with Progress(TextColumn("{task.description:<11}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn()) as bar:
         tasks = {m: bar.add_task(m, total=units[m]) for m in methods}
@@ -259,21 +262,27 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
 
             run = run_method(method, stream, base_path, base_cfg, advance)
             results[method] = {**figures(run["rows"]), "seconds": run["seconds"], "steps": run["steps"]}  # type: ignore[arg-type]
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"cl-{args.preset}"
-    for method, r in results.items():
-        heatmap(method, r["matrix"], args.out / f"{stem}-{method.replace('+', '-')}.png")  # type: ignore[arg-type]
-    table = markdown(results)
-    checks = targets(results) if {DEFAULT, "naive"} <= set(results) else {}
-    print(table)
-    for name, ok in checks.items():
+            # Written after every method, so a long run that is stopped still leaves its figures.
+            document = write(args.out / f"cl-{args.preset}", results, {
+                "preset": args.preset, "preset_sizes": asdict(preset), "base": args.base, "seed": args.seed,
+                "windows": stream.labels, "train": base_cfg.model_dump(mode="json"), "command": command,
+                "complete": len(results) == len(methods)})
+    print(markdown(results))
+    for name, ok in document["targets_met"].items():  # type: ignore[attr-defined]
         print(f"{name:<40} {'met' if ok else 'MISSED'}")
-    document = {"preset": args.preset, "preset_sizes": asdict(preset), "base": args.base, "seed": args.seed,
-                "windows": stream.labels, "train": base_cfg.model_dump(mode="json"), "results": results,
-                "targets_met": checks, "command": "evergreen bench cl " + " ".join(argv or [])}
-    (args.out / f"{stem}.json").write_text(json.dumps(document, indent=2) + "\n")
-    (args.out / f"{stem}.md").write_text(table)
-    print(f"wrote {args.out / (stem + '.json')}, {stem}.md and one heatmap per method")
+    print(f"wrote {args.out}/cl-{args.preset}.json, .md and one heatmap per method")
+    return document
+
+
+def write(stem: Path, results: dict[str, dict[str, object]], about: dict[str, object]) -> dict[str, object]:
+    """The JSON document, the markdown table and the heatmaps of the methods run so far."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    for method, r in results.items():
+        heatmap(method, r["matrix"], stem.with_name(f"{stem.name}-{method.replace('+', '-')}.png"))  # type: ignore[arg-type]
+    checks = targets(results) if {DEFAULT, "naive"} <= set(results) else {}
+    document = {**about, "results": results, "targets_met": checks}
+    stem.with_suffix(".json").write_text(json.dumps(document, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(markdown(results))
     return document
 
 
