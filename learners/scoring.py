@@ -42,29 +42,17 @@ class LabelScorer:
             self._ids[row, : len(ids)] = torch.tensor(ids)
             self._mask[row, : len(ids)] = 1
 
-    @torch.inference_mode()
     def score(self, model: nn.Module, text: str) -> torch.Tensor:
         """Summed log-probability of every label (shape: labels); softmax of it is confidence."""
-        prompt = torch.tensor([prompt_ids(self.tokenizer, text, self.max_prompt_tokens)])
-        out = model(input_ids=prompt, use_cache=True)
-        first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)[self._ids[:, 0]]
-        cache = out.cache
-        n = len(self.labels)
-        cache.batch_repeat_interleave(n)
-        attention = torch.cat([torch.ones((n, prompt.shape[1]), dtype=torch.long), self._mask], dim=1)
-        # Position t of this pass predicts label token t+1; right padding keeps real positions.
-        logits = model(input_ids=self._ids, attention_mask=attention, cache=cache).logits
-        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-        rest = logp.gather(-1, self._ids[:, 1:, None])[..., 0] * self._mask[:, 1:]
-        return first + rest.sum(dim=1)
+        return self.score_batch(model, [text])[0]
 
     @torch.inference_mode()
     def score_batch(self, model: nn.Module, texts: Sequence[str]) -> torch.Tensor:
         """`score` of several tickets in two batched passes (shape: texts × labels).
 
         Prompts are left-padded so every prompt ends at the same position; explicit position ids
-        keep each prompt's positions as if it ran alone. On a CPU a small batch costs little more
-        than one ticket: the weights are read once per pass, not once per ticket.
+        keep each prompt's positions as if it ran alone, as in training (see `collate`). On a CPU
+        a small batch costs little more than one ticket: the weights are read once per pass.
         """
         if not texts:
             return torch.zeros((0, len(self.labels)))
@@ -79,14 +67,21 @@ class LabelScorer:
         out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
         first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)[:, self._ids[:, 0]]  # b × n
         cache = out.cache
+        # A prefix-tuning adapter put its virtual tokens in the cache ahead of the prompt. Given
+        # that cache, PEFT's forward would prepend them a second time, so the label pass runs
+        # on the base model and does what PEFT's forward does: attend to the virtual positions
+        # and shift the position ids past them.
+        virtual = cache.get_seq_length() - width
+        runner = model.get_base_model() if virtual else model
         cache.batch_repeat_interleave(n)  # row r*n + j: ticket r, label j
         label_ids = self._ids.repeat(b, 1)
         label_mask = self._mask.repeat(b, 1)
-        attention = torch.cat([mask.repeat_interleave(n, dim=0), label_mask], dim=1)
+        attention = torch.cat([torch.ones((b * n, virtual), dtype=torch.long),
+                               mask.repeat_interleave(n, dim=0), label_mask], dim=1)
         lengths = mask.sum(dim=1).repeat_interleave(n)
-        label_positions = lengths[:, None] + torch.arange(label_ids.shape[1])[None, :]
-        logits = model(input_ids=label_ids, attention_mask=attention, position_ids=label_positions,
-                       cache=cache).logits
+        label_positions = virtual + lengths[:, None] + torch.arange(label_ids.shape[1])[None, :]
+        logits = runner(input_ids=label_ids, attention_mask=attention, position_ids=label_positions,
+                        cache=cache).logits
         logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
         rest = (logp.gather(-1, label_ids[:, 1:, None])[..., 0] * label_mask[:, 1:]).sum(dim=1)
         return first + rest.view(b, n)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, set_peft_model_state_dict
+from peft import PeftConfig, PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 
 from learners.base_model import load_base
@@ -54,7 +54,7 @@ class Checked:
     """A version read from the registry and checked, ready to attach (no model touched yet)."""
 
     name: str
-    config: LoraConfig
+    config: PeftConfig
     weights: dict[str, torch.Tensor]
     labels: list[str]
 
@@ -99,7 +99,11 @@ class ModelRuntime:
         bad = [name for name, tensor in weights.items() if not torch.isfinite(tensor).all()]
         if bad:
             raise UnsafeAdapter(f"version {version} has non-finite weights in {bad[0]}")
-        config = LoraConfig.from_pretrained(str(path))
+        config = PeftConfig.from_pretrained(str(path))  # the version's own method (LoRA, IA3, prefix)
+        if config.peft_type != self.model.active_peft_config.peft_type:
+            # PEFT attaches adapters of one family to a model; a new method is a new deployment.
+            raise UnsafeAdapter(f"version {version} is {config.peft_type.value}, the served model "
+                                f"{self.model.active_peft_config.peft_type.value}")
         config.inference_mode = True
         return Checked(version, config, weights, self.registry.info(version).labels)
 
@@ -108,13 +112,16 @@ class ModelRuntime:
         if checked.name in self.model.peft_config:
             return
         self.model.add_adapter(checked.name, checked.config, low_cpu_mem_usage=True)
-        result = set_peft_model_state_dict(self.model, checked.weights, adapter_name=checked.name,
-                                           low_cpu_mem_usage=True)
-        missing = [k for k in result.missing_keys if checked.name in k and "lora_" in k]
-        if missing or result.unexpected_keys:
+        set_peft_model_state_dict(self.model, checked.weights, adapter_name=checked.name, low_cpu_mem_usage=True)
+        # Read back rather than trust `load_state_dict`'s key lists: prefix tuning loads its
+        # prompt encoder outside them, so they report its tensors as missing and unexpected.
+        loaded = get_peft_model_state_dict(self.model, adapter_name=checked.name)
+        if loaded.keys() != checked.weights.keys() or not all(
+                torch.equal(loaded[k], checked.weights[k]) for k in loaded):
             self.model.delete_adapter(checked.name)
             raise UnsafeAdapter(f"version {checked.name} does not fit the base model "
-                                f"({len(missing)} missing, {len(result.unexpected_keys)} unexpected tensors)")
+                                f"({len(checked.weights.keys() - loaded.keys())} tensors not loaded, "
+                                f"{len(loaded.keys() - checked.weights.keys())} missing)")
         self.model.eval()
 
     def _release(self, name: str) -> None:
