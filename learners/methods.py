@@ -8,8 +8,19 @@ respect: its virtual tokens live in the key/value cache, which label scoring acc
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
-from peft import IA3Config, LoraConfig, PeftConfig, PrefixTuningConfig
+from peft import (
+    IA3Config,
+    LoraConfig,
+    PeftConfig,
+    PeftModel,
+    PrefixTuningConfig,
+    get_peft_model,
+    set_peft_model_state_dict,
+)
+from safetensors.torch import load_file
+from transformers import PreTrainedModel
 
 from learners.config import AdapterSettings
 
@@ -45,3 +56,16 @@ def peft_config(cfg: AdapterSettings) -> PeftConfig:
     """
     return BUILDERS[cfg.method](cfg)
 
+
+
+def warm_start(base: PreTrainedModel, adapter_dir: Path) -> PeftModel:
+    """A trainable copy of a saved adapter, in the saved adapter's own method."""
+    config = PeftConfig.from_pretrained(str(adapter_dir))
+    if not config.is_prompt_learning:
+        return PeftModel.from_pretrained(base, adapter_dir, is_trainable=True)
+    # PEFT loads prompt-learning adapters for inference only; the same weights go into a new,
+    # trainable model of the same config instead.
+    config.inference_mode = False
+    model = get_peft_model(base, config)
+    set_peft_model_state_dict(model, load_file(str(adapter_dir / "adapter_model.safetensors")))
+    return model  # type: ignore[return-value]

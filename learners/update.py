@@ -21,7 +21,7 @@ from learners.canary import canary_loss, load_canary
 from learners.config import AdapterSettings, GateSettings, TrainSettings
 from learners.ewc import EwcPenalty, consolidate, empirical_fisher
 from learners.gate import Canary, GateReport, evaluate, judge
-from learners.methods import peft_config
+from learners.methods import peft_config, warm_start
 from learners.prompts import ticket_examples
 from learners.scoring import LabelScorer
 from learners.train import Progress, RoundReport, answer_loss, collate, run_round
@@ -57,7 +57,7 @@ def train_adapter(new_records: Sequence[TicketRecord], replay_records: Sequence[
     only rank 0 writes `out_dir`.
     """
     base, tokenizer = load_base(base_path)
-    model = PeftModel.from_pretrained(base, live_dir, is_trainable=True)
+    model = warm_start(base, live_dir)
     new = ticket_examples(tokenizer, new_records, cfg.max_length)
     replay = ticket_examples(tokenizer, replay_records, cfg.max_length)
     previous = (EwcPenalty.load(live_dir / EWC_FILE, cfg.ewc.strength)
