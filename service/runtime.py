@@ -112,12 +112,18 @@ class ModelRuntime:
         if checked.name in self.model.peft_config:
             return
         self.model.add_adapter(checked.name, checked.config, low_cpu_mem_usage=True)
-        set_peft_model_state_dict(self.model, checked.weights, adapter_name=checked.name, low_cpu_mem_usage=True)
-        # Read back rather than trust `load_state_dict`'s key lists: prefix tuning loads its
-        # prompt encoder outside them, so they report its tensors as missing and unexpected.
-        loaded = get_peft_model_state_dict(self.model, adapter_name=checked.name)
-        if loaded.keys() != checked.weights.keys() or not all(
-                torch.equal(loaded[k], checked.weights[k]) for k in loaded):
+        try:
+            set_peft_model_state_dict(self.model, checked.weights, adapter_name=checked.name,
+                                      low_cpu_mem_usage=True)
+            # Read back rather than trust `load_state_dict`'s key lists: prefix tuning loads its
+            # prompt encoder outside them, so they report its tensors as missing and unexpected.
+            loaded = get_peft_model_state_dict(self.model, adapter_name=checked.name)
+            fits = loaded.keys() == checked.weights.keys() and all(
+                torch.equal(loaded[k], checked.weights[k]) for k in loaded)
+        except (KeyError, RuntimeError, ValueError) as exc:  # PEFT's own refusals (shapes, names)
+            fits, loaded = False, {}
+            LOG.warning("version %s failed to load: %r", checked.name, exc)
+        if not fits:
             self.model.delete_adapter(checked.name)
             raise UnsafeAdapter(f"version {checked.name} does not fit the base model "
                                 f"({len(checked.weights.keys() - loaded.keys())} tensors not loaded, "

@@ -9,7 +9,7 @@ import pytest
 import torch
 from peft import PeftModel, get_peft_model_state_dict
 from pydantic import ValidationError
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from conftest import TINY_TRAIN
 from learners.base_model import load_base
@@ -133,3 +133,21 @@ def test_a_long_reply_keeps_room_for_the_ticket(tiny_llama: Path) -> None:
     example = reply_example(tokenizer, "card " * 50, "word " * 200, max_length=48)
     assert len(example.input_ids) == 48
     assert sum(label == IGNORE for label in example.labels) >= 16
+
+
+def test_a_version_missing_a_tensor_is_refused_by_the_server(tiny_llama: Path, tmp_path: Path) -> None:
+    registry = AdapterRegistry(tmp_path / "registry")
+
+    def first(tmp: Path) -> Draft:
+        initial_adapter(tiny_llama, tmp, METHODS["prefix"], 0)
+        return Draft(parent=None, verdict="accepted", windows_trained=[], labels=list(LABELS))
+
+    def broken(tmp: Path) -> Draft:
+        initial_adapter(tiny_llama, tmp, METHODS["prefix"], 1)
+        save_file({"unrelated.weight": torch.zeros(2)}, str(tmp / "adapter_model.safetensors"))
+        return Draft(parent=None, verdict="accepted", windows_trained=[], labels=list(LABELS))
+    good, bad = registry.create(first).name, registry.create(broken).name
+    runtime = ModelRuntime(tiny_llama, registry, good)
+    with pytest.raises(UnsafeAdapter, match="does not fit"):
+        runtime.swap(bad)
+    assert runtime.attached() == [good]
