@@ -5,19 +5,37 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 
 class AdapterSettings(BaseModel):
-    """The PEFT adapter trained on top of the frozen base model."""
+    """The PEFT adapter trained on top of the frozen base model (see `learners.methods`)."""
 
-    method: Literal["lora"] = Field("lora", description="PEFT method of new adapters.")
+    method: Literal["lora", "prefix", "ia3"] = Field(
+        "lora", description="PEFT method of new adapters; an update warm-starts in the live version's method."
+    )
     rank: int = Field(16, gt=0, description="LoRA rank `r`.")
     alpha: int = Field(32, gt=0, description="LoRA `lora_alpha` (scaling is alpha / rank).")
     dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout.")
-    target_modules: str | list[str] = Field(
-        "all-linear", description="Modules that get a LoRA layer (`all-linear` or a list of names)."
+    target_modules: str | list[str] | None = Field(
+        None, description="LoRA and IA3: modules adapted (`all-linear` or a list of names). Unset: "
+                          "all linear layers for LoRA, PEFT's default for the architecture for IA3."
     )
+    feedforward_modules: list[str] | None = Field(
+        None, description="IA3: target modules whose input, not output, is scaled "
+                          "(unset: PEFT's default for the architecture)."
+    )
+    virtual_tokens: int = Field(
+        16, gt=0, description="Prefix tuning: learned key/value positions prepended in every layer."
+    )
+
+    @model_validator(mode="after")
+    def _ia3_reloadable(self) -> AdapterSettings:
+        # PEFT saves an IA3 `all-linear` as full module paths, which its own check then refuses
+        # against `feedforward_modules` when the adapter is loaded again.
+        if self.method == "ia3" and self.target_modules == "all-linear":
+            raise ValueError("`target_modules` `all-linear` cannot be reloaded with IA3; list the module names")
+        return self
 
 
 class EwcSettings(BaseModel):

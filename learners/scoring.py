@@ -51,10 +51,11 @@ class LabelScorer:
         """`score` of several tickets in two batched passes (shape: texts × labels).
 
         Prompts are left-padded so every prompt ends at the same position; explicit position ids
-        keep each prompt's positions as if it ran alone. On a CPU a small batch costs little more
-        than one ticket: the weights are read once per pass, not once per ticket. Only logits
-        that score a label token are computed: the vocabulary projection is a fifth of the
-        model's work per token, and prompt positions, padding and each label's last token need none.
+        keep each prompt's positions as if it ran alone, as in training (see `collate`). On a CPU
+        a small batch costs little more than one ticket: the weights are read once per pass, not
+        once per ticket. Only logits that score a label token are computed: the vocabulary
+        projection is a fifth of the model's work per token, and prompt positions, padding and
+        each label's last token need none.
         """
         if not texts:
             return torch.zeros((0, len(self.labels)))
@@ -70,17 +71,24 @@ class LabelScorer:
         first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)[:, self._ids[:, 0]]  # b × n
         if self._ids.shape[1] == 1:
             return first  # every label is one token
+        cache = out.cache
+        # A prefix-tuning adapter put its virtual tokens in the cache ahead of the prompt. Given
+        # that cache, PEFT's forward would prepend them a second time, so the label pass runs
+        # on the base model and does what PEFT's forward does: attend to the virtual positions
+        # and shift the position ids past them.
+        virtual = cache.get_seq_length() - width
+        runner = model.get_base_model() if virtual else model
         # Row r*n + j: ticket r, label j. Position t of this pass predicts label token t+1, so the
         # last column is never fed; right padding keeps the real positions.
         keep = self._mask[:, 1:].bool().repeat(b, 1)
         label_ids = self._ids.repeat(b, 1)
-        cache = out.cache
         cache.batch_repeat_interleave(n)
-        attention = torch.cat([mask.repeat_interleave(n, dim=0), self._mask[:, :-1].repeat(b, 1)], dim=1)
+        attention = torch.cat([torch.ones((b * n, virtual), dtype=torch.long),
+                               mask.repeat_interleave(n, dim=0), self._mask[:, :-1].repeat(b, 1)], dim=1)
         lengths = mask.sum(dim=1).repeat_interleave(n)
-        label_positions = lengths[:, None] + torch.arange(label_ids.shape[1] - 1)[None, :]
-        logits = model(input_ids=label_ids[:, :-1], attention_mask=attention, position_ids=label_positions,
-                       cache=cache, logits_to_keep=keep).logits  # one row per kept position
+        label_positions = virtual + lengths[:, None] + torch.arange(label_ids.shape[1] - 1)[None, :]
+        logits = runner(input_ids=label_ids[:, :-1], attention_mask=attention, position_ids=label_positions,
+                        cache=cache, logits_to_keep=keep).logits  # one row per kept position
         logp = torch.log_softmax(logits.reshape(-1, logits.shape[-1]).float(), dim=-1)
         token_logp = logp.gather(-1, label_ids[:, 1:][keep][:, None])[:, 0]
         rest = torch.zeros(b * n).index_add_(0, keep.nonzero()[:, 0], token_logp)

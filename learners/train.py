@@ -10,7 +10,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+from torch import distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from learners.config import TrainSettings
 from learners.ewc import EwcPenalty, trainable
@@ -43,8 +45,11 @@ class RoundReport:
 def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
     """Left-pad a batch, so every answer sits in the last few positions (see `answer_loss`).
 
-    Padding is masked out of attention and loss; rotary position embeddings depend only on
-    relative positions, so the shift left padding causes does not change any real token's output.
+    Padding is masked out of attention and loss, and explicit position ids start every sequence
+    at 0 whatever its padding (PEFT shifts them past prefix tuning's virtual tokens). Between
+    real tokens only relative positions count under rotary embeddings, but prefix tuning's
+    virtual keys carry no position, so there a real token's absolute position changes its
+    output; label scoring and generation give the same positions.
     """
     width = max(len(e.input_ids) for e in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
@@ -54,7 +59,8 @@ def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]
         input_ids[row, width - len(e.input_ids):] = torch.tensor(e.input_ids)
         labels[row, width - len(e.labels):] = torch.tensor(e.labels)
         attention[row, width - len(e.input_ids):] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
+    positions = (attention.cumsum(dim=1) - 1).clamp(min=0)
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention, "position_ids": positions}
 
 
 def answer_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -68,7 +74,7 @@ def answer_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tenso
     answer_start = int((labels != IGNORE).int().argmax(dim=1).min())
     keep = labels.shape[1] - answer_start + 1  # the position before the answer predicts its first token
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   logits_to_keep=keep).logits
+                   position_ids=batch["position_ids"], logits_to_keep=keep).logits
     targets = labels[:, labels.shape[1] - keep + 1:]
     return nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
                                        targets.reshape(-1), ignore_index=IGNORE)
@@ -97,13 +103,32 @@ def mixed_batches(new: Sequence[Example], replay: Sequence[Example], cfg: TrainS
             for s in range(steps)]
 
 
+def data_parallel(model: nn.Module) -> tuple[nn.Module, int, int]:
+    """The module to run forward passes through, this process's rank, and the world size.
+
+    Under torchrun (a process group initialised, more than one rank) that is the model wrapped
+    in DDP, which averages the gradients across ranks during `backward`; otherwise the model.
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return model, 0, 1
+    return DistributedDataParallel(model), dist.get_rank(), dist.get_world_size()
+
+
 def run_round(model: nn.Module, new: Sequence[Example], replay: Sequence[Example], cfg: TrainSettings,
               pad_id: int, ewc: EwcPenalty | None = None,
               on_progress: Callable[[Progress], None] | None = None,
               cancel: threading.Event | None = None) -> RoundReport:
-    """Train the model's adapter on the new window plus replay, regularised by EWC."""
+    """Train the model's adapter on the new window plus replay, regularised by EWC.
+
+    Under torchrun every rank draws the same batches (same seed) and trains on its share of
+    each; gradients are averaged, so all ranks keep identical weights. `tokens` in the report
+    and in progress counts this rank's share.
+    """
     if not new:
         raise ValueError("no new training examples")
+    net, rank, world = data_parallel(model)
+    if cfg.batch_size < world:
+        raise ValueError(f"`batch_size` {cfg.batch_size} is smaller than the {world} ranks")
     rng = random.Random(cfg.seed)
     torch.manual_seed(cfg.seed)
     batches = mixed_batches(new, replay, cfg, rng)
@@ -116,8 +141,8 @@ def run_round(model: nn.Module, new: Sequence[Example], replay: Sequence[Example
             raise Cancelled(f"cancelled at step {step} of {len(batches)}")
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, len(batches), cfg)
-        batch = collate(examples, pad_id)
-        loss = answer_loss(model, batch)
+        batch = collate(examples[rank::world], pad_id)
+        loss = answer_loss(net, batch)
         penalty = ewc.penalty(model) if ewc is not None else torch.zeros(())
         (loss + penalty).backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)

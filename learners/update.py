@@ -12,17 +12,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel, get_peft_model
+from torch import distributed as dist
+from transformers import PreTrainedTokenizerBase
 
 from learners.base_model import load_base
 from learners.canary import canary_loss, load_canary
 from learners.config import AdapterSettings, GateSettings, TrainSettings
 from learners.ewc import EwcPenalty, consolidate, empirical_fisher
 from learners.gate import Canary, GateReport, evaluate, judge
-from learners.prompts import Example, classification_example
+from learners.methods import peft_config, warm_start
+from learners.prompts import Example, ticket_examples
 from learners.scoring import LabelScorer
 from learners.train import Progress, RoundReport, answer_loss, collate, run_round
 from replay.buffer import Snapshot
+from streams.records import TicketRecord
 
 EWC_FILE = "ewc.safetensors"
 
@@ -35,12 +39,35 @@ class UpdateOutcome:
 
 
 def initial_adapter(base_path: Path, out_dir: Path, cfg: AdapterSettings, seed: int) -> None:
-    """The first version: an untrained LoRA (B = 0), so it answers exactly as the base does."""
+    """The first version, untrained. LoRA (B = 0) and IA3 (scales of 1) answer exactly as the
+    base does; prefix tuning starts from random virtual tokens, which shift answers slightly."""
     base, _ = load_base(base_path)
     torch.manual_seed(seed)
-    config = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                        target_modules=cfg.target_modules, task_type="CAUSAL_LM")
-    get_peft_model(base, config).save_pretrained(out_dir)
+    get_peft_model(base, peft_config(cfg)).save_pretrained(out_dir)
+
+
+def train_adapter(new_records: Sequence[TicketRecord], replay_records: Sequence[TicketRecord],
+                  base_path: Path, live_dir: Path, out_dir: Path, cfg: TrainSettings,
+                  on_progress: Callable[[Progress], None] | None = None,
+                  cancel: threading.Event | None = None,
+                  ) -> tuple[PeftModel, PreTrainedTokenizerBase, RoundReport]:
+    """Warm-start from the live adapter (in its own method), train, consolidate EWC, save.
+
+    Under torchrun every rank runs this whole function (`run_round` shards the batches);
+    only rank 0 writes `out_dir`.
+    """
+    base, tokenizer = load_base(base_path)
+    model = warm_start(base, live_dir)
+    new = ticket_examples(tokenizer, new_records, cfg.max_length)
+    replay = ticket_examples(tokenizer, replay_records, cfg.max_length)
+    previous = (EwcPenalty.load(live_dir / EWC_FILE, cfg.ewc.strength)
+                if cfg.ewc.enabled and (live_dir / EWC_FILE).exists() else None)
+    report = run_round(model, new, replay, cfg, tokenizer.pad_token_id, previous, on_progress, cancel)
+    ewc = consolidate_window(model, new, previous, cfg, tokenizer.pad_token_id)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        model.save_pretrained(out_dir)
+        ewc.save(out_dir / EWC_FILE)
+    return model, tokenizer, report
 
 
 def consolidate_window(model: PeftModel, new: Sequence[Example], previous: EwcPenalty | None,
@@ -62,23 +89,14 @@ def train_candidate(snapshot: Snapshot, base_path: Path, live_dir: Path, out_dir
 
     `best_before`: each window's best accuracy under earlier live versions (see `judge`).
     """
-    base, tokenizer = load_base(base_path)
-    model = PeftModel.from_pretrained(base, live_dir, is_trainable=True)
-    new = [classification_example(tokenizer, r.text, r.label, cfg.max_length)
-           for r in snapshot.new if r.label]
-    replay = [classification_example(tokenizer, r.text, r.label, cfg.max_length)
-              for r in snapshot.replay if r.label]
-    previous = (EwcPenalty.load(live_dir / EWC_FILE, cfg.ewc.strength)
-                if cfg.ewc.enabled and (live_dir / EWC_FILE).exists() else None)
-    report = run_round(model, new, replay, cfg, tokenizer.pad_token_id, previous, on_progress, cancel)
-    model.save_pretrained(out_dir)
-    consolidate_window(model, new, previous, cfg, tokenizer.pad_token_id).save(out_dir / EWC_FILE)
+    model, tokenizer, report = train_adapter(snapshot.new, snapshot.replay, base_path, live_dir, out_dir,
+                                             cfg, on_progress, cancel)
 
     scorer = LabelScorer(tokenizer, snapshot.labels)
     canary = load_canary(policy.canary_file) if policy.max_canary_increase is not None else []
     candidate_scores = evaluate(model, scorer, snapshot.probes)
     candidate_canary = canary_loss(model, tokenizer, canary)
-    del model, base
+    del model
     live_model = PeftModel.from_pretrained(load_base(base_path)[0], live_dir)
     live_scores = evaluate(live_model, scorer, snapshot.probes)
     live_canary = canary_loss(live_model, tokenizer, canary)

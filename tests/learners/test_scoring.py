@@ -4,42 +4,62 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import PeftModel, get_peft_model
 
 from learners.base_model import load_base
+from learners.config import AdapterSettings
+from learners.methods import peft_config
 from learners.prompts import IGNORE, classification_example
 from learners.scoring import LabelScorer
 
 LABELS = ["card_arrival", "card", "exchange_rate", "lost_or_stolen_card", "top_up_by_cash_or_cheque"]
+# Every method with weights away from its identity initialisation, so each one changes scores.
+METHODS = {"lora": AdapterSettings(rank=4), "ia3": AdapterSettings(method="ia3"),
+           "prefix": AdapterSettings(method="prefix", virtual_tokens=5)}
 
 
 def naive_score(model: torch.nn.Module, tokenizer: object, text: str, label: str) -> float:
+    """One full pass over prompt + label, positions from 0 as in training."""
     example = classification_example(tokenizer, text, label, 256)  # type: ignore[arg-type]
+    ids = torch.tensor([example.input_ids])
     with torch.no_grad():
-        logits = model(input_ids=torch.tensor([example.input_ids])).logits[0]
+        logits = model(input_ids=ids, position_ids=torch.arange(ids.shape[1])[None]).logits[0]
     targets = torch.tensor(example.labels[1:])
     logp = torch.log_softmax(logits[:-1], dim=-1)
     keep = targets != IGNORE
     return float(logp[keep].gather(1, targets[keep, None]).sum())
 
 
-@pytest.mark.parametrize("text", ["where is my card", "x " * 200])
-def test_cached_prefix_scores_equal_full_sequence_scores(tiny_llama: Path, text: str) -> None:
-    base, tokenizer = load_base(tiny_llama)
+def adapted(tiny_llama: Path, cfg: AdapterSettings) -> PeftModel:
+    base, _ = load_base(tiny_llama)
     torch.manual_seed(0)
-    model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    model = get_peft_model(base, peft_config(cfg))
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * 0.3)
+    return model.eval()
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("text", ["where is my card", "x " * 200])
+def test_cached_prefix_scores_equal_full_sequence_scores(tiny_llama: Path, text: str, method: str) -> None:
+    model = adapted(tiny_llama, METHODS[method])
+    tokenizer = load_base(tiny_llama)[1]
     scores = LabelScorer(tokenizer, LABELS, max_prompt_tokens=256).score(model, text)
     expected = torch.tensor([naive_score(model, tokenizer, text, label) for label in LABELS])
     assert torch.allclose(scores, expected, atol=1e-3)
     assert len(set(scores.tolist())) == len(LABELS)  # prefix labels ("card") are told apart
+    with model.disable_adapter():  # the base model through the same wrapper (the gate's baseline)
+        assert not torch.allclose(LabelScorer(tokenizer, LABELS).score(model, text), scores, atol=1e-3)
 
 
-def test_batched_scores_equal_one_by_one(tiny_llama: Path) -> None:
-    base, tokenizer = load_base(tiny_llama)
-    torch.manual_seed(0)
-    model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
-    scorer = LabelScorer(tokenizer, LABELS, max_prompt_tokens=64)
+@pytest.mark.parametrize("method", METHODS)
+def test_batched_scores_equal_one_by_one(tiny_llama: Path, method: str) -> None:
+    model = adapted(tiny_llama, METHODS[method])
+    scorer = LabelScorer(load_base(tiny_llama)[1], LABELS, max_prompt_tokens=64)
     texts = ["where is my card", "x " * 100, "rate?", "my top up by cash failed twice this week"]
     batched = scorer.score_batch(model, texts)  # prompts of very different lengths, left-padded
     assert torch.allclose(batched, scorer.score_many(model, texts), atol=1e-3)
     assert scorer.score_batch(model, []).shape == (0, len(LABELS))
+
