@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
-from peft import LoraConfig, PeftConfig, get_peft_model, set_peft_model_state_dict
+from peft import LoraConfig, PeftConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from torch import nn
 
 _LORA_KEY = re.compile(r"base_model\.model\.(.+)\.lora_([AB])\.weight")
@@ -103,11 +103,17 @@ def build(base: nn.Module, name: str, config: PeftConfig, weights: Mapping[str, 
     mergeable = not config.is_prompt_learning
     # A merge writes the adapted weights, so it gets a full copy; an unmerged model only reads.
     model = get_peft_model(copy.deepcopy(base) if mergeable else share(base, {}), config, adapter_name=name)
-    result = set_peft_model_state_dict(model, dict(weights), adapter_name=name)
-    missing = [k for k in result.missing_keys if f".{name}." in k]
-    if missing or result.unexpected_keys:
-        raise UnsafeAdapter(f"version {name} does not fit the base model ({len(missing)} missing, "
-                            f"{len(result.unexpected_keys)} unexpected tensors)")
+    try:
+        set_peft_model_state_dict(model, dict(weights), adapter_name=name)
+    except (KeyError, RuntimeError, ValueError) as exc:  # PEFT's own refusals (shapes, names)
+        raise UnsafeAdapter(f"version {name} does not fit the base model: {exc}") from exc
+    # Read back rather than trust `load_state_dict`'s key lists: prefix tuning loads its prompt
+    # encoder outside them, so they report its tensors as missing and unexpected.
+    loaded = get_peft_model_state_dict(model, adapter_name=name)
+    if loaded.keys() != weights.keys() or not all(torch.equal(loaded[k], weights[k]) for k in loaded):
+        raise UnsafeAdapter(f"version {name} does not fit the base model "
+                            f"({len(weights.keys() - loaded.keys())} tensors not loaded, "
+                            f"{len(loaded.keys() - weights.keys())} missing)")
     if not mergeable:
         return Built(model.eval(), merged=False)
     try:
