@@ -60,6 +60,9 @@ def main() -> None:
     parser.add_argument("--data", choices=["uniform", "clustered"], default="uniform")
     parser.add_argument("--kind", choices=["pq", "hnsw", "ivf"], default=ReplaySettings().large_index)
     parser.add_argument("--refine", type=int, default=ReplaySettings().pq_refine_factor)
+    parser.add_argument("--threads", type=int, default=0,
+                        help="FAISS threads (0: its default, one per core); a single query gains little "
+                        "from more than one, and on a busy machine loses")
     parser.add_argument("--nprobe", type=int, default=ReplaySettings().ivf_nprobe)
     parser.add_argument("--lists", type=int, default=1024, help="IVF lists (k-means cost grows with them)")
     parser.add_argument("--ef-search", type=int, default=ReplaySettings().hnsw_ef_search)
@@ -67,6 +70,8 @@ def main() -> None:
     parser.add_argument("--ef-construction", type=int, default=ReplaySettings().hnsw_ef_construction)
     parser.add_argument("--out", type=Path, default=Path("bench/results/buffer.json"))
     args = parser.parse_args()
+    if args.threads:
+        faiss.omp_set_num_threads(args.threads)
     k = 10
     rng = np.random.default_rng(0)
     centres = rng.standard_normal((1000, args.dim), dtype=np.float32) if args.data == "clustered" else None
