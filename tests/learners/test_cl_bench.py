@@ -44,4 +44,4 @@ def test_cl_bench_smoke_writes_matrices_metrics_and_heatmaps(tmp_path: Path, tin
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (tmp_path / "cl-smoke.md").read_text()
     assert all(f"| {m} |" in table for m in doc["results"])
-    assert set(doc["targets_met"]) >= {"default_forgetting_le_2_points", "naive_forgets_at_least_20_points_more"}
+    assert set(doc["targets_met"]) >= {"default_forgetting_le_2_points", "naive_forgets_at_least_10_points_more"}
