@@ -29,6 +29,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # About 110 optimiser steps of the tiny llama: training lasts seconds, long enough to act during it.
 TRAIN = TINY_TRAIN.model_copy(update={"threads": 1})
+# Tests that cancel: an update that would run for minutes, so it cannot finish before the cancel
+# lands on a quiet machine (110 steps took under 3 s there, less than a CLI's reaction to Ctrl-C).
+LONG_TRAIN = TRAIN.model_copy(update={"epochs": 3000})
 LABELS = ["card_arrival", "exchange_rate"]
 
 
@@ -92,7 +95,7 @@ def test_queries_are_answered_while_an_update_trains_in_its_own_process(
 
 def test_cancel_stops_the_training_and_publishes_nothing(serve: Callable[[Settings], LiveService],
                                                         tmp_path: Path) -> None:
-    live = serve(tiny_settings(tmp_path, None, train=TRAIN))
+    live = serve(tiny_settings(tmp_path, None, train=LONG_TRAIN))
     add_window(live.service)
     client = live.client()
     update_id = client.post("/v1/updates", headers=live.admin).json()["id"]
@@ -188,7 +191,7 @@ def test_update_shows_progress_and_exits_with_the_verdict(serve: Callable[[Setti
 
 
 def test_ctrl_c_cancels_the_update(serve: Callable[[Settings], LiveService], tmp_path: Path) -> None:
-    live = serve(tiny_settings(tmp_path, None, train=TRAIN))
+    live = serve(tiny_settings(tmp_path, None, train=LONG_TRAIN))
     add_window(live.service)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cli = subprocess.Popen([sys.executable, "-c", "from service.cli import app; app()", "update", "--url", live.url],
