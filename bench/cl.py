@@ -47,7 +47,7 @@ from learners.config import TrainSettings
 from learners.ewc import EwcPenalty
 from learners.gate import evaluate
 from learners.metrics import Row, summarize
-from learners.prompts import Example, classification_example
+from learners.prompts import ticket_examples
 from learners.scoring import LabelScorer
 from learners.train import run_round
 from learners.update import consolidate_window, initial_adapter
@@ -130,9 +130,6 @@ def run_method(method: str, stream: Stream, base_path: Path, base_cfg: TrainSett
         model, tokenizer = fresh_adapter(base_path, cfg, Path(scratch))
     pad = tokenizer.pad_token_id  # type: ignore[attr-defined]
 
-    def examples(records: Sequence[TicketRecord]) -> list[Example]:
-        return [classification_example(tokenizer, r.text, r.label or "", cfg.max_length) for r in records]
-
     started = time.perf_counter()
     phases = ([(len(stream.labels) - 1, [r for w in stream.train for r in w])] if method == "joint"
               else list(enumerate(stream.train)))
@@ -146,8 +143,8 @@ def run_method(method: str, stream: Stream, base_path: Path, base_cfg: TrainSett
             replay = [old[p] for p in balanced_sample([r.label for r in old], len(new_records),
                                                       seed=cfg.seed + last)]
         penalty: EwcPenalty | None = ewc_state if cfg.ewc.enabled else None
-        new = examples(new_records)
-        report = run_round(model, new, examples(replay), cfg, pad, penalty)
+        new = ticket_examples(tokenizer, new_records, cfg.max_length)  # type: ignore[arg-type]
+        report = run_round(model, new, ticket_examples(tokenizer, replay, cfg.max_length), cfg, pad, penalty)  # type: ignore[arg-type]
         steps += report.steps
         if cfg.ewc.enabled:
             ewc_state = consolidate_window(model, new, ewc_state, cfg, pad)
