@@ -1,8 +1,10 @@
-"""Classification by label log-likelihood, with the prompt's key/value cache shared by all labels.
+"""Classification by label log-likelihood: a ticket and all its candidate labels in one packed row.
 
-For each ticket the prompt runs through the model once; its cache is repeated across the
-candidate labels, which then run as one batch. The cost is one prompt pass plus one short
-batched pass, instead of a full prompt pass per label.
+The candidate labels share their first tokens ("card arrival", "card delivery estimate", ...),
+so they are stored as a token trie. After the prompt has run once, each ticket's trie runs as a
+single extra row: every node attends to the prompt and to its own ancestors, nothing else (a
+4-D attention mask), so it computes exactly what a full pass over prompt + label would, while a
+shared prefix is computed once and the prompt's cache is never copied per label.
 """
 
 from __future__ import annotations
@@ -10,10 +12,55 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from peft import PeftType
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from learners.prompts import label_ids, prompt_ids
+
+
+class LabelTrie:
+    """The labels' token sequences as a prefix tree, in the tensors a packed pass needs.
+
+    Node i is a label prefix of length `depth[i]` ending in token `tokens[i]`. Every label token
+    is predicted from a source: source 0 is the prompt's last position, source 1 + i is node i.
+
+    >>> trie = LabelTrie([[5, 7, 2], [5, 8, 2], [9, 2]])
+    >>> trie.tokens.tolist(), trie.depth.tolist()  # 5, 5-7, 5-8 and 9: "5" is stored once
+    ([5, 7, 8, 9], [1, 2, 2, 1])
+    >>> trie.sources.tolist(), trie.targets.tolist(), trie.owners.tolist()
+    ([0, 1, 2, 0, 1, 3, 0, 4], [5, 7, 2, 5, 8, 2, 9, 2], [0, 0, 0, 1, 1, 1, 2, 2])
+    """
+
+    def __init__(self, sequences: Sequence[Sequence[int]]) -> None:
+        nodes: dict[tuple[int, ...], int] = {}
+        parents: list[int] = []
+        sources: list[int] = []
+        targets: list[int] = []
+        owners: list[int] = []
+        for owner, ids in enumerate(sequences):
+            source = 0
+            for end, token in enumerate(ids):
+                sources.append(source)
+                targets.append(token)
+                owners.append(owner)
+                if end == len(ids) - 1:
+                    break  # the last token is only predicted, never fed
+                prefix = tuple(ids[: end + 1])
+                if prefix not in nodes:
+                    nodes[prefix] = len(nodes)
+                    parents.append(source - 1)
+                source = 1 + nodes[prefix]
+        self.tokens = torch.tensor([prefix[-1] for prefix in nodes], dtype=torch.long)
+        self.depth = torch.tensor([len(prefix) for prefix in nodes], dtype=torch.long)
+        self.sources = torch.tensor(sources, dtype=torch.long)
+        self.targets = torch.tensor(targets, dtype=torch.long)
+        self.owners = torch.tensor(owners, dtype=torch.long)
+        # sees[i, j]: node i attends to node j, i.e. j is i itself or one of its ancestors
+        self.sees = torch.eye(len(nodes), dtype=torch.bool)
+        for node, parent in enumerate(parents):  # parents come before their children
+            if parent >= 0:
+                self.sees[node] |= self.sees[parent]
 
 
 class LabelScorer:
@@ -34,13 +81,7 @@ class LabelScorer:
         self.tokenizer = tokenizer
         self.labels = list(labels)
         self.max_prompt_tokens = max_prompt_tokens
-        encoded = [label_ids(tokenizer, label) for label in self.labels]
-        width = max(len(ids) for ids in encoded)
-        self._ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
-        self._mask = torch.zeros((len(encoded), width), dtype=torch.long)
-        for row, ids in enumerate(encoded):
-            self._ids[row, : len(ids)] = torch.tensor(ids)
-            self._mask[row, : len(ids)] = 1
+        self.trie = LabelTrie([label_ids(tokenizer, label) for label in self.labels])
 
     def score(self, model: nn.Module, text: str) -> torch.Tensor:
         """Summed log-probability of every label (shape: labels); softmax of it is confidence."""
@@ -48,54 +89,62 @@ class LabelScorer:
 
     @torch.inference_mode()
     def score_batch(self, model: nn.Module, texts: Sequence[str]) -> torch.Tensor:
-        """`score` of several tickets in two batched passes (shape: texts × labels).
+        """`score` of several tickets in one batched pass (shape: texts × labels).
 
-        Prompts are left-padded so every prompt ends at the same position; explicit position ids
-        keep each prompt's positions as if it ran alone, as in training (see `collate`). On a CPU
-        a small batch costs little more than one ticket: the weights are read once per pass, not
-        once per ticket. Only logits that score a label token are computed: the vocabulary
-        projection is a fifth of the model's work per token, and prompt positions, padding and
-        each label's last token need none.
+        Row r is ticket r's prompt, left-padded so every prompt ends at the same column, then
+        the label trie. Explicit position ids keep each prompt's positions as if it ran alone,
+        as in training (see `collate`). On a CPU a small batch costs little more than one ticket:
+        the weights are read once per pass, not once per ticket. Logits are computed only where
+        they score a label token: the prompt's last position and the trie's nodes.
         """
         if not texts:
             return torch.zeros((0, len(self.labels)))
         prompts = [prompt_ids(self.tokenizer, text, self.max_prompt_tokens) for text in texts]
-        b, n, width = len(prompts), len(self.labels), max(len(p) for p in prompts)
-        ids = torch.full((b, width), self.tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((b, width), dtype=torch.long)
+        b, width, trie = len(prompts), max(len(p) for p in prompts), self.trie
+        nodes = len(trie.tokens)
+        ids = torch.full((b, width + nodes), self.tokenizer.pad_token_id, dtype=torch.long)
+        real = torch.zeros((b, width), dtype=torch.bool)
         for row, prompt in enumerate(prompts):
-            ids[row, width - len(prompt):] = torch.tensor(prompt)
-            mask[row, width - len(prompt):] = 1
-        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-        first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)[:, self._ids[:, 0]]  # b × n
-        if self._ids.shape[1] == 1:
-            return first  # every label is one token
-        cache = out.cache
-        # A prefix-tuning adapter put its virtual tokens in the cache ahead of the prompt. Given
-        # that cache, PEFT's forward would prepend them a second time, so the label pass runs
-        # on the base model and does what PEFT's forward does: attend to the virtual positions
-        # and shift the position ids past them.
-        virtual = cache.get_seq_length() - width
-        runner = model.get_base_model() if virtual else model
-        # Row r*n + j: ticket r, label j. Position t of this pass predicts label token t+1, so the
-        # last column is never fed; right padding keeps the real positions.
-        keep = self._mask[:, 1:].bool().repeat(b, 1)
-        label_ids = self._ids.repeat(b, 1)
-        cache.batch_repeat_interleave(n)
-        attention = torch.cat([torch.ones((b * n, virtual), dtype=torch.long),
-                               mask.repeat_interleave(n, dim=0), self._mask[:, :-1].repeat(b, 1)], dim=1)
-        lengths = mask.sum(dim=1).repeat_interleave(n)
-        label_positions = virtual + lengths[:, None] + torch.arange(label_ids.shape[1] - 1)[None, :]
-        logits = runner(input_ids=label_ids[:, :-1], attention_mask=attention, position_ids=label_positions,
-                        cache=cache, logits_to_keep=keep).logits  # one row per kept position
-        logp = torch.log_softmax(logits.reshape(-1, logits.shape[-1]).float(), dim=-1)
-        token_logp = logp.gather(-1, label_ids[:, 1:][keep][:, None])[:, 0]
-        rest = torch.zeros(b * n).index_add_(0, keep.nonzero()[:, 0], token_logp)
-        return first + rest.view(b, n)
+            ids[row, width - len(prompt): width] = torch.tensor(prompt)
+            real[row, width - len(prompt):] = True
+        ids[:, width:] = trie.tokens
+        cache, virtual, runner = _virtual_tokens(model, b)
+        lengths = real.sum(dim=1, keepdim=True)
+        positions = virtual + torch.cat([(real.cumsum(dim=1) - 1).clamp(min=0), lengths + trie.depth - 1], dim=1)
+        logits = runner(input_ids=ids, attention_mask=self._attention(real, virtual), position_ids=positions,
+                        cache=cache, logits_to_keep=nodes + 1).logits  # sources: prompt end, then nodes
+        token_logp = logits.float().log_softmax(dim=-1)[:, trie.sources, trie.targets]  # b × label tokens
+        return torch.zeros((b, len(self.labels))).index_add_(1, trie.owners, token_logp)
 
-    def score_many(self, model: nn.Module, texts: Sequence[str]) -> torch.Tensor:
-        """Scores of several tickets (shape: texts × labels)."""
+    def _attention(self, real: torch.Tensor, virtual: int) -> torch.Tensor:
+        """Who sees whom (b × 1 × queries × keys): prompts causally, nodes their prompt and ancestors.
+
+        Every query sees the virtual tokens. A padding position sees only itself, so that no row
+        of the softmax is empty.
+        """
+        b, width = real.shape
+        nodes = len(self.trie.tokens)
+        causal = torch.ones((width, width), dtype=torch.bool).tril()
+        prompt_rows = (causal & real[:, None, :]) | torch.eye(width, dtype=torch.bool)
+        node_rows = torch.cat([real[:, None, :].expand(b, nodes, width), self.trie.sees.expand(b, nodes, nodes)], dim=2)
+        sees = torch.cat([torch.cat([prompt_rows, torch.zeros((b, width, nodes), dtype=torch.bool)], dim=2),
+                          node_rows], dim=1)
+        return torch.cat([torch.ones((b, width + nodes, virtual), dtype=torch.bool), sees], dim=2)[:, None]
+
+    def score_many(self, model: nn.Module, texts: Sequence[str], batch: int = 8) -> torch.Tensor:
+        """Scores of any number of tickets (shape: texts × labels), `batch` tickets per pass."""
         if not texts:
             return torch.zeros((0, len(self.labels)))
-        return torch.stack([self.score(model, text) for text in texts])
+        return torch.cat([self.score_batch(model, texts[i: i + batch]) for i in range(0, len(texts), batch)])
+
+def _virtual_tokens(model: nn.Module, batch: int) -> tuple[object, int, nn.Module]:
+    """(cache, count, model to run) for a prefix-tuning adapter's virtual tokens.
+
+    PEFT's own forward would build a 2-D mask for them; the packed pass needs its 4-D one, so it
+    runs the base model on PEFT's virtual key/value cache, as PEFT's forward does underneath.
+    Any other model, or one whose adapter is disabled, runs as it is, without a cache.
+    """
+    config = getattr(model, "active_peft_config", None)
+    if config is None or config.peft_type != PeftType.PREFIX_TUNING or model._adapters_disabled:
+        return None, 0, model
+    return model.get_prompt(batch_size=batch), config.num_virtual_tokens, model.get_base_model()

@@ -60,6 +60,7 @@ def test_batched_scores_equal_one_by_one(tiny_llama: Path, method: str) -> None:
     scorer = LabelScorer(load_base(tiny_llama)[1], LABELS, max_prompt_tokens=64)
     texts = ["where is my card", "x " * 100, "rate?", "my top up by cash failed twice this week"]
     batched = scorer.score_batch(model, texts)  # prompts of very different lengths, left-padded
-    assert torch.allclose(batched, scorer.score_many(model, texts), atol=1e-3)
+    assert torch.allclose(batched, torch.stack([scorer.score(model, text) for text in texts]), atol=1e-3)
+    assert torch.allclose(scorer.score_many(model, texts, batch=3), batched, atol=1e-3)
     assert scorer.score_batch(model, []).shape == (0, len(LABELS))
 
