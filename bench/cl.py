@@ -10,14 +10,16 @@ is given to five methods, each starting from a fresh LoRA on the same base:
 - `replay`: each batch mixes the new window with a replay sample of earlier windows;
 - `ewc`: the online-EWC penalty only;
 - `ewc+replay`: both, the product's default (`TrainSettings()`);
-- `joint`: one model trained on all windows at once (the upper bound; one row).
+- `joint`: one model trained on all windows at once (the upper bound; one row), for as many
+  optimiser steps as the default takes over the whole stream, so the bound is not under-trained.
 
 Every sequential method runs the product's own update step (`learners.train.run_round` and
 `learners.update.consolidate_window`) with `TrainSettings()` defaults, changing only what the
 method switches off. Figures: the accuracy matrix per method, final average accuracy, average
-forgetting (max-based, `learners.metrics`) and BWT, each also computed with Avalanche's
-standalone `Forgetting` and `BWT`; a markdown table, a JSON file and a heatmap per method
-under `bench/results/`.
+forgetting (Avalanche's definition: accuracy when a window was learned minus final accuracy;
+also from each window's best row, the stricter reading) and BWT, forgetting and BWT also
+computed by Avalanche's standalone `Forgetting` and `BWT`; a markdown table, a JSON file and a
+heatmap per method under `bench/results/`.
 
     evergreen bench cl --preset quick     # SmolLM2-135M, 4 windows x 3 intents, on 2 CPU cores
     evergreen bench cl --preset full      # all 77 intents, 7 windows of 11 (for a GPU)
@@ -49,9 +51,9 @@ from learners.gate import evaluate
 from learners.metrics import Row, summarize
 from learners.prompts import ticket_examples
 from learners.scoring import LabelScorer
-from learners.train import run_round
+from learners.train import mixed_batches, run_round
 from learners.update import consolidate_window, initial_adapter
-from replay.policy import balanced_sample
+from replay.policy import balanced_sample, replay_rows
 from streams.datasets import load_tickets
 from streams.records import TicketRecord
 
@@ -69,7 +71,7 @@ class Preset:
 
 PRESETS = {
     # Sized so that all five methods finish within 45 minutes on a 2-core CPU.
-    "quick": Preset(windows=4, intents_per_window=3, train_per_intent=16, test_per_intent=15),
+    "quick": Preset(windows=4, intents_per_window=3, train_per_intent=16, test_per_intent=None),
     "full": Preset(windows=7, intents_per_window=11, train_per_intent=None, test_per_intent=None),
     # A smoke run of the whole pipeline on the tiny test model (tests/learners/test_cl_bench.py).
     "smoke": Preset(windows=2, intents_per_window=2, train_per_intent=6, test_per_intent=4),
@@ -122,6 +124,24 @@ def fresh_adapter(base_path: Path, cfg: TrainSettings, scratch: Path) -> tuple[P
     return PeftModel.from_pretrained(model, scratch, is_trainable=True), tokenizer
 
 
+def replay_for(stream: Stream, window: int, seed: int) -> list[TicketRecord]:
+    """As the service's snapshot draws them (default `replay_policy`): `replay_rows` training rows
+    of earlier windows, balanced by label."""
+    old = [r for w in stream.train[:window] for r in w]
+    size = replay_rows([r.label for r in stream.train[window]], {label for w in stream.labels[:window] for label in w})
+    return [old[p] for p in balanced_sample([r.label for r in old], size, seed=seed + window)] if old else []
+
+
+def default_steps(stream: Stream, tokenizer: object, base_cfg: TrainSettings) -> int:
+    """Optimiser steps the default method takes over the whole stream (the budget `joint` gets)."""
+    cfg, steps = settings_for(DEFAULT, base_cfg), 0
+    for window, records in enumerate(stream.train):
+        new = ticket_examples(tokenizer, records, cfg.max_length)  # type: ignore[arg-type]
+        replay = ticket_examples(tokenizer, replay_for(stream, window, cfg.seed), cfg.max_length)  # type: ignore[arg-type]
+        steps += len(mixed_batches(new, replay, cfg, random.Random(cfg.seed)))
+    return steps
+
+
 def run_method(method: str, stream: Stream, base_path: Path, base_cfg: TrainSettings,
                advance: Callable[[str, str], None]) -> dict[str, object]:
     """Train one method along the stream; its accuracy rows and timing."""
@@ -131,17 +151,17 @@ def run_method(method: str, stream: Stream, base_path: Path, base_cfg: TrainSett
     pad = tokenizer.pad_token_id  # type: ignore[attr-defined]
 
     started = time.perf_counter()
-    phases = ([(len(stream.labels) - 1, [r for w in stream.train for r in w])] if method == "joint"
-              else list(enumerate(stream.train)))
+    if method == "joint":
+        everything = [r for w in stream.train for r in w]
+        phases = [(len(stream.labels) - 1, everything)]
+        cfg = cfg.model_copy(update={"epochs": default_steps(stream, tokenizer, base_cfg) * cfg.batch_size
+                                               / len(everything)})
+    else:
+        phases = list(enumerate(stream.train))
     rows, ewc_state, steps = [], None, 0
     for last, new_records in phases:
         learnt = list(range(last + 1))
-        replay: list[TicketRecord] = []
-        if method in ("replay", "ewc+replay") and last > 0:
-            # As the service's snapshot does: as many replay rows as new ones, balanced by label.
-            old = [r for w in stream.train[:last] for r in w]
-            replay = [old[p] for p in balanced_sample([r.label for r in old], len(new_records),
-                                                      seed=cfg.seed + last)]
+        replay = replay_for(stream, last, cfg.seed) if method in ("replay", DEFAULT) else []
         penalty: EwcPenalty | None = ewc_state if cfg.ewc.enabled else None
         new = ticket_examples(tokenizer, new_records, cfg.max_length)  # type: ignore[arg-type]
         report = run_round(model, new, ticket_examples(tokenizer, replay, cfg.max_length), cfg, pad, penalty)  # type: ignore[arg-type]
@@ -153,7 +173,8 @@ def run_method(method: str, stream: Stream, base_path: Path, base_cfg: TrainSett
             scores = evaluate(model, scorer, {w + 1: stream.test[w] for w in learnt})
         rows.append(Row(f"after window {last + 1}", frozenset(w + 1 for w in learnt),
                         {w: s.accuracy for w, s in scores.items()}))
-        advance(method, f"after window {last + 1}: " + " ".join(f"{s.accuracy:.2f}" for s in scores.values()))
+        advance(method, f"after window {last + 1} ({report.steps} steps): "
+                        + " ".join(f"{s.accuracy:.2f}" for s in scores.values()))
     return {"rows": rows, "seconds": time.perf_counter() - started, "steps": steps}
 
 
@@ -166,7 +187,8 @@ def figures(rows: list[Row]) -> dict[str, object]:
     return {
         "matrix": [[row.accuracy.get(j) for j in range(1, len(rows[-1].accuracy) + 1)] for row in rows],
         "average_accuracy": final.average_accuracy,
-        "average_forgetting": final.average_forgetting,
+        "average_forgetting": final.drop_since_learned,
+        "peak_forgetting": final.average_forgetting,
         "backward_transfer": final.backward_transfer,
         "avalanche_average_forgetting": fmean(theirs_forgetting.values()) if theirs_forgetting else None,
         "avalanche_bwt": fmean(theirs_bwt.values()) if theirs_bwt else None,
@@ -198,8 +220,8 @@ def heatmap(name: str, matrix: list[list[float | None]], path: Path) -> None:
 
 def markdown(results: dict[str, dict[str, object]]) -> str:
     joint = results.get("joint", {}).get("average_accuracy")
-    lines = ["| method | final avg accuracy | × joint | avg forgetting | Avalanche forgetting | BWT | "
-             "Avalanche BWT | minutes |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | final avg accuracy | × joint | avg forgetting | Avalanche forgetting | from the peak | "
+             "BWT | Avalanche BWT | steps | minutes |", "|---|---|---|---|---|---|---|---|---|---|"]
 
     def f(v: object, fmt: str = "{:.3f}") -> str:
         return "–" if v is None else fmt.format(v)
@@ -208,8 +230,8 @@ def markdown(results: dict[str, dict[str, object]]) -> str:
         ratio = r["average_accuracy"] / joint if joint else None  # type: ignore[operator]
         lines.append(f"| {name} | {f(r['average_accuracy'])} | {f(ratio, '{:.2f}')} | "
                      f"{f(r['average_forgetting'])} | {f(r['avalanche_average_forgetting'])} | "
-                     f"{f(r['backward_transfer'])} | {f(r['avalanche_bwt'])} | "
-                     f"{f(r['seconds'] / 60, '{:.1f}')} |")  # type: ignore[operator]
+                     f"{f(r['peak_forgetting'])} | {f(r['backward_transfer'])} | {f(r['avalanche_bwt'])} | "
+                     f"{r['steps']} | {f(r['seconds'] / 60, '{:.1f}')} |")  # type: ignore[operator]
     return "\n".join(lines) + "\n"
 
 
@@ -221,6 +243,8 @@ def targets(results: dict[str, dict[str, object]]) -> dict[str, bool]:
         checks["default_accuracy_ge_0.95_joint"] = (
             best["average_accuracy"] >= 0.95 * results["joint"]["average_accuracy"])  # type: ignore[operator]
     checks["default_forgetting_le_2_points"] = best["average_forgetting"] <= 0.02  # type: ignore[operator]
+    # The stricter, max-based reading (drop from each window's best row), reported beside it.
+    checks["default_peak_forgetting_le_2_points"] = best["peak_forgetting"] <= 0.02  # type: ignore[operator]
     # "Naive must show the forgetting that the method prevents": ten points more than the default.
     checks["naive_forgets_at_least_10_points_more"] = (
         naive["average_forgetting"] >= best["average_forgetting"] + 0.10)  # type: ignore[operator]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 
 class AdapterSettings(BaseModel):
@@ -55,7 +55,18 @@ class TrainSettings(BaseModel):
     warmup_fraction: float = Field(0.1, ge=0, lt=1, description="Share of steps spent warming up.")
     epochs: float = Field(3.0, gt=0, description="Passes over the new window's training rows.")
     batch_size: int = Field(16, gt=0, description="Examples per optimiser step.")
-    replay_ratio: float = Field(0.3, ge=0, lt=1, description="Share of each batch drawn from replay.")
+    replay_ratio: float | Literal["balanced"] = Field(
+        "balanced", description="Share of each batch drawn from replay (0 to below 1). `balanced`: the share of "
+                                "earlier labels among all labels trained, so every label gets an equal share of "
+                                "each batch (of rows, for reply examples).")
+
+    @field_validator("replay_ratio")
+    @classmethod
+    def _ratio_below_one(cls, value: float | str) -> float | str:
+        if isinstance(value, float) and not 0 <= value < 1:
+            raise ValueError("`replay_ratio` must be at least 0 and below 1, or `balanced`")
+        return value
+
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_length: int = Field(128, gt=8, description="Longest training sequence, in tokens.")

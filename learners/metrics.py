@@ -28,6 +28,7 @@ class Summary:
     average_accuracy: float | None
     forgetting: dict[int, float] = field(default_factory=dict)
     average_forgetting: float | None = None
+    drop_since_learned: float | None = None  # Avalanche's `Forgetting`: accuracy when learned − now
     backward_transfer: float | None = None
     forward_transfer: float | None = None
     plasticity: float | None = None
@@ -49,6 +50,11 @@ def summarize(rows: Sequence[Row], base: Mapping[int, float] | None = None) -> l
     (0.75, 0.2, -0.2)
     >>> round(s.forward_transfer, 3), round(s.plasticity, 3)
     (0.1, 0.7)
+    >>> rising = [Row("v1", frozenset({1}), {1: 0.5}), Row("v2", frozenset({1, 2}), {1: 0.9, 2: 0.8}),
+    ...           Row("v3", frozenset({1, 2}), {1: 0.8, 2: 0.8})]  # window 1 peaked after it was learned
+    >>> s = summarize(rising)[2]
+    >>> round(s.average_forgetting, 3), round(s.drop_since_learned, 3)  # from the peak; from when learned
+    (0.05, -0.15)
     """
     base = base or {}
     first: dict[int, int] = {}
@@ -71,6 +77,8 @@ def summarize(rows: Sequence[Row], base: Mapping[int, float] | None = None) -> l
             average_accuracy=_mean([acc[j] for j in sorted(row.trained) if j in acc]),
             forgetting=forgetting,
             average_forgetting=_mean(list(forgetting.values())),
+            drop_since_learned=_mean([rows[first[j]].accuracy[j] - acc[j] for j in old
+                                      if j in rows[first[j]].accuracy]),
             backward_transfer=_mean([acc[j] - rows[first[j]].accuracy[j] for j in old
                                      if j in rows[first[j]].accuracy]),
             forward_transfer=_mean([before[j] - base[j] for j in new if j in before and j in base]),

@@ -58,17 +58,18 @@ class Example:
 
     input_ids: list[int]
     labels: list[int]
+    intent: str | None = None  # the class label of a classification example; None for a reply
 
 
-def _example(prompt: list[int], answer: list[int]) -> Example:
-    return Example(input_ids=prompt + answer, labels=[IGNORE] * len(prompt) + answer)
+def _example(prompt: list[int], answer: list[int], intent: str | None = None) -> Example:
+    return Example(input_ids=prompt + answer, labels=[IGNORE] * len(prompt) + answer, intent=intent)
 
 
 def classification_example(
     tokenizer: PreTrainedTokenizerBase, text: str, label: str, max_length: int
 ) -> Example:
     answer = label_ids(tokenizer, label)
-    return _example(prompt_ids(tokenizer, text, max_length - len(answer)), answer)
+    return _example(prompt_ids(tokenizer, text, max_length - len(answer)), answer, label)
 
 
 def reply_example(tokenizer: PreTrainedTokenizerBase, text: str, reply: str, max_length: int) -> Example:

@@ -90,10 +90,39 @@ def lr_at(step: int, steps: int, cfg: TrainSettings) -> float:
     return floor + 0.5 * (cfg.learning_rate - floor) * (1 + math.cos(math.pi * progress))
 
 
+def replay_share(new: Sequence[Example], replay: Sequence[Example], ratio: float | str) -> float:
+    """The share of each batch drawn from replay.
+
+    `balanced` gives every label trained an equal share: the new window's labels split what the
+    earlier ones leave. A fixed share, as in plain experience replay, under-weights earlier labels
+    more with every window, and the model drifts towards the newest ones (recency bias in
+    class-incremental learning). Reply examples carry no label; there every row counts the same.
+
+    >>> intent = lambda name: Example([1], [1], name)
+    >>> replay_share([intent("card")], [intent("rate"), intent("fee"), intent("card")], "balanced")
+    0.6666666666666666
+    >>> replay_share([intent("card")], [], "balanced"), replay_share([intent("card")], [intent("rate")], 0.3)
+    (0.0, 0.3)
+    """
+    if not replay:
+        return 0.0
+    if not isinstance(ratio, str):
+        return ratio
+    new_labels = {e.intent for e in new}
+    old_labels = {e.intent for e in replay} - new_labels
+    if None in new_labels | old_labels:
+        return len(replay) / (len(new) + len(replay))
+    return len(old_labels) / (len(old_labels) + len(new_labels))
+
+
 def mixed_batches(new: Sequence[Example], replay: Sequence[Example], cfg: TrainSettings,
                   rng: random.Random) -> list[list[Example]]:
-    """`epochs` passes over the new rows; each batch topped up with `replay_ratio` replay rows."""
-    n_replay = round(cfg.batch_size * cfg.replay_ratio) if replay else 0
+    """`epochs` passes over the new rows; each batch topped up with replay rows (`replay_share`).
+
+    At least one row of every batch is new, so the passes over the new rows always end.
+    """
+    share = replay_share(new, replay, cfg.replay_ratio)
+    n_replay = min(round(cfg.batch_size * share), cfg.batch_size - 1)
     n_new = cfg.batch_size - n_replay
     steps = max(1, math.ceil(len(new) * cfg.epochs / n_new))
     order: list[Example] = []

@@ -23,20 +23,18 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 
-from replay.config import ReplaySettings
+from replay.config import ReplaySettings, SamplePolicy
 from replay.curate import curate_batch, redact
 from replay.embed import Embedder
 from replay.index import VectorIndex, kind_for
-from replay.policy import balanced_sample, choose_victims, clusters, eviction_key, is_probe
+from replay.policy import balanced_sample, choose_victims, clusters, eviction_key, is_probe, replay_rows
 from replay.schema import SCHEMA
 from streams.records import TicketRecord
 
 LOG = logging.getLogger(__name__)
-SamplePolicy = Literal["uniform", "class-balanced", "coverage"]
 __all__ = ["ReplayBuffer", "SamplePolicy", "Snapshot", "WindowInfo", "is_probe"]
 
 
@@ -376,15 +374,18 @@ class ReplayBuffer:
 
     def snapshot(self, trained_windows: Iterable[int], seed: int) -> Snapshot:
         """Training material for one update: every closed window not yet trained is new, and
-        as many replay rows as new rows are drawn from the windows already trained."""
+        replay rows (`replay_rows` of them, by `replay_policy`) come from the windows already
+        trained."""
         trained = set(trained_windows)
         closed = [w for w in self.windows() if w.closed]
         new_windows = tuple(w.id for w in closed if w.id not in trained)
         new = self.records(new_windows, probe=False)
+        old = [w for w in closed if w.id in trained]
+        size = replay_rows([r.label for r in new], {label for w in old for label in w.labels})
         return Snapshot(
             new_windows=new_windows,
             new=new,
-            replay=self.sample(len(new), [w.id for w in closed if w.id in trained], seed=seed),
+            replay=self.sample(size, [w.id for w in old], seed=seed, policy=self.settings.replay_policy),
             probes={w.id: self.records([w.id], probe=True) for w in closed},
             labels=tuple(sorted({label for w in closed for label in w.labels})),
         )

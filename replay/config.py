@@ -9,6 +9,7 @@ from pydantic import BaseModel, Field, model_validator
 
 IndexKind = Literal["auto", "flat", "hnsw", "ivf", "pq"]
 EvictionPolicy = Literal["auto", "reservoir", "class-balanced", "coverage"]
+SamplePolicy = Literal["uniform", "class-balanced", "coverage"]
 
 
 class ReplaySettings(BaseModel):
@@ -69,6 +70,13 @@ class ReplaySettings(BaseModel):
         "class-balanced when the rows carry labels, else reservoir."
     )
     coverage_clusters: int = Field(32, ge=2, description="k-means clusters of the `coverage` policy.")
+    # -- replay -----------------------------------------------------------------------------
+    replay_policy: SamplePolicy = Field(
+        "class-balanced", description="How an update draws its replay rows from the trained windows: "
+        "`uniform`, `class-balanced` (labels as even as their counts allow) or `coverage` (even over "
+        "k-means clusters of the embeddings). As many rows per earlier label as the new rows have per "
+        "new label are drawn."
+    )
 
     @model_validator(mode="after")
     def _hnsw_search_is_wide_enough(self) -> ReplaySettings:

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import math
 import random
 from collections import defaultdict
-from collections.abc import Hashable, Sequence
+from collections.abc import Collection, Hashable, Sequence
 
 import faiss
 import numpy as np
@@ -69,6 +70,22 @@ def choose_victims(groups: Sequence[Hashable], keys: Sequence[float], n: int) ->
         if rows:
             heapq.heappush(heap, (-len(rows), rows[-1][0], i, group))
     return victims
+
+
+def replay_rows(new_labels: Sequence[str | None], old_labels: Collection[str]) -> int:
+    """How many replay rows an update draws: as many per earlier label as the new rows have per
+    new label, so that earlier labels are seen as often as new ones; without labels on either
+    side, as many as the new rows.
+
+    >>> replay_rows(["card"] * 10 + ["rate"] * 6, {"fee", "pin", "atm"})  # 8 per new label
+    24
+    >>> replay_rows([None] * 5, set())
+    5
+    """
+    labelled = {label for label in new_labels if label}
+    if not labelled or not old_labels:
+        return len(new_labels)
+    return math.ceil(len(new_labels) / len(labelled)) * len(old_labels)
 
 
 def balanced_sample(groups: Sequence[Hashable], k: int, seed: int | None = None) -> list[int]:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 from replay.buffer import ReplayBuffer, is_probe
@@ -14,9 +15,9 @@ def tickets(prefix: str, labels: list[str], n: int) -> list[TicketRecord]:
 
 def test_windows_probes_and_snapshot(tmp_path: Path, embedder: SentenceEmbedder) -> None:
     buffer = ReplayBuffer(tmp_path, embedder, probe_percent=25)
-    buffer.add_many(tickets("a", ["card_arrival", "exchange_rate"], 40))
-    buffer.add_many(tickets("a", ["card_arrival", "exchange_rate"], 40))  # redelivery: no new rows
-    assert len(buffer) == 40 and buffer.pending() == 40
+    buffer.add_many(tickets("a", ["card_arrival", "exchange_rate"], 80))
+    buffer.add_many(tickets("a", ["card_arrival", "exchange_rate"], 80))  # redelivery: no new rows
+    assert len(buffer) == 80 and buffer.pending() == 80
     first = buffer.close_window()
     assert buffer.close_window() is None  # an empty window is never closed
     buffer.add_many(tickets("b", ["top_up_failed"], 20))
@@ -27,12 +28,16 @@ def test_windows_probes_and_snapshot(tmp_path: Path, embedder: SentenceEmbedder)
     assert snapshot.new_windows == (second,)
     assert {r.label for r in snapshot.new} == {"top_up_failed"}
     assert snapshot.replay and {r.id[0] for r in snapshot.replay} == {"a"}
+    # As many rows per earlier label as the new window has per new label, labels evenly drawn.
+    assert len(snapshot.replay) == 2 * len(snapshot.new) < len(buffer.records([first], probe=False))
+    replayed = Counter(r.label for r in snapshot.replay)
+    assert replayed["card_arrival"] == replayed["exchange_rate"] == len(snapshot.new)
     assert set(snapshot.probes) == {first, second}
     assert snapshot.labels == ("card_arrival", "exchange_rate", "top_up_failed")
     probe_ids = {r.id for rows in snapshot.probes.values() for r in rows}
     train_ids = {r.id for r in snapshot.new} | {r.id for r in buffer.records([first], probe=False)}
     assert probe_ids and not probe_ids & train_ids  # probes are never trained on
-    assert probe_ids == {f"{p}-{i}" for p, n in (("a", 40), ("b", 20)) for i in range(n)
+    assert probe_ids == {f"{p}-{i}" for p, n in (("a", 80), ("b", 20)) for i in range(n)
                          if is_probe(f"{p}-{i}", 25)}
 
 

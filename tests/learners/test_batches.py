@@ -1,0 +1,35 @@
+"""How an update's batches mix the new window with replay (`learners.train.mixed_batches`)."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+from learners.config import TrainSettings
+from learners.prompts import Example
+from learners.train import mixed_batches
+
+
+def intents(label: str, n: int) -> list[Example]:
+    return [Example([i], [i], label) for i in range(n)]
+
+
+def test_balanced_batches_give_every_label_an_equal_share() -> None:
+    new = intents("new-a", 24) + intents("new-b", 24)
+    replay = [e for label in ("old-a", "old-b", "old-c", "old-d", "old-e", "old-f") for e in intents(label, 24)]
+    batches = mixed_batches(new, replay, TrainSettings(batch_size=16, epochs=2), random.Random(0))
+    assert all(sum(e.intent.startswith("new") for e in b) == 4 for b in batches)  # 2 of 8 labels: 4 of 16
+    seen = Counter(e.intent for b in batches for e in b)
+    assert seen["new-a"] + seen["new-b"] == 2 * len(new)  # `epochs` passes over the new rows
+    per_label = [seen[label] for label in seen]
+    assert max(per_label) - min(per_label) <= 0.35 * min(per_label)  # replay draws are random
+
+
+def test_a_fixed_share_and_a_late_window_keep_new_rows_in_every_batch() -> None:
+    fixed = mixed_batches(intents("new", 32), intents("old", 32), TrainSettings(batch_size=16, replay_ratio=0.25),
+                          random.Random(0))
+    assert {sum(e.intent == "old" for e in b) for b in fixed} == {4}
+    crowded = [e for i in range(76) for e in intents(f"old-{i}", 2)]  # 76 earlier labels, 1 new one
+    late = mixed_batches(intents("new", 8), crowded, TrainSettings(batch_size=16), random.Random(0))
+    assert all(sum(e.intent == "new" for e in b) == 1 for b in late) and len(late) == 8 * 3
+    assert mixed_batches(intents("new", 8), [], TrainSettings(), random.Random(0))[0][0].intent == "new"
