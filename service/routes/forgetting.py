@@ -16,6 +16,8 @@ class VersionSummary(BaseModel):
     average_accuracy: float | None = Field(description="Mean accuracy over the windows trained so far.")
     forgetting: dict[str, float] = Field(description="Per earlier window: best earlier accuracy − now.")
     average_forgetting: float | None
+    drop_since_learned: float | None = Field(
+        None, description="Avalanche's `Forgetting`: mean over earlier windows of accuracy when learned − now.")
     backward_transfer: float | None = Field(description="Mean of R[k][j] − R[j][j] over earlier windows.")
     forward_transfer: float | None = Field(description="New windows: accuracy before training − base model's.")
     plasticity: float | None = Field(description="New windows: accuracy gain over the parent version.")
