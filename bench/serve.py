@@ -5,7 +5,7 @@ on the default base model served by a real uvicorn server (in this process, on a
 Baselines, measured in the same run on the same weights:
 - raw in-process label scoring (`LabelScorer.score`) for `/v1/classify` p50 latency;
 - raw greedy `model.generate` for `/v1/chat/completions` tokens/s;
-- one sequential client for 8 concurrent ones (micro-batching);
+- one sequential client for 8 concurrent ones (micro-batching), both in a separate client process;
 - the same adapter merged by PEFT into a copy of the base, for what LoRA costs as served (and
   PEFT's unmerged LoRA layers, what serving cost before versions were merged);
 - promotion → first answer from the new version is the swap time: for a version loaded
@@ -24,6 +24,8 @@ import os
 import platform
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -81,50 +83,85 @@ def new_version(service: Service, seed: int) -> str:
     return service.registry.create(write).name
 
 
+# The load generator runs as a program of its own, as real clients do: client threads in the
+# server's process would compete with it for the GIL, which a remote client never does.
+CLIENT = """
+import json, sys, threading, time, httpx
+url, clients, rounds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+bodies = json.loads(sys.stdin.readline())
+sessions = [httpx.Client(base_url=url, timeout=600) for _ in range(clients)]
+errors = []
+def run(worker):
+    try:
+        for i in range(rounds):
+            body = bodies[(worker * rounds + i) % len(bodies)]
+            sessions[worker].post("/v1/classify", json=body).raise_for_status()
+    except Exception as exc:
+        errors.append(repr(exc))
+threads = [threading.Thread(target=run, args=(w,)) for w in range(clients)]
+print("ready", flush=True)
+sys.stdin.readline()
+started = time.perf_counter()
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+print(time.perf_counter() - started, flush=True)
+sys.exit("; ".join(errors[:3]) if errors else 0)
+"""
+
+
+def load_seconds(url: str, bodies: list[dict[str, object]], clients: int, rounds: int) -> float:
+    """Seconds for `clients` closed-loop clients, in another process, to get `rounds` answers each."""
+    proc = subprocess.Popen([sys.executable, "-c", CLIENT, url, str(clients), str(rounds)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write(json.dumps(bodies) + "\n")
+    proc.stdin.flush()
+    if proc.stdout.readline().strip() != "ready":
+        raise RuntimeError(f"load client failed to start (exit {proc.wait()})")
+    proc.stdin.write("go\n")
+    proc.stdin.flush()
+    seconds = proc.stdout.readline()
+    if proc.wait() != 0 or not seconds:
+        raise RuntimeError(f"load client failed (exit {proc.returncode})")
+    return float(seconds)
+
+
 def classify_figures(service: Service, http: httpx.Client, texts: list[str], labels: list[str],
                      concurrency: int) -> dict[str, float]:
     scorer = LabelScorer(service.runtime.tokenizer, labels)
     model = service.runtime.model
     body = [{"text": t, "labels": labels} for t in texts]
     rounds = 4  # each concurrent client sends this many requests
-
-    def client(worker: int) -> None:
-        with httpx.Client(base_url=str(http.base_url), timeout=600) as own:
-            for i in range(rounds):
-                own.post("/v1/classify", json=body[(worker * rounds + i) % len(body)]).raise_for_status()
-
-    def concurrent_block() -> float:
-        threads = [threading.Thread(target=client, args=(w,)) for w in range(concurrency)]
-        started = time.perf_counter()
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        return time.perf_counter() - started
+    url = str(http.base_url)
 
     scorer.score(model, texts[0])
     http.post("/v1/classify", json=body[0]).raise_for_status()  # warm-up of both paths
     batches, requests = service.batcher.batches, service.batcher.requests
-    concurrent_s = concurrent_block()  # once before and once after the sequential client: drift hits both
+    # Concurrent and sequential blocks alternate (C S … S C): load drift hits both alike.
+    concurrent_s = load_seconds(url, body, concurrency, rounds)
+    sequential_s = load_seconds(url, body, 1, len(body))
     raw, served = [], []
-    for text, request in zip(texts, body, strict=True):  # interleaved: load drift hits both alike
+    for text, request in zip(texts, body, strict=True):  # interleaved, for the same reason
         raw.append(timed(lambda t=text: scorer.score(model, t)))
         served.append(timed(lambda b=request: http.post("/v1/classify", json=b).raise_for_status()))
-    concurrent_s += concurrent_block()
+    sequential_s += load_seconds(url, body, 1, len(body))
+    concurrent_s += load_seconds(url, body, concurrency, rounds)
+    alone = len(served) + 2 * len(body)  # requests that ran as batches of one
     # What micro-batching could gain at most here: the same scorer, `concurrency` tickets per pass
     # against one per pass, in-process (no HTTP, no queueing).
     batched = [timed(lambda i=i: scorer.score_batch(model, texts[i:i + concurrency])) / concurrency
                for i in range(0, len(texts) - concurrency + 1, concurrency)]
-    sequential_rps = len(served) / sum(served)
+    sequential_rps = 2 * len(body) / sequential_s
     concurrent_rps = 2 * concurrency * rounds / concurrent_s
     return {"raw_p50_s": statistics.median(raw), "http_p50_s": statistics.median(served),
             "p50_ratio": statistics.median(served) / statistics.median(raw),
             "sequential_rps": sequential_rps, "concurrent_rps": concurrent_rps,
             "throughput_ratio": concurrent_rps / sequential_rps,
             "in_process_batch_gain": statistics.mean(raw) / statistics.mean(batched),
-            # The sequential client's requests run alone: the concurrent ones are these less those.
-            "mean_batch": (service.batcher.requests - requests - len(served))
-                          / max(service.batcher.batches - batches - len(served), 1)}
+            "mean_batch": (service.batcher.requests - requests - alone)
+                          / max(service.batcher.batches - batches - alone, 1)}
 
 
 @torch.inference_mode()
