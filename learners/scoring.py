@@ -1,10 +1,10 @@
 """Classification by label log-likelihood: a ticket and all its candidate labels in one packed row.
 
 The candidate labels share their first tokens ("card arrival", "card delivery estimate", ...),
-so they are stored as a token trie. After the prompt has run once, each ticket's trie runs as a
-single extra row: every node attends to the prompt and to its own ancestors, nothing else (a
-4-D attention mask), so it computes exactly what a full pass over prompt + label would, while a
-shared prefix is computed once and the prompt's cache is never copied per label.
+so they are stored as a token trie, which runs in the same row as the ticket's prompt: every
+trie node attends to the prompt and to its own ancestors, nothing else (a 4-D attention mask).
+Each label's tokens thus see exactly what a full pass over prompt + label would show them, while
+the prompt runs once per ticket and a shared label prefix once per ticket, not once per label.
 """
 
 from __future__ import annotations
@@ -136,6 +136,7 @@ class LabelScorer:
         if not texts:
             return torch.zeros((0, len(self.labels)))
         return torch.cat([self.score_batch(model, texts[i: i + batch]) for i in range(0, len(texts), batch)])
+
 
 def _virtual_tokens(model: nn.Module, batch: int) -> tuple[object, int, nn.Module]:
     """(cache, count, model to run) for a prefix-tuning adapter's virtual tokens.

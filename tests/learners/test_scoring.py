@@ -9,7 +9,7 @@ from peft import PeftModel, get_peft_model
 from learners.base_model import load_base
 from learners.config import AdapterSettings
 from learners.methods import peft_config
-from learners.prompts import IGNORE, classification_example
+from learners.prompts import IGNORE, classification_example, label_ids
 from learners.scoring import LabelScorer
 
 LABELS = ["card_arrival", "card", "exchange_rate", "lost_or_stolen_card", "top_up_by_cash_or_cheque"]
@@ -64,3 +64,21 @@ def test_batched_scores_equal_one_by_one(tiny_llama: Path, method: str) -> None:
     assert torch.allclose(scorer.score_many(model, texts, batch=3), batched, atol=1e-3)
     assert scorer.score_batch(model, []).shape == (0, len(LABELS))
 
+
+
+def test_150_labels_in_one_pass_score_as_full_sequences(tiny_llama: Path) -> None:
+    model, tokenizer = load_base(tiny_llama)
+    words = ["failed", "pending", "declined", "missing", "late", "twice", "blocked", "lost", "stolen", "expired",
+             "wrong", "limit", "fee", "refund", "cancel", "change", "verify", "activate", "order", "delivery",
+             "rate", "cash", "abroad", "online", "contactless"]
+    labels = [f"{topic}_{word}" for topic in ("card", "top_up", "transfer", "pin", "exchange", "account")
+              for word in words]
+    scorer = LabelScorer(tokenizer, labels)
+    assert len(labels) == 150
+    fed = sum(len(label_ids(tokenizer, label)) - 1 for label in labels)
+    assert len(scorer.trie.tokens) < fed  # shared prefixes ("card", "top up", …) run once
+    texts = ["my card was declined abroad", "top up failed twice"]
+    scores = scorer.score_batch(model.eval(), texts)
+    assert scores.shape == (2, 150)
+    for j in range(0, 150, 15):
+        assert float(scores[1, j]) == pytest.approx(naive_score(model, tokenizer, texts[1], labels[j]), abs=1e-3)
