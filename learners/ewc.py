@@ -70,21 +70,23 @@ class EwcPenalty:
                    {k[len(_ANCHOR):]: v for k, v in tensors.items() if k.startswith(_ANCHOR)}, strength)
 
 
-def empirical_fisher(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]],
+def empirical_fisher(model: nn.Module, samples: Iterable[dict[str, torch.Tensor]],
                      loss_fn: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Mean squared gradient of the training loss, per adapter parameter, over `batches`.
+    """Mean squared gradient of the training loss, per adapter parameter, over `samples`.
 
-    This is the empirical Fisher on mini-batches (gradients of the batch-mean loss): cheap, and
-    a consistent relative importance across parameters, which is what the penalty needs.
+    Each sample should be one example: the Fisher is the mean of per-example squared gradients.
+    Squaring the gradient of a batch's mean loss instead measures almost nothing right after
+    training, where the examples' gradients cancel in the mean; that Fisher left the penalty
+    without effect (the `ewc` method forgot exactly as much as `naive` in `bench/cl.py`).
     """
     params = trainable(model)
     fisher = {n: torch.zeros_like(p) for n, p in params.items()}
     count = 0
     was_training = model.training
     model.eval()  # no dropout: importance of the weights as they will be served
-    for batch in batches:
+    for sample in samples:
         model.zero_grad(set_to_none=True)
-        loss_fn(model, batch).backward()
+        loss_fn(model, sample).backward()
         for name, param in params.items():
             if param.grad is not None:
                 fisher[name] += param.grad.detach() ** 2

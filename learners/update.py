@@ -53,6 +53,8 @@ def train_adapter(new_records: Sequence[TicketRecord], replay_records: Sequence[
                   ) -> tuple[PeftModel, PreTrainedTokenizerBase, RoundReport]:
     """Warm-start from the live adapter (in its own method), train, consolidate EWC, save.
 
+    With EWC off, no Fisher is measured or saved (it costs a backward pass per sampled example);
+    switching it on later starts the consolidation from that update's window.
     Under torchrun every rank runs this whole function (`run_round` shards the batches);
     only rank 0 writes `out_dir`.
     """
@@ -63,10 +65,11 @@ def train_adapter(new_records: Sequence[TicketRecord], replay_records: Sequence[
     previous = (EwcPenalty.load(live_dir / EWC_FILE, cfg.ewc.strength)
                 if cfg.ewc.enabled and (live_dir / EWC_FILE).exists() else None)
     report = run_round(model, new, replay, cfg, tokenizer.pad_token_id, previous, on_progress, cancel)
-    ewc = consolidate_window(model, new, previous, cfg, tokenizer.pad_token_id)
+    ewc = consolidate_window(model, new, previous, cfg, tokenizer.pad_token_id) if cfg.ewc.enabled else None
     if not dist.is_initialized() or dist.get_rank() == 0:
         model.save_pretrained(out_dir)
-        ewc.save(out_dir / EWC_FILE)
+        if ewc is not None:
+            ewc.save(out_dir / EWC_FILE)
     return model, tokenizer, report
 
 
@@ -74,9 +77,9 @@ def consolidate_window(model: PeftModel, new: Sequence[Example], previous: EwcPe
                        cfg: TrainSettings, pad_id: int) -> EwcPenalty:
     """The EWC state after learning a window: its Fisher, measured at the weights just learned
     (where the penalty will anchor them), joined with the decayed old one."""
-    fisher_batches = [collate(new[i:i + cfg.batch_size], pad_id)
-                      for i in range(0, len(new), cfg.batch_size)][: cfg.ewc.fisher_batches]
-    fisher = empirical_fisher(model, fisher_batches, answer_loss)
+    count = min(len(new), cfg.ewc.fisher_samples)
+    samples = [collate([new[i * len(new) // count]], pad_id) for i in range(count)]
+    fisher = empirical_fisher(model, samples, answer_loss)
     return consolidate(previous, fisher, model, cfg.ewc.decay, cfg.ewc.strength)
 
 

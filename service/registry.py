@@ -4,7 +4,7 @@ Layout under `root`::
 
     versions/v0003/adapter_config.json        PEFT layout, loadable by PeftModel.from_pretrained
     versions/v0003/adapter_model.safetensors
-    versions/v0003/ewc.safetensors            Fisher and anchor for the next warm start
+    versions/v0003/ewc.safetensors            Fisher and anchor for the next warm start (EWC on)
     versions/v0003/evergreen.json             metadata: parent, windows, labels, gate report
     live.json                                 {"live": "v0003", "history": ["v0000", ...], "since": t}
 

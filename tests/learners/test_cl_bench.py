@@ -24,11 +24,11 @@ def load_bench():  # bench/ is a folder of scripts, not a package
 
 def test_cl_bench_smoke_writes_matrices_metrics_and_heatmaps(tmp_path: Path, tiny_llama: Path) -> None:
     bench = load_bench()
-    doc = bench.main(["--preset", "smoke", "--base", str(tiny_llama), "--methods", "naive,ewc+replay,joint",
+    doc = bench.main(["--preset", "smoke", "--base", str(tiny_llama), "--methods", "naive,replay,ewc+replay,joint",
                       "--train-json", '{"learning_rate": 3e-3, "epochs": 4, "batch_size": 8}',
                       "--out", str(tmp_path)])
     written = json.loads((tmp_path / "cl-smoke.json").read_text())
-    assert written["results"].keys() == doc["results"].keys() == {"naive", "ewc+replay", "joint"}
+    assert written["results"].keys() == doc["results"].keys() == {"naive", "replay", "ewc+replay", "joint"}
     windows = doc["preset_sizes"]["windows"]
     assert [len(w) for w in doc["windows"]] == [doc["preset_sizes"]["intents_per_window"]] * windows
     for method, r in doc["results"].items():

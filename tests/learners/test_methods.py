@@ -27,7 +27,7 @@ from streams.records import TicketRecord
 METHODS = {"lora": AdapterSettings(rank=4), "ia3": AdapterSettings(method="ia3"),
            "prefix": AdapterSettings(method="prefix", virtual_tokens=4)}
 LABELS = ("card_arrival", "exchange_rate")
-TRAIN = TINY_TRAIN.model_copy(update={"epochs": 4})
+TRAIN = TINY_TRAIN.model_copy(update={"epochs": 4, "ewc": TINY_TRAIN.ewc.model_copy(update={"enabled": True})})
 POLICY = GateSettings(max_canary_increase=None)
 
 
