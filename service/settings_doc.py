@@ -22,7 +22,7 @@ Every setting Evergreen reads, generated from `service/settings.py` by
 `evergreen config reference > docs/settings.md` (a test keeps this file current).
 Set a field in `evergreen.toml` under its section (`[replay]` then `index = "pq"`), or in the
 environment: a section's field is `EVERGREEN_<SECTION>_<FIELD>` (`EVERGREEN_REPLAY_INDEX=pq`), a
-deeper one is set through its parent as JSON (`EVERGREEN_TRAIN_EWC='{"strength": 50}'`).
+deeper one is set through its parent as JSON (`EVERGREEN_TRAIN_EWC='{"enabled": true}'`).
 `evergreen config show` prints the effective values.
 """
 
