@@ -72,15 +72,14 @@ def summarize(rows: Sequence[Row], base: Mapping[int, float] | None = None) -> l
             if seen:
                 forgetting[j] = max(seen) - acc[j]
         before = rows[k - 1].accuracy if k > 0 else {}
+        backward = _mean([acc[j] - rows[first[j]].accuracy[j] for j in old if j in rows[first[j]].accuracy])
         summaries.append(Summary(
             version=row.version,
             average_accuracy=_mean([acc[j] for j in sorted(row.trained) if j in acc]),
             forgetting=forgetting,
             average_forgetting=_mean(list(forgetting.values())),
-            drop_since_learned=_mean([rows[first[j]].accuracy[j] - acc[j] for j in old
-                                      if j in rows[first[j]].accuracy]),
-            backward_transfer=_mean([acc[j] - rows[first[j]].accuracy[j] for j in old
-                                     if j in rows[first[j]].accuracy]),
+            drop_since_learned=None if backward is None else -backward,
+            backward_transfer=backward,
             forward_transfer=_mean([before[j] - base[j] for j in new if j in before and j in base]),
             plasticity=_mean([acc[j] - before[j] for j in new if j in before]),
         ))
