@@ -71,6 +71,10 @@ class TrainSettings(BaseModel):
             raise ValueError("`replay_ratio` must be at least 0 and below 1, or `balanced`")
         return value
 
+    keep_general: float = Field(
+        0.0, ge=0, description="Weight of the KL drift from the base model on general sentences, added to each "
+                               "step's loss so training keeps general ability (0: off; see `learners.general`).")
+    general_rows: int = Field(2, gt=0, description="General sentences distilled per step.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_length: int = Field(128, gt=8, description="Longest training sequence, in tokens.")
@@ -89,18 +93,31 @@ class GateSettings(BaseModel):
     counts only when it passes its threshold and is significant at `alpha`."""
 
     max_drop: float = Field(
-        0.05, ge=0, le=1, description="Largest accuracy drop allowed on any earlier window."
+        0.05, ge=0, le=1, description="Largest accuracy drop allowed on any earlier window, among the labels the "
+                                      "live version knew (forgetting proper)."
     )
     max_average_forgetting: float = Field(
-        0.02, ge=0, le=1, description="Largest average forgetting over earlier windows."
+        0.02, ge=0, le=1, description="Largest average forgetting over earlier windows, among the labels the live "
+                                      "version knew."
+    )
+    max_interference: float = Field(
+        0.2, ge=0, le=1, description="Largest average accuracy drop on earlier windows among all labels: their "
+                                     "probes lost to the new intents. Looser than `max_drop`, since joint "
+                                     "training also confuses close intents; it stops a candidate that answers "
+                                     "everything with the newest labels."
     )
     min_gain: float = Field(
-        0.0, ge=-1, le=1, description="Smallest accuracy gain over live required on the new window(s)."
+        0.0, ge=-1, le=1, description="Smallest accuracy gain over live on the new window(s); a shortfall counts "
+                                      "only when the paired test finds the candidate significantly worse."
     )
     require_learning: bool = Field(
         True, description="New windows must be learned significantly beyond their majority label."
     )
     alpha: float = Field(0.05, gt=0, lt=1, description="Significance level of the gate's exact tests.")
+    retry_rejected_windows: bool = Field(
+        False, description="Train a rejected update's windows again with the next window. Off: they are "
+                           "quarantined (neither learned nor probed) until their version is promoted by hand, "
+                           "so a bad batch is not trained in with the next good one.")
     max_canary_increase: float | None = Field(
         0.5, ge=0, description="Largest rise of mean canary loss (nats/token) over the base model; "
                                "unset: no canary check.",

@@ -16,6 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from learners.config import TrainSettings
 from learners.ewc import EwcPenalty, trainable
+from learners.general import GeneralText, drift_from_base
 from learners.prompts import IGNORE, Example
 
 
@@ -146,8 +147,9 @@ def data_parallel(model: nn.Module) -> tuple[nn.Module, int, int]:
 def run_round(model: nn.Module, new: Sequence[Example], replay: Sequence[Example], cfg: TrainSettings,
               pad_id: int, ewc: EwcPenalty | None = None,
               on_progress: Callable[[Progress], None] | None = None,
-              cancel: threading.Event | None = None) -> RoundReport:
-    """Train the model's adapter on the new window plus replay, regularised by EWC.
+              cancel: threading.Event | None = None, general: GeneralText | None = None) -> RoundReport:
+    """Train the model's adapter on the new window plus replay, regularised by EWC and, with
+    `general` text, by the KL drift from the base model on it (`learners.general`).
 
     Under torchrun every rank draws the same batches (same seed) and trains on its share of
     each; gradients are averaged, so all ranks keep identical weights. `tokens` in the report
@@ -173,6 +175,8 @@ def run_round(model: nn.Module, new: Sequence[Example], replay: Sequence[Example
         batch = collate(examples[rank::world], pad_id)
         loss = answer_loss(net, batch)
         penalty = ewc.penalty(model) if ewc is not None else torch.zeros(())
+        if general is not None:  # the same sentences on every rank, so DDP's average is unchanged
+            penalty = penalty + cfg.keep_general * drift_from_base(model, general.batch())
         (loss + penalty).backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()

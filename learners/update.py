@@ -21,6 +21,7 @@ from learners.canary import canary_loss, load_canary
 from learners.config import AdapterSettings, GateSettings, TrainSettings
 from learners.ewc import EwcPenalty, consolidate, empirical_fisher
 from learners.gate import Canary, GateReport, evaluate, judge
+from learners.general import GeneralText
 from learners.methods import peft_config, warm_start
 from learners.prompts import Example, ticket_examples
 from learners.scoring import LabelScorer
@@ -64,7 +65,9 @@ def train_adapter(new_records: Sequence[TicketRecord], replay_records: Sequence[
     replay = ticket_examples(tokenizer, replay_records, cfg.max_length)
     previous = (EwcPenalty.load(live_dir / EWC_FILE, cfg.ewc.strength)
                 if cfg.ewc.enabled and (live_dir / EWC_FILE).exists() else None)
-    report = run_round(model, new, replay, cfg, tokenizer.pad_token_id, previous, on_progress, cancel)
+    general = (GeneralText(tokenizer, tokenizer.pad_token_id, cfg.general_rows, cfg.seed)
+               if cfg.keep_general > 0 else None)
+    report = run_round(model, new, replay, cfg, tokenizer.pad_token_id, previous, on_progress, cancel, general)
     ewc = consolidate_window(model, new, previous, cfg, tokenizer.pad_token_id) if cfg.ewc.enabled else None
     if not dist.is_initialized() or dist.get_rank() == 0:
         model.save_pretrained(out_dir)
@@ -83,6 +86,13 @@ def consolidate_window(model: PeftModel, new: Sequence[Example], previous: EwcPe
     return consolidate(previous, fisher, model, cfg.ewc.decay, cfg.ewc.strength)
 
 
+def known_labels(snapshot: Snapshot) -> set[str]:
+    """The labels the live version was trained on: those of the windows it learned (their
+    probes) and of the replay rows drawn from them."""
+    old = [r for w, rows in snapshot.probes.items() if w not in snapshot.new_windows for r in rows]
+    return {r.label for r in [*old, *snapshot.replay] if r.label}
+
+
 def train_candidate(snapshot: Snapshot, base_path: Path, live_dir: Path, out_dir: Path,
                     cfg: TrainSettings, policy: GateSettings,
                     on_progress: Callable[[Progress], None] | None = None,
@@ -97,11 +107,12 @@ def train_candidate(snapshot: Snapshot, base_path: Path, live_dir: Path, out_dir
 
     scorer = LabelScorer(tokenizer, snapshot.labels)
     canary = load_canary(policy.canary_file) if policy.max_canary_increase is not None else []
-    candidate_scores = evaluate(model, scorer, snapshot.probes)
+    known = known_labels(snapshot)
+    candidate_scores = evaluate(model, scorer, snapshot.probes, known)
     candidate_canary = canary_loss(model, tokenizer, canary)
     del model
     live_model = PeftModel.from_pretrained(load_base(base_path)[0], live_dir)
-    live_scores = evaluate(live_model, scorer, snapshot.probes)
+    live_scores = evaluate(live_model, scorer, snapshot.probes, known)
     live_canary = canary_loss(live_model, tokenizer, canary)
     with live_model.disable_adapter():  # the base model, for forward transfer and canary drift
         base_scores = evaluate(live_model, scorer, {w: snapshot.probes[w] for w in snapshot.new_windows

@@ -304,6 +304,13 @@ class ReplayBuffer:
                 "SELECT COUNT(*) FROM records WHERE window = ?", (self.open_window(),)).fetchone()[0]
             return count
 
+    def pending_since(self) -> float | None:
+        """When the oldest record of the open window arrived (epoch seconds); None when it is empty."""
+        with self._lock:
+            oldest: float | None = self._db.execute(
+                "SELECT MIN(added_at) FROM records WHERE window = ?", (self.open_window(),)).fetchone()[0]
+            return oldest
+
     def label_counts(self) -> dict[str, int]:
         """Stored records per label (probe rows included; unlabelled rows are not counted)."""
         with self._lock:
@@ -372,12 +379,13 @@ class ReplayBuffer:
                 f" ({','.join('?' * len(chunk))})", chunk)}
         return [(_record(rows[i]), score) for i, score in found if i in rows][:k]
 
-    def snapshot(self, trained_windows: Iterable[int], seed: int) -> Snapshot:
+    def snapshot(self, trained_windows: Iterable[int], seed: int, skip: Iterable[int] = ()) -> Snapshot:
         """Training material for one update: every closed window not yet trained is new, and
         replay rows (`replay_rows` of them, by `replay_policy`) come from the windows already
-        trained."""
-        trained = set(trained_windows)
-        closed = [w for w in self.windows() if w.closed]
+        trained. Windows in `skip` (quarantined by a rejection) are left out altogether: neither
+        learned nor used as probes."""
+        trained, skipped = set(trained_windows), set(skip) - set(trained_windows)
+        closed = [w for w in self.windows() if w.closed and w.id not in skipped]
         new_windows = tuple(w.id for w in closed if w.id not in trained)
         new = self.records(new_windows, probe=False)
         old = [w for w in closed if w.id in trained]

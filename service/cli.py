@@ -61,6 +61,11 @@ def model_prepare(base: Annotated[Optional[str], typer.Argument(help="Base model
     typer.echo(str(path))
 
 
+def _say(line: str) -> None:
+    """An event line of the loop, on the terminal (markup in tickets is printed as it is)."""
+    console.print(line, markup=False, highlight=False)
+
+
 def _banner(settings: Settings) -> None:
     api = settings.api
     console.print(f"[bold green]Evergreen[/] API on http://{api.host}:{api.port}  "
@@ -75,13 +80,15 @@ def serve(replica: Annotated[bool, typer.Option(
           ) -> None:
     """Run the service (ingester, scheduler, API) against `kafka.bootstrap`."""
     from service.core import Service
+    from service.narrator import Narrator
     from service.server import run_server
 
     settings = Settings()
     if replica:
         settings.replicas.role = "replica"
     _banner(settings)
-    run_server(Service(settings))
+    service = Service(settings)
+    run_server(service, Narrator(service, _say))
 
 
 @app.command()
@@ -91,7 +98,7 @@ def up() -> None:
 
     settings = Settings()
     _banner(settings)
-    run_up(settings)
+    run_up(settings, _say)
 
 
 @app.command()

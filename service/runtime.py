@@ -46,6 +46,7 @@ class Classification:
     confidence: float
     top: list[tuple[str, float]]
     adapter_version: str
+    candidates: int  # how many labels were scored
 
 
 @dataclass(frozen=True)
@@ -201,5 +202,5 @@ class ModelRuntime:
             ranked = torch.argsort(row, descending=True)[:top_k].tolist()
             top = [(candidates[i], float(row[i])) for i in ranked]
             answers.append(Classification(label=top[0][0], confidence=top[0][1], top=top,
-                                          adapter_version=run.version))
+                                          adapter_version=run.version, candidates=len(candidates)))
         return answers

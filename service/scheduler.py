@@ -1,10 +1,12 @@
 """APScheduler wiring: thin jobs that call the same `UpdateManager.start` the API calls.
 
 Three triggers, each optional: every `interval_seconds`, on a `cron` schedule, and once the open
-window holds `min_new_records` (checked every `check_seconds`); `POST /v1/updates` is the manual
-one. Jobs live in a SQLite job store, so a schedule survives restarts: a cron run missed while
-the service was down runs once at start (within `misfire_grace_seconds`), and an unchanged job
-keeps its next run time instead of starting its interval over. Jobs are stored by reference
+window is due (checked every `check_seconds`): it holds `min_new_records`, or its oldest record has
+waited `max_wait_seconds`, so a trickle below the volume threshold is never left waiting;
+`POST /v1/updates` is the manual one. Jobs live in a SQLite job store, so a schedule survives
+restarts: a cron run missed while the service was down runs once at start (within
+`misfire_grace_seconds`), and an unchanged job keeps its next run time instead of starting its
+interval over. Jobs are stored by reference
 (`service.scheduler:run_trigger` and the service's key), never as pickled objects; updates
 themselves never overlap, whoever triggers them.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -36,7 +39,7 @@ JOB_IDS: dict[Trigger, str] = {"interval": "update-interval", "cron": "update-cr
 class _Target:
     buffer: ReplayBuffer
     updates: UpdateManager
-    min_new_records: int
+    settings: SchedulerSettings
 
 
 # Stored jobs name their service by key (its job-store path), so they survive pickling.
@@ -44,11 +47,25 @@ _TARGETS: dict[str, _Target] = {}
 _TARGETS_LOCK = threading.Lock()
 
 
-def update_if_due(buffer: ReplayBuffer, updates: UpdateManager, min_new_records: int) -> None:
-    """Start an update when the open window holds enough records and none is running."""
-    if updates.busy or buffer.pending() < min_new_records:
+def due(buffer: ReplayBuffer, settings: SchedulerSettings, now: float | None = None) -> str | None:
+    """Why the open window should be learned now (`records` or `max wait`), or None."""
+    pending = buffer.pending()
+    if pending >= settings.min_new_records:
+        return "records"
+    since = buffer.pending_since()
+    if settings.max_wait_seconds is not None and since is not None and \
+            (now or time.time()) - since >= settings.max_wait_seconds:
+        return "max wait"
+    return None
+
+
+def update_if_due(buffer: ReplayBuffer, updates: UpdateManager, settings: SchedulerSettings) -> None:
+    """Start an update when the open window is due (see `due`) and none is running."""
+    if updates.busy:
         return
-    _start(updates, "scheduler")
+    reason = due(buffer, settings)
+    if reason is not None:
+        _start(updates, reason)
 
 
 def _start(updates: UpdateManager, trigger: str) -> None:
@@ -68,7 +85,7 @@ def run_trigger(key: str, kind: Trigger) -> None:
         LOG.warning("scheduled %s job for %s, which is not running here", kind, key)
         return
     if kind == "records":
-        update_if_due(target.buffer, target.updates, target.min_new_records)
+        update_if_due(target.buffer, target.updates, target.settings)
     elif not target.updates.busy:
         _start(target.updates, kind)
 
@@ -87,7 +104,7 @@ def start_scheduler(settings: SchedulerSettings, buffer: ReplayBuffer, updates: 
     """Start the scheduler on the SQLite job store at `jobstore`, reconciling its jobs with settings."""
     key = str(jobstore.resolve())
     with _TARGETS_LOCK:
-        _TARGETS[key] = _Target(buffer, updates, settings.min_new_records)
+        _TARGETS[key] = _Target(buffer, updates, settings)
     jobstore.parent.mkdir(parents=True, exist_ok=True)
     scheduler = BackgroundScheduler(
         daemon=True, jobstores={"default": SQLAlchemyJobStore(url=f"sqlite:///{jobstore}")},

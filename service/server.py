@@ -4,7 +4,6 @@ and the demo producer. Ctrl-C stops everything it started."""
 from __future__ import annotations
 
 import contextlib
-import logging
 import threading
 from collections.abc import Iterator
 
@@ -12,60 +11,58 @@ import uvicorn
 
 from service.app import create_app
 from service.core import Service
-from service.settings import DemoSettings, Settings
-from streams.broker import LocalBroker
-from streams.datasets import load_tickets, stream_order
+from service.demo import run_demo
+from service.narrator import Narrator, Say
+from service.settings import Settings
+from streams.broker import LocalBroker, port_is_free
 from streams.ingest import ensure_topics
-from streams.produce import TicketProducer, encode
-
-LOG = logging.getLogger(__name__)
 
 
-def run_server(service: Service) -> None:
-    """Serve the API until SIGINT/SIGTERM (uvicorn handles both), then stop the service."""
+def run_server(service: Service, narrator: Narrator | None = None) -> None:
+    """Serve the API until SIGINT/SIGTERM (uvicorn handles both), then stop the service; a
+    `narrator` tells the loop's events as they happen."""
     api = service.settings.api
     server = uvicorn.Server(uvicorn.Config(create_app(service), host=api.host, port=api.port,
                                            log_level="info", access_log=False))
     service.start()
+    stop = threading.Event()
+    if narrator is not None:
+        threading.Thread(target=narrator.run, args=(stop,), name="narrator", daemon=True).start()
     try:
         server.run()
     finally:
+        stop.set()
         service.stop()
+
+
+LOCAL_BROKER_PORT = 9092  # Kafka's own default, so `evergreen produce` finds it as the README says
 
 
 @contextlib.contextmanager
 def broker_for(settings: Settings) -> Iterator[str]:
-    """The configured Kafka bootstrap, or a local Tansu broker started for the duration."""
+    """The configured Kafka bootstrap, or a local Tansu broker started for the duration (on
+    port 9092 when it is free)."""
     if settings.kafka.bootstrap:
         yield settings.kafka.bootstrap
         return
-    with LocalBroker() as broker:
+    with LocalBroker(LOCAL_BROKER_PORT if port_is_free(LOCAL_BROKER_PORT) else None) as broker:
         yield broker.bootstrap
 
 
-def demo_producer(bootstrap: str, topic: str, demo: DemoSettings, stop: threading.Event) -> None:
-    """Stream BANKING77 in class-incremental order: a few new intents per window."""
-    tickets = stream_order(load_tickets("banking77", "train"), order="class-incremental",
-                           windows=demo.windows, intents_per_window=demo.intents_per_window,
-                           per_intent=demo.per_intent, seed=demo.seed)
-    producer = TicketProducer(bootstrap, topic)
-    try:
-        sent = producer.send_all((encode(t) for t in tickets), rate=demo.rate, stop=stop)
-        LOG.info("demo producer sent %d tickets", sent)
-    finally:
-        producer.close()
-
-
-def run_up(settings: Settings) -> None:
-    """`evergreen up`: broker (local unless configured), service, API, demo stream."""
+def run_up(settings: Settings, say: Say) -> None:
+    """`evergreen up`: broker (local unless configured), service, API, the demo stream, and the
+    loop's events told through `say`."""
     with broker_for(settings) as bootstrap:
+        say(f"Kafka: {bootstrap}" + ("" if settings.kafka.bootstrap else " (a local broker, in memory: "
+                                     f"EVERGREEN_KAFKA_BOOTSTRAP={bootstrap} evergreen produce FILE sends to it)"))
         service = Service(settings, bootstrap=bootstrap)
+        narrator = Narrator(service, say)
         stop = threading.Event()
         if settings.demo.enabled:
             ensure_topics(bootstrap, settings.kafka)
-            threading.Thread(target=demo_producer, args=(bootstrap, settings.kafka.topic, settings.demo, stop),
-                             name="demo-producer", daemon=True).start()
+            threading.Thread(target=run_demo, args=(service, bootstrap, settings.kafka.topic, settings.demo, stop,
+                                                    narrator.tell), name="demo", daemon=True).start()
         try:
-            run_server(service)
+            run_server(service, narrator)
         finally:
             stop.set()

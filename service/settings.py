@@ -91,6 +91,10 @@ class SchedulerSettings(BaseModel):
     min_new_records: int = Field(
         200, gt=0, description="Start an update once the open window holds this many records."
     )
+    max_wait_seconds: float | None = Field(
+        1800, gt=0, description="Also start one once the open window's oldest record has waited this long, "
+                                "however few records it holds, so a quiet stream is still learned "
+                                "(unset: volume only).")
     interval_seconds: float | None = Field(
         None, gt=0, description="Also start an update this often (unset: no interval trigger).")
     cron: str | None = Field(
@@ -122,14 +126,17 @@ class ReplicaSettings(BaseModel):
 
 
 class DemoSettings(BaseModel):
-    """The built-in BANKING77 producer that `evergreen up` runs."""
+    """The built-in BANKING77 stream that `evergreen up` runs (see `service.demo`)."""
 
     enabled: bool = Field(True, description="Stream the demo data set on `evergreen up`.")
-    windows: int = Field(3, gt=0, description="Windows of new intents to stream.")
+    windows: int = Field(4, gt=0, description="Windows of new intents to stream; each is learned by one update.")
     intents_per_window: int = Field(4, gt=0, description="New intents per window.")
-    per_intent: int = Field(50, gt=0, description="Tickets per intent (4 × 50 = one 200-record update).")
-    # An update of the default model takes about 3 minutes on 2 cores: one window per update.
-    rate: float = Field(1.0, gt=0, description="Tickets per second.")
+    # Sized so that the first version goes live about 4 minutes after `make run` on 2 cores.
+    per_intent: int = Field(30, gt=0, description="Tickets per intent.")
+    scrambled_window: int | None = Field(
+        3, ge=1, description="This window's labels are scrambled across its tickets, to show the gate refusing "
+                             "a bad batch (unset: every window is healthy).")
+    rate: float = Field(4.0, gt=0, description="Tickets per second.")
     seed: int = Field(0, description="Seed of the intent order.")
 
 

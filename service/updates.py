@@ -53,6 +53,8 @@ class UpdateRecord:
     finished_at: float | None = None
     version: str | None = None
     reason: str | None = None
+    windows: list[int] = field(default_factory=list)  # the windows it learns, once snapshotted
+    new_records: int = 0  # their training rows
     # step, steps, loss, penalty, tokens_per_s, and eta_s (training seconds left) once known
     progress: dict[str, float] = field(default_factory=dict)
     gate: dict[str, Any] | None = None
@@ -90,6 +92,15 @@ class UpdateManager:
         live = self.registry.live
         assert live is not None
         return live
+
+    def quarantined(self) -> set[int]:
+        """Windows a rejected candidate was the first to learn, and no live version has learned
+        since: left out of later updates, so a bad batch is not trained in with the next good
+        one. Promoting the rejected version (an override) accepts them."""
+        live = self.registry.live
+        learned = set(self.registry.info(live).windows_trained) if live is not None else set()
+        return {w for name in self.registry.names() for info in [self.registry.info(name)]
+                if info.verdict == "rejected" for w in info.windows_trained} - learned
 
     @property
     def busy(self) -> bool:
@@ -164,7 +175,9 @@ class UpdateManager:
         self.buffer.close_window()
         live = self.ensure_initial_version()
         live_info = self.registry.info(live)
-        snapshot = self.buffer.snapshot(live_info.windows_trained, seed=self.train.seed + record.id)
+        snapshot = self.buffer.snapshot(live_info.windows_trained, seed=self.train.seed + record.id,
+                                        skip=() if self.gate.retry_rejected_windows else self.quarantined())
+        record.windows, record.new_records = list(snapshot.new_windows), len(snapshot.new)
         if not any(r.label for r in snapshot.new):
             record.status, record.reason = "skipped", "no new labelled records since the live version"
             return

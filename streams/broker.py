@@ -31,6 +31,16 @@ def tansu_binary() -> Path:
     return binary
 
 
+def port_is_free(port: int) -> bool:
+    """Whether a loopback port can be bound now."""
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

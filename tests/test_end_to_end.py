@@ -75,9 +75,9 @@ def test_tickets_flow_through_gate_to_served_answers(
 
     # Window 2 through the scheduler: it fires once the open window holds 100 records.
     producer.send_all(window_tickets(2, WINDOW_2, 120))
-    wait_for(lambda: any(u["trigger"] == "scheduler" and u["status"] != "running"
+    wait_for(lambda: any(u["trigger"] == "records" and u["status"] != "running"
                          for u in client.get("/v1/updates").json()), 300, "the scheduled update")
-    second = next(u for u in client.get("/v1/updates").json() if u["trigger"] == "scheduler")
+    second = next(u for u in client.get("/v1/updates").json() if u["trigger"] == "records")
     assert second["status"] in ("promoted", "rejected"), second
     served = client.post("/v1/classify", json={"text": "please my stolen issue 3", "top_k": 4}).json()
     assert served["adapter_version"] == client.get("/v1/adapters").json()["live"]

@@ -271,7 +271,9 @@ async function classify(event) {
   Charts.bars(top, r.top.map((t) => [t.label, Math.round(t.confidence * 1000) / 10]));
   $("classification").replaceChildren(
     h("p", { class: "label" }, h("strong", { id: "answer-label" }, r.label), ` ${Charts.pct(r.confidence)} confident`),
-    h("p", { class: "muted" }, `answered by ${r.adapter_version}; confidence (%) among the candidates:`), top);
+    h("p", { class: "muted", id: "answer-source" }, r.zero_shot
+      ? `zero-shot: ${r.adapter_version} has learned no labels yet, so the base model scored the ${r.candidates} labels the buffer holds; confidence (%):`
+      : `answered by ${r.adapter_version} among ${r.candidates} labels (${r.labels_from}); confidence (%):`), top);
 }
 
 async function reply() {

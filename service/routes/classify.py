@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, HTTPException, Response, status
 from pydantic import BaseModel, Field
@@ -30,16 +30,31 @@ class ClassifyResponse(BaseModel):
     confidence: float = Field(description="Probability of the label among the candidates.")
     top: list[ScoredLabel]
     adapter_version: str = Field(description="The adapter version that answered.")
+    labels_from: Literal["request", "version", "buffer"] = Field(
+        description="Where the candidates came from: the request's `labels`, the labels the serving version "
+                    "learned, or (before any version has learned one) the labels the buffer holds.")
+    zero_shot: bool = Field(description="The serving version has learned no labels yet: the candidates are the "
+                                        "buffer's labels, scored by the base model's priors for their words.")
+    candidates: int = Field(description="How many labels were scored.")
 
 
 @router.post("/classify")
 def classify(body: ClassifyRequest, service: ServiceDep, _query: QueryDep, response: Response) -> ClassifyResponse:
-    """Label a ticket by the log-likelihood of each candidate label."""
+    """Label a ticket by the log-likelihood of each candidate label.
+
+    Until a version has learned labels, the labels the buffer holds are scored zero-shot (the
+    answer says so), so the endpoint is useful from the first labelled ticket on.
+    """
+    labels, source = body.labels, "request"
+    if labels is None:
+        learned = service.runtime.labels
+        labels, source = (None, "version") if learned else (list(service.buffer.label_counts()) or None, "buffer")
     try:
-        result = service.batcher.classify(body.text, body.labels, body.top_k)
+        result = service.batcher.classify(body.text, labels, body.top_k)
     except NoLabels as exc:
-        raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
+        raise HTTPException(status.HTTP_409_CONFLICT, f"{exc}, and the buffer holds no labelled ticket") from exc
     response.headers[VERSION_HEADER] = result.adapter_version
     return ClassifyResponse(label=result.label, confidence=result.confidence,
                             top=[ScoredLabel(label=name, confidence=p) for name, p in result.top],
-                            adapter_version=result.adapter_version)
+                            adapter_version=result.adapter_version, labels_from=source,
+                            zero_shot=source == "buffer", candidates=result.candidates)

@@ -22,6 +22,8 @@ class UpdatePublic(BaseModel):
     finished_at: float | None
     version: str | None
     reason: str | None
+    windows: list[int] = Field(description="The windows it learns (known once the buffer is snapshotted).")
+    new_records: int = Field(description="Their training rows.")
     progress: dict[str, float] = Field(description="step, steps, loss, penalty, tokens_per_s and, from "
                                                    "step 2, eta_s: seconds of training left (gating follows).")
     gate: dict[str, Any] | None

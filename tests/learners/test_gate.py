@@ -49,6 +49,38 @@ def test_new_windows_must_be_learned_beyond_their_label_prior() -> None:
     assert judge({1: score([True] * 18 + [False] * 2)}, live, [1], POLICY).passed
 
 
+def test_new_windows_are_rejected_only_when_significantly_worse_than_live() -> None:
+    # The base already answers a window of descriptive labels well; two probes fewer is noise.
+    live = {1: score([True] * 23 + [False] * 7, majority_rate=1 / 6)}
+    noisy = {1: score([True] * 21 + [False] * 9, majority_rate=1 / 6)}
+    assert judge(noisy, live, [1], POLICY).passed
+    worse = {1: score([True] * 12 + [False] * 18, majority_rate=1 / 6)}
+    report = judge(worse, live, [1], POLICY)
+    assert not report.passed and report.reason.startswith("new windows worse than live"), report.reason
+
+
+def known(correct: list[bool], among_known: list[bool]) -> WindowScore:
+    return WindowScore(sum(correct) / len(correct), 0.0, len(correct), tuple(correct), 0.5,
+                       sum(among_known) / len(among_known), tuple(among_known))
+
+
+def test_old_probes_lost_to_new_labels_are_interference_not_forgetting() -> None:
+    live = {1: known([True] * 40, [True] * 40), 2: score([False] * 20)}
+    # Five old probes now answered with a new, close intent; among the old labels all still right.
+    confused = {1: known([True] * 35 + [False] * 5, [True] * 40), 2: score([True] * 20)}
+    report = judge(confused, live, [2], POLICY)
+    assert report.passed, report.reason
+    assert [c.observed for c in report.checks if c.name == "drop on window 1"] == [0.0]
+    # Answering half the old probes with the newest labels is past the interference bound.
+    recency = {1: known([True] * 20 + [False] * 20, [True] * 40), 2: score([True] * 20)}
+    report = judge(recency, live, [2], POLICY)
+    assert not report.passed and report.reason.startswith("interference"), report.reason
+    # Confusing the old intents among themselves is forgetting, whatever the new labels do.
+    forgot = {1: known([True] * 30 + [False] * 10, [True] * 30 + [False] * 10), 2: score([True] * 20)}
+    report = judge(forgot, live, [2], POLICY)
+    assert not report.passed and report.reason.startswith("drop on window 1"), report.reason
+
+
 def test_canary_drift_over_the_bound_is_rejected() -> None:
     live, candidate = {1: score([False] * 20)}, {1: score([True] * 20)}
     policy = GateSettings(max_canary_increase=0.1)

@@ -10,6 +10,7 @@ from pydantic import SecretStr
 from conftest import LiveService, add_versions, tiny_settings
 from service.settings import ApiKey, ApiSettings, Settings
 from streams.broker import free_port
+from streams.records import TicketRecord
 
 
 def test_auth_limits_and_errors(serve: Callable[[Settings], LiveService], tmp_path: Path) -> None:
@@ -37,7 +38,13 @@ def test_auth_limits_and_errors(serve: Callable[[Settings], LiveService], tmp_pa
     assert client.get("/v1/updates/99").status_code == 404
 
     no_labels = client.post("/v1/classify", json={"text": "where is my card"})
-    assert no_labels.status_code == 409 and "labels" in no_labels.json()["detail"]
+    assert no_labels.status_code == 409 and "buffer holds no labelled ticket" in no_labels.json()["detail"]
+    # Before any version has learned a label, the buffer's labels are scored zero-shot.
+    live.service.buffer.add_many([TicketRecord(id=f"z{i}", text=f"ticket {i}", label=label)
+                                  for i, label in enumerate(["card_arrival", "exchange_rate", "pin_blocked"])])
+    zero_shot = client.post("/v1/classify", json={"text": "where is my card", "top_k": 5}).json()
+    assert zero_shot["zero_shot"] and zero_shot["labels_from"] == "buffer" and zero_shot["candidates"] == 3
+    assert {t["label"] for t in zero_shot["top"]} == {"card_arrival", "exchange_rate", "pin_blocked"}
     assert client.post("/v1/classify", json={"text": ""}).status_code == 422
     assert client.post("/v1/classify", content=b"{", headers={"content-type": "application/json"}
                        ).status_code == 422
@@ -45,6 +52,7 @@ def test_auth_limits_and_errors(serve: Callable[[Settings], LiveService], tmp_pa
     assert too_big.status_code == 413 and too_big.text == "Content Too Large"
     answer = client.post("/v1/classify", json={"text": "where is my card", "labels": ["a", "b"]}).json()
     assert answer["label"] in ("a", "b") and answer["adapter_version"] == "v0000"
+    assert answer["labels_from"] == "request" and not answer["zero_shot"]
 
     metrics = client.get("/metrics").text
     assert 'evergreen_live_adapter_info{version="v0000"} 1.0' in metrics

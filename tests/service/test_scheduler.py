@@ -12,7 +12,9 @@ from pathlib import Path
 from conftest import is_alive, tiny_settings, wait_for
 from learners.config import TrainSettings
 from service.core import Service
+from service.scheduler import due
 from service.settings import SchedulerSettings
+from streams.records import TicketRecord
 
 TESTS = Path(__file__).resolve().parents[1]
 ROOT = TESTS.parent
@@ -102,5 +104,38 @@ def test_crash_mid_update_leaves_live_untouched_and_next_run_clean(tiny_llama: P
         assert record.status in ("promoted", "rejected"), record
         assert record.version == "v0001" and record.gate is not None and "1" in record.gate["candidate"]
         assert service.registry.live == ("v0001" if record.status == "promoted" else "v0000")
+    finally:
+        service.stop()
+
+
+def test_a_trickle_below_the_volume_threshold_is_learned_after_max_wait(tiny_llama: Path, tmp_path: Path) -> None:
+    # Three tickets, far below `min_new_records`: only the max-wait trigger can start their update.
+    schedule = SchedulerSettings(enabled=True, check_seconds=0.5, min_new_records=1000, max_wait_seconds=3)
+    service = Service(tiny_settings(tmp_path, None, scheduler=schedule))
+    try:
+        assert due(service.buffer, schedule) is None  # an empty window is never due
+        service.buffer.add_many([TicketRecord(id=f"t{i}", text=f"my card issue {i}", label="card_arrival")
+                                 for i in range(3)])
+        arrived = service.buffer.pending_since()
+        assert arrived is not None and due(service.buffer, schedule, now=arrived + 2.9) is None
+        assert due(service.buffer, schedule, now=arrived + 3) == "max wait"
+        service.start()
+        wait_for(lambda: any(u.finished_at for u in service.updates.history), 120, "the max-wait update")
+        first = service.updates.history[0]
+        assert first.trigger == "max wait" and time.time() - arrived >= 3
+        assert first.status in ("promoted", "rejected"), first.reason  # it trained; nothing was skipped
+        assert service.buffer.pending() == 0  # the window was closed and learned
+    finally:
+        service.stop()
+
+
+def test_volume_trigger_fires_before_max_wait(tiny_llama: Path, tmp_path: Path) -> None:
+    schedule = SchedulerSettings(enabled=False, min_new_records=2, max_wait_seconds=3600)
+    service = Service(tiny_settings(tmp_path, None, scheduler=schedule))
+    try:
+        service.buffer.add_many([TicketRecord(id=f"t{i}", text=f"rate {i}", label="exchange_rate")
+                                 for i in range(2)])
+        assert due(service.buffer, schedule) == "records"
+        assert due(service.buffer, schedule.model_copy(update={"min_new_records": 3})) is None
     finally:
         service.stop()

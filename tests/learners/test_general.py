@@ -1,0 +1,42 @@
+"""Self-distillation on general text keeps the model's general distribution near the base's
+while it learns tickets, measured on the canary (whose texts it never sees)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from conftest import TINY_TRAIN
+from learners.base_model import load_base
+from learners.canary import BUILTIN, canary_loss
+from learners.general import GENERAL, GeneralText, drift_from_base, general_batch
+from learners.methods import warm_start
+from learners.prompts import classification_example
+from learners.train import run_round
+from learners.update import initial_adapter
+
+
+def test_general_text_is_not_the_canary() -> None:
+    assert not set(GENERAL) & set(BUILTIN)
+
+
+def test_distillation_keeps_canary_loss_near_the_base(tiny_llama: Path, tmp_path: Path) -> None:
+    initial_adapter(tiny_llama, tmp_path, TINY_TRAIN.adapter, TINY_TRAIN.seed)
+    drift = {}
+    for weight in (0.0, 1.0):
+        base, tokenizer = load_base(tiny_llama)
+        model = warm_start(base, tmp_path)
+        pad = tokenizer.pad_token_id
+        window = [classification_example(tokenizer, f"a question about my card number {i}", "card_arrival", 64)
+                  for i in range(16)]
+        cfg = TINY_TRAIN.model_copy(update={"keep_general": weight, "general_rows": 4})
+        general = GeneralText(tokenizer, pad, cfg.general_rows, cfg.seed) if weight else None
+        with torch.no_grad(), model.disable_adapter():
+            before = canary_loss(model, tokenizer, BUILTIN)
+        assert float(drift_from_base(model, general_batch(tokenizer, GENERAL[:4], pad))) == 0.0  # B = 0: the base
+        run_round(model, window, [], cfg, pad, general=general)
+        model.eval()
+        drift[weight] = canary_loss(model, tokenizer, BUILTIN) - before
+    # The tiny random model drifts far on 30 epochs of one label; distillation holds most of it.
+    assert drift[0.0] > 0.5 and drift[1.0] < drift[0.0] / 2, drift
