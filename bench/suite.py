@@ -272,6 +272,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--streams", default=",".join(STREAMS), help="comma-separated subset of " + ", ".join(STREAMS))
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
     parser.add_argument("--seeds", default="0", help="comma-separated stream seeds")
+    parser.add_argument("--windows", type=int, help="windows per stream (default: the preset's)")
     parser.add_argument("--poison", action="store_true", help="end each default run with a scrambled window")
     parser.add_argument("--base", default="smollm2-135m", help="base model (`model prepare` name or directory)")
     parser.add_argument("--train-json", default="{}", help="TrainSettings overrides as JSON (default: none)")
@@ -283,6 +284,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if unknown := (set(streams) - set(STREAMS)) | (set(methods) - set(METHODS)):
         parser.error(f"unknown streams or methods: {', '.join(sorted(unknown))}")
     preset = PRESETS[args.preset]
+    if args.windows:
+        preset = Preset(args.windows, preset.intents_per_window, preset.per_intent, preset.test_per_intent)
     train = TrainSettings.model_validate(json.loads(args.train_json))
     gate = GateSettings.model_validate(json.loads(args.gate_json))
     base_path = resolve_base_model(args.base, Path.home() / ".cache" / "evergreen" / "models")

@@ -84,6 +84,11 @@ def test_console_watches_forgetting_and_steers_updates(
     produce(broker.bootstrap, settings.kafka.topic, window1)
     stored(client, len(window1) - 1)
 
+    # Before any version has learned a label, the playground answers zero-shot and says so.
+    page.fill("#ticket", "hello my card issue 3")
+    page.click("#classify")
+    expect(page.locator("#answer-source")).to_contain_text("zero-shot")
+
     page.fill("#admin-key", DEV_ADMIN_KEY)
     page.click("#key-save")
     expect(page.locator("#key-state")).to_have_text("key set for this tab")
@@ -148,6 +153,7 @@ def test_console_watches_forgetting_and_steers_updates(
     page.click("#classify")
     expect(page.locator("#answer-label")).to_have_text(
         client.post("/v1/classify", json={"text": "hello my topup issue 12", "top_k": 5}).json()["label"])
+    expect(page.locator("#answer-source")).to_contain_text(f"answered by {adapters['live']}")
     page.click("#reply")
     expect(page.locator("#answer-reply")).to_be_visible(timeout=60_000)
 
