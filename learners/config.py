@@ -54,7 +54,7 @@ class EwcSettings(BaseModel):
 class TrainSettings(BaseModel):
     """One incremental update: optimiser, schedule, batch mix, budget."""
 
-    learning_rate: float = Field(3e-4, gt=0, description="Peak AdamW learning rate.")
+    learning_rate: float = Field(1e-3, gt=0, description="Peak AdamW learning rate.")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine floor as a share of the peak.")
     warmup_fraction: float = Field(0.1, ge=0, lt=1, description="Share of steps spent warming up.")
     epochs: float = Field(3.0, gt=0, description="Passes over the new window's training rows.")
@@ -72,7 +72,7 @@ class TrainSettings(BaseModel):
         return value
 
     keep_general: float = Field(
-        0.0, ge=0, description="Weight of the KL drift from the base model on general sentences, added to each "
+        1.0, ge=0, description="Weight of the KL drift from the base model on general sentences, added to each "
                                "step's loss so training keeps general ability (0: off; see `learners.general`).")
     general_rows: int = Field(2, gt=0, description="General sentences distilled per step.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")

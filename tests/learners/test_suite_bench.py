@@ -1,0 +1,53 @@
+"""`bench/suite.py` end to end on the tiny model: the product's update path on a mixed stream,
+with a scrambled window at the end (the pipeline and its figures, not the tiny model's verdicts)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).parents[2]
+
+
+def load_bench():  # bench/ is a folder of scripts, not a package
+    spec = importlib.util.spec_from_file_location("bench_suite", ROOT / "bench" / "suite.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_mixed_streams_are_namespaced_and_windows_new() -> None:
+    bench = load_bench()
+    stream = bench.make_stream("mixed", bench.PRESETS["quick"], seed=0)
+    prefixes = [{label.split(":")[0] for label in window} for window in stream.labels]
+    assert prefixes == [{"banking"}, {"clinc"}, {"hwu"}]
+    assert all(len(set(w)) == 4 for w in stream.labels)
+    for labels, train, test in zip(stream.labels, stream.train, stream.test, strict=True):
+        assert {r.label for r in train} == {r.label for r in test} == set(labels)
+        assert not {r.id for r in train} & {r.id for r in test}
+    poison = bench.poison_window(stream, bench.PRESETS["quick"], seed=0)
+    seen = {label for w in stream.labels for label in w}
+    assert poison and not {r.label for r in poison} & seen
+
+
+def test_suite_smoke_runs_the_product_path(tmp_path: Path, tiny_llama: Path) -> None:
+    bench = load_bench()
+    doc = bench.main(["--preset", "smoke", "--base", str(tiny_llama), "--streams", "mixed", "--poison",
+                      "--train-json", '{"learning_rate": 3e-3, "epochs": 4, "batch_size": 8}', "--out", str(tmp_path)])
+    written = json.loads((tmp_path / "suite-smoke.json").read_text())
+    result = written["results"]["mixed"]
+    assert result.keys() == doc["results"]["mixed"].keys() == {"default", "naive", "joint", "targets_met"}
+    default = result["default"]
+    assert len(default["matrix"]) == 2 and len(default["base_zero_shot"]) == 2
+    assert default["matrix"][0][1] is None and all(0 <= v <= 1 for v in default["matrix"][1])
+    healthy, poisoned = default["updates"][:2], default["updates"][2:]
+    assert [u["windows"] for u in healthy] == [[1], [2]] and poisoned[0]["poisoned"]
+    assert all(u["status"] in ("promoted", "rejected") and u["checks"] for u in default["updates"])
+    assert all(u["status"] == "promoted" for u in result["naive"]["updates"])  # naive's gate lets all through
+    assert len(result["joint"]["matrix"]) == 1 and result["joint"]["updates"][0]["windows"] == [1]
+    assert "poisoned_update_rejected" in result["targets_met"]
+    assert "| mixed |" in (tmp_path / "suite-smoke.md").read_text()
