@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -208,3 +210,47 @@ def test_ctrl_c_cancels_the_update(serve: Callable[[Settings], LiveService], tmp
     assert out == f"update 1 cancelled: {record.reason}\n"
     assert record.reason is not None and record.reason.startswith("cancelled through the API")
     assert live.service.registry.names() == ["v0000"]
+
+
+KILLED_SERVICE = """
+import sys, time
+from pathlib import Path
+from conftest import TINY_TRAIN, tiny_settings
+from service.core import Service
+from streams.records import TicketRecord
+service = Service(tiny_settings(Path(sys.argv[1]), None, train=TINY_TRAIN.model_copy(update={"epochs": 3000})))
+service.buffer.add_many([TicketRecord(id=f"t{i}", text=f"my card issue {i}", label="card_arrival") for i in range(20)])
+record = service.updates.start("manual")
+while record.stage != "training":
+    time.sleep(0.2)
+print("training", flush=True)
+time.sleep(600)
+"""
+
+
+def job_folders(data_dir: Path) -> list[Path]:
+    """Update job folders of this data directory, in the system temp directory or anywhere below it."""
+    found = [job.parent for job in Path(tempfile.gettempdir()).glob("evergreen-update-*/job.json")
+             if str(data_dir) in job.read_text()]
+    return found + [job.parent for job in data_dir.rglob("evergreen-update-*/job.json")]
+
+
+def test_a_restart_removes_the_job_folders_of_a_killed_service(tiny_llama: Path, tmp_path: Path) -> None:
+    """Issue 13: a service killed mid-update left its job folder in the system temp directory."""
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}
+    killed = subprocess.Popen([sys.executable, "-c", KILLED_SERVICE, str(tmp_path)], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert killed.stdout is not None and killed.stdout.readline() == "training\n"
+        assert job_folders(tmp_path), "the update runs from a job folder"
+    finally:
+        killed.kill()
+        killed.wait()
+    assert job_folders(tmp_path), "a killed service cannot remove its job folder"
+    service = Service(tiny_settings(tmp_path, None))
+    try:
+        assert job_folders(tmp_path) == []
+    finally:
+        service.stop()
+        for folder in job_folders(tmp_path):  # before the fix: do not leave them for the next run
+            shutil.rmtree(folder)
