@@ -27,6 +27,8 @@ from streams.config import KafkaSettings
 
 Scope = Literal["query", "ingest", "admin"]
 DEV_ADMIN_KEY = "evergreen-dev-admin-key"
+# A production key must resist guessing: 16 characters of `secrets.token_urlsafe` carry 96 bits.
+MIN_PRODUCTION_KEY_CHARS = 16
 CONFIG_FILE_ENV = "EVERGREEN_CONFIG_FILE"
 
 
@@ -161,6 +163,10 @@ class Settings(BaseSettings):
         if self.environment == "production":
             if any(k.key.get_secret_value() == DEV_ADMIN_KEY for k in self.api.keys):
                 raise ValueError("`api.keys` still holds the development key in production")
+            if any(len(k.key.get_secret_value()) < MIN_PRODUCTION_KEY_CHARS for k in self.api.keys):
+                raise ValueError(f"`api.keys`: a production key needs at least {MIN_PRODUCTION_KEY_CHARS} "
+                                 "characters (make one with `python -c 'import secrets; "
+                                 "print(secrets.token_urlsafe(32))'`)")
             if self.kafka.bootstrap is None:
                 raise ValueError("`kafka.bootstrap` must be set in production")
         if self.api.require_query_key is None:

@@ -1,9 +1,10 @@
 from __future__ import annotations
 
+import itertools
 from dataclasses import asdict
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, status
+from fastapi import APIRouter, HTTPException, Query, status
 from pydantic import BaseModel, Field
 
 from service.deps import AdminDep, PrimaryDep, ServiceDep
@@ -41,9 +42,13 @@ def trigger_update(*, service: ServiceDep, _admin: AdminDep, _primary: PrimaryDe
 
 
 @router.get("/updates")
-def list_updates(service: ServiceDep) -> list[UpdatePublic]:
-    """Updates of this process, newest first."""
-    return [_public(r) for r in reversed(service.updates.history)]
+def list_updates(service: ServiceDep, limit: Annotated[int, Query(ge=1, le=200)] = 50,
+                 before: Annotated[int | None, Query(ge=1, description="Only updates with a smaller id: the "
+                                                                       "last id of the previous page.")] = None,
+                 ) -> list[UpdatePublic]:
+    """Updates of this process, newest first, `limit` at a time (page on with `before`)."""
+    newest_first = (r for r in reversed(service.updates.history) if before is None or r.id < before)
+    return [_public(r) for r in itertools.islice(newest_first, limit)]
 
 
 @router.get("/updates/{update_id}")

@@ -55,10 +55,10 @@ def test_auth_matrix(serve: Callable[[Settings], LiveService], tmp_path: Path) -
 def test_query_key_is_required_by_default_in_production_only() -> None:
     assert Settings().api.require_query_key is False
     production = Settings(environment="production", kafka={"bootstrap": "broker:9092"},
-                          api={"keys": [{"key": "s3cret", "scopes": ["query"]}]})
+                          api={"keys": [{"key": "s3cret-s3cret-s3cret", "scopes": ["query"]}]})
     assert production.api.require_query_key is True
     assert Settings(environment="production", kafka={"bootstrap": "broker:9092"},
-                    api={"keys": [{"key": "s3cret", "scopes": ["query"]}], "require_query_key": False}
+                    api={"keys": [{"key": "s3cret-s3cret-s3cret", "scopes": ["query"]}], "require_query_key": False}
                     ).api.require_query_key is False
 
 
