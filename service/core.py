@@ -58,7 +58,8 @@ class Service:
         self.runtime = ModelRuntime(self.base_path, self.registry, self._first_version(),
                                     max_cached=settings.serving.cached_versions)
         self.generator = Generator(self.runtime, settings.serving.max_prompt_tokens)
-        self.batcher = ClassifyBatcher(self.runtime, settings.serving.max_batch, settings.serving.batch_wait_ms)
+        self.batcher = ClassifyBatcher(self.runtime, settings.serving.max_batch, settings.serving.batch_wait_ms,
+                                       settings.serving.classify_chunk_tokens)
         self.updates.runtime = self.runtime
         # A replica neither ingests nor updates: it only follows the primary's promotions.
         self.ingester = (Ingester(self.bootstrap, settings.kafka, self.buffer)

@@ -63,6 +63,13 @@ class ServingSettings(BaseModel):
     batch_wait_ms: float = Field(
         50.0, ge=0, description="How long to wait for the clients of the last batch to send their next "
                                 "requests (a lone sequential client never waits).")
+    max_classify_tokens: int = Field(
+        4096, gt=0, description="Work one `/v1/classify` request may ask for: the tokens of its prompt plus "
+                                "those of the labels it names (413 beyond).")
+    classify_chunk_tokens: int = Field(
+        512, gt=0, description="Label tokens scored per pass: a request with more labels is scored a chunk "
+                               "at a time, taking turns with the other requests, so none waits for a whole "
+                               "large one.")
     cached_versions: int = Field(
         2, ge=0, description="Versions besides the live one kept loaded for requests naming them, "
                              "for instant rollback and loaded ahead of promotion; the least recently "

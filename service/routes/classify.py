@@ -6,6 +6,7 @@ from fastapi import APIRouter, HTTPException, Response, status
 from pydantic import BaseModel, Field
 
 from service.deps import VERSION_HEADER, QueryDep, ServiceDep
+from service.errors import responses
 from service.runtime import NoLabels
 
 router = APIRouter(prefix="/v1", tags=["classify"])
@@ -32,9 +33,22 @@ class ClassifyResponse(BaseModel):
     adapter_version: str = Field(description="The adapter version that answered.")
 
 
-@router.post("/classify")
+@router.post("/classify", responses=responses(401, 403, 409, 413, descriptions={
+    409: "The serving version has learned no labels yet and the request names none.",
+    413: "The body is over `api.max_body_bytes`, or the prompt and label tokens over "
+         "`serving.max_classify_tokens`."}))
 def classify(body: ClassifyRequest, service: ServiceDep, _query: QueryDep, response: Response) -> ClassifyResponse:
-    """Label a ticket by the log-likelihood of each candidate label."""
+    """Label a ticket by the log-likelihood of each candidate label.
+
+    A request's work is bounded: its prompt tokens plus the tokens of the labels it names may
+    not exceed `serving.max_classify_tokens` (413). Many labels are scored a chunk at a time,
+    taking turns with other requests.
+    """
+    budget = service.settings.serving.max_classify_tokens
+    if body.labels and (work := service.runtime.classify_work(body.text, body.labels)) > budget:
+        raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE,
+                            f"this request is {work} tokens of prompt and labels, over the budget of {budget} "
+                            "(`serving.max_classify_tokens`): send fewer or shorter labels")
     try:
         result = service.batcher.classify(body.text, body.labels, body.top_k)
     except NoLabels as exc:
