@@ -33,7 +33,8 @@ class ClassifyResponse(BaseModel):
     adapter_version: str = Field(description="The adapter version that answered.")
 
 
-@router.post("/classify", responses=responses(401, 403, 409, 413, descriptions={
+@router.post("/classify", responses=responses(400, 401, 403, 409, 413, descriptions={
+    400: "The body is not valid JSON.",
     409: "The serving version has learned no labels yet and the request names none.",
     413: "The body is over `api.max_body_bytes`, or the prompt and label tokens over "
          "`serving.max_classify_tokens`."}))

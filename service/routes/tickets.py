@@ -26,6 +26,7 @@ from streams.records import Rejection, parse_ticket
 LOG = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["tickets"])
 IngestDep = Annotated[None, Depends(require("ingest"))]
+NOT_BLANK = r"\S"  # as the ingester requires: not only whitespace
 
 
 class TicketIn(BaseModel):
@@ -33,8 +34,10 @@ class TicketIn(BaseModel):
 
     model_config = ConfigDict(extra="allow")  # unknown fields: refused only in `kafka.strict` mode
 
-    id: str = Field(min_length=1, max_length=256, description="Idempotency key: resending never duplicates.")
-    text: str = Field(min_length=1, description="The ticket text (at most `kafka.max_text_bytes` bytes).")
+    id: str = Field(min_length=1, max_length=256, pattern=NOT_BLANK,
+                    description="Idempotency key: resending never duplicates.")
+    text: str = Field(min_length=1, pattern=NOT_BLANK,
+                      description="The ticket text (at most `kafka.max_text_bytes` bytes).")
     label: str | None = Field(None, min_length=1, max_length=128, description="Intent or queue, if known.")
     reply: str | None = Field(None, description="The agent's resolution, if any.")
     created_at: datetime | None = None
@@ -57,7 +60,8 @@ def _invalid(loc: tuple[str | int, ...], message: str) -> RequestValidationError
 
 
 @router.post("/tickets", status_code=status.HTTP_202_ACCEPTED,
-             responses=responses(401, 403, 409, 413, 503, descriptions={
+             responses=responses(400, 401, 403, 409, 413, 503, descriptions={
+                 400: "The body is not valid JSON.",
                  409: "This instance has no Kafka broker.",
                  503: "Not acknowledged in time: " + UNCONFIRMED + "."}))
 def post_tickets(*, body: Annotated[TicketIn | Annotated[list[TicketIn], Field(min_length=1)], Body()],

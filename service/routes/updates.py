@@ -8,6 +8,7 @@ from fastapi import APIRouter, HTTPException, Query, status
 from pydantic import BaseModel, Field
 
 from service.deps import AdminDep, PrimaryDep, ServiceDep
+from service.errors import responses
 from service.updates import UpdateInProgress, UpdateNotRunning, UpdateRecord, UpdateStage
 
 router = APIRouter(prefix="/v1", tags=["updates"])
@@ -32,7 +33,7 @@ def _public(record: UpdateRecord) -> UpdatePublic:
     return UpdatePublic(**asdict(record))
 
 
-@router.post("/updates", status_code=status.HTTP_202_ACCEPTED)
+@router.post("/updates", status_code=status.HTTP_202_ACCEPTED, responses=responses(401, 403, 409))
 def trigger_update(*, service: ServiceDep, _admin: AdminDep, _primary: PrimaryDep) -> UpdatePublic:
     """Close the open window and start an update now (409 while one is running)."""
     try:
@@ -51,7 +52,7 @@ def list_updates(service: ServiceDep, limit: Annotated[int, Query(ge=1, le=200)]
     return [_public(r) for r in itertools.islice(newest_first, limit)]
 
 
-@router.get("/updates/{update_id}")
+@router.get("/updates/{update_id}", responses=responses(404))
 def get_update(service: ServiceDep, update_id: int) -> UpdatePublic:
     record = service.updates.get(update_id)
     if record is None:
@@ -59,7 +60,8 @@ def get_update(service: ServiceDep, update_id: int) -> UpdatePublic:
     return _public(record)
 
 
-@router.post("/updates/{update_id}/cancel", status_code=status.HTTP_202_ACCEPTED)
+@router.post("/updates/{update_id}/cancel", status_code=status.HTTP_202_ACCEPTED,
+             responses=responses(401, 403, 404, 409))
 def cancel_update(*, service: ServiceDep, _admin: AdminDep, _primary: PrimaryDep, update_id: int) -> UpdatePublic:
     """Stop a running update (409 once it has finished); it ends `cancelled`, nothing published.
 
