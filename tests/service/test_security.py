@@ -62,7 +62,8 @@ def test_query_key_is_required_by_default_in_production_only() -> None:
                     ).api.require_query_key is False
 
 
-def test_schemathesis_finds_the_server_true_to_its_document(serve: Callable[[Settings], LiveService], tmp_path: Path) -> None:
+def test_schemathesis_finds_the_server_true_to_its_document(serve: Callable[[Settings], LiveService],
+                                                            tmp_path: Path) -> None:
     # Query keys required, as in production: the document declares bearer auth on those routes.
     live = serve(tiny_settings(tmp_path, None, serving=ServingSettings(max_tokens=4, default_max_tokens=2,
                                                                        max_prompt_tokens=256),
@@ -73,7 +74,8 @@ def test_schemathesis_finds_the_server_true_to_its_document(serve: Callable[[Set
          # Starlette's 405 lists only the methods of the route it matched (one per method here).
          # `positive_data_acceptance`: bounds that depend on settings (`serving.max_tokens`, a
          # ticket's text in UTF-8 bytes) are not in the document, so schema-valid bodies can be refused.
-         "--exclude-checks", "allow_header_conformance,positive_data_acceptance", "--phases", "examples,coverage,fuzzing", "--max-examples", "8",
+         "--exclude-checks", "allow_header_conformance,positive_data_acceptance",
+         "--phases", "examples,coverage,fuzzing", "--max-examples", "8",
          "--header", f"Authorization: Bearer {DEV_ADMIN_KEY}", "--workers", "1", "--request-timeout", "60",
          "--seed", "1", "--suppress-health-check", "too_slow", "--no-color"],
         capture_output=True, text=True, timeout=600, cwd=tmp_path)  # its cache stays out of the repo
