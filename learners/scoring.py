@@ -74,8 +74,10 @@ class LabelScorer:
         Prompts are truncated to this many tokens.
     """
 
+    MAX_PROMPT_TOKENS = 256
+
     def __init__(self, tokenizer: PreTrainedTokenizerBase, labels: Sequence[str],
-                 max_prompt_tokens: int = 256) -> None:
+                 max_prompt_tokens: int = MAX_PROMPT_TOKENS) -> None:
         if not labels:
             raise ValueError("no labels to score")
         self.tokenizer = tokenizer

@@ -1,12 +1,18 @@
-"""Micro-batching of concurrent classify requests.
+"""Micro-batching of concurrent classify requests, with a fair share of the model for each.
 
 Requests go to a queue; one worker takes everything queued at that moment (up to `max_batch`)
-and scores it in one batched pass per (version, label set). A lone request runs at once;
+and scores each (version, label set) group in batched passes. A lone request runs at once;
 requests that arrive while a batch runs form the next one. The clients of the last batch are one
 round trip away from their next request, so the worker expects them back, beside the requests
 that came during that batch, and waits up to `max_wait_ms` for them: a sequential client never
 waits, and concurrent clients that first arrived out of step (one alone, seven behind it) fall
 into one full batch instead of alternating between a small and a large one.
+
+Fair share: a group's labels are scored `chunk_tokens` label tokens at a time, and the groups in
+progress take turns, one chunk each (round robin), with new requests joining the rotation as
+they arrive. A request with a thousand labels thus costs the small requests behind it at most
+one chunk per turn, not its whole run: softmax over the concatenated chunk scores gives the
+same answer as one pass over every label.
 """
 
 from __future__ import annotations
@@ -15,11 +21,14 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from service.runtime import LIVE, Classification, ModelRuntime
+import torch
+
+from service.runtime import LIVE, Classification, Loaded, ModelRuntime, rank
 
 LOG = logging.getLogger(__name__)
 
@@ -34,16 +43,46 @@ class _Request:
     arrived: float = field(default_factory=time.monotonic)
 
 
-class ClassifyBatcher:
-    """Front of `ModelRuntime.classify_batch` that merges concurrent requests."""
+@dataclass
+class _Job:
+    """A group of requests scored together: one version, one label set, one chunk per turn."""
 
-    def __init__(self, runtime: ModelRuntime, max_batch: int, max_wait_ms: float = 50.0) -> None:
+    requests: list[_Request]
+    run: Loaded
+    candidates: list[str]
+    chunks: deque[list[str]]  # label chunks still to score
+    scores: list[torch.Tensor] = field(default_factory=list)  # texts × chunk, per chunk scored
+
+
+def label_chunks(labels: Sequence[str], tokens: Sequence[int], budget: int) -> deque[list[str]]:
+    """Consecutive runs of labels of at most `budget` tokens each (a longer label alone).
+
+    >>> label_chunks(["a", "b", "c", "d"], [2, 2, 3, 1], budget=4)
+    deque([['a', 'b'], ['c', 'd']])
+    """
+    chunks: deque[list[str]] = deque([[]])
+    used = 0
+    for label, count in zip(labels, tokens, strict=True):
+        if chunks[-1] and used + count > budget:
+            chunks.append([])
+            used = 0
+        chunks[-1].append(label)
+        used += count
+    return chunks
+
+
+class ClassifyBatcher:
+    """Front of `ModelRuntime` that merges concurrent requests and shares the model fairly."""
+
+    def __init__(self, runtime: ModelRuntime, max_batch: int, max_wait_ms: float = 50.0,
+                 chunk_tokens: int = 1024) -> None:
         self.runtime = runtime
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1000
+        self.chunk_tokens = chunk_tokens
         self._last_size = 1
         self._last_end = 0.0  # when the last batch was answered (time.monotonic)
-        self.batches = 0  # batches run, and requests in them: their ratio is the mean batch size
+        self.batches = 0  # groups answered, and requests in them: their ratio is the mean batch size
         self.requests = 0
         self._queue: queue.Queue[_Request | None] = queue.Queue()
         self._worker = threading.Thread(target=self._run, name="classify-batcher", daemon=True)
@@ -60,20 +99,34 @@ class ClassifyBatcher:
         self._worker.join(timeout=10)
 
     def _run(self) -> None:
+        jobs: deque[_Job] = deque()
+        stopping = False
+        while not (stopping and not jobs):
+            if not stopping:
+                if jobs:  # work in progress: take what is queued now, wait for nothing
+                    taken, stopping = self._drain()
+                else:
+                    first = self._queue.get()
+                    if first is None:
+                        return
+                    taken, stopping = self._collect(first)
+                    self._last_size = len(taken)
+                jobs.extend(self._start(taken))
+            if jobs:
+                job = jobs.popleft()
+                if self._step(job):
+                    jobs.append(job)  # its next chunk waits for every other group's turn
+
+    def _drain(self) -> tuple[list[_Request], bool]:
+        taken: list[_Request] = []
         while True:
-            first = self._queue.get()
-            if first is None:
-                return
-            taken, stopping = self._collect(first)
-            if stopping:
-                self._queue.put(None)  # finish this batch, then stop
-            self._last_size = len(taken)
-            groups: dict[tuple[str, tuple[str, ...] | None], list[_Request]] = {}
-            for request in taken:
-                groups.setdefault((request.version, request.labels), []).append(request)
-            for (version, labels), group in groups.items():
-                self._answer(version, labels, group)
-            self._last_end = time.monotonic()
+            try:
+                more = self._queue.get_nowait()
+            except queue.Empty:
+                return taken, False
+            if more is None:
+                return taken, True
+            taken.append(more)
 
     def _collect(self, first: _Request) -> tuple[list[_Request], bool]:
         """The next batch, and whether `close` was called meanwhile."""
@@ -96,15 +149,41 @@ class ClassifyBatcher:
             taken.append(more)
         return taken, False
 
-    def _answer(self, version: str, labels: tuple[str, ...] | None, group: list[_Request]) -> None:
+    def _start(self, taken: list[_Request]) -> list[_Job]:
+        """Group requests by (version, labels); fix each group's version and label chunks."""
+        groups: dict[tuple[str, tuple[str, ...] | None], list[_Request]] = {}
+        for request in taken:
+            groups.setdefault((request.version, request.labels), []).append(request)
+        jobs = []
+        for (version, labels), group in groups.items():
+            try:
+                run, candidates = self.runtime.resolve(labels, version)
+                chunks = label_chunks(candidates, self.runtime.label_tokens(candidates), self.chunk_tokens)
+            except Exception as exc:  # each caller gets the error (e.g. NoLabels → 409)
+                self._fail(group, exc)
+                continue
+            jobs.append(_Job(group, run, candidates, chunks))
+        return jobs
+
+    def _step(self, job: _Job) -> bool:
+        """Score the job's next chunk; answer it after the last one. Whether chunks remain."""
         try:
-            answers = self.runtime.classify_batch([r.text for r in group], labels, [r.top_k for r in group],
-                                                  version)
-        except Exception as exc:  # each caller gets the error (e.g. NoLabels → 409)
-            for request in group:
-                request.answer.set_exception(exc)
-            return
+            job.scores.append(self.runtime.score(job.run, [r.text for r in job.requests], job.chunks.popleft()))
+            if job.chunks:
+                return True
+            answers = rank(job.run.version, job.candidates, torch.cat(job.scores, dim=1),
+                           [r.top_k for r in job.requests])
+        except Exception as exc:
+            self._fail(job.requests, exc)
+            return False
         self.batches += 1
-        self.requests += len(group)
-        for request, answer in zip(group, answers, strict=True):
+        self.requests += len(job.requests)
+        for request, answer in zip(job.requests, answers, strict=True):
             request.answer.set_result(answer)
+        self._last_end = time.monotonic()
+        return False
+
+    @staticmethod
+    def _fail(requests: list[_Request], exc: Exception) -> None:
+        for request in requests:
+            request.answer.set_exception(exc)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 
 import torch
 from apscheduler.schedulers.background import BackgroundScheduler
+from kafka.errors import KafkaTimeoutError
 
 from learners.base_model import resolve_base_model
 from replay.buffer import ReplayBuffer
@@ -52,11 +54,12 @@ class Service:
         self.registry = AdapterRegistry(settings.registry_dir or data / "registry", writer=not self.replica)
         self.matrix = AccuracyMatrix(self.registry.root / "accuracy.json")
         self.updates = UpdateManager(self.buffer, self.registry, self.matrix, self.base_path,
-                                     settings.train, settings.gate)
+                                     settings.train, settings.gate, scratch_dir=data / "scratch")
         self.runtime = ModelRuntime(self.base_path, self.registry, self._first_version(),
                                     max_cached=settings.serving.cached_versions)
         self.generator = Generator(self.runtime, settings.serving.max_prompt_tokens)
-        self.batcher = ClassifyBatcher(self.runtime, settings.serving.max_batch, settings.serving.batch_wait_ms)
+        self.batcher = ClassifyBatcher(self.runtime, settings.serving.max_batch, settings.serving.batch_wait_ms,
+                                       settings.serving.classify_chunk_tokens)
         self.updates.runtime = self.runtime
         # A replica neither ingests nor updates: it only follows the primary's promotions.
         self.ingester = (Ingester(self.bootstrap, settings.kafka, self.buffer)
@@ -101,17 +104,25 @@ class Service:
         LOG.info("service started (%s): serving %s, %d records buffered", self.settings.replicas.role,
                  self.runtime.version, len(self.buffer))
 
-    def ticket_producer(self) -> TicketProducer:
-        """The producer behind `POST /v1/tickets`; raises NoBroker without a broker."""
+    def ticket_producer(self, deadline: float) -> TicketProducer:
+        """The producer behind `POST /v1/tickets`, connected by `deadline` (time.monotonic) or
+        KafkaTimeoutError; raises NoBroker without a broker."""
         if self.bootstrap is None:
             raise NoBroker("this instance has no Kafka broker configured (`kafka.bootstrap`): "
                            "it cannot take tickets")
-        with self._producer_lock:
+        # Concurrent first requests wait for one connection attempt, each no past its deadline.
+        if not self._producer_lock.acquire(timeout=max(deadline - time.monotonic(), 0)):
+            raise KafkaTimeoutError("the Kafka producer is still connecting")
+        try:
             if self._ticket_producer is None:
                 k = self.settings.kafka
-                self._ticket_producer = TicketProducer(self.bootstrap, k.topic, max_block_ms=k.produce_timeout_ms,
-                                                       max_request_size=k.max_message_bytes * 2 + 4096)
+                self._ticket_producer = TicketProducer(
+                    self.bootstrap, k.topic, max_block_ms=k.produce_timeout_ms,
+                    bootstrap_timeout_ms=max(int((deadline - time.monotonic()) * 1000), 1),
+                    max_request_size=k.max_message_bytes * 2 + 4096)
             return self._ticket_producer
+        finally:
+            self._producer_lock.release()
 
     def stop(self) -> None:
         self._stop.set()

@@ -6,7 +6,13 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, get_args
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from service.updates import UpdateStatus
@@ -61,6 +67,7 @@ class ServiceCollector(Collector):
             reconnects = GaugeMetricFamily("evergreen_ingest_reconnects", "Reconnections after broker errors.")
             reconnects.add_metric([], stats.reconnects)
             yield reconnects
+            yield from _ingest_health(s)
         curation = GaugeMetricFamily("evergreen_buffer_curation", "Curation and eviction events by kind "
                                      "(redactions per PII kind, near-duplicates, suspects, evictions).",
                                      labels=["kind"])
@@ -86,6 +93,24 @@ class ServiceCollector(Collector):
                                      "then the pointer move).")
             swap.add_metric([], s.runtime.last_swap_seconds)
             yield swap
+
+
+def _ingest_health(s: Service) -> Iterator[Metric]:
+    """Whether ingestion moves, and the rejected messages that could not be dead-lettered."""
+    assert s.ingester is not None
+    lost = CounterMetricFamily("evergreen_ingest_dead_letters_lost", "Rejected messages skipped without a dead "
+                               "letter after `kafka.dlq_attempts` refused writes.", labels=["reason"])
+    for reason, count in sorted(s.ingester.stats.dead_letters_lost.items()):
+        lost.add_metric([reason], count)
+    yield lost
+    stalled = GaugeMetricFamily("evergreen_ingest_stalled", "1 while ingestion is stalled (no offset committed "
+                                "for `kafka.stall_after_s` while records wait, or the broker unreadable).")
+    stalled.add_metric([], int(s.ingester.stalled))
+    yield stalled
+    since = GaugeMetricFamily("evergreen_ingest_seconds_since_progress",
+                              "Seconds since an offset was committed or nothing was left to read.")
+    since.add_metric([], s.ingester.stalled_seconds)
+    yield since
 
 
 # Progress field of the running update -> gauge name and help.

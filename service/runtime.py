@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from learners.base_model import load_base
+from learners.prompts import label_ids, prompt_ids
 from learners.scoring import LabelScorer
 from service.merge import UnsafeAdapter, build
 from service.registry import ADAPTER_WEIGHTS, AdapterRegistry
@@ -32,8 +33,11 @@ from service.registry import ADAPTER_WEIGHTS, AdapterRegistry
 LOG = logging.getLogger(__name__)
 
 LIVE = "live"  # the name a request uses for "whatever version is live when I start"
+# Label tries kept built: the live label set, its chunks (see `service/batching.py`), and a few
+# sets named by requests.
+SCORERS_KEPT = 32
 
-__all__ = ["LIVE", "Classification", "Loaded", "ModelRuntime", "NoLabels", "UnsafeAdapter"]
+__all__ = ["LIVE", "Classification", "Loaded", "ModelRuntime", "NoLabels", "UnsafeAdapter", "rank"]
 
 
 class NoLabels(Exception):
@@ -75,7 +79,7 @@ class ModelRuntime:
         self.base, self.tokenizer = load_base(base_path)  # pristine: never served, never written
         self.last_swap_seconds: float | None = None
         self._cached: OrderedDict[str, Loaded] = OrderedDict()  # non-live loaded versions
-        self._scorers: dict[tuple[str, ...], LabelScorer] = {}
+        self._scorers: OrderedDict[tuple[str, ...], LabelScorer] = OrderedDict()  # label set → its trie
         self._state = threading.Lock()  # the live pointer and the cache; held for microseconds
         self._building = threading.Lock()  # one version built at a time: each holds ~430 MB
         # One request computes at a time: on a few cores two would only slow each other down.
@@ -180,27 +184,55 @@ class ModelRuntime:
 
     def _scorer(self, labels: Sequence[str]) -> LabelScorer:
         key = tuple(labels)
-        if key not in self._scorers:
-            self._scorers = {key: LabelScorer(self.tokenizer, key)}  # keep only the latest set
-        return self._scorers[key]
+        scorer = self._scorers.pop(key, None) or LabelScorer(self.tokenizer, key)
+        self._scorers[key] = scorer  # most recent last
+        while len(self._scorers) > SCORERS_KEPT:
+            self._scorers.popitem(last=False)
+        return scorer
 
-    def classify(self, text: str, labels: Sequence[str] | None = None, top_k: int = 3,
-                 version: str = LIVE) -> Classification:
-        return self.classify_batch([text], labels, [top_k], version)[0]
+    def label_tokens(self, labels: Sequence[str]) -> list[int]:
+        """Tokens each label adds to a scoring pass."""
+        return [len(label_ids(self.tokenizer, label)) for label in labels]
+
+    def classify_work(self, text: str, labels: Sequence[str]) -> int:
+        """Tokens one scoring pass of `text` against `labels` computes: the prompt (truncated as
+        it is scored) plus every label's tokens (an upper bound: shared prefixes run once)."""
+        prompt = prompt_ids(self.tokenizer, text, LabelScorer.MAX_PROMPT_TOKENS)
+        return len(prompt) + sum(self.label_tokens(labels))
+
+    def resolve(self, labels: Sequence[str] | None, version: str = LIVE) -> tuple[Loaded, list[str]]:
+        """The version a classify request runs on, fixed for all its passes (the model stays in
+        memory until they are done), and its candidate labels; raises NoLabels."""
+        if version == LIVE:
+            with self._state:
+                run = self._live
+        else:
+            run = self.prepare(version)
+        candidates = list(labels) if labels else run.labels
+        if not candidates:
+            raise NoLabels(f"adapter {run.version} has learned no labels yet; pass `labels`")
+        return run, candidates
+
+    def score(self, run: Loaded, texts: Sequence[str], labels: Sequence[str]) -> torch.Tensor:
+        """Log-likelihood of each label after each text (texts × labels), in one batched pass."""
+        scorer = self._scorer(labels)
+        with self._lock:
+            return scorer.score_batch(run.model, texts)
 
     def classify_batch(self, texts: Sequence[str], labels: Sequence[str] | None, top_ks: Sequence[int],
                        version: str = LIVE) -> list[Classification]:
         """Classify several tickets against one label set in one batched pass, on one version."""
-        with self.pinned(version) as run:
-            candidates = list(labels) if labels else run.labels
-            if not candidates:
-                raise NoLabels(f"adapter {run.version} has learned no labels yet; pass `labels`")
-            scorer = self._scorer(candidates)
-            scores = scorer.score_batch(run.model, texts) if len(texts) > 1 else scorer.score(run.model, texts[0])[None]
-        answers = []
-        for row, top_k in zip(torch.softmax(scores, dim=1), top_ks, strict=True):
-            ranked = torch.argsort(row, descending=True)[:top_k].tolist()
-            top = [(candidates[i], float(row[i])) for i in ranked]
-            answers.append(Classification(label=top[0][0], confidence=top[0][1], top=top,
-                                          adapter_version=run.version, candidates=len(candidates)))
-        return answers
+        run, candidates = self.resolve(labels, version)
+        return rank(run.version, candidates, self.score(run, texts, candidates), top_ks)
+
+
+def rank(version: str, candidates: Sequence[str], scores: torch.Tensor, top_ks: Sequence[int]
+         ) -> list[Classification]:
+    """Answers from label log-likelihoods (texts × candidates): softmax, then the top labels."""
+    answers = []
+    for row, top_k in zip(torch.softmax(scores, dim=1), top_ks, strict=True):
+        ranked = torch.argsort(row, descending=True)[:top_k].tolist()
+        top = [(candidates[i], float(row[i])) for i in ranked]
+        answers.append(Classification(label=top[0][0], confidence=top[0][1], top=top, adapter_version=version,
+                                      candidates=len(candidates)))
+    return answers

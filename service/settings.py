@@ -27,6 +27,8 @@ from streams.config import KafkaSettings
 
 Scope = Literal["query", "ingest", "admin"]
 DEV_ADMIN_KEY = "evergreen-dev-admin-key"
+# A production key must resist guessing: 16 characters of `secrets.token_urlsafe` carry 96 bits.
+MIN_PRODUCTION_KEY_CHARS = 16
 CONFIG_FILE_ENV = "EVERGREEN_CONFIG_FILE"
 
 
@@ -61,6 +63,13 @@ class ServingSettings(BaseModel):
     batch_wait_ms: float = Field(
         50.0, ge=0, description="How long to wait for the clients of the last batch to send their next "
                                 "requests (a lone sequential client never waits).")
+    max_classify_tokens: int = Field(
+        4096, gt=0, description="Work one `/v1/classify` request may ask for: the tokens of its prompt plus "
+                                "those of the labels it names (413 beyond).")
+    classify_chunk_tokens: int = Field(
+        512, gt=0, description="Label tokens scored per pass: a request with more labels is scored a chunk "
+                               "at a time, taking turns with the other requests, so none waits for a whole "
+                               "large one.")
     cached_versions: int = Field(
         2, ge=0, description="Versions besides the live one kept loaded for requests naming them, "
                              "for instant rollback and loaded ahead of promotion; the least recently "
@@ -168,6 +177,10 @@ class Settings(BaseSettings):
         if self.environment == "production":
             if any(k.key.get_secret_value() == DEV_ADMIN_KEY for k in self.api.keys):
                 raise ValueError("`api.keys` still holds the development key in production")
+            if any(len(k.key.get_secret_value()) < MIN_PRODUCTION_KEY_CHARS for k in self.api.keys):
+                raise ValueError(f"`api.keys`: a production key needs at least {MIN_PRODUCTION_KEY_CHARS} "
+                                 "characters (make one with `python -c 'import secrets; "
+                                 "print(secrets.token_urlsafe(32))'`)")
             if self.kafka.bootstrap is None:
                 raise ValueError("`kafka.bootstrap` must be set in production")
         if self.api.require_query_key is None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import shutil
 import tempfile
 import threading
 import time
@@ -64,8 +65,15 @@ class UpdateManager:
     """Owns the update lifecycle and the history of updates of this process."""
 
     def __init__(self, buffer: ReplayBuffer, registry: AdapterRegistry, matrix: AccuracyMatrix,
-                 base_path: Path, train: TrainSettings, gate: GateSettings) -> None:
+                 base_path: Path, train: TrainSettings, gate: GateSettings, scratch_dir: Path) -> None:
         self.buffer = buffer
+        # Job folders of the training processes. A process killed mid-update never removes its
+        # own, so what is there at start belongs to no running update: removed.
+        self.scratch_dir = scratch_dir
+        left = list(scratch_dir.iterdir()) if scratch_dir.exists() else []
+        if left:
+            LOG.warning("removing %d job folders of updates killed with an earlier run: %s", len(left), scratch_dir)
+            shutil.rmtree(scratch_dir)
         self.registry = registry
         self.matrix = matrix
         self.base_path = base_path
@@ -206,7 +214,8 @@ class UpdateManager:
 
     def _train(self, record: UpdateRecord, job: Job) -> dict[str, Any]:
         """Run the training process to its end; its `done` message, or an exception saying why not."""
-        with tempfile.TemporaryDirectory(prefix="evergreen-update-") as scratch:
+        self.scratch_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="evergreen-update-", dir=self.scratch_dir) as scratch:
             with self._control:
                 if self._cancelled is not None:
                     raise Cancelled(self._cancelled)

@@ -58,8 +58,11 @@ class LocalBroker:
     127.0.0.1:...
     """
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, schema_registry: Path | None = None) -> None:
         self.port = port or free_port()
+        # A directory of `<topic>.json` JSON schemas: the broker refuses records that do not
+        # conform (INVALID_RECORD), as a broker with a size or schema policy would.
+        self.schema_registry = schema_registry
         self.bootstrap = f"127.0.0.1:{self.port}"
         self._process: subprocess.Popen[bytes] | None = None
 
@@ -71,11 +74,11 @@ class LocalBroker:
 
     def start(self, timeout: float = 10.0) -> None:
         url = f"tcp://{self.bootstrap}"
-        self._process = subprocess.Popen(
-            [str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        command = [str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url]
+        if self.schema_registry is not None:
+            # Tansu reads a file URL's path relative to its working directory: run it from `/`.
+            command += ["--schema-registry", f"file://{self.schema_registry.resolve()}/"]
+        self._process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd="/")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._process.poll() is not None:

@@ -25,6 +25,19 @@ class KafkaSettings(BaseModel):
     max_text_bytes: int = Field(16 * 1024, gt=0, description="Largest accepted `text`, in UTF-8 bytes.")
     max_message_bytes: int = Field(1024 * 1024, gt=0, description="Largest accepted message value.")
     strict: bool = Field(False, description="Dead-letter records that carry unknown fields.")
+    # -- dead letters and ingest health ----------------------------------------------------------
+    dlq_max_original_bytes: int = Field(
+        64 * 1024, gt=0, description="Bytes of a rejected value kept in its dead letter; beyond them the "
+        "letter says `truncated` and keeps the original's size and SHA-256, so it always fits a request."
+    )
+    dlq_attempts: int = Field(
+        5, gt=0, description="Attempts to write one dead letter; then it is counted as lost "
+        "(`evergreen_ingest_dead_letters_lost_total`), logged as an error and skipped."
+    )
+    stall_after_s: float = Field(
+        120.0, gt=0, description="Ingestion is reported stalled (`GET /healthz/ingest` answers 503) when no "
+        "offset was committed for this long while records wait, or the broker could not be read."
+    )
     # -- the pipeline between the poll loop and the buffer ---------------------------------------
     queue_batches: int = Field(
         16, gt=0, description="Polled batches held in memory at most; when full, the partitions are "

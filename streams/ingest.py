@@ -16,11 +16,10 @@ and keeps polling, which keeps the group membership alive without fetching more.
 
 from __future__ import annotations
 
-import base64
-import json
 import logging
 import queue
 import threading
+import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import CommitFailedError, KafkaError, TopicAlreadyExistsError
 
 from streams.config import KafkaSettings
+from streams.dead_letters import DeadLetterWriter
 from streams.records import Rejection, TicketRecord, parse_ticket
 
 LOG = logging.getLogger(__name__)
@@ -51,6 +51,7 @@ class IngestStats:
     consumed: int = 0
     stored: int = 0
     dead_lettered: Counter[str] = field(default_factory=Counter)
+    dead_letters_lost: Counter[str] = field(default_factory=Counter)  # rejects skipped without a letter
     lag: dict[tuple[str, int], int] = field(default_factory=dict)  # (topic, partition) → records behind
     committed: dict[tuple[str, int], int] = field(default_factory=dict)  # last committed offset
     assigned: tuple[tuple[str, int], ...] = ()  # partitions this instance owns now
@@ -58,6 +59,8 @@ class IngestStats:
     paused: bool = False  # backpressure is on
     reconnects: int = 0
     write_errors: int = 0
+    # Last time ingestion was seen moving: an offset committed, or nothing left to read.
+    progress_at: float = field(default_factory=time.monotonic)
 
 
 def ensure_topics(bootstrap: str, settings: KafkaSettings) -> None:
@@ -79,21 +82,6 @@ def ensure_topics(bootstrap: str, settings: KafkaSettings) -> None:
         admin.close()
 
 
-def dead_letter_value(message: ConsumerRecord, rejection: Rejection) -> bytes:
-    """The DLQ payload: the reason plus where the original came from, and its bytes (base64)."""
-    original = message.value if message.value is not None else b""
-    return json.dumps(
-        {
-            "reason": rejection.reason,
-            "detail": rejection.detail,
-            "topic": message.topic,
-            "partition": message.partition,
-            "offset": message.offset,
-            "value_b64": base64.b64encode(original).decode("ascii"),
-        }
-    ).encode("utf-8")
-
-
 @dataclass
 class _Batch:
     records: list[TicketRecord]
@@ -108,9 +96,21 @@ class Ingester:
         self.settings = settings
         self.sink = sink
         self.stats = IngestStats()
+        self.dead_letters = DeadLetterWriter(settings)
         self._queue: queue.Queue[_Batch] = queue.Queue(maxsize=settings.queue_batches)
         self._stored: queue.SimpleQueue[Offsets] = queue.SimpleQueue()  # writer → poll loop
-        self._read: dict[tuple[str, int], int] = {}  # next offset to poll, per partition
+        # First offset this instance read, per partition: where its uncommitted work begins.
+        self._first_read: dict[tuple[str, int], int] = {}
+
+    @property
+    def stalled_seconds(self) -> float:
+        """Seconds since ingestion last moved: an offset committed, or nothing left to read."""
+        return time.monotonic() - self.stats.progress_at
+
+    @property
+    def stalled(self) -> bool:
+        """No progress for `kafka.stall_after_s` while records wait, or the broker was unreadable."""
+        return self.stalled_seconds > self.settings.stall_after_s
 
     # -- clients ----------------------------------------------------------------------------
     def _consumer(self) -> KafkaConsumer:
@@ -133,30 +133,39 @@ class Ingester:
 
     def _producer(self) -> KafkaProducer:
         s = self.settings
-        return KafkaProducer(bootstrap_servers=self.bootstrap, acks="all",
-                             max_request_size=s.max_message_bytes * 2 + 4096,
+        # Not idempotent: kafka-python's idempotent producer refuses every later send once the
+        # broker refused one record, and one refused letter must not stop the next (duplicate
+        # letters after a retry are harmless).
+        return KafkaProducer(bootstrap_servers=self.bootstrap, acks="all", enable_idempotence=False,
+                             max_request_size=self.dead_letters.producer_request_bytes(),
                              max_block_ms=s.commit_timeout_ms,
                              reconnect_backoff_max_ms=s.reconnect_backoff_max_ms)
 
     # -- the poll side ----------------------------------------------------------------------
-    def validate(self, messages: Sequence[ConsumerRecord], producer: KafkaProducer) -> list[TicketRecord]:
-        """Split one polled batch: dead-letter the rejects (flushed), return the valid records."""
+    def validate(self, messages: Sequence[ConsumerRecord], producer: KafkaProducer,
+                 stop: threading.Event) -> list[TicketRecord] | None:
+        """Split one polled batch: dead-letter the rejects, return the valid records (None when
+        `stop` interrupted the dead letters' retries: the batch stays uncommitted)."""
         s = self.settings
         valid: list[TicketRecord] = []
+        rejects: list[tuple[ConsumerRecord, Rejection]] = []
         for message in messages:
             parsed = parse_ticket(message.value, max_text_bytes=s.max_text_bytes,
                                   max_message_bytes=s.max_message_bytes, strict=s.strict)
             if isinstance(parsed, Rejection):
                 LOG.warning("dead-lettering %s:%d@%d: %s", message.topic, message.partition,
                             message.offset, parsed.detail)
-                producer.send(s.dlq_topic, value=dead_letter_value(message, parsed),
-                              headers=[("reason", parsed.reason.encode())])
-                self.stats.dead_lettered[parsed.reason] += 1
+                rejects.append((message, parsed))
             else:
                 valid.append(parsed)
-        # The DLQ must hold the rejects before their offsets can be committed; a timeout raises
-        # KafkaTimeoutError, and the batch is polled again after reconnecting.
-        producer.flush(timeout=s.commit_timeout_ms / 1000)
+        # The DLQ holds the rejects (or they were given up on, loudly) before their offsets can
+        # be committed.
+        lost = self.dead_letters.write(producer, rejects, stop) if rejects else []
+        if lost is None:
+            return None
+        given_up = Counter(r.reason for r in lost)
+        self.stats.dead_letters_lost.update(given_up)
+        self.stats.dead_lettered.update(Counter(r.reason for _, r in rejects) - given_up)
         self.stats.consumed += len(messages)
         return valid
 
@@ -181,6 +190,7 @@ class Ingester:
             return
         for tp, offset in done.items():
             self.stats.committed[(tp.topic, tp.partition)] = offset
+        self.stats.progress_at = time.monotonic()
 
     def _update_lag(self, consumer: KafkaConsumer) -> None:
         lag: dict[tuple[str, int], int] = {}
@@ -191,8 +201,9 @@ class Ingester:
             if end is None:
                 continue
             key = (tp.topic, tp.partition)
-            # Behind what is stored and committed; before the first commit, behind what was read.
-            base = self.stats.committed.get(key, self._read.get(key))
+            # Behind what is stored and committed; before the first commit, behind where this
+            # instance began reading (what it read but did not store yet waits too).
+            base = self.stats.committed.get(key, self._first_read.get(key))
             if base is not None:
                 lag[key] = max(end - base, 0)
         self.stats.lag = lag
@@ -236,16 +247,20 @@ class Ingester:
                 polled = consumer.poll(timeout_ms=self.settings.poll_timeout_ms)
                 batch = [m for messages in polled.values() for m in messages]
                 if batch:
-                    valid = self.validate(batch, producer)
+                    valid = self.validate(batch, producer, stop)
+                    if valid is None:
+                        continue  # stopping: the batch stays uncommitted
                     offsets: Offsets = {}
                     for m in batch:
                         tp = TopicPartition(m.topic, m.partition)
                         offsets[tp] = max(offsets.get(tp, 0), m.offset + 1)
-                        self._read[(m.topic, m.partition)] = offsets[tp]
+                        self._first_read.setdefault((m.topic, m.partition), m.offset)
                     self._enqueue(_Batch(valid, offsets), stop)
                     self.stats.queued_batches = self._queue.qsize()
                 self._commit_stored(consumer)
                 self._update_lag(consumer)
+                if not any(self.stats.lag.values()) and self._queue.empty():
+                    self.stats.progress_at = time.monotonic()  # caught up: nothing waits
             except KafkaError as exc:
                 # Uncommitted batches are redelivered after reconnecting; the sink dedups them.
                 LOG.warning("Kafka error, reconnecting in 1 s: %s", exc)

@@ -64,10 +64,13 @@ class TicketProducer:
     """Sends raw ticket values keyed by id (so one ticket always lands on one partition)."""
 
     def __init__(self, bootstrap: str, topic: str, *, max_block_ms: int = 60_000,
-                 max_request_size: int = 2 * 1024 * 1024) -> None:
+                 max_request_size: int = 2 * 1024 * 1024, bootstrap_timeout_ms: int | None = None) -> None:
+        """Connects at once: raises `KafkaTimeoutError` when the broker does not answer within
+        `bootstrap_timeout_ms` (default `max_block_ms`; kafka-python's own default is 30 s)."""
         self.topic = topic
         self._producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5,
                                        max_block_ms=max_block_ms, max_request_size=max_request_size,
+                                       bootstrap_timeout_ms=bootstrap_timeout_ms or max_block_ms,
                                        reconnect_backoff_max_ms=2000)
 
     def send(self, value: bytes, key: str | None = None) -> None:

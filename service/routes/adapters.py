@@ -7,6 +7,7 @@ from fastapi import APIRouter, HTTPException, status
 from pydantic import BaseModel, Field
 
 from service.deps import AdminDep, PrimaryDep, ServiceDep
+from service.errors import responses
 from service.registry import RegistryError, VersionInfo
 from service.runtime import UnsafeAdapter
 
@@ -56,7 +57,7 @@ def _serve(service: ServiceDep, name: str) -> None:
     service.registry.promote(name)
 
 
-@router.post("/adapters/{version}/load")
+@router.post("/adapters/{version}/load", responses=responses(401, 403, 404, 409))
 def load(*, service: ServiceDep, _admin: AdminDep, version: str) -> AdapterPublic:
     """Load and check `version` without serving it, so that promoting it later only moves the
     live pointer. It is kept among the `serving.cached_versions` until used or evicted."""
@@ -70,7 +71,7 @@ def load(*, service: ServiceDep, _admin: AdminDep, version: str) -> AdapterPubli
     return _public(info, service.registry.live)
 
 
-@router.post("/adapters/{version}/promote")
+@router.post("/adapters/{version}/promote", responses=responses(401, 403, 404, 409))
 def promote(*, service: ServiceDep, _admin: AdminDep, _primary: PrimaryDep, version: str) -> AdapterPublic:
     """Serve `version`. Promoting a version the gate rejected is recorded as an override."""
     try:
@@ -84,7 +85,7 @@ def promote(*, service: ServiceDep, _admin: AdminDep, _primary: PrimaryDep, vers
     return _public(info, service.registry.live)
 
 
-@router.post("/rollback")
+@router.post("/rollback", responses=responses(401, 403, 409))
 def rollback(*, service: ServiceDep, _admin: AdminDep, _primary: PrimaryDep) -> AdapterPublic:
     """Serve the version that was live before the current one."""
     try:

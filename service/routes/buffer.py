@@ -33,6 +33,13 @@ class IngestPublic(BaseModel):
     total_lag: int
     paused: bool = Field(description="Fetching is paused because the buffer writer is behind.")
     reconnects: int
+    stalled: bool = Field(description="No offset committed for `kafka.stall_after_s` while records wait, or "
+                                      "the broker could not be read (`GET /healthz/ingest` answers 503).")
+    seconds_since_progress: float = Field(description="Since an offset was last committed or nothing was left "
+                                                      "to read.")
+    dead_letters_lost: dict[str, int] = Field(description="Rejected messages skipped without a dead letter "
+                                                          "(the broker refused it `kafka.dlq_attempts` times), "
+                                                          "by reason.")
 
 
 class BufferPublic(BaseModel):
@@ -59,7 +66,9 @@ def buffer_summary(service: ServiceDep) -> BufferPublic:
         s = ingester.stats
         lag = [PartitionLag(topic=t, partition=p, lag=n) for (t, p), n in sorted(s.lag.items())]
         ingest = IngestPublic(consumed=s.consumed, stored=s.stored, lag=lag, total_lag=sum(x.lag for x in lag),
-                              paused=s.paused, reconnects=s.reconnects)
+                              paused=s.paused, reconnects=s.reconnects, stalled=ingester.stalled,
+                              seconds_since_progress=ingester.stalled_seconds,
+                              dead_letters_lost=dict(s.dead_letters_lost))
     return BufferPublic(
         records=len(buffer), pending=buffer.pending(),
         windows=[WindowPublic(id=w.id, closed=w.closed, train_size=w.train_size,

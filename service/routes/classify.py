@@ -6,6 +6,7 @@ from fastapi import APIRouter, HTTPException, Response, status
 from pydantic import BaseModel, Field
 
 from service.deps import VERSION_HEADER, QueryDep, ServiceDep
+from service.errors import responses
 from service.runtime import NoLabels
 
 router = APIRouter(prefix="/v1", tags=["classify"])
@@ -38,13 +39,25 @@ class ClassifyResponse(BaseModel):
     candidates: int = Field(description="How many labels were scored.")
 
 
-@router.post("/classify")
+@router.post("/classify", responses=responses(400, 401, 403, 409, 413, descriptions={
+    400: "The body is not valid JSON.",
+    409: "No version has learned a label, the buffer holds none, and the request names none.",
+    413: "The body is over `api.max_body_bytes`, or the prompt and label tokens over "
+         "`serving.max_classify_tokens`."}))
 def classify(body: ClassifyRequest, service: ServiceDep, _query: QueryDep, response: Response) -> ClassifyResponse:
     """Label a ticket by the log-likelihood of each candidate label.
 
     Until a version has learned labels, the labels the buffer holds are scored zero-shot (the
-    answer says so), so the endpoint is useful from the first labelled ticket on.
+    answer says so), so the endpoint is useful from the first labelled ticket on. A request's
+    work is bounded: its prompt tokens plus the tokens of the labels it names may not exceed
+    `serving.max_classify_tokens` (413). Many labels are scored a chunk at a time, taking turns
+    with other requests.
     """
+    budget = service.settings.serving.max_classify_tokens
+    if body.labels and (work := service.runtime.classify_work(body.text, body.labels)) > budget:
+        raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE,
+                            f"this request is {work} tokens of prompt and labels, over the budget of {budget} "
+                            "(`serving.max_classify_tokens`): send fewer or shorter labels")
     labels, source = body.labels, "request"
     if labels is None:
         learned = service.runtime.labels

@@ -15,16 +15,22 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, HTTPException, Response, status
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from service.core import Service
 from service.deps import VERSION_HEADER, QueryDep, ServiceDep
+from service.errors import responses
 from service.generation import PromptTooLong, Sampling, Stream, chat_prompt, text_prompt
 from service.registry import RegistryError
 from service.runtime import LIVE, UnsafeAdapter
 
 router = APIRouter(prefix="/v1", tags=["generate"])
 _SSE = {"text/event-stream": {"schema": {"type": "string"}, "description": "With `stream: true`."}}
+# Every error a generation route gives, in the OpenAI error shape (see `service/errors.py`).
+_ERRORS = responses(400, 401, 403, 404, 409, 413, openai=True, descriptions={
+    400: "`max_tokens`, `stop` or the prompt's length is out of bounds.",
+    404: "The `model` names no registry version.",
+    409: "The version cannot be served (unsafe weights)."})
 
 ModelName = Annotated[str, Field(min_length=1, max_length=64, description="`live` or a registry version.",
                                  examples=["live"])]
@@ -47,10 +53,13 @@ class ChatMessage(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class _Common(BaseModel):
+    # The document says what each field's type is: a `seed` of "1" or 1.5 is refused, not coerced.
+    model_config = ConfigDict(strict=True)
+
     model: ModelName
     max_tokens: int | None = Field(None, ge=1, description="Tokens to generate at most "
                                                             "(bounded by `serving.max_tokens`).")
@@ -70,7 +79,8 @@ class ChatCompletionRequest(_Common):
 
 
 class CompletionRequest(_Common):
-    prompt: str | list[str] = Field(description="The text to continue (a list must hold exactly one).")
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)] = Field(
+        description="The text to continue (a list must hold exactly one).")
     max_tokens: int | None = Field(16, ge=1, description="Tokens to generate at most "
                                                           "(bounded by `serving.max_tokens`).")
 
@@ -180,7 +190,7 @@ def _sse(stream: Stream, first: dict[str, Any], chunk: Any, last: Any, include_u
                              headers={VERSION_HEADER: stream.version, "Cache-Control": "no-cache"})
 
 
-@router.post("/chat/completions", responses={200: {"content": _SSE}})
+@router.post("/chat/completions", responses={200: {"content": _SSE}, **_ERRORS})
 def chat_completions(body: ChatCompletionRequest, service: ServiceDep, _query: QueryDep,
                      response: Response) -> ChatCompletion:
     """Answer a conversation with the live adapter (or the version named in `model`)."""
@@ -203,12 +213,10 @@ def chat_completions(body: ChatCompletionRequest, service: ServiceDep, _query: Q
                                               finish_reason=stream.usage.finish_reason)])
 
 
-@router.post("/completions", responses={200: {"content": _SSE}})
+@router.post("/completions", responses={200: {"content": _SSE}, **_ERRORS})
 def completions(body: CompletionRequest, service: ServiceDep, _query: QueryDep,
                 response: Response) -> Completion:
     """Continue a text prompt with the live adapter (or the version named in `model`)."""
-    if isinstance(body.prompt, list) and len(body.prompt) != 1:
-        raise HTTPException(status.HTTP_400_BAD_REQUEST, "`prompt` as a list must hold exactly one string")
     sampling = _sampling(service, body, body.max_tokens)
     text = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
     stream = _start(service, text_prompt(service.runtime.tokenizer, text), sampling, body.model)
@@ -231,7 +239,7 @@ def _card(service: Service, name: str, live: str) -> ModelCard:
     return ModelCard(id=name, created=int(info.created_at), live=name == live, verdict=info.verdict)
 
 
-@router.get("/models")
+@router.get("/models", responses=responses(401, 403, openai=True))
 def list_models(service: ServiceDep, _query: QueryDep) -> ModelList:
     """`live` (an alias of the serving version), then every registry version, newest first."""
     live = service.runtime.version
@@ -240,7 +248,7 @@ def list_models(service: ServiceDep, _query: QueryDep) -> ModelList:
     return ModelList(data=[alias, *cards])
 
 
-@router.get("/models/{model}")
+@router.get("/models/{model}", responses=responses(401, 403, 404, openai=True))
 def get_model(model: str, service: ServiceDep, _query: QueryDep) -> ModelCard:
     """One version (or `live`)."""
     live = service.runtime.version

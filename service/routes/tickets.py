@@ -1,27 +1,32 @@
 """`POST /v1/tickets`: tickets in over HTTP, out to the Kafka topic (the ingester stores them).
 
 The same validation as the ingester applies (`streams.records.parse_ticket`), so a ticket the
-API accepts is never dead-lettered; a bad one is a 422 naming the ticket and the reason.
+API accepts is never dead-lettered; a bad one is a 422 naming the ticket and the reason, in
+FastAPI's validation-error shape like every other 422.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Body, Depends, HTTPException, status
+from fastapi.exceptions import RequestValidationError
 from kafka.errors import KafkaError
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.core import NoBroker
 from service.deps import ServiceDep, require
+from service.errors import responses
 from streams.records import Rejection, parse_ticket
 
 LOG = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["tickets"])
 IngestDep = Annotated[None, Depends(require("ingest"))]
+NOT_BLANK = r"\S"  # as the ingester requires: not only whitespace
 
 
 class TicketIn(BaseModel):
@@ -29,8 +34,10 @@ class TicketIn(BaseModel):
 
     model_config = ConfigDict(extra="allow")  # unknown fields: refused only in `kafka.strict` mode
 
-    id: str = Field(min_length=1, max_length=256, description="Idempotency key: resending never duplicates.")
-    text: str = Field(min_length=1, description="The ticket text (at most `kafka.max_text_bytes` bytes).")
+    id: str = Field(min_length=1, max_length=256, pattern=NOT_BLANK,
+                    description="Idempotency key: resending never duplicates.")
+    text: str = Field(min_length=1, pattern=NOT_BLANK,
+                      description="The ticket text (at most `kafka.max_text_bytes` bytes).")
     label: str | None = Field(None, min_length=1, max_length=128, description="Intent or queue, if known.")
     reply: str | None = Field(None, description="The agent's resolution, if any.")
     created_at: datetime | None = None
@@ -43,16 +50,31 @@ class TicketsAccepted(BaseModel):
     topic: str
 
 
-@router.post("/tickets", status_code=status.HTTP_202_ACCEPTED)
-def post_tickets(*, body: Annotated[TicketIn | list[TicketIn], Body()], service: ServiceDep,
-                 _: IngestDep) -> TicketsAccepted:
-    """Produce one ticket or a batch to the ticket topic (`ingest` scope). 202 once the broker
-    acknowledged every one; they are searchable after the ingester stored them."""
+UNCONFIRMED = ("the broker did not acknowledge every ticket in time (`kafka.produce_timeout_ms`); some may still "
+               "be stored: resend the same tickets, a resent `id` is stored once")
+
+
+def _invalid(loc: tuple[str | int, ...], message: str) -> RequestValidationError:
+    """A 422 in the shape FastAPI gives its own validation errors (`detail`: a list)."""
+    return RequestValidationError([{"type": "value_error", "loc": ("body", *loc), "msg": message, "input": None}])
+
+
+@router.post("/tickets", status_code=status.HTTP_202_ACCEPTED,
+             responses=responses(400, 401, 403, 409, 413, 503, descriptions={
+                 400: "The body is not valid JSON.",
+                 409: "This instance has no Kafka broker.",
+                 503: "Not acknowledged in time: " + UNCONFIRMED + "."}))
+def post_tickets(*, body: Annotated[TicketIn | Annotated[list[TicketIn], Field(min_length=1)], Body()],
+                 service: ServiceDep, _: IngestDep) -> TicketsAccepted:
+    """Produce one ticket or a batch (at most `kafka.max_request_tickets`) to the ticket topic
+    (`ingest` scope). 202 once the broker acknowledged every one; they are searchable after the
+    ingester stored them. A 503 comes within `kafka.produce_timeout_ms`, and its tickets may
+    still be stored: resending them is safe (a ticket's `id` is its idempotency key)."""
+    deadline = time.monotonic() + service.settings.kafka.produce_timeout_ms / 1000
     k = service.settings.kafka
     tickets = body if isinstance(body, list) else [body]
-    if not tickets or len(tickets) > k.max_request_tickets:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
-                            f"send between 1 and {k.max_request_tickets} tickets (`kafka.max_request_tickets`)")
+    if len(tickets) > k.max_request_tickets:
+        raise _invalid((), f"send between 1 and {k.max_request_tickets} tickets (`kafka.max_request_tickets`)")
     values: list[bytes] = []
     for i, ticket in enumerate(tickets):
         value = json.dumps(ticket.model_dump(mode="json", exclude_none=True, exclude_defaults=True)
@@ -60,15 +82,16 @@ def post_tickets(*, body: Annotated[TicketIn | list[TicketIn], Body()], service:
         parsed = parse_ticket(value, max_text_bytes=k.max_text_bytes, max_message_bytes=k.max_message_bytes,
                               strict=k.strict)
         if isinstance(parsed, Rejection):
-            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
-                                f"ticket {i} (`{ticket.id}`): {parsed.reason}: {parsed.detail}")
+            where: tuple[str | int, ...] = (i,) if isinstance(body, list) else ()
+            raise _invalid(where, f"ticket {i} (`{ticket.id}`): {parsed.reason}: {parsed.detail}")
         values.append(value)
     try:
-        service.ticket_producer().send_confirmed(values, timeout_s=k.produce_timeout_ms / 1000)
+        producer = service.ticket_producer(deadline)
+        producer.send_confirmed(values, timeout_s=max(deadline - time.monotonic(), 0.001))
     except NoBroker as exc:  # a lasting state of this instance, not a transient outage
         raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
     except KafkaError as exc:
         LOG.warning("producing %d tickets failed: %s", len(values), exc)
-        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"the Kafka broker did not acknowledge: {exc}",
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"{UNCONFIRMED} ({exc})",
                             headers={"Retry-After": "5"}) from exc
     return TicketsAccepted(accepted=len(values), ids=[t.id for t in tickets], topic=k.topic)

@@ -1,12 +1,14 @@
 from __future__ import annotations
 
+import itertools
 from dataclasses import asdict
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, status
+from fastapi import APIRouter, HTTPException, Query, status
 from pydantic import BaseModel, Field
 
 from service.deps import AdminDep, PrimaryDep, ServiceDep
+from service.errors import responses
 from service.updates import UpdateInProgress, UpdateNotRunning, UpdateRecord, UpdateStage
 
 router = APIRouter(prefix="/v1", tags=["updates"])
@@ -33,7 +35,7 @@ def _public(record: UpdateRecord) -> UpdatePublic:
     return UpdatePublic(**asdict(record))
 
 
-@router.post("/updates", status_code=status.HTTP_202_ACCEPTED)
+@router.post("/updates", status_code=status.HTTP_202_ACCEPTED, responses=responses(401, 403, 409))
 def trigger_update(*, service: ServiceDep, _admin: AdminDep, _primary: PrimaryDep) -> UpdatePublic:
     """Close the open window and start an update now (409 while one is running)."""
     try:
@@ -43,12 +45,16 @@ def trigger_update(*, service: ServiceDep, _admin: AdminDep, _primary: PrimaryDe
 
 
 @router.get("/updates")
-def list_updates(service: ServiceDep) -> list[UpdatePublic]:
-    """Updates of this process, newest first."""
-    return [_public(r) for r in reversed(service.updates.history)]
+def list_updates(service: ServiceDep, limit: Annotated[int, Query(ge=1, le=200)] = 50,
+                 before: Annotated[int | None, Query(ge=1, description="Only updates with a smaller id: the "
+                                                                       "last id of the previous page.")] = None,
+                 ) -> list[UpdatePublic]:
+    """Updates of this process, newest first, `limit` at a time (page on with `before`)."""
+    newest_first = (r for r in reversed(service.updates.history) if before is None or r.id < before)
+    return [_public(r) for r in itertools.islice(newest_first, limit)]
 
 
-@router.get("/updates/{update_id}")
+@router.get("/updates/{update_id}", responses=responses(404))
 def get_update(service: ServiceDep, update_id: int) -> UpdatePublic:
     record = service.updates.get(update_id)
     if record is None:
@@ -56,7 +62,8 @@ def get_update(service: ServiceDep, update_id: int) -> UpdatePublic:
     return _public(record)
 
 
-@router.post("/updates/{update_id}/cancel", status_code=status.HTTP_202_ACCEPTED)
+@router.post("/updates/{update_id}/cancel", status_code=status.HTTP_202_ACCEPTED,
+             responses=responses(401, 403, 404, 409))
 def cancel_update(*, service: ServiceDep, _admin: AdminDep, _primary: PrimaryDep, update_id: int) -> UpdatePublic:
     """Stop a running update (409 once it has finished); it ends `cancelled`, nothing published.
 

@@ -31,7 +31,14 @@ def test_production_refuses_development_defaults(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("EVERGREEN_KAFKA_BOOTSTRAP", "kafka:9092")
     with pytest.raises(ValidationError, match="development key"):
         Settings()
-    monkeypatch.setenv("EVERGREEN_API_KEYS", '[{"key": "s3cret", "scopes": ["admin"]}]')
+    # Issue 13: a 2-character key was accepted in production.
+    monkeypatch.setenv("EVERGREEN_API_KEYS", '[{"key": "s3", "scopes": ["admin"]}]')
+    with pytest.raises(ValidationError, match="at least 16 characters"):
+        Settings()
+    monkeypatch.setenv("EVERGREEN_API_KEYS", '[{"key": "s3cret-s3cret-s3cret", "scopes": ["admin"]}]')
+    assert Settings().api.keys[0].scopes == {"admin"}
+    monkeypatch.setenv("EVERGREEN_ENVIRONMENT", "development")  # short keys stay fine on a laptop
+    monkeypatch.setenv("EVERGREEN_API_KEYS", '[{"key": "s3", "scopes": ["admin"]}]')
     assert Settings().api.keys[0].scopes == {"admin"}
 
 

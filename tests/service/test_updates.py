@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -237,3 +238,62 @@ def test_a_rejected_window_is_quarantined_until_its_version_is_promoted(tiny_lla
         assert service.updates.quarantined() == set()
     finally:
         service.stop()
+
+
+KILLED_SERVICE = """
+import sys, time
+from pathlib import Path
+from conftest import TINY_TRAIN, tiny_settings
+from service.core import Service
+from streams.records import TicketRecord
+service = Service(tiny_settings(Path(sys.argv[1]), None, train=TINY_TRAIN.model_copy(update={"epochs": 3000})))
+service.buffer.add_many([TicketRecord(id=f"t{i}", text=f"my card issue {i}", label="card_arrival") for i in range(20)])
+record = service.updates.start("manual")
+while record.stage != "training":
+    time.sleep(0.2)
+print("training", flush=True)
+time.sleep(600)
+"""
+
+
+def job_folders(data_dir: Path) -> list[Path]:
+    """Update job folders of this data directory, in the system temp directory or anywhere below it."""
+    found = [job.parent for job in Path(tempfile.gettempdir()).glob("evergreen-update-*/job.json")
+             if str(data_dir) in job.read_text()]
+    return found + [job.parent for job in data_dir.rglob("evergreen-update-*/job.json")]
+
+
+def test_a_restart_removes_the_job_folders_of_a_killed_service(tiny_llama: Path, tmp_path: Path) -> None:
+    """Issue 13: a service killed mid-update left its job folder in the system temp directory."""
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}
+    killed = subprocess.Popen([sys.executable, "-c", KILLED_SERVICE, str(tmp_path)], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert killed.stdout is not None and killed.stdout.readline() == "training\n"
+        assert job_folders(tmp_path), "the update runs from a job folder"
+    finally:
+        killed.kill()
+        killed.wait()
+    assert job_folders(tmp_path), "a killed service cannot remove its job folder"
+    service = Service(tiny_settings(tmp_path, None))
+    try:
+        assert job_folders(tmp_path) == []
+    finally:
+        service.stop()
+        for folder in job_folders(tmp_path):  # before the fix: do not leave them for the next run
+            shutil.rmtree(folder)
+
+
+def test_the_update_list_is_paged(serve: Callable[[Settings], LiveService], tmp_path: Path) -> None:
+    """Issue 13: `GET /v1/updates` returned every update since start."""
+    live = serve(tiny_settings(tmp_path, None))
+    client = live.client()
+    for _ in range(5):  # nothing to learn: each is skipped at once
+        assert client.post("/v1/updates", headers=live.admin).status_code == 202
+        live.service.updates.cancel_and_wait(30)
+    assert [u["id"] for u in client.get("/v1/updates").json()] == [5, 4, 3, 2, 1]
+    assert [u["id"] for u in client.get("/v1/updates", params={"limit": 2}).json()] == [5, 4]
+    assert [u["id"] for u in client.get("/v1/updates", params={"limit": 2, "before": 4}).json()] == [3, 2]
+    assert client.get("/v1/updates", params={"before": 1}).json() == []
+    for bad in ({"limit": 0}, {"limit": 201}, {"before": 0}):
+        assert client.get("/v1/updates", params=bad).status_code == 422, bad

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -36,11 +37,15 @@ def test_tickets_are_produced_and_stored(broker: LocalBroker, serve: Callable[[S
     assert client.post("/v1/tickets", json=one, headers=ingest).status_code == 202  # resent: stored once
 
     # Bad input is a 4xx naming the problem, never a 500, and nothing of the request is produced.
+    # Every 422 has FastAPI's validation-error shape, as the OpenAPI document says.
     too_many = client.post("/v1/tickets", json=[one] * 6, headers=ingest)
-    assert too_many.status_code == 422 and "between 1 and 5" in too_many.json()["detail"]
-    assert client.post("/v1/tickets", json=[], headers=ingest).status_code == 422
+    assert too_many.status_code == 422 and "between 1 and 5" in too_many.json()["detail"][0]["msg"]
+    empty = client.post("/v1/tickets", json=[], headers=ingest)
+    assert empty.status_code == 422 and isinstance(empty.json()["detail"], list)
     long = client.post("/v1/tickets", json=[one, {"id": "long", "text": "x" * 201}], headers=ingest)
-    assert long.status_code == 422 and "ticket 1 (`long`): text_too_large" in long.json()["detail"]
+    assert long.status_code == 422
+    assert long.json()["detail"][0]["loc"] == ["body", 1]
+    assert "ticket 1 (`long`): text_too_large" in long.json()["detail"][0]["msg"]
     for bad in ({"id": 7, "text": "id must be a string"}, {"id": "x"}, {"id": "x", "text": " "}, "text"):
         assert client.post("/v1/tickets", json=bad, headers=ingest).status_code == 422, bad
     assert client.post("/v1/tickets", content=b"{", headers=ingest | {"content-type": "application/json"}
@@ -61,3 +66,24 @@ def test_tickets_are_produced_and_stored(broker: LocalBroker, serve: Callable[[S
         assert client.get("/healthz").status_code == 200
     finally:
         os.kill(broker.pid, signal.SIGCONT)
+
+
+def test_without_a_broker_the_first_ticket_is_a_503_within_the_produce_timeout(
+        broker: LocalBroker, serve: Callable[[Settings], LiveService], tmp_path: Path) -> None:
+    """Issue 13: the first call since start waited for kafka-python's 30 s bootstrap."""
+    settings = tiny_settings(tmp_path, broker.bootstrap)
+    settings.kafka.produce_timeout_ms = 2000
+    live = serve(settings)
+    client = live.client()
+    ticket = {"id": "early", "text": "my card was declined"}
+    broker.stop()
+    started = time.monotonic()
+    refused = client.post("/v1/tickets", json=ticket, headers=live.admin)
+    took = time.monotonic() - started
+    assert refused.status_code == 503 and took < 3.5, took
+    assert "may still be stored" in refused.json()["detail"] and refused.headers["retry-after"] == "5"
+
+    broker.start()  # same port, empty storage: the resent ticket is stored once
+    wait_for(lambda: client.post("/v1/tickets", json=ticket, headers=live.admin).status_code == 202, 30,
+             "the broker back")
+    wait_for(lambda: client.get("/v1/buffer").json()["records"] == 1, 60, "the ticket stored")
