@@ -52,7 +52,7 @@ from replay.embed import SentenceEmbedder
 from service.forgetting import AccuracyMatrix
 from service.registry import AdapterRegistry
 from service.updates import UpdateManager, UpdateRecord
-from streams.datasets import DATASETS, load_tickets
+from streams.datasets import DATASETS, load_tickets, scramble
 from streams.records import TicketRecord
 
 STREAMS = (*DATASETS, "mixed")
@@ -120,13 +120,6 @@ def make_stream(name: str, preset: Preset, seed: int) -> Stream:
     return Stream(name, labels, train, test)
 
 
-def scrambled(rows: Sequence[TicketRecord], seed: int) -> list[TicketRecord]:
-    """Every ticket labelled with another of the window's intents, at random (a broken join)."""
-    rng = random.Random(seed)
-    intents = sorted({r.label for r in rows if r.label})
-    return [r.model_copy(update={"label": rng.choice([i for i in intents if i != r.label])}) for r in rows]
-
-
 def poison_window(stream: Stream, preset: Preset, seed: int) -> list[TicketRecord]:
     """A window of intents the stream never had, labels scrambled."""
     source = stream.name if stream.name != "mixed" else "banking77"
@@ -135,7 +128,7 @@ def poison_window(stream: Stream, preset: Preset, seed: int) -> list[TicketRecor
     seen = {label for w in stream.labels for label in w}
     intents = random.Random(seed).sample(sorted(set(pool) - seen), preset.intents_per_window)
     rows = [r.model_copy(update={"id": f"poison-{r.id}"}) for i in intents for r in pool[i][:preset.per_intent]]
-    return scrambled(rows, seed)
+    return scramble(rows, seed)
 
 
 class Loop:
@@ -146,7 +139,7 @@ class Loop:
         self.buffer = ReplayBuffer(root / "buffer", embedder)
         self.registry = AdapterRegistry(root / "registry")
         self.updates = UpdateManager(self.buffer, self.registry, AccuracyMatrix(self.registry.root / "accuracy.json"),
-                                     base_path, train, gate)
+                                     base_path, train, gate, root / "scratch")
         self.updates.ensure_initial_version()
 
     def learn(self, rows: Sequence[TicketRecord]) -> UpdateRecord:

@@ -96,9 +96,10 @@ def up() -> None:
     """Run everything: a local broker unless `kafka.bootstrap` is set, the service, the demo stream."""
     from service.server import run_up
 
+    started = time.monotonic()
     settings = Settings()
     _banner(settings)
-    run_up(settings, _say)
+    run_up(settings, _say, started)
 
 
 @app.command()

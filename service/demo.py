@@ -8,20 +8,16 @@ each other whatever the CPU's speed. The next window streams while that update t
 
 from __future__ import annotations
 
-import logging
-import random
 import threading
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from service.core import Service
+from service.narrator import Narrator
 from service.settings import DemoSettings
 from service.updates import UpdateInProgress
-from streams.datasets import load_tickets, stream_order
+from streams.datasets import load_tickets, scramble, stream_order
 from streams.produce import TicketProducer, encode
 from streams.records import TicketRecord
-
-LOG = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -30,19 +26,6 @@ class DemoWindow:
     tickets: list[TicketRecord]
     intents: tuple[str, ...]
     scrambled: bool  # labels shuffled across its tickets: the gate must refuse it
-
-
-def scramble(tickets: Sequence[TicketRecord], seed: int) -> list[TicketRecord]:
-    """Every ticket labelled with another of the window's intents, at random, as a broken join
-    in an export would: nothing in the labels is left to learn.
-
-    >>> rows = [TicketRecord(id=str(i), text="t", label="ab"[i % 2]) for i in range(4)]
-    >>> [r.label for r in scramble(rows, 0)]
-    ['b', 'a', 'b', 'a']
-    """
-    rng = random.Random(seed)
-    intents = sorted({t.label for t in tickets if t.label})
-    return [t.model_copy(update={"label": rng.choice([i for i in intents if i != t.label])}) for t in tickets]
 
 
 def demo_windows(demo: DemoSettings) -> list[DemoWindow]:
@@ -62,13 +45,14 @@ def demo_windows(demo: DemoSettings) -> list[DemoWindow]:
 
 
 def run_demo(service: Service, bootstrap: str, topic: str, demo: DemoSettings, stop: threading.Event,
-             tell: Callable[[str], None]) -> None:
+             narrator: Narrator) -> None:
     """Produce each window, wait until the buffer holds it, start the update that learns it."""
     producer = TicketProducer(bootstrap, topic)
     try:
         for window in demo_windows(demo):
             what = f"{len(window.tickets)} tickets of {len(window.intents)} new intents ({', '.join(window.intents)})"
-            tell(f"demo: streaming window {window.number}: {what}"
+            narrator.tick()  # what happened before this window is told first
+            narrator.tell(f"demo: streaming window {window.number}: {what}"
                  + (", its labels SCRAMBLED on purpose (a broken join): the gate should refuse it"
                     if window.scrambled else ""))
             producer.send_all((encode(t) for t in window.tickets), rate=demo.rate, stop=stop)
@@ -89,6 +73,7 @@ def run_demo(service: Service, bootstrap: str, topic: str, demo: DemoSettings, s
                 stop.wait(0.2)
             if stop.is_set():
                 return
-        tell("demo: every window streamed; the service keeps serving and learns whatever you send it")
+        narrator.tick()
+        narrator.tell("demo: every window streamed; the service keeps serving and learns whatever you send it")
     finally:
         producer.close()

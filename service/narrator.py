@@ -45,12 +45,13 @@ def accuracy_summary(gate: dict[str, Any], windows: list[int]) -> str:
 class Narrator:
     """Tells the loop's events through `say`, one line each, timed from its start."""
 
-    def __init__(self, service: Service, say: Say) -> None:
+    def __init__(self, service: Service, say: Say, started: float | None = None) -> None:
         self.service = service
         self.say = say
-        self.started = time.monotonic()
+        self.started = time.monotonic() if started is None else started  # a `time.monotonic()` reading
         self._told: dict[int, set[str]] = {}  # events already told, per update
         self._live = service.registry.live
+        self._lock = threading.Lock()  # the narrator's thread and the demo's both tick
 
     def tell(self, line: str) -> None:
         self.say(f"[{clock(time.monotonic() - self.started):>5}] {line}")
@@ -60,13 +61,15 @@ class Narrator:
             self.tick()
 
     def tick(self) -> None:
-        for record in list(self.service.updates.history):
-            self._update_events(record, self._told.setdefault(record.id, set()))
-        live = self.service.registry.live
-        if live is not None and live != self._live:
-            self._live = live
-            labels = self.service.registry.info(live).labels
-            self.tell(f"{live} is live: /v1/classify now answers among its {len(labels)} learned labels")
+        """Tell whatever happened since the last tick."""
+        with self._lock:
+            for record in list(self.service.updates.history):
+                self._update_events(record, self._told.setdefault(record.id, set()))
+            live = self.service.registry.live
+            if live is not None and live != self._live:
+                self._live = live
+                labels = self.service.registry.info(live).labels
+                self.tell(f"{live} is live: /v1/classify now answers among its {len(labels)} learned labels")
 
     def _update_events(self, record: UpdateRecord, told: set[str]) -> None:
         if "started" not in told:

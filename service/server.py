@@ -49,19 +49,19 @@ def broker_for(settings: Settings) -> Iterator[str]:
         yield broker.bootstrap
 
 
-def run_up(settings: Settings, say: Say) -> None:
+def run_up(settings: Settings, say: Say, started: float | None = None) -> None:
     """`evergreen up`: broker (local unless configured), service, API, the demo stream, and the
-    loop's events told through `say`."""
+    loop's events told through `say`, timed from `started` (a `time.monotonic()` reading)."""
     with broker_for(settings) as bootstrap:
         say(f"Kafka: {bootstrap}" + ("" if settings.kafka.bootstrap else " (a local broker, in memory: "
                                      f"EVERGREEN_KAFKA_BOOTSTRAP={bootstrap} evergreen produce FILE sends to it)"))
         service = Service(settings, bootstrap=bootstrap)
-        narrator = Narrator(service, say)
+        narrator = Narrator(service, say, started)
         stop = threading.Event()
         if settings.demo.enabled:
             ensure_topics(bootstrap, settings.kafka)
             threading.Thread(target=run_demo, args=(service, bootstrap, settings.kafka.topic, settings.demo, stop,
-                                                    narrator.tell), name="demo", daemon=True).start()
+                                                    narrator), name="demo", daemon=True).start()
         try:
             run_server(service, narrator)
         finally:

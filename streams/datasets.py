@@ -6,7 +6,7 @@ import csv
 import importlib.util
 import random
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -80,3 +80,16 @@ def stream_order(
                   for t in by_label[label]]
         rng.shuffle(window)
         yield from window
+
+
+def scramble(tickets: Sequence[TicketRecord], seed: int) -> list[TicketRecord]:
+    """Every ticket labelled with another of the window's intents, at random, as a broken join
+    in an export would: nothing in the labels is left to learn.
+
+    >>> rows = [TicketRecord(id=str(i), text="t", label="ab"[i % 2]) for i in range(4)]
+    >>> [r.label for r in scramble(rows, 0)]
+    ['b', 'a', 'b', 'a']
+    """
+    rng = random.Random(seed)
+    intents = sorted({t.label for t in tickets if t.label})
+    return [t.model_copy(update={"label": rng.choice([i for i in intents if i != t.label])}) for t in tickets]

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import httpx
 import pytest
@@ -26,10 +29,21 @@ from streams.broker import LocalBroker, free_port
 from streams.config import KafkaSettings
 
 MODEL_CACHE = ModelSettings().cache_dir
+ROOT = Path(__file__).resolve().parents[1]
 
 # Tiny-llama training that learns a keyword-labelled window in seconds (measured: both windows
 # of the synthetic stream reach probe accuracy 1.0 with no forgetting).
 TINY_TRAIN = TrainSettings(learning_rate=3e-3, epochs=30, batch_size=8)
+
+
+def load_bench(name: str) -> ModuleType:
+    """A benchmark script of `bench/` (a folder of scripts, not a package) as a module."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
 
 
 def is_alive(pid: int) -> bool:

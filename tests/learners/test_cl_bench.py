@@ -3,27 +3,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).parents[2]
-
-
-def load_bench():  # bench/ is a folder of scripts, not a package
-    spec = importlib.util.spec_from_file_location("bench_cl", ROOT / "bench" / "cl.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_bench
 
 
 def test_cl_bench_smoke_writes_matrices_metrics_and_heatmaps(tmp_path: Path, tiny_llama: Path) -> None:
-    bench = load_bench()
+    bench = load_bench("cl")
     doc = bench.main(["--preset", "smoke", "--base", str(tiny_llama), "--methods", "naive,replay,ewc+replay,joint",
                       "--train-json", '{"learning_rate": 3e-3, "epochs": 4, "batch_size": 8}',
                       "--out", str(tmp_path)])

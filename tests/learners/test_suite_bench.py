@@ -3,25 +3,14 @@ with a scrambled window at the end (the pipeline and its figures, not the tiny m
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).parents[2]
-
-
-def load_bench():  # bench/ is a folder of scripts, not a package
-    spec = importlib.util.spec_from_file_location("bench_suite", ROOT / "bench" / "suite.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_bench
 
 
 def test_mixed_streams_are_namespaced_and_windows_new() -> None:
-    bench = load_bench()
+    bench = load_bench("suite")
     stream = bench.make_stream("mixed", bench.PRESETS["quick"], seed=0)
     prefixes = [{label.split(":")[0] for label in window} for window in stream.labels]
     assert prefixes == [{"banking"}, {"clinc"}, {"hwu"}]
@@ -35,7 +24,7 @@ def test_mixed_streams_are_namespaced_and_windows_new() -> None:
 
 
 def test_suite_smoke_runs_the_product_path(tmp_path: Path, tiny_llama: Path) -> None:
-    bench = load_bench()
+    bench = load_bench("suite")
     doc = bench.main(["--preset", "smoke", "--base", str(tiny_llama), "--streams", "mixed", "--poison",
                       "--train-json", '{"learning_rate": 3e-3, "epochs": 4, "batch_size": 8}', "--out", str(tmp_path)])
     written = json.loads((tmp_path / "suite-smoke.json").read_text())

@@ -40,7 +40,7 @@ def test_the_demo_tells_each_event_on_one_line(broker: LocalBroker, serve: Calla
     narrator = Narrator(live.service, lines.append)
     stop = threading.Event()
     demo = threading.Thread(target=run_demo, args=(live.service, broker.bootstrap, settings.kafka.topic, SMALL,
-                                                   stop, narrator.tell))
+                                                   stop, narrator))
     demo.start()
     try:
         def told_everything() -> bool:
