@@ -154,16 +154,23 @@ class ReplayBuffer:
     # -- writing ----------------------------------------------------------------------------
     def add_many(self, records: Sequence[TicketRecord]) -> None:
         """Curate and store records in the open window; ids already seen are skipped.
-        Durable on return."""
+        Durable on return.
+
+        Embedding, the slow part, runs outside the lock, so reads (the API's `/v1/buffer`,
+        snapshots) are answered while a large batch is written; the ids are checked again
+        under the lock before anything is stored.
+        """
+        fresh = [self._redacted(r) for r in self._unseen(records)]
+        if not fresh:
+            return
+        vectors = self.embedder.encode([r.text for r in fresh])
         with self._lock:
-            unique = {r.id: r for r in records}
-            known = {row[0] for chunk in _chunks(list(unique), 500) for table in ("records", "skipped")
-                     for row in self._db.execute(
-                         f"SELECT id FROM {table} WHERE id IN ({','.join('?' * len(chunk))})", chunk)}
-            fresh = [self._redacted(r) for r in unique.values() if r.id not in known]
+            still = {r.id for r in self._unseen(fresh)}
+            if len(still) < len(fresh):  # another writer stored some of them meanwhile
+                mine = [i for i, r in enumerate(fresh) if r.id in still]
+                fresh, vectors = [fresh[i] for i in mine], vectors[mine]
             if not fresh:
                 return
-            vectors = self.embedder.encode([r.text for r in fresh])
             keep, skipped, suspect = self._curate(fresh, vectors)
             window = self.open_window()
             now = time.time()
@@ -190,6 +197,15 @@ class ReplayBuffer:
             self.stats.update(near_duplicate=len(skipped), suspect=len(suspect))
             self._enforce_capacity()
             self._maybe_rebuild()
+
+    def _unseen(self, records: Sequence[TicketRecord]) -> list[TicketRecord]:
+        """The records whose ids were never stored nor skipped, each id once."""
+        unique = {r.id: r for r in records}
+        with self._lock:
+            known = {row[0] for chunk in _chunks(list(unique), 500) for table in ("records", "skipped")
+                     for row in self._db.execute(
+                         f"SELECT id FROM {table} WHERE id IN ({','.join('?' * len(chunk))})", chunk)}
+        return [r for r in unique.values() if r.id not in known]
 
     def _redacted(self, record: TicketRecord) -> TicketRecord:
         if not self.settings.redact_pii:

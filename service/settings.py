@@ -141,11 +141,11 @@ class DemoSettings(BaseModel):
     windows: int = Field(3, gt=0, description="Windows of new intents to stream; each is learned by one update.")
     intents_per_window: int = Field(4, gt=0, description="New intents per window.")
     # Sized so that the whole story (learned, refused, learned) fits 10 minutes on 2 cores.
-    per_intent: int = Field(20, gt=0, description="Tickets per intent.")
+    per_intent: int = Field(16, gt=0, description="Tickets per intent.")
     scrambled_window: int | None = Field(
         2, ge=1, description="This window's labels are scrambled across its tickets, to show the gate refusing "
                              "a bad batch (unset: every window is healthy).")
-    rate: float = Field(4.0, gt=0, description="Tickets per second.")
+    rate: float = Field(8.0, gt=0, description="Tickets per second.")
     seed: int = Field(0, description="Seed of the intent order.")
 
 
