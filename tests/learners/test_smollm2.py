@@ -35,7 +35,7 @@ def test_smollm2_classifies_zero_shot_through_the_serving_runtime(smollm2: Path,
     cases = {"Someone stole my wallet with my card in it, please block it": "lost_or_stolen_card",
              "What exchange rate do you use when I pay in dollars?": "exchange_rate"}
     for text, expected in cases.items():
-        answer = runtime.classify(text, labels, top_k=3)
+        answer = runtime.classify_batch([text], labels, [3])[0]
         assert answer.adapter_version == "v0000"
         assert answer.label == expected, answer
         assert sum(c for _, c in answer.top) == pytest.approx(1.0, abs=1e-4)
