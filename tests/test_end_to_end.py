@@ -68,7 +68,8 @@ def test_tickets_flow_through_gate_to_served_answers(
     v1 = next(v for v in forgetting["versions"] if v["name"] == "v0001")
     assert v1["accuracy"]["1"] == first["gate"]["candidate"]["1"]["accuracy"]
     assert v1["summary"]["average_accuracy"] == v1["accuracy"]["1"]
-    assert v1["summary"]["plasticity"] == first["gate"]["checks"][0]["observed"]  # gain over v0000
+    shortfall = next(c for c in first["gate"]["checks"] if c["name"] == "new windows worse than live")
+    assert v1["summary"]["plasticity"] == -shortfall["observed"]  # gain over v0000
     answer = client.post("/v1/classify", json={"text": "hello my card issue 7"}).json()
     assert answer["adapter_version"] == "v0001"
     assert answer["label"] in WINDOW_1
