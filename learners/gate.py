@@ -53,7 +53,8 @@ def evaluate(model: nn.Module, scorer: LabelScorer, probes: Mapping[int, Sequenc
     same scores, the argmax restricted to their columns, so it costs nothing more.
     """
     index = {label: i for i, label in enumerate(scorer.labels)}
-    columns = torch.tensor([index[label] for label in scorer.labels if label in set(known)], dtype=torch.long)
+    known = set(known)
+    columns = torch.tensor([index[label] for label in scorer.labels if label in known], dtype=torch.long)
     result: dict[int, WindowScore] = {}
     for window, records in probes.items():
         labelled = [r for r in records if r.label in index]
