@@ -56,7 +56,10 @@ GENERAL = (
 
 def general_batch(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded token ids of general sentences, with their attention mask."""
-    encoded = [tokenizer(text).input_ids for text in texts]
+    return _padded([tokenizer(text).input_ids for text in texts], pad_id)
+
+
+def _padded(encoded: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
     width = max(len(ids) for ids in encoded)
     input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
     attention = torch.zeros((len(encoded), width), dtype=torch.long)
@@ -83,11 +86,12 @@ def drift_from_base(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.T
 
 
 class GeneralText:
-    """Draws a few general sentences per step, reproducibly."""
+    """Draws a few general sentences per step, reproducibly; tokenised once, not every step."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, pad_id: int, rows: int, seed: int) -> None:
-        self.tokenizer, self.pad_id, self.rows = tokenizer, pad_id, rows
+        self.encoded = [tokenizer(text).input_ids for text in GENERAL]
+        self.pad_id, self.rows = pad_id, rows
         self.rng = random.Random(seed)
 
     def batch(self) -> dict[str, torch.Tensor]:
-        return general_batch(self.tokenizer, self.rng.sample(GENERAL, self.rows), self.pad_id)
+        return _padded(self.rng.sample(self.encoded, self.rows), self.pad_id)
