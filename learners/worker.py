@@ -67,8 +67,12 @@ class Reporter:
         self._first: tuple[float, int] | None = None  # when the first reported step ended
 
     def send(self, event: str, **fields: Any) -> None:
-        self.out.write(json.dumps({"event": event, **fields}, default=str) + "\n")
-        self.out.flush()
+        try:
+            self.out.write(json.dumps({"event": event, **fields}, default=str) + "\n")
+            self.out.flush()
+        except BrokenPipeError:  # the serving process died (kill -9): not a training failure
+            LOG.warning("the serving process is gone: stopping")
+            os._exit(EXIT_ORPHANED)
 
     def progress(self, p: Progress) -> None:
         now = time.monotonic()
