@@ -74,9 +74,6 @@ class TrainSettings(BaseModel):
     keep_general: float = Field(
         1.0, ge=0, description="Weight of the KL drift from the base model on general sentences, added to each "
                                "step's loss so training keeps general ability (0: off; see `learners.general`).")
-    label_contrast: float = Field(
-        0.0, ge=0, description="Weight of the cross-entropy of each ticket's label among every label trained, "
-                               "scored as served (0: off; see `learners.train.label_contrast`).")
     general_rows: int = Field(2, gt=0, description="General sentences distilled per step.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")

@@ -93,22 +93,15 @@ class LabelScorer:
     def score_batch(self, model: nn.Module, texts: Sequence[str]) -> torch.Tensor:
         """`score` of several tickets in one batched pass (shape: texts × labels).
 
-        On a CPU a small batch costs little more than one ticket: the weights are read once per
-        pass, not once per ticket.
+        Row r is ticket r's prompt, left-padded so every prompt ends at the same column, then
+        the label trie. Explicit position ids keep each prompt's positions as if it ran alone,
+        as in training (see `collate`). On a CPU a small batch costs little more than one ticket:
+        the weights are read once per pass, not once per ticket. Logits are computed only where
+        they score a label token: the prompt's last position and the trie's nodes.
         """
         if not texts:
             return torch.zeros((0, len(self.labels)))
-        return self.log_likelihoods(model, [prompt_ids(self.tokenizer, text, self.max_prompt_tokens)
-                                            for text in texts])
-
-    def log_likelihoods(self, model: nn.Module, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
-        """Every label's summed log-probability after each prompt (token ids), differentiable.
-
-        Row r is prompt r, left-padded so every prompt ends at the same column, then the label
-        trie. Explicit position ids keep each prompt's positions as if it ran alone, as in
-        training (see `collate`). Logits are computed only where they score a label token: the
-        prompt's last position and the trie's nodes.
-        """
+        prompts = [prompt_ids(self.tokenizer, text, self.max_prompt_tokens) for text in texts]
         b, width, trie = len(prompts), max(len(p) for p in prompts), self.trie
         nodes = len(trie.tokens)
         ids = torch.full((b, width + nodes), self.tokenizer.pad_token_id, dtype=torch.long)

@@ -18,7 +18,6 @@ from learners.config import TrainSettings
 from learners.ewc import EwcPenalty, trainable
 from learners.general import GeneralText, drift_from_base
 from learners.prompts import IGNORE, Example
-from learners.scoring import LabelScorer
 
 
 class Cancelled(Exception):
@@ -80,23 +79,6 @@ def answer_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tenso
     targets = labels[:, labels.shape[1] - keep + 1:]
     return nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
                                        targets.reshape(-1), ignore_index=IGNORE)
-
-
-def label_contrast(model: nn.Module, scorer: LabelScorer, examples: Sequence[Example]) -> torch.Tensor:
-    """Cross-entropy of the true label among every label trained, scored as the service scores
-    them (`LabelScorer`), over the batch's classification rows.
-
-    The answer loss only raises the true label's tokens; this also lowers its rivals' on the
-    same ticket, so an old intent's replayed tickets are taught apart from a close new intent,
-    not merely towards their own label.
-    """
-    rows = [e for e in examples if e.intent is not None]
-    if not rows:
-        return torch.zeros(())
-    index = {label: i for i, label in enumerate(scorer.labels)}
-    prompts = [[t for t, y in zip(e.input_ids, e.labels, strict=True) if y == IGNORE] for e in rows]
-    truth = torch.tensor([index[e.intent] for e in rows if e.intent is not None])
-    return nn.functional.cross_entropy(scorer.log_likelihoods(model, prompts), truth)
 
 
 def lr_at(step: int, steps: int, cfg: TrainSettings) -> float:
@@ -165,11 +147,9 @@ def data_parallel(model: nn.Module) -> tuple[nn.Module, int, int]:
 def run_round(model: nn.Module, new: Sequence[Example], replay: Sequence[Example], cfg: TrainSettings,
               pad_id: int, ewc: EwcPenalty | None = None,
               on_progress: Callable[[Progress], None] | None = None,
-              cancel: threading.Event | None = None, general: GeneralText | None = None,
-              scorer: LabelScorer | None = None) -> RoundReport:
+              cancel: threading.Event | None = None, general: GeneralText | None = None) -> RoundReport:
     """Train the model's adapter on the new window plus replay, regularised by EWC and, with
-    `general` text, by the KL drift from the base model on it (`learners.general`); with a
-    `scorer` (every label trained), the label contrast is added at `cfg.label_contrast`.
+    `general` text, by the KL drift from the base model on it (`learners.general`).
 
     Under torchrun every rank draws the same batches (same seed) and trains on its share of
     each; gradients are averaged, so all ranks keep identical weights. `tokens` in the report
@@ -194,8 +174,6 @@ def run_round(model: nn.Module, new: Sequence[Example], replay: Sequence[Example
             group["lr"] = lr_at(step, len(batches), cfg)
         batch = collate(examples[rank::world], pad_id)
         loss = answer_loss(net, batch)
-        if scorer is not None:
-            loss = loss + cfg.label_contrast * label_contrast(net, scorer, examples[rank::world])
         penalty = ewc.penalty(model) if ewc is not None else torch.zeros(())
         if general is not None:  # the same sentences on every rank, so DDP's average is unchanged
             penalty = penalty + cfg.keep_general * drift_from_base(model, general.batch())

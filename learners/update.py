@@ -67,10 +67,7 @@ def train_adapter(new_records: Sequence[TicketRecord], replay_records: Sequence[
                 if cfg.ewc.enabled and (live_dir / EWC_FILE).exists() else None)
     general = (GeneralText(tokenizer, tokenizer.pad_token_id, cfg.general_rows, cfg.seed)
                if cfg.keep_general > 0 else None)
-    labels = sorted({e.intent for e in [*new, *replay] if e.intent is not None})
-    scorer = LabelScorer(tokenizer, labels, cfg.max_length) if cfg.label_contrast > 0 and labels else None
-    report = run_round(model, new, replay, cfg, tokenizer.pad_token_id, previous, on_progress, cancel, general,
-                       scorer)
+    report = run_round(model, new, replay, cfg, tokenizer.pad_token_id, previous, on_progress, cancel, general)
     ewc = consolidate_window(model, new, previous, cfg, tokenizer.pad_token_id) if cfg.ewc.enabled else None
     if not dist.is_initialized() or dist.get_rank() == 0:
         model.save_pretrained(out_dir)
