@@ -59,6 +59,10 @@ class TrainSettings(BaseModel):
     warmup_fraction: float = Field(0.1, ge=0, lt=1, description="Share of steps spent warming up.")
     epochs: float = Field(3.0, gt=0, description="Passes over the new window's training rows.")
     batch_size: int = Field(16, gt=0, description="Examples per optimiser step.")
+    step_budget: float = Field(
+        2.0, ge=1, description="Most optimiser steps of an update, as a multiple of the steps its new rows alone "
+                               "take at `epochs`: replay shares the budget, so an update's cost does not grow with "
+                               "the labels learned before it.")
     replay_ratio: float | Literal["balanced"] = Field(
         "balanced", description="Share of each batch drawn from replay (0 to below 1). `balanced`: the share of "
                                 "earlier labels among all labels trained, so every label gets an equal share of "

@@ -120,12 +120,16 @@ def mixed_batches(new: Sequence[Example], replay: Sequence[Example], cfg: TrainS
                   rng: random.Random) -> list[list[Example]]:
     """`epochs` passes over the new rows; each batch topped up with replay rows (`replay_share`).
 
-    At least one row of every batch is new, so the passes over the new rows always end.
+    At least one row of every batch is new, so the passes over the new rows always end. As
+    earlier labels pile up, the new rows' share of a batch shrinks and the passes would take ever
+    more steps; `step_budget` caps them at that multiple of the steps the new rows alone take,
+    so an update costs the same at window 30 as at window 3 (the new rows then get fewer passes).
     """
     share = replay_share(new, replay, cfg.replay_ratio)
     n_replay = min(round(cfg.batch_size * share), cfg.batch_size - 1)
     n_new = cfg.batch_size - n_replay
-    steps = max(1, math.ceil(len(new) * cfg.epochs / n_new))
+    alone = math.ceil(len(new) * cfg.epochs / cfg.batch_size)
+    steps = max(1, min(math.ceil(len(new) * cfg.epochs / n_new), math.ceil(cfg.step_budget * alone)))
     order: list[Example] = []
     while len(order) < steps * n_new:
         order += rng.sample(list(new), len(new))  # reshuffle at each pass

@@ -17,7 +17,8 @@ def intents(label: str, n: int) -> list[Example]:
 def test_balanced_batches_give_every_label_an_equal_share() -> None:
     new = intents("new-a", 24) + intents("new-b", 24)
     replay = [e for label in ("old-a", "old-b", "old-c", "old-d", "old-e", "old-f") for e in intents(label, 24)]
-    batches = mixed_batches(new, replay, TrainSettings(batch_size=16, epochs=2), random.Random(0))
+    batches = mixed_batches(new, replay, TrainSettings(batch_size=16, epochs=2, step_budget=100),
+                            random.Random(0))
     assert all(sum(e.intent.startswith("new") for e in b) == 4 for b in batches)  # 2 of 8 labels: 4 of 16
     seen = Counter(e.intent for b in batches for e in b)
     assert seen["new-a"] + seen["new-b"] == 2 * len(new)  # `epochs` passes over the new rows
@@ -30,6 +31,18 @@ def test_a_fixed_share_and_a_late_window_keep_new_rows_in_every_batch() -> None:
                           random.Random(0))
     assert {sum(e.intent == "old" for e in b) for b in fixed} == {4}
     crowded = [e for i in range(76) for e in intents(f"old-{i}", 2)]  # 76 earlier labels, 1 new one
-    late = mixed_batches(intents("new", 8), crowded, TrainSettings(batch_size=16), random.Random(0))
+    late = mixed_batches(intents("new", 8), crowded, TrainSettings(batch_size=16, step_budget=100),
+                         random.Random(0))
     assert all(sum(e.intent == "new" for e in b) == 1 for b in late) and len(late) == 8 * 3
     assert mixed_batches(intents("new", 8), [], TrainSettings(), random.Random(0))[0][0].intent == "new"
+
+
+def test_the_step_budget_holds_an_update_to_the_same_cost_however_many_labels_came_before() -> None:
+    new = intents("new-a", 40) + intents("new-b", 40)  # 80 rows, 3 epochs: 15 steps alone
+    steps = {}
+    for earlier in (2, 6, 40):
+        replay = [e for i in range(earlier) for e in intents(f"old-{i}", 40)]
+        batches = mixed_batches(new, replay, TrainSettings(batch_size=16, epochs=3, step_budget=2), random.Random(0))
+        steps[earlier] = len(batches)
+        assert {sum(e.intent.startswith("new") for e in b) for b in batches} == {max(1, round(16 * 2 / (2 + earlier)))}
+    assert steps == {2: 30, 6: 30, 40: 30}  # balanced, without the budget: 30, 60, 240
