@@ -50,8 +50,9 @@ from learners.scoring import LabelScorer
 from replay.buffer import ReplayBuffer
 from replay.embed import SentenceEmbedder
 from service.forgetting import AccuracyMatrix
+from service.live import LiveVersion, NothingServed
 from service.registry import AdapterRegistry
-from service.updates import UpdateManager, UpdateRecord
+from service.updates import UpdateManager, UpdateRecord, ensure_initial_version
 from streams.datasets import DATASETS, load_tickets, scramble
 from streams.records import TicketRecord
 
@@ -138,9 +139,10 @@ class Loop:
                  gate: GateSettings) -> None:
         self.buffer = ReplayBuffer(root / "buffer", embedder)
         self.registry = AdapterRegistry(root / "registry")
-        self.updates = UpdateManager(self.buffer, self.registry, AccuracyMatrix(self.registry.root / "accuracy.json"),
-                                     base_path, train, gate, root / "scratch")
-        self.updates.ensure_initial_version()
+        ensure_initial_version(self.registry, base_path, train)
+        self.updates = UpdateManager(self.buffer, LiveVersion(self.registry, NothingServed()),
+                                     AccuracyMatrix(self.registry.root / "accuracy.json"), base_path, train, gate,
+                                     root / "scratch")
 
     def learn(self, rows: Sequence[TicketRecord]) -> UpdateRecord:
         self.buffer.add_many(rows)

@@ -17,13 +17,14 @@ from replay.embed import SentenceEmbedder
 from service.batching import ClassifyBatcher
 from service.forgetting import AccuracyMatrix
 from service.generation import Generator
+from service.live import LiveVersion
 from service.metrics import make_registry
 from service.registry import AdapterRegistry
 from service.replicas import PromotionFollower, PromotionPublisher
 from service.runtime import ModelRuntime
 from service.scheduler import start_scheduler, stop_scheduler
 from service.settings import Settings
-from service.updates import UpdateManager
+from service.updates import UpdateManager, ensure_initial_version
 from streams.ingest import Ingester
 from streams.produce import TicketProducer
 
@@ -53,14 +54,14 @@ class Service:
         self.buffer = ReplayBuffer(data / "buffer", embedder, settings=settings.replay)
         self.registry = AdapterRegistry(settings.registry_dir or data / "registry", writer=not self.replica)
         self.matrix = AccuracyMatrix(self.registry.root / "accuracy.json")
-        self.updates = UpdateManager(self.buffer, self.registry, self.matrix, self.base_path,
-                                     settings.train, settings.gate, scratch_dir=data / "scratch")
         self.runtime = ModelRuntime(self.base_path, self.registry, self._first_version(),
                                     max_cached=settings.serving.cached_versions)
+        self.live = LiveVersion(self.registry, self.runtime)
+        self.updates = UpdateManager(self.buffer, self.live, self.matrix, self.base_path,
+                                     settings.train, settings.gate, scratch_dir=data / "scratch")
         self.generator = Generator(self.runtime, settings.serving.max_prompt_tokens)
         self.batcher = ClassifyBatcher(self.runtime, settings.serving.max_batch, settings.serving.batch_wait_ms,
                                        settings.serving.classify_chunk_tokens)
-        self.updates.runtime = self.runtime
         # A replica neither ingests nor updates: it only follows the primary's promotions.
         self.ingester = (Ingester(self.bootstrap, settings.kafka, self.buffer)
                          if self.bootstrap and not self.replica else None)
@@ -68,8 +69,7 @@ class Service:
                           if self.bootstrap and not self.replica else None)
         if self.publisher is not None:
             self.registry.listeners.append(self.publisher)
-        self.follower = (PromotionFollower(self.bootstrap, settings.replicas, self.registry, self.runtime,
-                                           self.matrix)
+        self.follower = (PromotionFollower(self.bootstrap, settings.replicas, self.live, self.matrix)
                          if self.bootstrap and self.replica else None)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -81,7 +81,7 @@ class Service:
 
     def _first_version(self) -> str:
         if not self.replica:
-            return self.updates.ensure_initial_version()
+            return ensure_initial_version(self.registry, self.base_path, self.settings.train)
         live = self.registry.live
         if live is None:
             raise RuntimeError(f"the registry at {self.registry.root} has no live version yet: "

@@ -18,8 +18,9 @@ from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
 from service.forgetting import AccuracyMatrix
-from service.registry import AdapterRegistry, RegistryError
-from service.runtime import ModelRuntime, UnsafeAdapter
+from service.live import LiveVersion
+from service.registry import RegistryError
+from service.runtime import UnsafeAdapter
 from service.settings import ReplicaSettings
 
 LOG = logging.getLogger(__name__)
@@ -60,11 +61,9 @@ class PromotionPublisher:
 class PromotionFollower:
     """Replica side: swap the runtime to each version announced on the promotion topic."""
 
-    def __init__(self, bootstrap: str, settings: ReplicaSettings, registry: AdapterRegistry,
-                 runtime: ModelRuntime, matrix: AccuracyMatrix) -> None:
+    def __init__(self, bootstrap: str, settings: ReplicaSettings, live: LiveVersion, matrix: AccuracyMatrix) -> None:
         ensure_promotion_topic(bootstrap, settings.topic)
-        self.registry = registry
-        self.runtime = runtime
+        self.live = live
         self.matrix = matrix
         self.poll_timeout_ms = settings.poll_timeout_ms
         self.followed = 0
@@ -74,15 +73,14 @@ class PromotionFollower:
         self._consumer.assign([partition])
         self._consumer.seek_to_end(partition)
         self._consumer.position(partition)  # resolve "the end" now, before looking at the registry
-        live = registry.live
-        if live is not None:
-            self._swap(live, "start")
+        if live.registry.live is not None:
+            self._swap(live.registry.live, "start")
 
     def _swap(self, version: str, event: str) -> None:
         # A promotion follows a gate, which has added to the accuracy matrix the primary writes.
         self.matrix.refresh(force=True)
         try:
-            self.runtime.swap(version)
+            self.live.follow(version)
             self.followed += 1
         except (RegistryError, UnsafeAdapter) as exc:
             LOG.error("cannot follow %s to %s: %s", event, version, exc)

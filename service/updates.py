@@ -25,8 +25,8 @@ from learners.update import initial_adapter
 from learners.worker import Job
 from replay.buffer import ReplayBuffer
 from service.forgetting import AccuracyMatrix, best_before
+from service.live import LiveVersion
 from service.registry import AdapterRegistry, Draft
-from service.runtime import ModelRuntime
 from service.training import TrainingFailed, TrainingProcess, describe_exit
 
 LOG = logging.getLogger(__name__)
@@ -61,10 +61,27 @@ class UpdateRecord:
     gate: dict[str, Any] | None = None
 
 
+def ensure_initial_version(registry: AdapterRegistry, base_path: Path, cfg: TrainSettings) -> str:
+    """The registry's first version (an untrained adapter) when it has none; the live name.
+
+    It is promoted without a runtime to load it into: none can exist before there is a live
+    version, and an untrained LoRA adapter answers exactly as the base model does.
+    """
+    if registry.live is None:
+        def write(tmp: Path) -> Draft:
+            initial_adapter(base_path, tmp, cfg.adapter, cfg.seed)
+            return Draft(parent=None, verdict="accepted", windows_trained=[], labels=[])
+
+        registry.promote(registry.create(write).name)
+    live = registry.live
+    assert live is not None
+    return live
+
+
 class UpdateManager:
     """Owns the update lifecycle and the history of updates of this process."""
 
-    def __init__(self, buffer: ReplayBuffer, registry: AdapterRegistry, matrix: AccuracyMatrix,
+    def __init__(self, buffer: ReplayBuffer, live: LiveVersion, matrix: AccuracyMatrix,
                  base_path: Path, train: TrainSettings, gate: GateSettings, scratch_dir: Path) -> None:
         self.buffer = buffer
         # Job folders of the training processes. A process killed mid-update never removes its
@@ -74,12 +91,12 @@ class UpdateManager:
         if left:
             LOG.warning("removing %d job folders of updates killed with an earlier run: %s", len(left), scratch_dir)
             shutil.rmtree(scratch_dir)
-        self.registry = registry
+        self.live = live
+        self.registry = live.registry
         self.matrix = matrix
         self.base_path = base_path
         self.train = train
         self.gate = gate
-        self.runtime: ModelRuntime | None = None
         self.history: list[UpdateRecord] = []
         self._ids = itertools.count(1)
         self._running = threading.Lock()
@@ -88,18 +105,6 @@ class UpdateManager:
         self._control = threading.Lock()
         self._cancelled: str | None = None  # why the running update was asked to stop
         self._process: TrainingProcess | None = None
-
-    def ensure_initial_version(self) -> str:
-        """The registry's first version (an untrained adapter) when it has none; the live name."""
-        if self.registry.live is None:
-            def write(tmp: Path) -> Draft:
-                initial_adapter(self.base_path, tmp, self.train.adapter, self.train.seed)
-                return Draft(parent=None, verdict="accepted", windows_trained=[], labels=[])
-
-            self.registry.promote(self.registry.create(write).name)
-        live = self.registry.live
-        assert live is not None
-        return live
 
     def quarantined(self) -> set[int]:
         """Windows a rejected candidate was the first to learn, and no live version has learned
@@ -181,7 +186,9 @@ class UpdateManager:
 
     def _update(self, record: UpdateRecord) -> None:
         self.buffer.close_window()
-        live = self.ensure_initial_version()
+        live = self.registry.live
+        if live is None:
+            raise RuntimeError(f"the registry at {self.registry.root} has no live version to update")
         live_info = self.registry.info(live)
         snapshot = self.buffer.snapshot(live_info.windows_trained, seed=self.train.seed + record.id,
                                         skip=() if self.gate.retry_rejected_windows else self.quarantined())
@@ -206,10 +213,7 @@ class UpdateManager:
         if info.verdict == "rejected":
             record.status = "rejected"
             return
-        # Swap first: it refuses unsafe weights before the pointer could name them.
-        if self.runtime is not None:
-            self.runtime.swap(info.name)
-        self.registry.promote(info.name)
+        self.live.promote(info.name)
         record.status = "promoted"
 
     def _train(self, record: UpdateRecord, job: Job) -> dict[str, Any]:

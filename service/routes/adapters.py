@@ -49,12 +49,6 @@ def list_adapters(service: ServiceDep) -> AdapterList:
                        adapters=[_public(service.registry.info(n), live) for n in service.registry.names()])
 
 
-def _serve(service: ServiceDep, name: str) -> None:
-    try:
-        service.runtime.swap(name)
-    except (RegistryError, UnsafeAdapter) as exc:
-        raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
-    service.registry.promote(name)
 
 
 @router.post("/adapters/{version}/load", responses=responses(401, 403, 404, 409))
@@ -78,7 +72,10 @@ def promote(*, service: ServiceDep, _admin: AdminDep, _primary: PrimaryDep, vers
         info = service.registry.info(version)
     except (RegistryError, FileNotFoundError) as exc:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"unknown adapter version {version!r}") from exc
-    _serve(service, version)
+    try:
+        service.live.promote(version)
+    except (RegistryError, UnsafeAdapter) as exc:
+        raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
     if info.verdict == "rejected":
         info.overrides.append({"action": "promote", "at": time.time()})
         service.registry.record(info)
@@ -89,9 +86,7 @@ def promote(*, service: ServiceDep, _admin: AdminDep, _primary: PrimaryDep, vers
 def rollback(*, service: ServiceDep, _admin: AdminDep, _primary: PrimaryDep) -> AdapterPublic:
     """Serve the version that was live before the current one."""
     try:
-        previous = service.registry.previous_live()
-    except RegistryError as exc:
+        previous = service.live.rollback()
+    except (RegistryError, UnsafeAdapter) as exc:
         raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
-    service.runtime.swap(previous)
-    service.registry.rollback()
     return _public(service.registry.info(previous), previous)

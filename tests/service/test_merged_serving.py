@@ -18,6 +18,7 @@ from learners.base_model import load_base
 from learners.config import AdapterSettings
 from learners.scoring import LabelScorer
 from learners.update import initial_adapter
+from service.live import LiveVersion
 from service.registry import ADAPTER_WEIGHTS, AdapterRegistry, Draft
 from service.runtime import ModelRuntime, UnsafeAdapter
 from service.settings import Settings
@@ -98,8 +99,9 @@ def test_non_finite_versions_are_refused_and_the_live_one_kept(tiny_llama: Path,
     poisoned = version_with(registry, poison)
     runtime = ModelRuntime(tiny_llama, registry, "v0000")
     with pytest.raises(UnsafeAdapter, match="non-finite"):
-        runtime.swap(poisoned)
+        LiveVersion(registry, runtime).promote(poisoned)
     assert runtime.version == "v0000" and runtime.attached() == ["v0000"]
+    assert registry.live == "v0000"  # the pointer never named the refused weights
 
 
 def test_finite_weights_whose_merge_overflows_are_refused(tiny_llama: Path, registry: AdapterRegistry) -> None:

@@ -234,7 +234,7 @@ def test_a_rejected_window_is_quarantined_until_its_version_is_promoted(tiny_lla
         assert snapshot.new_windows == (2,) and set(snapshot.probes) == {2}
         assert snapshot.labels == ("pin_blocked",) and {r.label for r in snapshot.new} == {"pin_blocked"}
 
-        service.registry.promote(rejected)  # an admin's override accepts the window it learned
+        service.live.promote(rejected)  # an admin's override accepts the window it learned
         assert service.updates.quarantined() == set()
     finally:
         service.stop()
