@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -183,25 +185,38 @@ def update(
 
 
 def _follow(client: httpx.Client, update_id: int, poll: float) -> dict[str, Any]:
-    """Poll an update into a progress bar until it ends; the first Ctrl-C asks the service to cancel it."""
+    """Poll an update into a progress bar until it ends; the first Ctrl-C asks the service to cancel it.
+
+    Ctrl-C only raises a flag that the loop reads between requests: a KeyboardInterrupt raised
+    inside a request would leave the HTTP client's connection pool half-used, and the cancel
+    request after it could wait on it. A second Ctrl-C leaves at once.
+    """
     columns = (TextColumn("update {task.fields[id]}: {task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} tok/s"),
                TextColumn("ETA {task.fields[eta]}"))
+    interrupted = threading.Event()
+
+    def on_ctrl_c(signum: int, frame: object) -> None:
+        if interrupted.is_set():
+            raise KeyboardInterrupt
+        interrupted.set()
+
+    previous = signal.signal(signal.SIGINT, on_ctrl_c)
     cancelling = False
-    with Progress(*columns, console=console) as bar:
-        task = bar.add_task("preparing", total=None, id=update_id, loss="-", speed="-", eta="-")
-        while True:
-            try:
+    try:
+        with Progress(*columns, console=console) as bar:
+            task = bar.add_task("preparing", total=None, id=update_id, loss="-", speed="-", eta="-")
+            while True:
+                if interrupted.is_set() and not cancelling:
+                    cancelling = True
+                    client.post(f"/v1/updates/{update_id}/cancel")  # 409 if it ended meanwhile: shown next poll
                 record: dict[str, Any] = client.get(f"/v1/updates/{update_id}").raise_for_status().json()
                 _show(bar, task, record, cancelling)
                 if record["status"] != "running":
                     return record
                 time.sleep(poll)
-            except KeyboardInterrupt:
-                if cancelling:
-                    raise
-                cancelling = True
-                client.post(f"/v1/updates/{update_id}/cancel")  # 409 if it ended meanwhile: shown next poll
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _show(bar: Progress, task: TaskID, record: dict[str, Any], cancelling: bool) -> None:
