@@ -73,8 +73,8 @@ class PromotionFollower:
         self._consumer.assign([partition])
         self._consumer.seek_to_end(partition)
         self._consumer.position(partition)  # resolve "the end" now, before looking at the registry
-        if live.registry.live is not None:
-            self._swap(live.registry.live, "start")
+        if (current := live.registry.live) is not None:
+            self._swap(current, "start")
 
     def _swap(self, version: str, event: str) -> None:
         # A promotion follows a gate, which has added to the accuracy matrix the primary writes.

@@ -49,8 +49,6 @@ def list_adapters(service: ServiceDep) -> AdapterList:
                        adapters=[_public(service.registry.info(n), live) for n in service.registry.names()])
 
 
-
-
 @router.post("/adapters/{version}/load", responses=responses(401, 403, 404, 409))
 def load(*, service: ServiceDep, _admin: AdminDep, version: str) -> AdapterPublic:
     """Load and check `version` without serving it, so that promoting it later only moves the
