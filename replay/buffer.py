@@ -6,10 +6,11 @@ moment loses neither rows nor the index. Row ids are AUTOINCREMENT: an evicted r
 never reused, so a stale id in the index can never point at another ticket.
 
 Before a ticket is stored it is curated (`replay.curate`): PII redacted, near-duplicates of a
-stored ticket skipped (remembered in `skipped`, so the id stays idempotent), and a ticket whose
-nearest labelled neighbours agree on another label flagged as a likely mislabel (kept, but
-never drawn for replay). Past `capacity`, closed windows' training rows are evicted by policy
-(`replay.policy`); probe rows and the open window are never evicted.
+stored ticket skipped (remembered in `skipped`, so the id stays idempotent). When its window
+closes, a ticket whose nearest labelled neighbours in the whole buffer agree on another label is
+flagged as a likely mislabel (kept, but never drawn for replay). Past `capacity`, closed
+windows' training rows are evicted by policy (`replay.policy`); probe rows and the open window
+are never evicted.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from replay.config import ReplaySettings, SamplePolicy
-from replay.curate import curate_batch, redact
+from replay.curate import disagreement, near_duplicates, redact
 from replay.embed import Embedder
 from replay.index import VectorIndex, kind_for
 from replay.policy import balanced_sample, choose_victims, clusters, eviction_key, is_probe, replay_rows
@@ -171,7 +172,7 @@ class ReplayBuffer:
                 fresh, vectors = [fresh[i] for i in mine], vectors[mine]
             if not fresh:
                 return
-            keep, skipped, suspect = self._curate(fresh, vectors)
+            keep, skipped = self._near_duplicates(fresh, vectors)
             window = self.open_window()
             now = time.time()
             self._db.execute("BEGIN IMMEDIATE")
@@ -179,10 +180,10 @@ class ReplayBuffer:
                 rows = [
                     self._db.execute(
                         "INSERT INTO records(id, text, label, reply, window, probe, added_at, embedding,"
-                        " key, suspect) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        " key) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         (fresh[i].id, fresh[i].text, fresh[i].label, fresh[i].reply, window,
                          is_probe(fresh[i].id, self.probe_percent), now, vectors[i].tobytes(),
-                         eviction_key(fresh[i].id), int(i in suspect)),
+                         eviction_key(fresh[i].id)),
                     ).lastrowid
                     for i in keep
                 ]
@@ -194,7 +195,7 @@ class ReplayBuffer:
                 raise
             self._count += len(rows)
             self._index.add(vectors[keep], np.array(rows, dtype=np.int64))
-            self.stats.update(near_duplicate=len(skipped), suspect=len(suspect))
+            self.stats.update(near_duplicate=len(skipped))
             self._enforce_capacity()
             self._maybe_rebuild()
 
@@ -218,19 +219,39 @@ class ReplayBuffer:
         self.stats.update({f"redacted_{kind}": n for kind, n in counts.items()})
         return record.model_copy(update={"text": text, "reply": reply})
 
-    def _curate(self, fresh: Sequence[TicketRecord], vectors: np.ndarray
-                ) -> tuple[list[int], dict[int, str], set[int]]:
-        """Which of `fresh` to keep, which are near-duplicates (of which id), which are suspect."""
-        s = self.settings
-        k = max(s.disagreement_k, 1)
-        scores, ids = self._index.search(vectors, k)
-        hits = sorted({int(i) for i in ids.ravel() if i >= 0})
-        stored = {row: (tid, label) for chunk in _chunks(hits, 500) for row, tid, label in self._db.execute(
-            f"SELECT row, id, label FROM records WHERE row IN ({','.join('?' * len(chunk))})", chunk)}
-        neighbours = [[(float(sc), *stored[int(j)]) for sc, j in zip(scores[i], ids[i], strict=True)
-                       if int(j) in stored][:k] for i in range(len(fresh))]
-        return curate_batch(fresh, vectors, neighbours, near_duplicate_cosine=s.near_duplicate_cosine,
-                            disagreement_k=s.disagreement_k, disagreement_share=s.disagreement_share)
+    def _near_duplicates(self, fresh: Sequence[TicketRecord], vectors: np.ndarray
+                         ) -> tuple[list[int], dict[int, str]]:
+        """Which of `fresh` to keep, and which are near-duplicates (of which id)."""
+        if self.settings.near_duplicate_cosine is None:
+            return list(range(len(fresh))), {}
+        scores, ids = self._index.search(vectors, 1)
+        stored = dict(self._column([int(i) for i in ids.ravel() if i >= 0], "id"))
+        neighbours = [[(float(sc), stored[int(j)]) for sc, j in zip(scores[i], ids[i], strict=True)
+                       if int(j) in stored][:1] for i in range(len(fresh))]
+        return near_duplicates(fresh, vectors, neighbours, self.settings.near_duplicate_cosine)
+
+    def _flag_suspects(self, window: int) -> int:
+        """Flag the window's labelled rows whose `disagreement_k` nearest labelled neighbours in
+        the buffer (the window's own rows included, the row itself not) agree on another label."""
+        k, share = self.settings.disagreement_k, self.settings.disagreement_share
+        rows = self._db.execute("SELECT row, label, embedding FROM records WHERE window = ? AND label IS NOT NULL",
+                                (window,)).fetchall()
+        if not k or not rows:
+            return 0
+        flagged = []
+        for chunk in _chunks(rows, 10_000):  # searched in blocks, as a rebuild reads them
+            _, ids = self._index.search(self._vectors([r[2] for r in chunk]), k + 1)
+            labels = dict(self._column([int(i) for i in ids.ravel() if i >= 0], "label"))
+            flagged += [row for (row, label, _), near in zip(chunk, ids.tolist(), strict=True)
+                        if disagreement(label, [labels[j] for j in near if j in labels and j != row][:k], share)]
+        self._db.executemany("UPDATE records SET suspect = 1 WHERE row = ?", [(row,) for row in flagged])
+        self.stats.update(suspect=len(flagged))
+        return len(flagged)
+
+    def _column(self, rows: Sequence[int], column: str) -> list[tuple[int, str | None]]:
+        """(row, `column`) of the stored rows among `rows` (an index may still hold evicted ones)."""
+        return [hit for chunk in _chunks(sorted(set(rows)), 500) for hit in self._db.execute(
+            f"SELECT row, {column} FROM records WHERE row IN ({','.join('?' * len(chunk))})", chunk)]
 
     def _maybe_rebuild(self) -> None:
         want = kind_for(len(self), self.settings)
@@ -282,9 +303,14 @@ class ReplayBuffer:
             if self._db.execute("SELECT 1 FROM records WHERE window = ? LIMIT 1", (window,)).fetchone() is None:
                 return None
             self._db.execute("BEGIN IMMEDIATE")
-            self._db.execute("UPDATE windows SET closed_at = ? WHERE id = ?", (time.time(), window))
-            self._db.execute("INSERT INTO windows(opened_at) VALUES (?)", (time.time(),))
-            self._db.execute("COMMIT")
+            try:
+                self._flag_suspects(window)
+                self._db.execute("UPDATE windows SET closed_at = ? WHERE id = ?", (time.time(), window))
+                self._db.execute("INSERT INTO windows(opened_at) VALUES (?)", (time.time(),))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
             self._enforce_capacity()  # its rows just became evictable
             self._maybe_rebuild()
             return window

@@ -1,8 +1,13 @@
-"""Curation before storage: PII redaction, and the label-disagreement vote.
+"""Curation: PII redaction and near-duplicates before storage, the label-disagreement vote after.
 
 Redaction runs before embedding, so neither the stored text nor its vector carries the secret.
 Numbers are redacted only when they validate (Luhn for cards, ISO 7064 mod 97 for IBANs), so
 order numbers and amounts stay readable.
+
+The disagreement vote (is a ticket likely mislabelled?) waits until its window closes, and then
+asks the whole buffer, the window included: at ingest a new intent's first tickets have only
+earlier intents for neighbours, and on a stream of close intents a whole window was flagged and
+never replayed, so it was forgotten as soon as the next window was learned.
 """
 
 from __future__ import annotations
@@ -118,41 +123,35 @@ def disagreement(label: str | None, neighbour_labels: Sequence[str | None], shar
     return top != label and votes / len(labelled) >= share
 
 
-Neighbour = tuple[float, str, str | None]  # cosine, id, label of a stored ticket
+Neighbour = tuple[float, str]  # cosine, id of a stored ticket
 
 
-def curate_batch(records: Sequence[object], vectors: np.ndarray, neighbours: Sequence[Sequence[Neighbour]], *,
-                 near_duplicate_cosine: float | None, disagreement_k: int, disagreement_share: float
-                 ) -> tuple[list[int], dict[int, str], set[int]]:
-    """Decide a batch: positions to keep, near-duplicates (position → id of the ticket it
-    copies: a stored one, or an earlier one of the batch), and kept positions flagged as likely
-    mislabelled. `neighbours[i]` are record i's nearest stored tickets, best first.
+def near_duplicates(records: Sequence[object], vectors: np.ndarray, neighbours: Sequence[Sequence[Neighbour]],
+                    cosine: float | None) -> tuple[list[int], dict[int, str]]:
+    """Decide a batch: positions to keep, and near-duplicates (position → id of the ticket it
+    copies: a stored one, or an earlier one of the batch). `neighbours[i]` are record i's
+    nearest stored tickets, best first; `cosine` unset keeps every record.
 
     Examples
     --------
     >>> from streams.records import TicketRecord
-    >>> rs = [TicketRecord(id="a", text="x", label="l1"), TicketRecord(id="b", text="x", label="l1")]
-    >>> v = np.ones((2, 1), np.float32)
-    >>> curate_batch(rs, v, [[(0.5, "s", "l2")] * 3] * 2, near_duplicate_cosine=0.99,
-    ...              disagreement_k=3, disagreement_share=0.8)
-    ([0], {1: 'a'}, {0})
+    >>> rs = [TicketRecord(id="a", text="x"), TicketRecord(id="b", text="x"), TicketRecord(id="c", text="y")]
+    >>> v = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]], np.float32)
+    >>> near_duplicates(rs, v, [[(0.5, "s")], [(0.5, "s")], [(0.99, "s")]], cosine=0.98)
+    ([0], {1: 'a', 2: 's'})
     """
+    if cosine is None:
+        return list(range(len(records))), {}
     similar = vectors @ vectors.T  # within the batch: a copy of an earlier kept ticket
     keep: list[int] = []
     skipped: dict[int, str] = {}
-    suspect: set[int] = set()
-    for i, record in enumerate(records):
-        near = neighbours[i]
-        if near_duplicate_cosine is not None:
-            if near and near[0][0] >= near_duplicate_cosine:
-                skipped[i] = near[0][1]
-                continue
-            twin = next((j for j in keep if similar[i, j] >= near_duplicate_cosine), None)
-            if twin is not None:
-                skipped[i] = records[twin].id  # type: ignore[attr-defined]
-                continue
-        label = record.label  # type: ignore[attr-defined]
-        if disagreement_k and disagreement(label, [n[2] for n in near[:disagreement_k]], disagreement_share):
-            suspect.add(i)
+    for i, near in enumerate(neighbours):
+        if near and near[0][0] >= cosine:
+            skipped[i] = near[0][1]
+            continue
+        twin = next((j for j in keep if similar[i, j] >= cosine), None)
+        if twin is not None:
+            skipped[i] = records[twin].id  # type: ignore[attr-defined]
+            continue
         keep.append(i)
-    return keep, skipped, suspect
+    return keep, skipped

@@ -67,11 +67,32 @@ def test_a_ticket_whose_neighbours_agree_on_another_label_is_flagged(
     buffer.add_many([TicketRecord(id=f"c{i}", text=text, label="card_arrival") for i, text in enumerate([
         "My card has not arrived", "When will my new card arrive?", "Still waiting for my card",
         "The card you sent never came", "How long does card delivery take?"])])
+    buffer.close_window()
     buffer.add_many([TicketRecord(id="wrong", text="my card still hasn't been delivered", label="exchange_rate"),
                      TicketRecord(id="right", text="my card has not come in the post", label="card_arrival")])
+    window = buffer.close_window()  # the vote is taken when the window closes
     suspects = {row[0] for row in buffer._db.execute("SELECT id FROM records WHERE suspect = 1")}
     assert suspects == {"wrong"} and buffer.stats["suspect"] == 1
-    window = buffer.close_window()
     assert window is not None
     # Likely mislabels are kept (visible, countable) but never replayed.
     assert "wrong" not in {r.id for r in buffer.sample(100, [window], seed=0)}
+
+
+def test_a_new_intent_close_to_an_earlier_one_is_not_flagged(tmp_path: Path, embedder: SentenceEmbedder) -> None:
+    """A new intent's tickets arrive with only earlier intents for neighbours; voted at ingest, the
+    whole window was flagged as mislabelled, never replayed, and forgotten at the next update."""
+    buffer = ReplayBuffer(tmp_path, embedder)
+    buffer.add_many([TicketRecord(id=f"a{i}", text=text, label="card_arrival") for i, text in enumerate([
+        "My card has not arrived", "When will my new card arrive?", "Still waiting for my card",
+        "The card you sent never came", "How long does card delivery take?", "my card is not here yet"])])
+    buffer.close_window()
+    buffer.add_many([TicketRecord(id=f"t{i}", text=text, label="card_tracking") for i, text in enumerate([
+        "Can I track my card's delivery?", "Is there a tracking number for my card?",
+        "How do I track the card you sent?", "Where can I see where my card is in the post?",
+        "Track my card delivery please", "I want to follow my card's shipment"])])
+    assert buffer.stats["suspect"] == 0  # nothing is judged while the window is open
+    window = buffer.close_window()
+    assert window is not None
+    replayable = buffer.sample(100, [window], seed=0)
+    assert replayable and {r.label for r in replayable} == {"card_tracking"}
+    assert len(replayable) == len(buffer.records([window], probe=False)) and buffer.stats["suspect"] == 0
