@@ -1,9 +1,6 @@
-"""The replay buffer: ticket rows in SQLite, their embeddings in a FAISS inner-product index.
-
-SQLite is the source of truth (each row keeps its embedding); the FAISS index is derived from
-it, saved on close and rebuilt on open when it does not cover the rows, so a crash at any
-moment loses neither rows nor the index. Row ids are AUTOINCREMENT: an evicted row's id is
-never reused, so a stale id in the index can never point at another ticket.
+"""The replay buffer: ticket rows in SQLite (`replay.store`), their embeddings in a FAISS
+inner-product index (`replay.index`) derived from the rows (`replay.rebuild`), so a crash at any
+moment loses neither; this module keeps the two in step, and curates what enters.
 
 Before a ticket is stored it is curated (`replay.curate`): PII redacted, near-duplicates of a
 stored ticket skipped (remembered in `skipped`, so the id stays idempotent). When its window
@@ -16,8 +13,6 @@ are never evicted.
 from __future__ import annotations
 
 import logging
-import random
-import sqlite3
 import threading
 import time
 from collections import Counter
@@ -30,23 +25,14 @@ import numpy as np
 from replay.config import ReplaySettings, SamplePolicy
 from replay.curate import disagreement, near_duplicates, redact
 from replay.embed import Embedder
-from replay.index import VectorIndex, kind_for
-from replay.policy import balanced_sample, choose_victims, clusters, eviction_key, is_probe, replay_rows
-from replay.schema import SCHEMA
+from replay.index import kind_for
+from replay.policy import choose_victims, eviction_groups, eviction_key, is_probe, replay_rows, sample_positions
+from replay.rebuild import build_index, open_index
+from replay.store import RowStore, WindowInfo, chunks
 from streams.records import TicketRecord
 
 LOG = logging.getLogger(__name__)
 __all__ = ["ReplayBuffer", "SamplePolicy", "Snapshot", "WindowInfo", "is_probe"]
-
-
-
-@dataclass(frozen=True)
-class WindowInfo:
-    id: int
-    closed: bool
-    train_size: int
-    probe_size: int
-    labels: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -90,58 +76,12 @@ class ReplayBuffer:
         self.stats: Counter[str] = Counter()  # curation and eviction counts since this process started
         self._index_path = directory / "buffer.faiss"
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(directory / "buffer.sqlite3", check_same_thread=False,
-                                   isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")  # a committed batch survives power loss
-        self._db.executescript(SCHEMA)
-        if self._db.execute("SELECT COUNT(*) FROM windows WHERE closed_at IS NULL").fetchone()[0] == 0:
-            self._db.execute("INSERT INTO windows(opened_at) VALUES (?)", (time.time(),))
+        self._store = RowStore(directory / "buffer.sqlite3", embedder.dim)
         # Cached: COUNT(*) scans the table, and every write asks (capacity, index kind).
-        self._count: int = self._db.execute("SELECT COUNT(*) FROM records").fetchone()[0]
-        self._index = self._open_index()
+        self._count = self._store.count()
+        self._index = open_index(self._index_path, self._store, self.settings)
 
     # -- index ------------------------------------------------------------------------------
-    def _open_index(self) -> VectorIndex:
-        rows = np.array([r[0] for r in self._db.execute("SELECT row FROM records")], dtype=np.int64)
-        want = kind_for(len(rows), self.settings)
-        index = VectorIndex.load(self._index_path, self.embedder.dim, self.settings)
-        if index is not None and index.kind == want:
-            stored = index.ids()
-            if np.isin(rows, stored).all():  # every row is searchable; extras are evicted rows
-                extra = stored[~np.isin(stored, rows)]
-                index.remove(extra)
-                return index
-            LOG.warning("FAISS index misses rows (%d indexed, %d rows): rebuilding", len(stored), len(rows))
-        return self._build_index(want)
-
-    def _build_index(self, kind: str) -> VectorIndex:
-        index = VectorIndex(self.embedder.dim, kind, self.settings)  # type: ignore[arg-type]
-        if wanted := index.train_sample_size(len(self)):  # a random sample: the key is a random hash
-            sample = self._db.execute("SELECT embedding FROM records ORDER BY key LIMIT ?", (wanted,)).fetchall()
-            if sample:
-                index.train(self._vectors([r[0] for r in sample]), len(self))
-        for ids, vectors in self._embedding_blocks():
-            index.add(vectors, ids)
-        LOG.info("built a %s index over %d rows", kind, index.ntotal)
-        return index
-
-    def _embedding_blocks(self, block: int = 10_000) -> Iterable[tuple[np.ndarray, np.ndarray]]:
-        """Stored embeddings in blocks of `block` rows, so a rebuild never holds them all twice."""
-        last = 0
-        while True:
-            rows = self._db.execute(
-                "SELECT row, embedding FROM records WHERE row > ? ORDER BY row LIMIT ?", (last, block)
-            ).fetchall()
-            if not rows:
-                return
-            ids = np.array([r[0] for r in rows], dtype=np.int64)
-            yield ids, self._vectors([r[1] for r in rows])
-            last = int(ids[-1])
-
-    def _vectors(self, blobs: Sequence[bytes]) -> np.ndarray:
-        return np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(len(blobs), self.embedder.dim)
-
     def save(self) -> None:
         """Write the index next to the rows (atomically: temporary file, then rename)."""
         with self._lock:
@@ -150,7 +90,7 @@ class ReplayBuffer:
     def close(self) -> None:
         with self._lock:
             self.save()
-            self._db.close()
+            self._store.close()
 
     # -- writing ----------------------------------------------------------------------------
     def add_many(self, records: Sequence[TicketRecord]) -> None:
@@ -175,24 +115,11 @@ class ReplayBuffer:
             keep, skipped = self._near_duplicates(fresh, vectors)
             window = self.open_window()
             now = time.time()
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                rows = [
-                    self._db.execute(
-                        "INSERT INTO records(id, text, label, reply, window, probe, added_at, embedding,"
-                        " key) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        (fresh[i].id, fresh[i].text, fresh[i].label, fresh[i].reply, window,
-                         is_probe(fresh[i].id, self.probe_percent), now, vectors[i].tobytes(),
-                         eviction_key(fresh[i].id)),
-                    ).lastrowid
-                    for i in keep
-                ]
-                self._db.executemany("INSERT INTO skipped(id, reason, duplicate_of) VALUES (?, ?, ?)",
-                                     [(fresh[i].id, "near_duplicate", of) for i, of in skipped.items()])
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+            with self._store.transaction():
+                rows = [self._store.insert(fresh[i], window=window, probe=is_probe(fresh[i].id, self.probe_percent),
+                                           added_at=now, embedding=vectors[i], key=eviction_key(fresh[i].id))
+                        for i in keep]
+                self._store.skip_near_duplicates((fresh[i].id, of) for i, of in skipped.items())
             self._count += len(rows)
             self._index.add(vectors[keep], np.array(rows, dtype=np.int64))
             self.stats.update(near_duplicate=len(skipped))
@@ -203,9 +130,7 @@ class ReplayBuffer:
         """The records whose ids were never stored nor skipped, each id once."""
         unique = {r.id: r for r in records}
         with self._lock:
-            known = {row[0] for chunk in _chunks(list(unique), 500) for table in ("records", "skipped")
-                     for row in self._db.execute(
-                         f"SELECT id FROM {table} WHERE id IN ({','.join('?' * len(chunk))})", chunk)}
+            known = self._store.seen(list(unique))
         return [r for r in unique.values() if r.id not in known]
 
     def _redacted(self, record: TicketRecord) -> TicketRecord:
@@ -225,7 +150,7 @@ class ReplayBuffer:
         if self.settings.near_duplicate_cosine is None:
             return list(range(len(fresh))), {}
         scores, ids = self._index.search(vectors, 1)
-        stored = dict(self._column([int(i) for i in ids.ravel() if i >= 0], "id"))
+        stored = self._store.column([int(i) for i in ids.ravel() if i >= 0], "id")
         neighbours = [[(float(sc), stored[int(j)]) for sc, j in zip(scores[i], ids[i], strict=True)
                        if int(j) in stored][:1] for i in range(len(fresh))]
         return near_duplicates(fresh, vectors, neighbours, self.settings.near_duplicate_cosine)
@@ -234,29 +159,23 @@ class ReplayBuffer:
         """Flag the window's labelled rows whose `disagreement_k` nearest labelled neighbours in
         the buffer (the window's own rows included, the row itself not) agree on another label."""
         k, share = self.settings.disagreement_k, self.settings.disagreement_share
-        rows = self._db.execute("SELECT row, label, embedding FROM records WHERE window = ? AND label IS NOT NULL",
-                                (window,)).fetchall()
+        rows = self._store.labelled(window)
         if not k or not rows:
             return 0
         flagged = []
-        for chunk in _chunks(rows, 10_000):  # searched in blocks, as a rebuild reads them
-            _, ids = self._index.search(self._vectors([r[2] for r in chunk]), k + 1)
-            labels = dict(self._column([int(i) for i in ids.ravel() if i >= 0], "label"))
-            flagged += [row for (row, label, _), near in zip(chunk, ids.tolist(), strict=True)
-                        if disagreement(label, [labels[j] for j in near if j in labels and j != row][:k], share)]
-        self._db.executemany("UPDATE records SET suspect = 1 WHERE row = ?", [(row,) for row in flagged])
+        for chunk in chunks(rows, 10_000):  # searched in blocks, as a rebuild reads them
+            _, ids = self._index.search(self._store.vectors(chunk), k + 1)
+            labels = self._store.column([int(i) for i in ids.ravel() if i >= 0], "label")
+            flagged += [r.row for r, near in zip(chunk, ids.tolist(), strict=True)
+                        if disagreement(r.label, [labels[j] for j in near if j in labels and j != r.row][:k], share)]
+        self._store.flag_suspects(flagged)
         self.stats.update(suspect=len(flagged))
         return len(flagged)
-
-    def _column(self, rows: Sequence[int], column: str) -> list[tuple[int, str | None]]:
-        """(row, `column`) of the stored rows among `rows` (an index may still hold evicted ones)."""
-        return [hit for chunk in _chunks(sorted(set(rows)), 500) for hit in self._db.execute(
-            f"SELECT row, {column} FROM records WHERE row IN ({','.join('?' * len(chunk))})", chunk)]
 
     def _maybe_rebuild(self) -> None:
         want = kind_for(len(self), self.settings)
         if want != self._index.kind or self._index.needs_rebuild():
-            self._index = self._build_index(want)
+            self._index = build_index(self._store, want, self.settings, len(self))
 
     def _enforce_capacity(self) -> None:
         """Evict closed windows' training rows by policy until the buffer fits `capacity`."""
@@ -264,35 +183,17 @@ class ReplayBuffer:
         excess = len(self) - capacity if capacity else 0
         if excess <= 0:
             return
-        eligible = self._db.execute(
-            "SELECT r.row, r.id, r.label, r.key, r.embedding FROM records r JOIN windows w ON r.window = w.id"
-            " WHERE w.closed_at IS NOT NULL AND r.probe = 0 ORDER BY r.row").fetchall()
+        eligible = self._store.evictable()
         if not eligible:
             LOG.warning("buffer holds %d rows over capacity, none evictable yet (open window or probes)", excess)
             return
-        policy = self.settings.eviction
-        if policy == "auto":
-            policy = "class-balanced" if any(r[2] is not None for r in eligible) else "reservoir"
-        if policy == "class-balanced":
-            groups: Sequence[object] = [r[2] for r in eligible]
-        elif policy == "coverage":
-            groups = clusters(self._vectors([r[4] for r in eligible]), self.settings.coverage_clusters).tolist()
-        else:
-            groups = [0] * len(eligible)
-        victims = [eligible[i] for i in choose_victims(groups, [r[3] for r in eligible], excess)]
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            for chunk in _chunks([v[0] for v in victims], 500):
-                self._db.execute(f"DELETE FROM records WHERE row IN ({','.join('?' * len(chunk))})", chunk)
-            # Remembered, so a late redelivery of an evicted ticket does not store it again.
-            self._db.executemany("INSERT OR IGNORE INTO skipped(id, reason) VALUES (?, 'evicted')",
-                                 [(v[1],) for v in victims])
-            self._db.execute("COMMIT")
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
+        policy, groups = eviction_groups(self.settings.eviction, [r.label for r in eligible],
+                                         lambda: self._store.vectors(eligible), self.settings.coverage_clusters)
+        victims = [eligible[i] for i in choose_victims(groups, [r.key for r in eligible], excess)]
+        with self._store.transaction():
+            self._store.evict(victims)
         self._count -= len(victims)
-        self._index.remove(np.array([v[0] for v in victims], dtype=np.int64))
+        self._index.remove(np.array([v.row for v in victims], dtype=np.int64))
         self.stats["evicted"] += len(victims)
         LOG.info("evicted %d rows (%s) to keep the buffer at %d", len(victims), policy, capacity)
 
@@ -300,17 +201,11 @@ class ReplayBuffer:
         """Close the open window if it holds records and open the next; returns the closed id."""
         with self._lock:
             window = self.open_window()
-            if self._db.execute("SELECT 1 FROM records WHERE window = ? LIMIT 1", (window,)).fetchone() is None:
+            if not self._store.size(window):
                 return None
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
+            with self._store.transaction():
                 self._flag_suspects(window)
-                self._db.execute("UPDATE windows SET closed_at = ? WHERE id = ?", (time.time(), window))
-                self._db.execute("INSERT INTO windows(opened_at) VALUES (?)", (time.time(),))
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+                self._store.close_window(window)
             self._enforce_capacity()  # its rows just became evictable
             self._maybe_rebuild()
             return window
@@ -323,92 +218,60 @@ class ReplayBuffer:
     def contains(self, ticket_id: str) -> bool:
         """Whether the id was seen: stored, or skipped as a near-duplicate or evicted."""
         with self._lock:
-            return any(self._db.execute(f"SELECT 1 FROM {table} WHERE id = ?", (ticket_id,)).fetchone()
-                       for table in ("records", "skipped"))
+            return bool(self._store.seen([ticket_id]))
 
     def index_matches_rows(self) -> bool:
         """Whether every stored row is in the FAISS index (extra ids are tombstones)."""
         with self._lock:
-            rows = np.array([r[0] for r in self._db.execute("SELECT row FROM records")], dtype=np.int64)
+            rows = self._store.row_ids()
             return bool(np.isin(rows, self._index.ids()).all()) and \
                 self._index.ntotal - self._index.stale == len(rows)
 
     def open_window(self) -> int:
         with self._lock:
-            window: int = self._db.execute(
-                "SELECT id FROM windows WHERE closed_at IS NULL ORDER BY id DESC LIMIT 1").fetchone()[0]
-            return window
+            return self._store.open_window()
 
     def pending(self) -> int:
         """Records in the open window: what the next update would learn."""
         with self._lock:
-            count: int = self._db.execute(
-                "SELECT COUNT(*) FROM records WHERE window = ?", (self.open_window(),)).fetchone()[0]
-            return count
+            return self._store.size(self.open_window())
 
     def pending_since(self) -> float | None:
         """When the oldest record of the open window arrived (epoch seconds); None when it is empty."""
         with self._lock:
-            oldest: float | None = self._db.execute(
-                "SELECT MIN(added_at) FROM records WHERE window = ?", (self.open_window(),)).fetchone()[0]
-            return oldest
+            return self._store.oldest(self.open_window())
 
     def label_counts(self) -> dict[str, int]:
         """Stored records per label (probe rows included; unlabelled rows are not counted)."""
         with self._lock:
-            return dict(self._db.execute(
-                "SELECT label, COUNT(*) FROM records WHERE label IS NOT NULL GROUP BY label ORDER BY label"))
+            return self._store.label_counts()
 
     def skipped_counts(self) -> dict[str, int]:
         """Ids refused or removed for good, by reason (`near_duplicate`, `evicted`), over the
         buffer's whole life (unlike `stats`, which counts since this process started)."""
         with self._lock:
-            return dict(self._db.execute("SELECT reason, COUNT(*) FROM skipped GROUP BY reason ORDER BY reason"))
+            return self._store.skipped_counts()
 
     def windows(self) -> list[WindowInfo]:
         with self._lock:
-            rows = self._db.execute(
-                "SELECT w.id, w.closed_at IS NOT NULL,"
-                " SUM(CASE WHEN r.probe = 0 THEN 1 ELSE 0 END), SUM(r.probe),"
-                " GROUP_CONCAT(DISTINCT r.label)"
-                " FROM windows w LEFT JOIN records r ON r.window = w.id GROUP BY w.id ORDER BY w.id"
-            ).fetchall()
-        return [WindowInfo(w, bool(closed), train or 0, probe or 0,
-                           tuple(sorted(labels.split(","))) if labels else ())
-                for w, closed, train, probe, labels in rows]
+            return self._store.windows()
 
     def records(self, windows: Iterable[int], *, probe: bool) -> list[TicketRecord]:
         """Rows of the given windows, the probe side or the training side, in arrival order."""
-        return [_record(row[1:5]) for row in self._rows(windows, probe=probe)]
-
-    def _rows(self, windows: Iterable[int], *, probe: bool, suspects: bool = True,
-              embeddings: bool = False) -> list[tuple]:  # type: ignore[type-arg]
-        wanted = list(windows)
-        if not wanted:
-            return []
         with self._lock:
-            return self._db.execute(
-                f"SELECT row, id, text, label, reply{', embedding' if embeddings else ''} FROM records"
-                f" WHERE probe = ? AND window IN ({','.join('?' * len(wanted))})"
-                f"{'' if suspects else ' AND suspect = 0'} ORDER BY row", (int(probe), *wanted)).fetchall()
+            rows = self._store.rows(windows, probe=probe)
+        return [row.record() for row in rows]
 
     def sample(self, k: int, windows: Iterable[int], *, seed: int | None = None,
                policy: SamplePolicy = "uniform") -> list[TicketRecord]:
         """Up to k distinct training rows of the given windows, drawn by `policy`: `uniform`,
         `class-balanced` (labels as even as their counts allow) or `coverage` (even over k-means
         clusters of the embeddings). Probe rows and likely-mislabelled rows are never drawn."""
-        pool = self._rows(windows, probe=False, suspects=False, embeddings=policy == "coverage")
-        if policy == "uniform":
-            picked = random.Random(seed).sample(range(len(pool)), min(k, len(pool)))
-        elif policy == "class-balanced":
-            picked = balanced_sample([row[3] for row in pool], k, seed)
-        elif policy == "coverage":
-            groups = clusters(self._vectors([row[5] for row in pool]), self.settings.coverage_clusters,
-                              seed=seed or 0) if pool else np.zeros(0)
-            picked = balanced_sample(groups.tolist(), k, seed)
-        else:
-            raise ValueError(f"unknown sampling policy {policy!r}")
-        return [_record(pool[i][1:5]) for i in picked]
+        with self._lock:
+            pool = self._store.rows(windows, probe=False, suspects=False, embeddings=policy == "coverage")
+        picked = sample_positions(policy, [row.label for row in pool], lambda: self._store.vectors(pool), k, seed,
+                                  self.settings.coverage_clusters)
+        return [pool[i].record() for i in picked]
 
     def search(self, text: str, k: int = 5) -> list[tuple[TicketRecord, float]]:
         """The k stored tickets nearest in meaning to `text`, with cosine similarity."""
@@ -416,10 +279,8 @@ class ReplayBuffer:
         with self._lock:
             scores, ids = self._index.search(vector, k)
             found = [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0]
-            rows = {row[0]: row[1:] for chunk in _chunks([i for i, _ in found], 500) for row in self._db.execute(
-                f"SELECT row, id, text, label, reply FROM records WHERE row IN"
-                f" ({','.join('?' * len(chunk))})", chunk)}
-        return [(_record(rows[i]), score) for i, score in found if i in rows][:k]
+            rows = self._store.by_row(i for i, _ in found)
+        return [(rows[i].record(), score) for i, score in found if i in rows][:k]
 
     def snapshot(self, trained_windows: Iterable[int], seed: int, skip: Iterable[int] = ()) -> Snapshot:
         """Training material for one update: every closed window not yet trained is new, and
@@ -439,14 +300,3 @@ class ReplayBuffer:
             probes={w.id: self.records([w.id], probe=True) for w in closed},
             labels=tuple(sorted({label for w in closed for label in w.labels})),
         )
-
-
-def _record(row: Sequence[str | None]) -> TicketRecord:
-    ticket_id, text, label, reply = row
-    assert ticket_id is not None and text is not None
-    return TicketRecord(id=ticket_id, text=text, label=label, reply=reply)
-
-
-def _chunks(items: Sequence[object], size: int) -> Iterable[list[object]]:
-    for start in range(0, len(items), size):
-        yield list(items[start:start + size])

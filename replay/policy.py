@@ -3,7 +3,9 @@
 Every row carries a random key drawn once when it is stored. Keeping the rows with the largest
 keys is a reservoir sample of everything stored (each row equally likely to survive); balancing
 by group (a label, or a k-means cluster of the embeddings) evicts from the largest group first,
-lowest key first, so the classes or regions of the embedding space keep equal shares.
+lowest key first, so the classes or regions of the embedding space keep equal shares;
+`eviction_groups` says which groups an eviction policy balances, `sample_positions` which rows
+a replay sampling policy draws.
 """
 
 from __future__ import annotations
@@ -13,10 +15,12 @@ import heapq
 import math
 import random
 from collections import defaultdict
-from collections.abc import Collection, Hashable, Sequence
+from collections.abc import Callable, Collection, Hashable, Sequence
 
 import faiss
 import numpy as np
+
+from replay.config import EvictionPolicy, SamplePolicy
 
 
 def is_probe(ticket_id: str, probe_percent: int) -> bool:
@@ -70,6 +74,51 @@ def choose_victims(groups: Sequence[Hashable], keys: Sequence[float], n: int) ->
         if rows:
             heapq.heappush(heap, (-len(rows), rows[-1][0], i, group))
     return victims
+
+
+def eviction_groups(policy: EvictionPolicy, labels: Sequence[str | None], vectors: Callable[[], np.ndarray],
+                    coverage_clusters: int) -> tuple[str, Sequence[Hashable]]:
+    """What `policy` resolves to (`auto`: class-balanced when any row carries a label, else
+    reservoir) and each row's group under it: its label (`class-balanced`), its k-means cluster
+    over `vectors()` (`coverage`, the only one that reads them), or one group for all
+    (`reservoir`).
+
+    Examples
+    --------
+    >>> eviction_groups("auto", ["a", None, "b"], lambda: np.zeros((3, 2)), 32)
+    ('class-balanced', ['a', None, 'b'])
+    >>> eviction_groups("auto", [None, None], lambda: np.zeros((2, 2)), 32)
+    ('reservoir', [0, 0])
+    """
+    if policy == "auto":
+        policy = "class-balanced" if any(label is not None for label in labels) else "reservoir"
+    if policy == "class-balanced":
+        return policy, list(labels)
+    if policy == "coverage":
+        return policy, clusters(vectors(), coverage_clusters).tolist()
+    return policy, [0] * len(labels)
+
+
+def sample_positions(policy: SamplePolicy, labels: Sequence[str | None], vectors: Callable[[], np.ndarray],
+                     k: int, seed: int | None, coverage_clusters: int) -> list[int]:
+    """Positions of up to `k` distinct rows, drawn by `policy`: `uniform`, `class-balanced` (by
+    `labels`, as even as their counts allow) or `coverage` (even over k-means clusters of
+    `vectors()`, the only one that reads them).
+
+    Examples
+    --------
+    >>> labels = ["a"] * 8 + ["b"] * 2
+    >>> sorted(labels[p] for p in sample_positions("class-balanced", labels, lambda: np.zeros((10, 2)), 4, 0, 32))
+    ['a', 'a', 'b', 'b']
+    """
+    if policy == "uniform":
+        return random.Random(seed).sample(range(len(labels)), min(k, len(labels)))
+    if policy == "class-balanced":
+        return balanced_sample(labels, k, seed)
+    if policy == "coverage":
+        groups = clusters(vectors(), coverage_clusters, seed=seed or 0) if labels else np.zeros(0)
+        return balanced_sample(groups.tolist(), k, seed)
+    raise ValueError(f"unknown sampling policy {policy!r}")
 
 
 def replay_rows(new_labels: Sequence[str | None], old_labels: Collection[str]) -> int:

@@ -45,7 +45,7 @@ def test_buffer_stores_only_redacted_text_and_counts(tmp_path: Path, embedder: S
     stored = buffer.search("card", k=1)[0][0]
     assert stored.text == "I am [EMAIL], card [CARD]" and stored.reply == "We emailed [EMAIL]"
     assert buffer.stats["redacted_email"] == 2 and buffer.stats["redacted_card"] == 1
-    raw = buffer._db.execute("SELECT group_concat(text || coalesce(reply, '')) FROM records").fetchone()[0]
+    raw = buffer._store.db.execute("SELECT group_concat(text || coalesce(reply, '')) FROM records").fetchone()[0]
     assert "example.com" not in raw and "4111" not in raw
 
 
@@ -57,7 +57,7 @@ def test_near_duplicates_are_skipped_but_remembered(tmp_path: Path, embedder: Se
     buffer.add_many([TicketRecord(id="d", text="my card has not arrived yet")])  # a later batch
     assert len(buffer) == 2 and buffer.stats["near_duplicate"] == 2
     assert all(buffer.contains(i) for i in "abcd")  # the skipped ids stay idempotent
-    skipped = dict(buffer._db.execute("SELECT id, duplicate_of FROM skipped").fetchall())
+    skipped = dict(buffer._store.db.execute("SELECT id, duplicate_of FROM skipped").fetchall())
     assert skipped == {"b": "a", "d": "a"}
 
 
@@ -71,7 +71,7 @@ def test_a_ticket_whose_neighbours_agree_on_another_label_is_flagged(
     buffer.add_many([TicketRecord(id="wrong", text="my card still hasn't been delivered", label="exchange_rate"),
                      TicketRecord(id="right", text="my card has not come in the post", label="card_arrival")])
     window = buffer.close_window()  # the vote is taken when the window closes
-    suspects = {row[0] for row in buffer._db.execute("SELECT id FROM records WHERE suspect = 1")}
+    suspects = {row[0] for row in buffer._store.db.execute("SELECT id FROM records WHERE suspect = 1")}
     assert suspects == {"wrong"} and buffer.stats["suspect"] == 1
     assert window is not None
     # Likely mislabels are kept (visible, countable) but never replayed.
