@@ -194,6 +194,8 @@ def run_method(method: str, stream: Stream, base_path: Path, embedder: SentenceE
                 matrix.append([now.get(w + 1) for w in range(len(stream.labels))])
                 log(f"{stream.name:<9} {method:<7} window {seen}: {record.status} ({record.reason}); "
                     f"live {live}: " + " ".join(f"{a:.2f}" for a in now.values()))
+            final_among_known = (None if method == "joint" else
+                                 among_known(base_path, loop.registry.path(live), stream, len(phases)))
             if poison is not None:
                 record = loop.learn(poison)
                 updates.append({**summary(record), "poisoned": True})
@@ -201,7 +203,14 @@ def run_method(method: str, stream: Stream, base_path: Path, embedder: SentenceE
         finally:
             loop.close()
     return {"matrix": matrix, "updates": updates, "base_zero_shot": base_zero_shot,
-            "seconds": time.perf_counter() - started, **figures(matrix)}
+            "seconds": time.perf_counter() - started,
+            **figures(matrix, final_among_known)}
+
+
+def among_known(base_path: Path, adapter: Path, stream: Stream, windows: int) -> list[float | None]:
+    """Each of the first `windows` windows scored among the labels there were when it was learned."""
+    return [accuracy(base_path, adapter, [label for w in stream.labels[:n] for label in w],
+                     {n: stream.test[n - 1]})[n] for n in range(1, windows + 1)]
 
 
 def summary(record: UpdateRecord) -> dict[str, Any]:
@@ -213,14 +222,26 @@ def summary(record: UpdateRecord) -> dict[str, Any]:
                        for c in gate.get("checks", [])]}
 
 
-def figures(matrix: list[list[float | None]]) -> dict[str, Any]:
-    """Final average accuracy over the windows seen; forgetting: accuracy when learned − final."""
+def figures(matrix: list[list[float | None]], final_among_known: list[float | None] | None = None
+            ) -> dict[str, Any]:
+    """Final average accuracy over the windows seen; forgetting: accuracy when learned − final.
+
+    Each window is scored among every label seen so far, so its final accuracy also pays for
+    the intents that came after it, which joint training pays too. `final_among_known` scores it
+    among the labels there were when it was learned: the drop there is knowledge lost
+    (`forgetting_among_known`, the gate's "forgetting proper"), the rest is interference.
+    """
     final = [a for a in matrix[-1] if a is not None]
     when_learned = [matrix[w][w] for w in range(len(matrix) - 1)] if len(matrix) > 1 else []
-    drops = [learned - matrix[-1][w] for w, learned in enumerate(when_learned)
-             if learned is not None and matrix[-1][w] is not None]
+
+    def mean_drop(finals: list[float | None]) -> float:
+        drops = [learned - finals[w] for w, learned in enumerate(when_learned)
+                 if learned is not None and finals[w] is not None]
+        return fmean(drops) if drops else 0.0  # type: ignore[operator]
+
     return {"final_accuracy": fmean(final) if final else None,
-            "forgetting": fmean(drops) if drops else 0.0,  # type: ignore[arg-type]
+            "forgetting": mean_drop(matrix[-1]),
+            "forgetting_among_known": mean_drop(final_among_known) if final_among_known else None,
             "when_learned": [matrix[w][w] for w in range(len(matrix))] if len(matrix) > 1 else matrix[-1]}
 
 
@@ -243,7 +264,8 @@ def targets(result: dict[str, Any]) -> dict[str, bool]:
 
 def markdown(results: dict[str, dict[str, Any]]) -> str:
     lines = ["| stream | zero-shot base | when learned | naive final, forgetting | default final | × joint | "
-             "forgetting | promoted | scrambled window | minutes |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "forgetting | among the labels known then | promoted | scrambled window | minutes |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         d = r["default"]
         healthy = [u for u in d["updates"] if not u.get("poisoned")]
@@ -255,7 +277,8 @@ def markdown(results: dict[str, dict[str, Any]]) -> str:
             f"{' '.join(f'{a:.2f}' for a in d['when_learned'])} | "
             + (f"{naive['final_accuracy']:.3f}, {naive['forgetting']:+.3f} | " if naive else "– | ")
             + f"{d['final_accuracy']:.3f} | " + (f"{d['final_accuracy'] / joint:.2f}" if joint else "–")
-            + f" | {d['forgetting']:+.3f} | {sum(u['status'] == 'promoted' for u in healthy)}/{len(healthy)} | "
+            + f" | {d['forgetting']:+.3f} | {d['forgetting_among_known']:+.3f}"
+            + f" | {sum(u['status'] == 'promoted' for u in healthy)}/{len(healthy)} | "
             + (poisoned[0]["status"] if poisoned else "–")
             + f" | {sum(m['seconds'] for k, m in r.items() if k in METHODS) / 60:.1f} |")
     return "\n".join(lines) + "\n"

@@ -33,6 +33,9 @@ def test_suite_smoke_runs_the_product_path(tmp_path: Path, tiny_llama: Path) -> 
     default = result["default"]
     assert len(default["matrix"]) == 2 and len(default["base_zero_shot"]) == 2
     assert default["matrix"][0][1] is None and all(0 <= v <= 1 for v in default["matrix"][1])
+    # Window 1 at the end among its own labels: a ticket right among more labels is right among
+    # fewer (label scores do not depend on the other candidates); one ticket of slack for near-ties.
+    assert -1 <= default["forgetting_among_known"] <= default["forgetting"] + 1 / 8 + 1e-9
     healthy, poisoned = default["updates"][:2], default["updates"][2:]
     assert [u["windows"] for u in healthy] == [[1], [2]] and poisoned[0]["poisoned"]
     assert all(u["status"] in ("promoted", "rejected") and u["checks"] for u in default["updates"])
