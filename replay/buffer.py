@@ -155,13 +155,13 @@ class ReplayBuffer:
                        if int(j) in stored][:1] for i in range(len(fresh))]
         return near_duplicates(fresh, vectors, neighbours, self.settings.near_duplicate_cosine)
 
-    def _flag_suspects(self, window: int) -> int:
+    def _flag_suspects(self, window: int) -> None:
         """Flag the window's labelled rows whose `disagreement_k` nearest labelled neighbours in
         the buffer (the window's own rows included, the row itself not) agree on another label."""
         k, share = self.settings.disagreement_k, self.settings.disagreement_share
         rows = self._store.labelled(window)
         if not k or not rows:
-            return 0
+            return
         flagged = []
         for chunk in chunks(rows, 10_000):  # searched in blocks, as a rebuild reads them
             _, ids = self._index.search(self._store.vectors(chunk), k + 1)
@@ -170,7 +170,6 @@ class ReplayBuffer:
                         if disagreement(r.label, [labels[j] for j in near if j in labels and j != r.row][:k], share)]
         self._store.flag_suspects(flagged)
         self.stats.update(suspect=len(flagged))
-        return len(flagged)
 
     def _maybe_rebuild(self) -> None:
         want = kind_for(len(self), self.settings)
