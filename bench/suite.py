@@ -208,9 +208,10 @@ def run_method(method: str, stream: Stream, base_path: Path, embedder: SentenceE
 
 
 def among_known(base_path: Path, adapter: Path, stream: Stream, windows: int) -> list[float | None]:
-    """Each of the first `windows` windows scored among the labels there were when it was learned."""
+    """Each window before the last of `windows` scored among the labels there were when it was
+    learned (the last one was learned among them all: its figure is in the matrix already)."""
     return [accuracy(base_path, adapter, [label for w in stream.labels[:n] for label in w],
-                     {n: stream.test[n - 1]})[n] for n in range(1, windows + 1)]
+                     {n: stream.test[n - 1]})[n] for n in range(1, windows)]
 
 
 def summary(record: UpdateRecord) -> dict[str, Any]:
@@ -228,7 +229,8 @@ def figures(matrix: list[list[float | None]], final_among_known: list[float | No
 
     Each window is scored among every label seen so far, so its final accuracy also pays for
     the intents that came after it, which joint training pays too. `final_among_known` scores it
-    among the labels there were when it was learned: the drop there is knowledge lost
+    among the labels there were when it was learned (each window but the last, whose accuracy
+    when learned is its final one): the drop there is knowledge lost
     (`forgetting_among_known`, the gate's "forgetting proper"), the rest is interference.
     """
     final = [a for a in matrix[-1] if a is not None]
@@ -241,7 +243,7 @@ def figures(matrix: list[list[float | None]], final_among_known: list[float | No
 
     return {"final_accuracy": fmean(final) if final else None,
             "forgetting": mean_drop(matrix[-1]),
-            "forgetting_among_known": mean_drop(final_among_known) if final_among_known else None,
+            "forgetting_among_known": mean_drop(final_among_known) if final_among_known is not None else None,
             "when_learned": [matrix[w][w] for w in range(len(matrix))] if len(matrix) > 1 else matrix[-1]}
 
 

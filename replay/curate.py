@@ -127,10 +127,10 @@ Neighbour = tuple[float, str]  # cosine, id of a stored ticket
 
 
 def near_duplicates(records: Sequence[object], vectors: np.ndarray, neighbours: Sequence[Sequence[Neighbour]],
-                    cosine: float | None) -> tuple[list[int], dict[int, str]]:
+                    cosine: float) -> tuple[list[int], dict[int, str]]:
     """Decide a batch: positions to keep, and near-duplicates (position → id of the ticket it
     copies: a stored one, or an earlier one of the batch). `neighbours[i]` are record i's
-    nearest stored tickets, best first; `cosine` unset keeps every record.
+    nearest stored tickets, best first.
 
     Examples
     --------
@@ -140,8 +140,6 @@ def near_duplicates(records: Sequence[object], vectors: np.ndarray, neighbours: 
     >>> near_duplicates(rs, v, [[(0.5, "s")], [(0.5, "s")], [(0.99, "s")]], cosine=0.98)
     ([0], {1: 'a', 2: 's'})
     """
-    if cosine is None:
-        return list(range(len(records))), {}
     similar = vectors @ vectors.T  # within the batch: a copy of an earlier kept ticket
     keep: list[int] = []
     skipped: dict[int, str] = {}
