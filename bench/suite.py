@@ -44,7 +44,7 @@ import transformers
 from peft import PeftModel
 
 from learners.base_model import load_base, resolve_base_model
-from learners.config import GateSettings, TrainSettings
+from learners.config import PROMOTE_ALL, GateSettings, TrainSettings
 from learners.gate import evaluate
 from learners.scoring import LabelScorer
 from replay.buffer import ReplayBuffer
@@ -58,9 +58,6 @@ from streams.records import TicketRecord
 
 STREAMS = (*DATASETS, "mixed")
 METHODS = ("default", "naive", "joint")
-# A gate that promotes every candidate: naive's figures show forgetting, not the gate's refusals.
-PERMISSIVE = GateSettings(max_drop=1, max_average_forgetting=1, max_interference=1, min_gain=-1,
-                          require_learning=False, max_canary_increase=None)
 
 
 @dataclass(frozen=True)
@@ -168,10 +165,10 @@ def accuracy(base_path: Path, adapter: Path | None, labels: Sequence[str],
 
 def run_method(method: str, stream: Stream, base_path: Path, embedder: SentenceEmbedder, train: TrainSettings,
                gate: GateSettings, poison: list[TicketRecord] | None, log: Any) -> dict[str, Any]:
-    if method == "naive":
-        train, gate = train.model_copy(update={"replay_ratio": 0.0}), PERMISSIVE
+    if method == "naive":  # naive's figures show forgetting, not the gate's refusals
+        train, gate = train.model_copy(update={"replay_ratio": 0.0}), PROMOTE_ALL
     elif method == "joint":  # an upper bound is measured, not gated
-        gate = PERMISSIVE
+        gate = PROMOTE_ALL
     phases = [[r for w in stream.train for r in w]] if method == "joint" else stream.train
     matrix: list[list[float | None]] = []
     updates: list[dict[str, Any]] = []

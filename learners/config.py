@@ -131,3 +131,9 @@ class GateSettings(BaseModel):
     canary_file: Path | None = Field(
         None, description="Text file of general prompts, one per line. Unset: the built-in set."
     )
+
+
+# Promotes every candidate that finished training: for measuring without a gate (the suite's
+# naive and joint runs) and for exercising the update machinery rather than its verdicts.
+PROMOTE_ALL = GateSettings(max_drop=1, max_average_forgetting=1, max_interference=1, min_gain=-1,
+                           require_learning=False, max_canary_increase=None)

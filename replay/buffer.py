@@ -25,7 +25,7 @@ import numpy as np
 from replay.config import ReplaySettings, SamplePolicy
 from replay.curate import disagreement, near_duplicates, redact
 from replay.embed import Embedder
-from replay.index import kind_for
+from replay.index import IndexState, kind_for
 from replay.policy import choose_victims, eviction_groups, eviction_key, is_probe, replay_rows, sample_positions
 from replay.rebuild import build_index, open_index
 from replay.store import RowStore, WindowInfo, chunks
@@ -225,6 +225,10 @@ class ReplayBuffer:
             rows = self._store.row_ids()
             return bool(np.isin(rows, self._index.ids()).all()) and \
                 self._index.ntotal - self._index.stale == len(rows)
+
+    def index_state(self) -> IndexState:
+        with self._lock:
+            return self._index.state()
 
     def open_window(self) -> int:
         with self._lock:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import faiss
 import numpy as np
@@ -27,6 +27,12 @@ from replay.config import ReplaySettings
 
 LOG = logging.getLogger(__name__)
 Kind = Literal["flat", "hnsw", "ivf", "pq"]
+
+
+class IndexState(NamedTuple):
+    kind: Kind
+    vectors: int  # tombstones included
+    tombstones: int  # vectors of rows no longer stored, left in place until the next rebuild
 REBUILD_STALE_SHARE = 0.2  # rebuild an approximate index once a fifth of it is tombstones
 # Two dimensions per 4-bit sub-quantiser: with one per 4 dimensions, uniform random vectors needed
 # 20x more exact re-ranking for the same recall, which cost more than the longer codes' scan.
@@ -113,6 +119,9 @@ class VectorIndex:
     @property
     def ntotal(self) -> int:
         return int(self._index.ntotal)
+
+    def state(self) -> IndexState:
+        return IndexState(self.kind, self.ntotal, self.stale)
 
     def ids(self) -> np.ndarray:
         """Every id in the index, tombstones included."""

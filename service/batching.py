@@ -84,6 +84,7 @@ class ClassifyBatcher:
         self._last_end = 0.0  # when the last batch was answered (time.monotonic)
         self.batches = 0  # groups answered, and requests in them: their ratio is the mean batch size
         self.requests = 0
+        self.in_progress = 0  # requests taken from the queue and not yet answered
         self._queue: queue.Queue[_Request | None] = queue.Queue()
         self._worker = threading.Thread(target=self._run, name="classify-batcher", daemon=True)
         self._worker.start()
@@ -112,10 +113,13 @@ class ClassifyBatcher:
                     taken, stopping = self._collect(first)
                     self._last_size = len(taken)
                 jobs.extend(self._start(taken))
+                self.in_progress = sum(len(j.requests) for j in jobs)
             if jobs:
                 job = jobs.popleft()
                 if self._step(job):
                     jobs.append(job)  # its next chunk waits for every other group's turn
+                else:
+                    self.in_progress -= len(job.requests)
 
     def _drain(self) -> tuple[list[_Request], bool]:
         taken: list[_Request] = []

@@ -87,6 +87,10 @@ class ServiceCollector(Collector):
         batched.add_metric(["requests"], s.batcher.requests)
         batched.add_metric(["batches"], s.batcher.batches)
         yield batched
+        in_progress = GaugeMetricFamily("evergreen_classify_in_progress",
+                                        "Classify requests being scored (taking turns for the model).")
+        in_progress.add_metric([], s.batcher.in_progress)
+        yield in_progress
         if s.runtime.last_swap_seconds is not None:
             swap = GaugeMetricFamily("evergreen_last_swap_seconds",
                                      "Duration of the last hot-swap (loading the version unless loaded before, "

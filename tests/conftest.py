@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import re
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -52,13 +55,25 @@ def load_bench(name: str) -> ModuleType:
     return module
 
 
-def is_alive(pid: int) -> bool:
-    """Whether a process runs (a zombie left to an init that does not reap counts as gone)."""
+def process_state(pid: int) -> str | None:
+    """The process's state letter in /proc (`R`, `S`, `T` stopped, `Z` zombie...); None when gone."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+        return None
+    return stat.rsplit(")", 1)[1].split()[0]
+
+
+def is_alive(pid: int) -> bool:
+    """Whether a process runs (a zombie left to an init that does not reap counts as gone)."""
+    return process_state(pid) not in (None, "Z")
+
+
+def freeze(pid: int) -> None:
+    """SIGSTOP a process and return once the kernel reports it stopped, so a test's premise
+    (the broker does not answer) is checked rather than assumed."""
+    os.kill(pid, signal.SIGSTOP)
+    wait_for(lambda: process_state(pid) == "T", 10, f"process {pid} to stop")
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
@@ -68,6 +83,12 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
             return
         time.sleep(0.2)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def gauge(metrics: str, name: str) -> float | None:
+    """A sample's value in a Prometheus text exposition (None when absent)."""
+    found = re.search(rf"^{name} (\S+)$", metrics, re.MULTILINE)
+    return float(found.group(1)) if found else None
 
 
 @pytest.fixture(scope="session")

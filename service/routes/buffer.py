@@ -42,6 +42,14 @@ class IngestPublic(BaseModel):
                                                           "by reason.")
 
 
+class IndexPublic(BaseModel):
+    """The FAISS index over the buffer's embeddings (`replay.index`)."""
+
+    kind: str = Field(description="`flat`, `ivf`, `hnsw` or `pq`: chosen by size unless `replay.index` fixes it.")
+    vectors: int = Field(description="Vectors held, tombstones included.")
+    tombstones: int = Field(description="Vectors of evicted rows still in an HNSW index until its next rebuild.")
+
+
 class BufferPublic(BaseModel):
     records: int
     pending: int = Field(description="Records in the open window: what the next update learns.")
@@ -52,6 +60,7 @@ class BufferPublic(BaseModel):
     redactions: dict[str, int] = Field(description="PII redactions per kind since this process started.")
     suspects: int = Field(description="Records flagged as likely mislabelled since this process started.")
     dead_lettered: dict[str, int] = Field(description="Messages sent to the dead-letter topic, by reason.")
+    index: IndexPublic
     ingest: IngestPublic | None = Field(description="Null when this instance does not consume Kafka.")
 
 
@@ -79,5 +88,6 @@ def buffer_summary(service: ServiceDep) -> BufferPublic:
         redactions={k.removeprefix(REDACTED): n for k, n in sorted(stats.items()) if k.startswith(REDACTED)},
         suspects=stats.get("suspect", 0),
         dead_lettered=dict(ingester.stats.dead_lettered) if ingester else {},
+        index=IndexPublic(**buffer.index_state()._asdict()),
         ingest=ingest,
     )

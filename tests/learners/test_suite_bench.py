@@ -38,7 +38,9 @@ def test_suite_smoke_runs_the_product_path(tmp_path: Path, tiny_llama: Path) -> 
     assert -1 <= default["forgetting_among_known"] <= default["forgetting"] + 1 / 8 + 1e-9
     healthy, poisoned = default["updates"][:2], default["updates"][2:]
     assert [u["windows"] for u in healthy] == [[1], [2]] and poisoned[0]["poisoned"]
-    assert all(u["status"] in ("promoted", "rejected") and u["checks"] for u in default["updates"])
+    # Every update reached the gate, and its verdict is what its checks say.
+    assert all(u["checks"] and (u["status"] == "promoted") == all(c["passed"] for c in u["checks"])
+               for u in default["updates"])
     assert all(u["status"] == "promoted" for u in result["naive"]["updates"])  # naive's gate lets all through
     assert len(result["joint"]["matrix"]) == 1 and result["joint"]["updates"][0]["windows"] == [1]
     assert "poisoned_update_rejected" in result["targets_met"]

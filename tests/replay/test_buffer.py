@@ -55,8 +55,8 @@ def test_reopen_rebuilds_an_index_that_lost_rows(tmp_path: Path, embedder: Sente
     buffer.close()  # index saved with 10 rows
     buffer = ReplayBuffer(tmp_path, embedder)
     buffer.add_many(tickets("b", ["y"], 5))
-    buffer._store.close()  # a crash: rows committed, index never saved again
+    del buffer  # a crash: rows committed, index never saved again
     reopened = ReplayBuffer(tmp_path, embedder)
     assert len(reopened) == 15
-    assert reopened._index.ntotal == 15
+    assert reopened.index_state().vectors == 15
     assert reopened.search("ticket 3 about y", k=1)[0][0].id == "b-3"

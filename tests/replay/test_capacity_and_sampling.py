@@ -86,18 +86,18 @@ def test_auto_index_switches_past_the_exact_limit(tmp_path: Path, embedder: Sent
     buffer = ReplayBuffer(tmp_path, embedder, settings=settings)
     tickets = by_label(["card_arrival", "exchange_rate"], [50, 50])
     buffer.add_many(tickets[:40])
-    assert buffer._index.kind == "flat"
+    assert buffer.index_state().kind == "flat"
     buffer.close_window()
     buffer.add_many(tickets[40:90])  # 90 rows, 10 evicted from the closed window: 80 > 50 rows
-    assert buffer._index.kind == large and buffer.index_matches_rows() and len(buffer) == 80
+    assert buffer.index_state().kind == large and buffer.index_matches_rows() and len(buffer) == 80
     target = tickets[60]
     assert buffer.search(target.text, k=1)[0][0].id == target.id
     buffer.add_many(tickets[90:])  # 10 more evicted: approximate indexes keep tombstones
-    assert len(buffer) == 80 and buffer._index.stale == 10
+    assert len(buffer) == 80 and buffer.index_state().tombstones == 10
     assert len({r.id for r, _ in buffer.search("card", k=80)}) == 80  # search skips the tombstones
     buffer.close()
     reopened = ReplayBuffer(tmp_path, embedder, settings=settings)
-    assert reopened._index.kind == large and reopened._index.stale == 10 and reopened.index_matches_rows()
+    assert reopened.index_state()[::2] == (large, 10) and reopened.index_matches_rows()
 
 
 def test_ivf_index_trains_from_the_rows_and_deletes(tmp_path: Path, embedder: SentenceEmbedder) -> None:
@@ -105,7 +105,7 @@ def test_ivf_index_trains_from_the_rows_and_deletes(tmp_path: Path, embedder: Se
     buffer = ReplayBuffer(tmp_path, embedder, settings=settings)
     tickets = by_label(["card_arrival", "exchange_rate", "top_up_failed"], [40, 40, 40])
     buffer.add_many(tickets[:100])
-    assert buffer._index.kind == "ivf" and buffer.index_matches_rows()
+    assert buffer.index_state().kind == "ivf" and buffer.index_matches_rows()
     assert buffer.search(tickets[70].text, k=1)[0][0].id == tickets[70].id
     buffer.close_window()
     buffer.add_many(tickets[100:])  # over capacity: evicted rows become tombstones, then a rebuild

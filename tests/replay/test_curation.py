@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,12 @@ from replay.config import ReplaySettings
 from replay.curate import iban_valid, luhn_valid, redact
 from replay.embed import SentenceEmbedder
 from streams.records import TicketRecord
+
+
+def on_disk(directory: Path, query: str) -> list[tuple[object, ...]]:
+    """What a buffer's SQLite file holds, read as anyone with the file could (read-only)."""
+    with closing(sqlite3.connect(f"file:{directory / 'buffer.sqlite3'}?mode=ro", uri=True)) as db:
+        return db.execute(query).fetchall()
 
 
 @pytest.mark.parametrize(("text", "redacted", "counts"), [
@@ -45,7 +53,7 @@ def test_buffer_stores_only_redacted_text_and_counts(tmp_path: Path, embedder: S
     stored = buffer.search("card", k=1)[0][0]
     assert stored.text == "I am [EMAIL], card [CARD]" and stored.reply == "We emailed [EMAIL]"
     assert buffer.stats["redacted_email"] == 2 and buffer.stats["redacted_card"] == 1
-    raw = buffer._store.db.execute("SELECT group_concat(text || coalesce(reply, '')) FROM records").fetchone()[0]
+    raw = on_disk(tmp_path, "SELECT group_concat(text || coalesce(reply, '')) FROM records")[0][0]
     assert "example.com" not in raw and "4111" not in raw
 
 
@@ -57,7 +65,7 @@ def test_near_duplicates_are_skipped_but_remembered(tmp_path: Path, embedder: Se
     buffer.add_many([TicketRecord(id="d", text="my card has not arrived yet")])  # a later batch
     assert len(buffer) == 2 and buffer.stats["near_duplicate"] == 2
     assert all(buffer.contains(i) for i in "abcd")  # the skipped ids stay idempotent
-    skipped = dict(buffer._store.db.execute("SELECT id, duplicate_of FROM skipped").fetchall())
+    skipped = dict(on_disk(tmp_path, "SELECT id, duplicate_of FROM skipped"))
     assert skipped == {"b": "a", "d": "a"}
 
 
@@ -71,7 +79,7 @@ def test_a_ticket_whose_neighbours_agree_on_another_label_is_flagged(
     buffer.add_many([TicketRecord(id="wrong", text="my card still hasn't been delivered", label="exchange_rate"),
                      TicketRecord(id="right", text="my card has not come in the post", label="card_arrival")])
     window = buffer.close_window()  # the vote is taken when the window closes
-    suspects = {row[0] for row in buffer._store.db.execute("SELECT id FROM records WHERE suspect = 1")}
+    suspects = {row[0] for row in on_disk(tmp_path, "SELECT id FROM records WHERE suspect = 1")}
     assert suspects == {"wrong"} and buffer.stats["suspect"] == 1
     assert window is not None
     # Likely mislabels are kept (visible, countable) but never replayed.

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 
-from conftest import LiveService, tiny_settings
+from conftest import LiveService, gauge, tiny_settings, wait_for
 from service.settings import ServingSettings, Settings
 
 LABELS = ["card arrival", "exchange rate", "top up failed", "lost or stolen card"]
@@ -80,7 +80,9 @@ def test_a_small_request_is_not_stuck_behind_a_large_one(serve: Callable[[Settin
     started = time.monotonic()
     thread = threading.Thread(target=large)
     thread.start()
-    time.sleep(0.5)  # the large request holds the model by now
+    with live.client() as scraper:
+        wait_for(lambda: gauge(scraper.get("/metrics").text, "evergreen_classify_in_progress") == 1, 30,
+                 "the large request to hold the model")
     asked = time.monotonic()
     with live.client() as client:
         small = client.post("/v1/classify", json={"text": "where is my card", "labels": LABELS})

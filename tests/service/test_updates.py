@@ -8,7 +8,6 @@ Real parts: a uvicorn server, the tiny llama with LoRA, `python -m learners.work
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -20,8 +19,8 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from conftest import TINY_TRAIN, LiveService, is_alive, tiny_settings, wait_for
-from learners.config import GateSettings
+from conftest import TINY_TRAIN, LiveService, gauge, is_alive, tiny_settings, wait_for
+from learners.config import PROMOTE_ALL, GateSettings
 from service.cli import UPDATE_EXIT, app
 from service.core import Service
 from service.registry import ADAPTER_WEIGHTS, Draft
@@ -49,14 +48,9 @@ def assert_nothing_published(service: Service) -> None:
     assert not list(service.registry.versions_dir.glob("*.tmp"))
 
 
-def gauge(metrics: str, name: str) -> float | None:
-    found = re.search(rf"^{name} (\S+)$", metrics, re.MULTILINE)
-    return float(found.group(1)) if found else None
-
-
 def test_queries_are_answered_while_an_update_trains_in_its_own_process(
         serve: Callable[[Settings], LiveService], tmp_path: Path) -> None:
-    live = serve(tiny_settings(tmp_path, None, train=TRAIN))
+    live = serve(tiny_settings(tmp_path, None, train=TRAIN, gate=PROMOTE_ALL))
     add_window(live.service)
     client = live.client()
     update_id = client.post("/v1/updates", headers=live.admin).json()["id"]
@@ -77,7 +71,7 @@ def test_queries_are_answered_while_an_update_trains_in_its_own_process(
     wait_for(lambda: client.get(f"/v1/updates/{update_id}").json()["status"] != "running", 120, "the update")
     record = client.get(f"/v1/updates/{update_id}").json()
 
-    assert record["status"] in ("promoted", "rejected"), record
+    assert record["status"] == "promoted" and record["version"] == "v0001", record
     assert len(answers) >= 5 and set(answers) == {200}, answers  # served all through training
     steps = [p["step"] for p in seen]
     assert steps == sorted(steps) and steps[-1] > steps[0]  # progress arrived as training went
@@ -127,7 +121,7 @@ def test_cancel_stops_the_training_and_publishes_nothing(serve: Callable[[Settin
 
 def test_a_killed_training_process_fails_the_update_and_the_next_starts_clean(tiny_llama: Path,
                                                                               tmp_path: Path) -> None:
-    service = Service(tiny_settings(tmp_path, None, train=TRAIN))
+    service = Service(tiny_settings(tmp_path, None, train=TRAIN, gate=PROMOTE_ALL))
     try:
         add_window(service)
         crashed = service.updates.start("manual")
@@ -142,8 +136,9 @@ def test_a_killed_training_process_fails_the_update_and_the_next_starts_clean(ti
 
         again = service.updates.start("manual")
         wait_for(lambda: again.finished_at is not None, 180, "the update after the crash")
-        assert again.status in ("promoted", "rejected"), again
-        assert again.version == "v0001" and again.gate is not None and "1" in again.gate["candidate"]
+        assert again.status == "promoted", again
+        assert again.version == service.registry.live == service.runtime.version == "v0001"
+        assert again.gate is not None and "1" in again.gate["candidate"]
     finally:
         service.stop()
 

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from conftest import wait_for
+from conftest import freeze, wait_for
 from replay.buffer import ReplayBuffer
 from replay.embed import SentenceEmbedder
 from streams.broker import LocalBroker
@@ -56,7 +56,7 @@ def test_broker_paused_for_20_s_then_resumes_from_committed_offsets(
         producer.send_all(values("before", 40))
         wait_for(lambda: len(sink.buffer) == 40, 30, "the first tickets")
         wait_for(lambda: sum(ingester.stats.committed.values()) == 40, 10, "their offsets committed")
-        os.kill(broker.pid, signal.SIGSTOP)
+        freeze(broker.pid)
         try:
             time.sleep(20)
             assert thread.is_alive()  # no crash while the broker does not answer

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pydantic import SecretStr
 
-from conftest import LiveService, tiny_settings, wait_for
+from conftest import LiveService, freeze, tiny_settings, wait_for
 from service.settings import ApiKey, ApiSettings, Settings
 from streams.broker import LocalBroker, free_port
 
@@ -52,14 +52,16 @@ def test_tickets_are_produced_and_stored(broker: LocalBroker, serve: Callable[[S
                        ).status_code == 422
 
     wait_for(lambda: client.get("/v1/buffer").json()["records"] == 4, 30, "the API's tickets in the buffer")
-    assert client.get("/v1/buffer").json()["dead_lettered"] == {}
+    summary = client.get("/v1/buffer").json()
+    assert summary["dead_lettered"] == {}
+    assert summary["index"] == {"kind": "flat", "vectors": 4, "tombstones": 0}  # small: exact search
     wait_for(lambda: 'evergreen_ingest_lag{partition="0",topic="tickets"} 0.0' in client.get("/metrics").text,
              10, "the lag gauge at zero")
     metrics = client.get("/metrics").text
     assert "evergreen_ingest_stored 5.0" in metrics  # the resent ticket was consumed, not stored twice
 
     # A broker that stops answering: the API says 503 within the produce timeout, serving goes on.
-    os.kill(broker.pid, signal.SIGSTOP)
+    freeze(broker.pid)
     try:
         stalled = client.post("/v1/tickets", json={"id": "late", "text": "hello"}, headers=ingest)
         assert stalled.status_code == 503 and stalled.headers["retry-after"] == "5"
