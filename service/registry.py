@@ -20,7 +20,8 @@ import re
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -36,28 +37,32 @@ class RegistryError(Exception):
 
 
 @dataclass
-class VersionInfo:
-    name: str
+class VersionMetadata:
+    """What the writer of a version says about it when it publishes it."""
+
     parent: str | None
-    created_at: float
     verdict: Verdict  # of the gate; only accepted versions are promoted without an override
     windows_trained: list[int]
     labels: list[str]
     gate: dict[str, Any] | None = None
     train: dict[str, Any] | None = None
+
+
+@dataclass(kw_only=True)
+class VersionInfo(VersionMetadata):
+    """A published version's metadata (`evergreen.json`), with what the registry adds."""
+
+    name: str
+    created_at: float
     overrides: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
 class Draft:
-    """What a version writer reports about the directory it filled."""
+    """A version being written: its name is reserved, its files go into `path` (`vNNNN.tmp`)."""
 
-    parent: str | None
-    verdict: Verdict
-    windows_trained: list[int]
-    labels: list[str]
-    gate: dict[str, Any] | None = None
-    train: dict[str, Any] | None = None
+    name: str
+    path: Path
 
 
 def fsync_write(path: Path, data: bytes) -> None:
@@ -126,28 +131,35 @@ class AdapterRegistry:
         return since
 
     # -- writing ----------------------------------------------------------------------------
-    def create(self, write: Callable[[Path], Draft]) -> VersionInfo:
-        """Allocate the next name, let `write` fill a temporary directory, then publish it."""
-        with self._lock:
+    @contextmanager
+    def draft(self) -> Iterator[Draft]:
+        """Reserve the next name for a version written into `Draft.path`, published by `publish`.
+
+        Whatever leaves the block unpublished (an error, or no `publish` call) is removed, and
+        so is the directory of a process killed inside it, at the next start.
+        """
+        with self._lock:  # two drafts never get the same name
             taken = [int(m.group(1)) for p in self.versions_dir.iterdir()
                      if (m := re.match(r"^v(\d{4,})(\.tmp)?$", p.name))]
-            number = max(taken) + 1 if taken else 0
-            name = f"v{number:04d}"
-            tmp = self.versions_dir / f"{name}.tmp"
-            tmp.mkdir()
+            name = f"v{max(taken) + 1 if taken else 0:04d}"
+            draft = Draft(name, self.versions_dir / f"{name}.tmp")
+            draft.path.mkdir()
         try:
-            draft = write(tmp)
-            if not (tmp / ADAPTER_WEIGHTS).is_file():
-                raise RegistryError(f"the writer of {name} produced no {ADAPTER_WEIGHTS}")
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        info = VersionInfo(name=name, created_at=time.time(), **asdict(draft))
-        fsync_write(tmp / METADATA, json.dumps(info.__dict__, indent=2).encode())
-        for file in tmp.iterdir():
+            yield draft
+        finally:
+            shutil.rmtree(draft.path, ignore_errors=True)  # gone already once published
+
+    def publish(self, draft: Draft, metadata: VersionMetadata) -> VersionInfo:
+        """Write the metadata, fsync every file, and rename the draft into a version: until the
+        rename it does not exist, after it it is complete."""
+        if not (draft.path / ADAPTER_WEIGHTS).is_file():
+            raise RegistryError(f"the draft of {draft.name} has no {ADAPTER_WEIGHTS}")
+        info = VersionInfo(**asdict(metadata), name=draft.name, created_at=time.time())
+        fsync_write(draft.path / METADATA, json.dumps(info.__dict__, indent=2).encode())
+        for file in draft.path.iterdir():
             with file.open("rb") as handle:
                 os.fsync(handle.fileno())
-        tmp.replace(self.versions_dir / name)
+        draft.path.replace(self.versions_dir / draft.name)
         _fsync_dir(self.versions_dir)
         return info
 

@@ -26,7 +26,7 @@ from learners.worker import Job
 from replay.buffer import ReplayBuffer
 from service.forgetting import AccuracyMatrix, best_before
 from service.live import LiveVersion
-from service.registry import AdapterRegistry, Draft
+from service.registry import AdapterRegistry, VersionMetadata
 from service.training import TrainingFailed, TrainingProcess, describe_exit
 
 LOG = logging.getLogger(__name__)
@@ -68,11 +68,11 @@ def ensure_initial_version(registry: AdapterRegistry, base_path: Path, cfg: Trai
     version, and an untrained LoRA adapter answers exactly as the base model does.
     """
     if registry.live is None:
-        def write(tmp: Path) -> Draft:
-            initial_adapter(base_path, tmp, cfg.adapter, cfg.seed)
-            return Draft(parent=None, verdict="accepted", windows_trained=[], labels=[])
-
-        registry.promote(registry.create(write).name)
+        with registry.draft() as draft:
+            initial_adapter(base_path, draft.path, cfg.adapter, cfg.seed)
+            info = registry.publish(draft, VersionMetadata(parent=None, verdict="accepted", windows_trained=[],
+                                                           labels=[]))
+        registry.promote(info.name)
     live = registry.live
     assert live is not None
     return live
@@ -197,15 +197,15 @@ class UpdateManager:
             record.status, record.reason = "skipped", "no new labelled records since the live version"
             return
 
-        def write(tmp: Path) -> Draft:
-            job = Job(snapshot=snapshot, base_path=self.base_path, live_dir=self.registry.path(live), out_dir=tmp,
-                      train=self.train, gate=self.gate, best_before=best_before(self.registry, self.matrix, live))
+        with self.registry.draft() as draft:
+            job = Job(snapshot=snapshot, base_path=self.base_path, live_dir=self.registry.path(live),
+                      out_dir=draft.path, train=self.train, gate=self.gate,
+                      best_before=best_before(self.registry, self.matrix, live))
             outcome = self._train(record, job)
-            return Draft(parent=live, verdict="accepted" if outcome["gate"]["passed"] else "rejected",
-                         windows_trained=sorted({*live_info.windows_trained, *snapshot.new_windows}),
-                         labels=outcome["labels"], gate=outcome["gate"], train=outcome["train"])
-
-        info = self.registry.create(write)
+            info = self.registry.publish(draft, VersionMetadata(
+                parent=live, verdict="accepted" if outcome["gate"]["passed"] else "rejected",
+                windows_trained=sorted({*live_info.windows_trained, *snapshot.new_windows}),
+                labels=outcome["labels"], gate=outcome["gate"], train=outcome["train"]))
         assert info.gate is not None
         self.matrix.record_gate(info.name, live, info.gate)
         record.version, record.gate = info.name, info.gate

@@ -4,19 +4,20 @@ from pathlib import Path
 
 import pytest
 
-from service.registry import ADAPTER_WEIGHTS, AdapterRegistry, Draft, RegistryError
+from service.registry import ADAPTER_WEIGHTS, AdapterRegistry, RegistryError, VersionMetadata
+
+METADATA = VersionMetadata(parent=None, verdict="accepted", windows_trained=[1], labels=["a"])
 
 
-def writer(payload: bytes = b"weights") -> object:
-    def write(tmp: Path) -> Draft:
-        (tmp / ADAPTER_WEIGHTS).write_bytes(payload)
-        return Draft(parent=None, verdict="accepted", windows_trained=[1], labels=["a"])
-    return write
+def publish(registry: AdapterRegistry) -> str:
+    with registry.draft() as draft:
+        (draft.path / ADAPTER_WEIGHTS).write_bytes(b"weights")
+        return registry.publish(draft, METADATA).name
 
 
 def test_versions_are_immutable_names_and_rollback_moves_the_pointer(tmp_path: Path) -> None:
     registry = AdapterRegistry(tmp_path)
-    names = [registry.create(writer()).name for _ in range(3)]  # type: ignore[arg-type]
+    names = [publish(registry) for _ in range(3)]
     assert names == ["v0000", "v0001", "v0002"]
     for name in names:
         registry.promote(name)
@@ -27,17 +28,17 @@ def test_versions_are_immutable_names_and_rollback_moves_the_pointer(tmp_path: P
 
 def test_a_crashed_writer_leaves_no_version_and_no_reused_name(tmp_path: Path) -> None:
     registry = AdapterRegistry(tmp_path)
-    registry.create(writer())  # type: ignore[arg-type]
-
-    def crash(tmp: Path) -> Draft:
-        (tmp / ADAPTER_WEIGHTS).write_bytes(b"half")
+    publish(registry)
+    with pytest.raises(RuntimeError), registry.draft() as draft:
+        (draft.path / ADAPTER_WEIGHTS).write_bytes(b"half")
         raise RuntimeError("killed mid-write")
-
-    with pytest.raises(RuntimeError):
-        registry.create(crash)
-    assert registry.names() == ["v0000"]
+    assert not draft.path.exists() and registry.names() == ["v0000"]
+    with pytest.raises(RegistryError, match="safetensors"), registry.draft() as draft:
+        registry.publish(draft, METADATA)  # a draft without weights is never published
+    assert not draft.path.exists() and registry.names() == ["v0000"]
     (tmp_path / "versions" / "v0001.tmp").mkdir()  # as a kill -9 would leave it
     assert AdapterRegistry(tmp_path).names() == ["v0000"]
+    assert not (tmp_path / "versions" / "v0001.tmp").exists()
 
 
 def test_only_registry_names_with_safetensors_load(tmp_path: Path) -> None:

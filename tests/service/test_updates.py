@@ -24,7 +24,7 @@ from conftest import TINY_TRAIN, LiveService, is_alive, tiny_settings, wait_for
 from learners.config import GateSettings
 from service.cli import UPDATE_EXIT, app
 from service.core import Service
-from service.registry import ADAPTER_WEIGHTS, Draft
+from service.registry import ADAPTER_WEIGHTS, VersionMetadata
 from service.settings import DEV_ADMIN_KEY, Settings
 from streams.records import TicketRecord
 
@@ -222,13 +222,11 @@ def test_a_rejected_window_is_quarantined_until_its_version_is_promoted(tiny_lla
                                                   label=labels[i % len(labels)]) for i in range(20)])
             assert service.buffer.close_window() == window
         source = service.registry.path("v0000")
-
-        def rejected_draft(tmp: Path) -> Draft:
+        with service.registry.draft() as draft:
             for name in ("adapter_config.json", ADAPTER_WEIGHTS):
-                shutil.copy(source / name, tmp / name)
-            return Draft(parent="v0000", verdict="rejected", windows_trained=[1], labels=LABELS)
-
-        rejected = service.registry.create(rejected_draft).name
+                shutil.copy(source / name, draft.path / name)
+            rejected = service.registry.publish(draft, VersionMetadata(parent="v0000", verdict="rejected",
+                                                                       windows_trained=[1], labels=LABELS)).name
         assert service.updates.quarantined() == {1}
         snapshot = service.buffer.snapshot([], seed=0, skip=service.updates.quarantined())
         assert snapshot.new_windows == (2,) and set(snapshot.probes) == {2}
