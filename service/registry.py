@@ -22,9 +22,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from learners.reports import GateReport, RoundReport
 
 Verdict = Literal["accepted", "rejected"]
 _NAME = re.compile(r"^v\d{4,}$")
@@ -36,25 +40,30 @@ class RegistryError(Exception):
     """A request the registry refuses (unknown version, unsafe files, nothing to roll back to)."""
 
 
-@dataclass
-class VersionMetadata:
+class VersionMetadata(BaseModel):
     """What the writer of a version says about it when it publishes it."""
 
-    parent: str | None
-    verdict: Verdict  # of the gate; only accepted versions are promoted without an override
+    parent: str | None = Field(description="The version it was warm-started from.")
+    verdict: Verdict = Field(description="The gate's; only accepted versions are promoted without an override.")
     windows_trained: list[int]
     labels: list[str]
-    gate: dict[str, Any] | None = None
-    train: dict[str, Any] | None = None
+    gate: GateReport | None = Field(default=None, description="None for a version that was never gated (the first).")
+    train: RoundReport | None = None
 
 
-@dataclass(kw_only=True)
+class Override(BaseModel):
+    """An admin's decision against the gate's verdict."""
+
+    action: Literal["promote"]
+    at: float = Field(description="Unix time.")
+
+
 class VersionInfo(VersionMetadata):
     """A published version's metadata (`evergreen.json`), with what the registry adds."""
 
     name: str
     created_at: float
-    overrides: list[dict[str, Any]] = field(default_factory=list)
+    overrides: list[Override] = []
 
 
 @dataclass(frozen=True)
@@ -104,7 +113,7 @@ class AdapterRegistry:
 
     def info(self, name: str) -> VersionInfo:
         path = self.path(name) / METADATA
-        return VersionInfo(**json.loads(path.read_text()))
+        return VersionInfo.model_validate_json(path.read_text())
 
     def path(self, name: str) -> Path:
         """Directory of a version; only names the registry made, never a caller's path."""
@@ -154,8 +163,8 @@ class AdapterRegistry:
         rename it does not exist, after it it is complete."""
         if not (draft.path / ADAPTER_WEIGHTS).is_file():
             raise RegistryError(f"the draft of {draft.name} has no {ADAPTER_WEIGHTS}")
-        info = VersionInfo(**asdict(metadata), name=draft.name, created_at=time.time())
-        fsync_write(draft.path / METADATA, json.dumps(info.__dict__, indent=2).encode())
+        info = VersionInfo(**dict(metadata), name=draft.name, created_at=time.time())
+        fsync_write(draft.path / METADATA, info.model_dump_json(indent=2).encode())
         for file in draft.path.iterdir():
             with file.open("rb") as handle:
                 os.fsync(handle.fileno())
@@ -165,7 +174,7 @@ class AdapterRegistry:
 
     def record(self, info: VersionInfo) -> None:
         """Rewrite a version's metadata (its weights never change)."""
-        fsync_write(self.path(info.name) / METADATA, json.dumps(info.__dict__, indent=2).encode())
+        fsync_write(self.path(info.name) / METADATA, info.model_dump_json(indent=2).encode())
 
     def promote(self, name: str) -> None:
         """Move the live pointer to `name` (atomically)."""

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from learners.base_model import TINY_LLAMA, resolve_base_model
 from learners.config import GateSettings, TrainSettings
+from learners.reports import GateReport
 from replay.embed import SentenceEmbedder
 from service.app import create_app
 from service.core import Service
@@ -136,7 +137,7 @@ def serve(tiny_llama: Path) -> Iterator[Callable[[Settings], LiveService]]:
 
 
 def add_versions(registry: AdapterRegistry, count: int, labels: list[str],
-                 gate: dict[str, object] | None = None, verdict: str = "accepted") -> list[str]:
+                 gate: GateReport | None = None, verdict: str = "accepted") -> list[str]:
     """Registry versions with distinct (random, finite) LoRA weights, as an update would write."""
     source = registry.path("v0000")
     names = []

@@ -93,7 +93,7 @@ def test_queries_are_answered_while_an_update_trains_in_its_own_process(
     assert gauge(after, "evergreen_update_running") == 0 and gauge(after, "evergreen_update_step") is None
     assert not is_alive(worker)
     train = live.service.registry.info(record["version"]).train
-    assert train is not None and train["threads"] == 1 and train["steps"] == record["progress"]["steps"]
+    assert train is not None and train.threads == 1 and train.steps == record["progress"]["steps"]
 
 
 def test_cancel_stops_the_training_and_publishes_nothing(serve: Callable[[Settings], LiveService],
@@ -143,7 +143,7 @@ def test_a_killed_training_process_fails_the_update_and_the_next_starts_clean(ti
         again = service.updates.start("manual")
         wait_for(lambda: again.finished_at is not None, 180, "the update after the crash")
         assert again.status in ("promoted", "rejected"), again
-        assert again.version == "v0001" and again.gate is not None and "1" in again.gate["candidate"]
+        assert again.version == "v0001" and again.gate is not None and 1 in again.gate.candidate
     finally:
         service.stop()
 
@@ -186,7 +186,7 @@ def test_update_shows_progress_and_exits_with_the_verdict(serve: Callable[[Setti
     record = live.service.updates.get(2)
     assert record is not None and record.status == "rejected" and record.gate is not None
     assert result.exit_code == UPDATE_EXIT["rejected"] == 1, result.output
-    assert result.stdout == f"update 2 rejected v0001: {record.gate['reason']}\n"
+    assert result.stdout == f"update 2 rejected v0001: {record.gate.reason}\n"
     steps = int(record.progress["steps"])
     assert f"{steps}/{steps}" in result.stderr and "loss 0." in result.stderr and "tok/s" in result.stderr
 
