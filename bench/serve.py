@@ -43,7 +43,7 @@ from learners.scoring import LabelScorer
 from service.app import create_app
 from service.core import Service
 from service.generation import chat_prompt
-from service.registry import ADAPTER_WEIGHTS, Draft
+from service.registry import ADAPTER_WEIGHTS, VersionMetadata
 from service.settings import DEV_ADMIN_KEY, ApiSettings, ModelSettings, SchedulerSettings, ServingSettings, Settings
 from streams.broker import free_port
 from streams.datasets import load_tickets
@@ -72,15 +72,13 @@ def start_server(service: Service, port: int) -> uvicorn.Server:
 def new_version(service: Service, seed: int) -> str:
     """A registry version with distinct finite weights, as an update would write it."""
     source = service.registry.path(service.registry.live or "v0000")
-
-    def write(tmp: Path) -> Draft:
-        shutil.copy(source / "adapter_config.json", tmp / "adapter_config.json")
+    with service.registry.draft() as draft:
+        shutil.copy(source / "adapter_config.json", draft.path / "adapter_config.json")
         generator = torch.Generator().manual_seed(seed)
         save_file({k: torch.randn(v.shape, generator=generator) * 0.01
-                   for k, v in load_file(str(source / ADAPTER_WEIGHTS)).items()}, str(tmp / ADAPTER_WEIGHTS))
-        return Draft(parent=None, verdict="accepted", windows_trained=[], labels=[])
-
-    return service.registry.create(write).name
+                   for k, v in load_file(str(source / ADAPTER_WEIGHTS)).items()}, str(draft.path / ADAPTER_WEIGHTS))
+        metadata = VersionMetadata(parent=None, verdict="accepted", windows_trained=[], labels=[])
+        return service.registry.publish(draft, metadata).name
 
 
 # The load generator runs as a program of its own, as real clients do: client threads in the

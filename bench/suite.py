@@ -212,12 +212,12 @@ def among_known(base_path: Path, adapter: Path, stream: Stream, windows: int) ->
 
 
 def summary(record: UpdateRecord) -> dict[str, Any]:
-    gate = record.gate or {}
+    gate = record.gate
     return {"status": record.status, "reason": record.reason, "windows": record.windows,
             "seconds": (record.finished_at or 0) - record.started_at, "steps": record.progress.get("steps"),
-            "canary_drift": (gate.get("canary") or {}).get("drift"),
-            "checks": [{k: c[k] for k in ("name", "passed", "observed", "threshold", "p_value")}
-                       for c in gate.get("checks", [])]}
+            "canary_drift": gate.canary.drift if gate is not None and gate.canary is not None else None,
+            "checks": [c.model_dump(include={"name", "passed", "observed", "threshold", "p_value"})
+                       for c in (gate.checks if gate is not None else [])]}
 
 
 def figures(matrix: list[list[float | None]], final_among_known: list[float | None] | None = None

@@ -12,10 +12,11 @@ import importlib
 _HOMES = {
     "learners.base_model": ("SMOLLM2", "TINY_LLAMA", "load_base", "resolve_base_model"),
     "learners.config": ("AdapterSettings", "EwcSettings", "GateSettings", "TrainSettings"),
-    "learners.gate": ("GateReport", "WindowScore", "evaluate", "judge"),
+    "learners.gate": ("evaluate", "judge"),
     "learners.methods": ("peft_config", "warm_start"),
     "learners.scoring": ("LabelScorer",),
-    "learners.train": ("Cancelled", "Progress", "RoundReport", "run_round"),
+    "learners.reports": ("Canary", "Check", "GateReport", "Progress", "RoundReport", "WindowScore"),
+    "learners.train": ("Cancelled", "run_round"),
     "learners.update": ("UpdateOutcome", "initial_adapter", "train_adapter", "train_candidate"),
 }
 _MODULE_OF = {name: module for module, names in _HOMES.items() for name in names}

@@ -15,7 +15,6 @@ import argparse
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -79,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if spread != 0.0:
             raise RuntimeError(f"ranks diverged: adapter weights differ by up to {spread}")
         if rank == 0 and args.report is not None:
-            args.report.write_text(json.dumps({**asdict(report), "world_size": world, "rank_spread": spread}))
+            args.report.write_text(json.dumps({**report.model_dump(), "world_size": world, "rank_spread": spread}))
     finally:
         if launched:
             dist.destroy_process_group()

@@ -16,33 +16,15 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Any
 
 import torch
 from torch import nn
 
 from learners.config import GateSettings
+from learners.reports import TEST_NAME, Canary, Check, GateReport, WindowScore
 from learners.scoring import LabelScorer
 from learners.stats import binomial_tail, paired_regression
 from streams.records import TicketRecord
-
-TEST_NAME = "exact one-sided McNemar test on the paired probe records"
-
-
-@dataclass(frozen=True)
-class WindowScore:
-    """Accuracy by label scoring, mean negative log-likelihood of the true label, and which
-    probes were right (in probe order, for paired tests)."""
-
-    accuracy: float
-    loss: float
-    n: int
-    correct: tuple[bool, ...] = field(default=(), repr=False)
-    majority_rate: float = 0.0  # accuracy of always answering the window's most common label
-    # Among the known labels only (the live version's), for the probes whose label is one of them.
-    known_accuracy: float | None = None
-    known_correct: tuple[bool, ...] = field(default=(), repr=False)
 
 
 def evaluate(model: nn.Module, scorer: LabelScorer, probes: Mapping[int, Sequence[TicketRecord]],
@@ -79,60 +61,6 @@ def evaluate(model: nn.Module, scorer: LabelScorer, probes: Mapping[int, Sequenc
     return result
 
 
-@dataclass(frozen=True)
-class Check:
-    name: str
-    passed: bool
-    observed: float
-    threshold: float
-    p_value: float | None = None
-    detail: str = ""
-
-
-@dataclass(frozen=True)
-class Canary:
-    """Mean per-token loss on general prompts: drift from the base measures general forgetting."""
-
-    candidate: float
-    live: float
-    base: float
-
-    @property
-    def drift(self) -> float:
-        return self.candidate - self.base
-
-
-@dataclass(frozen=True)
-class GateReport:
-    passed: bool
-    reason: str
-    new_windows: tuple[int, ...]
-    candidate: dict[int, WindowScore]
-    live: dict[int, WindowScore]
-    base: dict[int, WindowScore]
-    checks: list[Check]
-    thresholds: GateSettings
-    canary: Canary | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        def scores(by_window: dict[int, WindowScore]) -> dict[str, Any]:
-            return {str(w): {k: v for k, v in asdict(s).items() if k not in ("correct", "known_correct")}
-                    for w, s in by_window.items()}
-
-        return {
-            "passed": self.passed,
-            "reason": self.reason,
-            "test": TEST_NAME,
-            "new_windows": list(self.new_windows),
-            "candidate": scores(self.candidate),
-            "live": scores(self.live),
-            "base": scores(self.base),
-            "checks": [asdict(c) for c in self.checks],
-            "canary": None if self.canary is None else {**asdict(self.canary), "drift": self.canary.drift},
-            "thresholds": self.thresholds.model_dump(),
-        }
-
-
 def judge(candidate: dict[int, WindowScore], live: dict[int, WindowScore], new_windows: Sequence[int],
           policy: GateSettings, *, best_before: Mapping[int, float] | None = None,
           base: dict[int, WindowScore] | None = None, canary: Canary | None = None) -> GateReport:
@@ -156,14 +84,14 @@ def judge(candidate: dict[int, WindowScore], live: dict[int, WindowScore], new_w
                    threshold: float) -> Check:
         """Fails when `observed` passes `threshold` and the paired records show a significant loss."""
         test = paired_regression(before, after)
-        return Check(name, not (observed > threshold and test.p_value < policy.alpha), observed, threshold,
-                     test.p_value, f"{test.lost} probes lost, {test.gained} gained")
+        return Check(name=name, passed=not (observed > threshold and test.p_value < policy.alpha),
+                     observed=observed, threshold=threshold, p_value=test.p_value,
+                     detail=f"{test.lost} probes lost, {test.gained} gained")
 
     for w in old:  # no earlier window may be forgotten, significantly, by more than max_drop
         (was, was_right), (now, now_right) = known(live[w]), known(candidate[w])
         check = regression(f"drop on window {w}", was_right, now_right, was - now, policy.max_drop)
-        checks.append(Check(check.name, check.passed, check.observed, check.threshold, check.p_value,
-                            f"{was:.3f} → {now:.3f}, {check.detail}"))
+        checks.append(check.model_copy(update={"detail": f"{was:.3f} → {now:.3f}, {check.detail}"}))
     if old:  # nor may the average forgetting exceed its bound, on the pooled probes
         reference = {w: max(known(live[w])[0], (best_before or {}).get(w, 0.0)) for w in old}
         forgetting = sum(reference[w] - known(candidate[w])[0] for w in old) / len(old)
@@ -185,12 +113,12 @@ def judge(candidate: dict[int, WindowScore], live: dict[int, WindowScore], new_w
             total = sum(candidate[w].n for w in new)
             prior = sum(candidate[w].majority_rate * candidate[w].n for w in new) / total
             p_value = binomial_tail(right, total, prior)
-            checks.append(Check("new windows learned beyond their label prior", p_value < policy.alpha,
-                                right / total, prior, p_value))
+            checks.append(Check(name="new windows learned beyond their label prior", passed=p_value < policy.alpha,
+                                observed=right / total, threshold=prior, p_value=p_value))
     if canary is not None and policy.max_canary_increase is not None:
-        checks.append(Check("canary loss increase over the base model",
-                            canary.drift <= policy.max_canary_increase, canary.drift,
-                            policy.max_canary_increase))
+        checks.append(Check(name="canary loss increase over the base model",
+                            passed=canary.drift <= policy.max_canary_increase, observed=canary.drift,
+                            threshold=policy.max_canary_increase))
 
     failed = next((c for c in checks if not c.passed), None)
     if failed is None:
@@ -201,5 +129,6 @@ def judge(candidate: dict[int, WindowScore], live: dict[int, WindowScore], new_w
         reason = f"{failed.name}: {failed.observed:.3f} against threshold {failed.threshold:.3f}{p}"
         if failed.detail:
             reason += f" ({failed.detail})"
-    return GateReport(failed is None, reason, tuple(new_windows), candidate, live, base or {}, checks,
-                      policy, canary)
+    return GateReport(passed=failed is None, reason=reason, test=TEST_NAME, new_windows=tuple(new_windows),
+                      candidate=candidate, live=live, base=base or {}, checks=checks, canary=canary,
+                      thresholds=policy)

@@ -7,7 +7,6 @@ import random
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import distributed as dist
@@ -18,29 +17,11 @@ from learners.config import TrainSettings
 from learners.ewc import EwcPenalty, trainable
 from learners.general import GeneralText, drift_from_base
 from learners.prompts import IGNORE, Example
+from learners.reports import Progress, RoundReport
 
 
 class Cancelled(Exception):
     """The round was asked to stop; nothing it produced may be used."""
-
-
-@dataclass(frozen=True)
-class Progress:
-    step: int
-    steps: int
-    loss: float
-    penalty: float
-    tokens_per_s: float
-
-
-@dataclass(frozen=True)
-class RoundReport:
-    steps: int
-    examples_new: int
-    examples_replay: int
-    final_loss: float
-    tokens: int
-    seconds: float
 
 
 def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
@@ -190,7 +171,9 @@ def run_round(model: nn.Module, new: Sequence[Example], replay: Sequence[Example
         tokens += int(batch["attention_mask"].sum())
         if on_progress is not None:
             elapsed = time.perf_counter() - started
-            on_progress(Progress(step + 1, len(batches), loss_value, penalty.item(), tokens / elapsed))
+            on_progress(Progress(step=step + 1, steps=len(batches), loss=loss_value, penalty=penalty.item(),
+                                 tokens_per_s=tokens / elapsed))
     model.eval()
     return RoundReport(steps=len(batches), examples_new=len(new), examples_replay=len(replay),
-                       final_loss=loss_value, tokens=tokens, seconds=time.perf_counter() - started)
+                       final_loss=loss_value, tokens=tokens, seconds=time.perf_counter() - started,
+                       threads=torch.get_num_threads())

@@ -20,12 +20,13 @@ from learners.base_model import load_base
 from learners.canary import canary_loss, load_canary
 from learners.config import AdapterSettings, GateSettings, TrainSettings
 from learners.ewc import EwcPenalty, consolidate, empirical_fisher
-from learners.gate import Canary, GateReport, evaluate, judge
+from learners.gate import evaluate, judge
 from learners.general import GeneralText
 from learners.methods import peft_config, warm_start
 from learners.prompts import Example, ticket_examples
+from learners.reports import Canary, GateReport, Progress, RoundReport
 from learners.scoring import LabelScorer
-from learners.train import Progress, RoundReport, answer_loss, collate, run_round
+from learners.train import answer_loss, collate, run_round
 from replay.buffer import Snapshot
 from streams.records import TicketRecord
 
@@ -120,5 +121,5 @@ def train_candidate(snapshot: Snapshot, base_path: Path, live_dir: Path, out_dir
         base_canary = canary_loss(live_model, tokenizer, canary)
     gate = judge(candidate_scores, live_scores, snapshot.new_windows, policy, best_before=best_before,
                  base=base_scores,
-                 canary=Canary(candidate_canary, live_canary, base_canary) if canary else None)
+                 canary=Canary(candidate=candidate_canary, live=live_canary, base=base_canary) if canary else None)
     return UpdateOutcome(gate=gate, train=report, labels=snapshot.labels)

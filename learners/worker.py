@@ -3,12 +3,7 @@
 The serving process writes a `Job` (the snapshot, the paths, the settings) as JSON and starts
 this module; it trains with its own torch thread budget, so queries keep being answered, and
 writes the candidate into `Job.out_dir`. It talks back with one JSON object per line on stdout:
-
-    {"event": "started", "pid": 4711, "threads": 1}
-    {"event": "progress", "step": 3, "steps": 40, "loss": 1.9, "penalty": 0.0, "tokens_per_s": 812.5,
-     "eta_s": 9.1}                                  # eta_s from the second step on
-    {"event": "done", "gate": {...}, "train": {...}, "labels": [...]}
-    {"event": "cancelled", "reason": "..."} or {"event": "failed", "reason": "..."}
+started, progress, then done, cancelled or failed (`learners.messages`).
 
 Its stdin carries the other direction: a `cancel` line stops training at the next step. End of
 stdin means the serving process is gone: nobody will read the result, so the worker exits at once
@@ -17,21 +12,28 @@ rather than keep writing into a draft directory a restarted service is about to 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
 import threading
 import time
-from dataclasses import asdict
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 import torch
 from pydantic import BaseModel, Field
 
 from learners.config import GateSettings, TrainSettings
-from learners.train import Cancelled, Progress
+from learners.messages import (
+    CancelledMessage,
+    DoneMessage,
+    FailedMessage,
+    ProgressMessage,
+    StartedMessage,
+    WorkerMessage,
+)
+from learners.reports import Progress
+from learners.train import Cancelled
 from learners.update import train_candidate
 from replay.buffer import Snapshot
 
@@ -66,23 +68,22 @@ class Reporter:
         self.out = out
         self._first: tuple[float, int] | None = None  # when the first reported step ended
 
-    def send(self, event: str, **fields: Any) -> None:
+    def send(self, message: WorkerMessage) -> None:
         try:
-            self.out.write(json.dumps({"event": event, **fields}, default=str) + "\n")
+            self.out.write(message.model_dump_json() + "\n")
             self.out.flush()
         except BrokenPipeError:  # the serving process died (kill -9): not a training failure
             LOG.warning("the serving process is gone: stopping")
             os._exit(EXIT_ORPHANED)
 
     def progress(self, p: Progress) -> None:
-        now = time.monotonic()
-        fields: dict[str, float] = asdict(p)
+        now, eta_s = time.monotonic(), None
         if self._first is None:
             self._first = (now, p.step)
         elif p.step > self._first[1]:
             per_step = (now - self._first[0]) / (p.step - self._first[1])
-            fields["eta_s"] = per_step * (p.steps - p.step)
-        self.send("progress", **fields)
+            eta_s = per_step * (p.steps - p.step)
+        self.send(ProgressMessage(**dict(p), eta_s=eta_s))
 
 
 def watch_stdin(cancel: threading.Event) -> None:
@@ -105,18 +106,17 @@ def main(job_file: Path) -> int:
         job = Job.model_validate_json(job_file.read_text())
         threads = thread_budget(job.train)
         torch.set_num_threads(threads)
-        reporter.send("started", pid=os.getpid(), threads=threads)
+        reporter.send(StartedMessage(pid=os.getpid(), threads=threads))
         outcome = train_candidate(job.snapshot, job.base_path, job.live_dir, job.out_dir, job.train, job.gate,
                                   reporter.progress, cancel, job.best_before)
     except Cancelled as exc:
-        reporter.send("cancelled", reason=str(exc))
+        reporter.send(CancelledMessage(reason=str(exc)))
         return EXIT_CANCELLED
     except Exception as exc:  # reported to the parent, which marks the update failed
         LOG.exception("training failed")
-        reporter.send("failed", reason=f"{type(exc).__name__}: {exc}")
+        reporter.send(FailedMessage(reason=f"{type(exc).__name__}: {exc}"))
         return 1
-    reporter.send("done", gate=outcome.gate.to_json(), train={**asdict(outcome.train), "threads": threads},
-                  labels=list(outcome.labels))
+    reporter.send(DoneMessage(gate=outcome.gate, train=outcome.train, labels=list(outcome.labels)))
     return 0
 
 

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from learners.metrics import Row, summarize
+from learners.reports import GateReport, WindowScore
 from service.registry import AdapterRegistry, VersionInfo, fsync_write
 
 BASE = "base"
@@ -48,18 +50,18 @@ class AccuracyMatrix:
             self._cells = json.loads(self.path.read_text())
             self._seen = seen
 
-    def record(self, version: str, scores: dict[str, dict[str, float]]) -> None:
+    def record(self, version: str, scores: Mapping[int, WindowScore]) -> None:
         """Add or refresh a version's cells (probe sets never change, so neither do cells)."""
         with self._lock:
             row = self._cells.setdefault(version, {})
-            row.update({w: {k: s[k] for k in ("accuracy", "loss", "n")} for w, s in scores.items()})
+            row.update({str(w): s.model_dump(include={"accuracy", "loss", "n"}) for w, s in scores.items()})
             fsync_write(self.path, json.dumps(self._cells, indent=1).encode())
             self._seen = self._signature()
 
-    def record_gate(self, candidate: str, live: str, gate: dict[str, Any]) -> None:
-        self.record(candidate, gate["candidate"])
-        self.record(live, gate["live"])
-        self.record(BASE, gate.get("base", {}))
+    def record_gate(self, candidate: str, live: str, gate: GateReport) -> None:
+        self.record(candidate, gate.candidate)
+        self.record(live, gate.live)
+        self.record(BASE, gate.base)
 
     def accuracy(self, version: str) -> dict[int, float]:
         with self._lock:

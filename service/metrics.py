@@ -174,9 +174,9 @@ def _registry_metrics(s: Service) -> Iterator[Metric]:
     accuracy = GaugeMetricFamily("evergreen_live_window_accuracy",
                                  "Probe accuracy of the live version per window, from its gate report.",
                                  labels=["window"])
-    gate = s.registry.info(s.runtime.version).gate or {}
-    for window, score in sorted(gate.get("candidate", {}).items(), key=lambda item: int(item[0])):
-        accuracy.add_metric([str(window)], float(score["accuracy"]))
+    gate = s.registry.info(s.runtime.version).gate
+    for window, score in sorted(gate.candidate.items() if gate is not None else []):
+        accuracy.add_metric([str(window)], score.accuracy)
     yield accuracy
 
 

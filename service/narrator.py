@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
 
+from learners.reports import WindowScore
 from service.core import Service
 from service.updates import UpdateRecord
 
@@ -27,18 +27,19 @@ def clock(seconds: float) -> str:
     return f"{minutes}:{rest:02d}"
 
 
-def accuracy_summary(gate: dict[str, Any], windows: list[int]) -> str:
+def accuracy_summary(candidate: Mapping[int, WindowScore], base: Mapping[int, WindowScore],
+                     windows: list[int]) -> str:
     """Accuracy on the windows just learned: the candidate's against the untrained base's.
 
-    >>> accuracy_summary({"candidate": {"1": {"accuracy": 0.95}}, "base": {"1": {"accuracy": 0.3}}}, [1])
+    >>> score = lambda accuracy: WindowScore(accuracy=accuracy, loss=1.0, n=20)
+    >>> accuracy_summary({1: score(0.95)}, {1: score(0.3)}, [1])
     'window 1: 0.95 (base model 0.30)'
     """
     parts = []
     for w in windows:
-        candidate, base = gate["candidate"].get(str(w)), gate.get("base", {}).get(str(w))
-        if candidate is not None:
-            parts.append(f"window {w}: {candidate['accuracy']:.2f}"
-                         + (f" (base model {base['accuracy']:.2f})" if base is not None else ""))
+        if w in candidate:
+            parts.append(f"window {w}: {candidate[w].accuracy:.2f}"
+                         + (f" (base model {base[w].accuracy:.2f})" if w in base else ""))
     return ", ".join(parts)
 
 
@@ -86,5 +87,5 @@ class Narrator:
             version = f" {record.version}" if record.version else ""
             line = f"update {record.id} {record.status.upper()}{version} after {took}: {record.reason}"
             if record.gate is not None and record.status == "promoted":
-                line += f"; {accuracy_summary(record.gate, record.windows)}"
+                line += f"; {accuracy_summary(record.gate.candidate, record.gate.base, record.windows)}"
             self.tell(line)

@@ -20,10 +20,15 @@ import re
 import shutil
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from learners.reports import GateReport, RoundReport
 
 Verdict = Literal["accepted", "rejected"]
 _NAME = re.compile(r"^v\d{4,}$")
@@ -35,29 +40,38 @@ class RegistryError(Exception):
     """A request the registry refuses (unknown version, unsafe files, nothing to roll back to)."""
 
 
-@dataclass
-class VersionInfo:
-    name: str
-    parent: str | None
-    created_at: float
-    verdict: Verdict  # of the gate; only accepted versions are promoted without an override
+class VersionMetadata(BaseModel):
+    """What the writer of a version says about it when it publishes it."""
+
+    parent: str | None = Field(description="The version it was warm-started from.")
+    verdict: Verdict = Field(description="The gate's; only accepted versions are promoted without an override.")
     windows_trained: list[int]
     labels: list[str]
-    gate: dict[str, Any] | None = None
-    train: dict[str, Any] | None = None
-    overrides: list[dict[str, Any]] = field(default_factory=list)
+    gate: GateReport | None = Field(default=None, description="None for a version that was never gated (the first).")
+    train: RoundReport | None = None
+
+
+class Override(BaseModel):
+    """An admin's decision against the gate's verdict."""
+
+    action: Literal["promote"]
+    at: float = Field(description="Unix time.")
+
+
+class VersionInfo(VersionMetadata):
+    """A published version's metadata (`evergreen.json`), with what the registry adds."""
+
+    name: str
+    created_at: float
+    overrides: list[Override] = []
 
 
 @dataclass(frozen=True)
 class Draft:
-    """What a version writer reports about the directory it filled."""
+    """A version being written: its name is reserved, its files go into `path` (`vNNNN.tmp`)."""
 
-    parent: str | None
-    verdict: Verdict
-    windows_trained: list[int]
-    labels: list[str]
-    gate: dict[str, Any] | None = None
-    train: dict[str, Any] | None = None
+    name: str
+    path: Path
 
 
 def fsync_write(path: Path, data: bytes) -> None:
@@ -99,7 +113,7 @@ class AdapterRegistry:
 
     def info(self, name: str) -> VersionInfo:
         path = self.path(name) / METADATA
-        return VersionInfo(**json.loads(path.read_text()))
+        return VersionInfo.model_validate_json(path.read_text())
 
     def path(self, name: str) -> Path:
         """Directory of a version; only names the registry made, never a caller's path."""
@@ -126,34 +140,41 @@ class AdapterRegistry:
         return since
 
     # -- writing ----------------------------------------------------------------------------
-    def create(self, write: Callable[[Path], Draft]) -> VersionInfo:
-        """Allocate the next name, let `write` fill a temporary directory, then publish it."""
-        with self._lock:
+    @contextmanager
+    def draft(self) -> Iterator[Draft]:
+        """Reserve the next name for a version written into `Draft.path`, published by `publish`.
+
+        Whatever leaves the block unpublished (an error, or no `publish` call) is removed, and
+        so is the directory of a process killed inside it, at the next start.
+        """
+        with self._lock:  # two drafts never get the same name
             taken = [int(m.group(1)) for p in self.versions_dir.iterdir()
                      if (m := re.match(r"^v(\d{4,})(\.tmp)?$", p.name))]
-            number = max(taken) + 1 if taken else 0
-            name = f"v{number:04d}"
-            tmp = self.versions_dir / f"{name}.tmp"
-            tmp.mkdir()
+            name = f"v{max(taken) + 1 if taken else 0:04d}"
+            draft = Draft(name, self.versions_dir / f"{name}.tmp")
+            draft.path.mkdir()
         try:
-            draft = write(tmp)
-            if not (tmp / ADAPTER_WEIGHTS).is_file():
-                raise RegistryError(f"the writer of {name} produced no {ADAPTER_WEIGHTS}")
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        info = VersionInfo(name=name, created_at=time.time(), **asdict(draft))
-        fsync_write(tmp / METADATA, json.dumps(info.__dict__, indent=2).encode())
-        for file in tmp.iterdir():
+            yield draft
+        finally:
+            shutil.rmtree(draft.path, ignore_errors=True)  # gone already once published
+
+    def publish(self, draft: Draft, metadata: VersionMetadata) -> VersionInfo:
+        """Write the metadata, fsync every file, and rename the draft into a version: until the
+        rename it does not exist, after it it is complete."""
+        if not (draft.path / ADAPTER_WEIGHTS).is_file():
+            raise RegistryError(f"the draft of {draft.name} has no {ADAPTER_WEIGHTS}")
+        info = VersionInfo(**dict(metadata), name=draft.name, created_at=time.time())
+        fsync_write(draft.path / METADATA, info.model_dump_json(indent=2).encode())
+        for file in draft.path.iterdir():
             with file.open("rb") as handle:
                 os.fsync(handle.fileno())
-        tmp.replace(self.versions_dir / name)
+        draft.path.replace(self.versions_dir / draft.name)
         _fsync_dir(self.versions_dir)
         return info
 
     def record(self, info: VersionInfo) -> None:
         """Rewrite a version's metadata (its weights never change)."""
-        fsync_write(self.path(info.name) / METADATA, json.dumps(info.__dict__, indent=2).encode())
+        fsync_write(self.path(info.name) / METADATA, info.model_dump_json(indent=2).encode())
 
     def promote(self, name: str) -> None:
         """Move the live pointer to `name` (atomically)."""

@@ -6,7 +6,6 @@ serving process keeps answering; a crash of the child cannot take the service do
 
 from __future__ import annotations
 
-import json
 import logging
 import signal
 import subprocess
@@ -14,8 +13,10 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
+from pydantic import ValidationError
+
+from learners.messages import WorkerMessage, parse_message
 from learners.worker import CANCEL, Job
 
 LOG = logging.getLogger(__name__)
@@ -44,13 +45,13 @@ class TrainingProcess:
     def pid(self) -> int:
         return self._proc.pid
 
-    def messages(self) -> Iterator[dict[str, Any]]:
+    def messages(self) -> Iterator[WorkerMessage]:
         """The child's messages as they come, until it closes stdout (exits or dies)."""
         assert self._proc.stdout is not None
         for line in self._proc.stdout:
             try:
-                yield json.loads(line)
-            except json.JSONDecodeError:
+                yield parse_message(line)
+            except ValidationError:
                 LOG.warning("training process %d wrote a line that is not a message: %.200s", self.pid, line)
 
     def cancel(self) -> None:

@@ -17,16 +17,25 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from learners.config import GateSettings, TrainSettings
+from learners.messages import (
+    CancelledMessage,
+    DoneMessage,
+    FailedMessage,
+    ProgressMessage,
+    StartedMessage,
+    WorkerMessage,
+)
+from learners.reports import GateReport
 from learners.train import Cancelled
 from learners.update import initial_adapter
 from learners.worker import Job
 from replay.buffer import ReplayBuffer
 from service.forgetting import AccuracyMatrix, best_before
 from service.live import LiveVersion
-from service.registry import AdapterRegistry, Draft
+from service.registry import AdapterRegistry, VersionMetadata
 from service.training import TrainingFailed, TrainingProcess, describe_exit
 
 LOG = logging.getLogger(__name__)
@@ -58,7 +67,7 @@ class UpdateRecord:
     new_records: int = 0  # their training rows
     # step, steps, loss, penalty, tokens_per_s, and eta_s (training seconds left) once known
     progress: dict[str, float] = field(default_factory=dict)
-    gate: dict[str, Any] | None = None
+    gate: GateReport | None = None
 
 
 def ensure_initial_version(registry: AdapterRegistry, base_path: Path, cfg: TrainSettings) -> str:
@@ -68,11 +77,11 @@ def ensure_initial_version(registry: AdapterRegistry, base_path: Path, cfg: Trai
     version, and an untrained LoRA adapter answers exactly as the base model does.
     """
     if registry.live is None:
-        def write(tmp: Path) -> Draft:
-            initial_adapter(base_path, tmp, cfg.adapter, cfg.seed)
-            return Draft(parent=None, verdict="accepted", windows_trained=[], labels=[])
-
-        registry.promote(registry.create(write).name)
+        with registry.draft() as draft:
+            initial_adapter(base_path, draft.path, cfg.adapter, cfg.seed)
+            info = registry.publish(draft, VersionMetadata(parent=None, verdict="accepted", windows_trained=[],
+                                                           labels=[]))
+        registry.promote(info.name)
     live = registry.live
     assert live is not None
     return live
@@ -197,26 +206,24 @@ class UpdateManager:
             record.status, record.reason = "skipped", "no new labelled records since the live version"
             return
 
-        def write(tmp: Path) -> Draft:
-            job = Job(snapshot=snapshot, base_path=self.base_path, live_dir=self.registry.path(live), out_dir=tmp,
-                      train=self.train, gate=self.gate, best_before=best_before(self.registry, self.matrix, live))
+        with self.registry.draft() as draft:
+            job = Job(snapshot=snapshot, base_path=self.base_path, live_dir=self.registry.path(live),
+                      out_dir=draft.path, train=self.train, gate=self.gate,
+                      best_before=best_before(self.registry, self.matrix, live))
             outcome = self._train(record, job)
-            return Draft(parent=live, verdict="accepted" if outcome["gate"]["passed"] else "rejected",
-                         windows_trained=sorted({*live_info.windows_trained, *snapshot.new_windows}),
-                         labels=outcome["labels"], gate=outcome["gate"], train=outcome["train"])
-
-        info = self.registry.create(write)
-        assert info.gate is not None
-        self.matrix.record_gate(info.name, live, info.gate)
-        record.version, record.gate = info.name, info.gate
-        record.reason = info.gate["reason"] if info.gate else None
+            info = self.registry.publish(draft, VersionMetadata(
+                parent=live, verdict="accepted" if outcome.gate.passed else "rejected",
+                windows_trained=sorted({*live_info.windows_trained, *snapshot.new_windows}),
+                labels=outcome.labels, gate=outcome.gate, train=outcome.train))
+        self.matrix.record_gate(info.name, live, outcome.gate)
+        record.version, record.gate, record.reason = info.name, outcome.gate, outcome.gate.reason
         if info.verdict == "rejected":
             record.status = "rejected"
             return
         self.live.promote(info.name)
         record.status = "promoted"
 
-    def _train(self, record: UpdateRecord, job: Job) -> dict[str, Any]:
+    def _train(self, record: UpdateRecord, job: Job) -> DoneMessage:
         """Run the training process to its end; its `done` message, or an exception saying why not."""
         self.scratch_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="evergreen-update-", dir=self.scratch_dir) as scratch:
@@ -225,13 +232,13 @@ class UpdateManager:
                     raise Cancelled(self._cancelled)
                 process = self._process = TrainingProcess(job, Path(scratch) / "job.json",
                                                           self.train.cancel_grace_seconds)
-            last: dict[str, Any] = {"event": None}  # the message that ended the run, if any
+            last: WorkerMessage | None = None  # the message that ended the run, if any
             try:
                 for message in process.messages():
-                    if message["event"] == "progress":
-                        record.progress = {k: v for k, v in message.items() if k != "event"}
-                        record.stage = "training" if message["step"] < message["steps"] else "gating"
-                    elif message["event"] != "started":
+                    if isinstance(message, ProgressMessage):
+                        record.progress = message.model_dump(exclude={"event"}, exclude_none=True)
+                        record.stage = "training" if message.step < message.steps else "gating"
+                    elif not isinstance(message, StartedMessage):
                         last = message
             finally:
                 code = process.wait()
@@ -239,14 +246,15 @@ class UpdateManager:
                     self._process = None
         if self._cancelled is not None:  # a candidate finished before the child read the request is dropped too
             raise Cancelled(f"{self._cancelled}: {_how_it_stopped(last, code)}")
-        if last["event"] == "done":
+        if isinstance(last, DoneMessage):
             return last
-        raise TrainingFailed(last.get("reason") or describe_exit(code))
+        reason = last.reason if isinstance(last, FailedMessage | CancelledMessage) else ""
+        raise TrainingFailed(reason or describe_exit(code))
 
 
-def _how_it_stopped(last: dict[str, Any], code: int) -> str:
-    if last["event"] == "cancelled":
-        return str(last["reason"])
-    if last["event"] == "done":
+def _how_it_stopped(last: WorkerMessage | None, code: int) -> str:
+    if isinstance(last, CancelledMessage):
+        return last.reason
+    if isinstance(last, DoneMessage):
         return "the finished candidate was discarded"
     return describe_exit(code)

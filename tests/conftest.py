@@ -23,10 +23,11 @@ from safetensors.torch import load_file, save_file
 
 from learners.base_model import TINY_LLAMA, resolve_base_model
 from learners.config import GateSettings, TrainSettings
+from learners.reports import GateReport
 from replay.embed import SentenceEmbedder
 from service.app import create_app
 from service.core import Service
-from service.registry import ADAPTER_WEIGHTS, AdapterRegistry, Draft
+from service.registry import ADAPTER_WEIGHTS, AdapterRegistry, VersionMetadata
 from service.settings import DEV_ADMIN_KEY, ApiSettings, ModelSettings, SchedulerSettings, Settings
 from streams.broker import LocalBroker, free_port
 from streams.config import KafkaSettings
@@ -157,18 +158,18 @@ def serve(tiny_llama: Path) -> Iterator[Callable[[Settings], LiveService]]:
 
 
 def add_versions(registry: AdapterRegistry, count: int, labels: list[str],
-                 gate: dict[str, object] | None = None, verdict: str = "accepted") -> list[str]:
+                 gate: GateReport | None = None, verdict: str = "accepted") -> list[str]:
     """Registry versions with distinct (random, finite) LoRA weights, as an update would write."""
     source = registry.path("v0000")
     names = []
     for i in range(count):
-        def write(tmp: Path, seed: int = i) -> Draft:
-            shutil.copy(source / "adapter_config.json", tmp / "adapter_config.json")
-            generator = torch.Generator().manual_seed(seed)
+        with registry.draft() as draft:
+            shutil.copy(source / "adapter_config.json", draft.path / "adapter_config.json")
+            generator = torch.Generator().manual_seed(i)
             weights = {k: torch.randn(v.shape, generator=generator) * 0.05
                        for k, v in load_file(str(source / ADAPTER_WEIGHTS)).items()}
-            save_file(weights, str(tmp / ADAPTER_WEIGHTS))
-            return Draft(parent="v0000", verdict=verdict, windows_trained=[],  # type: ignore[arg-type]
-                         labels=labels, gate=gate)
-        names.append(registry.create(write).name)
+            save_file(weights, str(draft.path / ADAPTER_WEIGHTS))
+            metadata = VersionMetadata(parent="v0000", verdict=verdict, windows_trained=[],  # type: ignore[arg-type]
+                                       labels=labels, gate=gate)
+            names.append(registry.publish(draft, metadata).name)
     return names

@@ -1,14 +1,14 @@
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from fastapi import APIRouter, HTTPException, status
 from pydantic import BaseModel, Field
 
+from learners.reports import GateReport
 from service.deps import AdminDep, PrimaryDep, ServiceDep
 from service.errors import responses
-from service.registry import RegistryError, VersionInfo
+from service.registry import Override, RegistryError, VersionInfo
 from service.runtime import UnsafeAdapter
 
 router = APIRouter(prefix="/v1", tags=["adapters"])
@@ -24,8 +24,8 @@ class AdapterPublic(BaseModel):
     live: bool
     windows_trained: list[int]
     labels: list[str]
-    gate: dict[str, Any] | None
-    overrides: list[dict[str, Any]]
+    gate: GateReport | None = Field(description="None for the first version, which was never gated.")
+    overrides: list[Override]
 
 
 class AdapterList(BaseModel):
@@ -75,7 +75,7 @@ def promote(*, service: ServiceDep, _admin: AdminDep, _primary: PrimaryDep, vers
     except (RegistryError, UnsafeAdapter) as exc:
         raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
     if info.verdict == "rejected":
-        info.overrides.append({"action": "promote", "at": time.time()})
+        info.overrides.append(Override(action="promote", at=time.time()))
         service.registry.record(info)
     return _public(info, service.registry.live)
 

@@ -2,11 +2,12 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import asdict
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, status
 from pydantic import BaseModel, Field
 
+from learners.reports import GateReport
 from service.deps import AdminDep, PrimaryDep, ServiceDep
 from service.errors import responses
 from service.updates import UpdateInProgress, UpdateNotRunning, UpdateRecord, UpdateStage
@@ -28,7 +29,7 @@ class UpdatePublic(BaseModel):
     new_records: int = Field(description="Their training rows.")
     progress: dict[str, float] = Field(description="step, steps, loss, penalty, tokens_per_s and, from "
                                                    "step 2, eta_s: seconds of training left (gating follows).")
-    gate: dict[str, Any] | None
+    gate: GateReport | None = Field(description="The gate's report on the candidate, once judged.")
 
 
 def _public(record: UpdateRecord) -> UpdatePublic:

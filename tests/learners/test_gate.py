@@ -16,7 +16,8 @@ import pytest
 
 from conftest import TINY_TRAIN
 from learners.config import GateSettings, TrainSettings
-from learners.gate import Canary, WindowScore, judge
+from learners.gate import judge
+from learners.reports import Canary, WindowScore
 from learners.update import initial_adapter, train_candidate
 from replay.buffer import Snapshot
 from streams.records import TicketRecord
@@ -28,7 +29,8 @@ LEARNING_RATE = 5e-3
 
 
 def score(correct: list[bool], majority_rate: float = 0.5) -> WindowScore:
-    return WindowScore(sum(correct) / len(correct), 0.0, len(correct), tuple(correct), majority_rate)
+    return WindowScore(accuracy=sum(correct) / len(correct), loss=0.0, n=len(correct), correct=tuple(correct),
+                       majority_rate=majority_rate)
 
 
 def test_a_significant_drop_is_rejected_and_a_noisy_one_is_not() -> None:
@@ -60,8 +62,8 @@ def test_new_windows_are_rejected_only_when_significantly_worse_than_live() -> N
 
 
 def known(correct: list[bool], among_known: list[bool]) -> WindowScore:
-    return WindowScore(sum(correct) / len(correct), 0.0, len(correct), tuple(correct), 0.5,
-                       sum(among_known) / len(among_known), tuple(among_known))
+    return score(correct).model_copy(update={"known_accuracy": sum(among_known) / len(among_known),
+                                             "known_correct": tuple(among_known)})
 
 
 def test_old_probes_lost_to_new_labels_are_interference_not_forgetting() -> None:
@@ -84,10 +86,10 @@ def test_old_probes_lost_to_new_labels_are_interference_not_forgetting() -> None
 def test_canary_drift_over_the_bound_is_rejected() -> None:
     live, candidate = {1: score([False] * 20)}, {1: score([True] * 20)}
     policy = GateSettings(max_canary_increase=0.1)
-    assert judge(candidate, live, [1], policy, canary=Canary(3.05, 3.0, 3.0)).passed
-    report = judge(candidate, live, [1], policy, canary=Canary(3.5, 3.0, 3.0))
+    assert judge(candidate, live, [1], policy, canary=Canary(candidate=3.05, live=3.0, base=3.0)).passed
+    report = judge(candidate, live, [1], policy, canary=Canary(candidate=3.5, live=3.0, base=3.0))
     assert not report.passed and report.reason.startswith("canary")
-    assert report.to_json()["canary"]["drift"] == pytest.approx(0.5)
+    assert report.model_dump(mode="json")["canary"]["drift"] == pytest.approx(0.5)
 
 
 INTENTS = {"card_arrival": "card", "exchange_rate": "rate", "top_up_failed": "topup",

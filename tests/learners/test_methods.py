@@ -20,7 +20,7 @@ from learners.scoring import LabelScorer
 from learners.train import answer_loss, collate
 from learners.update import EWC_FILE, initial_adapter, train_candidate
 from replay.buffer import Snapshot
-from service.registry import AdapterRegistry, Draft
+from service.registry import AdapterRegistry, VersionMetadata
 from service.runtime import ModelRuntime, UnsafeAdapter
 from streams.records import TicketRecord
 
@@ -41,10 +41,21 @@ def train_version(registry: AdapterRegistry, base: Path, parent: str, window: in
     snapshot = Snapshot((window,), records(f"w{window}", 8), records("old", 4) if window > 1 else [],
                         {window: records(f"p{window}", 4)}, LABELS)
 
-    def write(tmp: Path) -> Draft:
-        train_candidate(snapshot, base, registry.path(parent), tmp, TRAIN, POLICY)
-        return Draft(parent=parent, verdict="accepted", windows_trained=[window], labels=list(LABELS))
-    return registry.create(write).name
+    with registry.draft() as draft:
+        train_candidate(snapshot, base, registry.path(parent), draft.path, TRAIN, POLICY)
+        metadata = VersionMetadata(parent=parent, verdict="accepted", windows_trained=[window], labels=list(LABELS))
+        return registry.publish(draft, metadata).name
+
+
+def initial_version(registry: AdapterRegistry, base: Path, cfg: AdapterSettings, seed: int,
+                    break_weights: bool = False) -> str:
+    """An untrained first version; with `break_weights`, its safetensors hold an unrelated tensor."""
+    with registry.draft() as draft:
+        initial_adapter(base, draft.path, cfg, seed)
+        if break_weights:
+            save_file({"unrelated.weight": torch.zeros(2)}, str(draft.path / "adapter_model.safetensors"))
+        metadata = VersionMetadata(parent=None, verdict="accepted", windows_trained=[], labels=list(LABELS))
+        return registry.publish(draft, metadata).name
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -52,11 +63,7 @@ def test_a_version_of_every_method_trains_serves_and_hot_swaps(tiny_llama: Path,
                                                                method: str) -> None:
     registry = AdapterRegistry(tmp_path / "registry")
     cfg = TRAIN.model_copy(update={"adapter": METHODS[method]})
-
-    def first(tmp: Path) -> Draft:
-        initial_adapter(tiny_llama, tmp, cfg.adapter, cfg.seed)
-        return Draft(parent=None, verdict="accepted", windows_trained=[], labels=list(LABELS))
-    v0 = registry.create(first).name
+    v0 = initial_version(registry, tiny_llama, cfg.adapter, cfg.seed)
     v1 = train_version(registry, tiny_llama, v0, 1)
     v2 = train_version(registry, tiny_llama, v1, 2)  # warm start under the EWC penalty of v1
     assert (registry.path(v2) / EWC_FILE).exists()
@@ -90,12 +97,7 @@ def test_a_version_of_every_method_trains_serves_and_hot_swaps(tiny_llama: Path,
 def test_the_server_swaps_between_versions_of_different_methods(tiny_llama: Path, tmp_path: Path) -> None:
     """Each version is served by a model of its own, so a registry may change method."""
     registry = AdapterRegistry(tmp_path / "registry")
-    names = []
-    for method in ("lora", "prefix"):
-        def write(tmp: Path, cfg: AdapterSettings = METHODS[method]) -> Draft:
-            initial_adapter(tiny_llama, tmp, cfg, 0)
-            return Draft(parent=None, verdict="accepted", windows_trained=[], labels=list(LABELS))
-        names.append(registry.create(write).name)
+    names = [initial_version(registry, tiny_llama, METHODS[method], 0) for method in ("lora", "prefix")]
     runtime = ModelRuntime(tiny_llama, registry, names[0])
     runtime.swap(names[1])
     [answer] = runtime.classify_batch(["my card question"], None, [2])
@@ -141,16 +143,8 @@ def test_a_long_reply_keeps_room_for_the_ticket(tiny_llama: Path) -> None:
 
 def test_a_version_missing_a_tensor_is_refused_by_the_server(tiny_llama: Path, tmp_path: Path) -> None:
     registry = AdapterRegistry(tmp_path / "registry")
-
-    def first(tmp: Path) -> Draft:
-        initial_adapter(tiny_llama, tmp, METHODS["prefix"], 0)
-        return Draft(parent=None, verdict="accepted", windows_trained=[], labels=list(LABELS))
-
-    def broken(tmp: Path) -> Draft:
-        initial_adapter(tiny_llama, tmp, METHODS["prefix"], 1)
-        save_file({"unrelated.weight": torch.zeros(2)}, str(tmp / "adapter_model.safetensors"))
-        return Draft(parent=None, verdict="accepted", windows_trained=[], labels=list(LABELS))
-    good, bad = registry.create(first).name, registry.create(broken).name
+    good = initial_version(registry, tiny_llama, METHODS["prefix"], 0)
+    bad = initial_version(registry, tiny_llama, METHODS["prefix"], 1, break_weights=True)
     runtime = ModelRuntime(tiny_llama, registry, good)
     with pytest.raises(UnsafeAdapter, match="does not fit"):
         runtime.swap(bad)

@@ -10,7 +10,7 @@ from conftest import MODEL_CACHE
 from learners.base_model import SMOLLM2, load_base, resolve_base_model
 from learners.config import AdapterSettings
 from learners.update import initial_adapter
-from service.registry import AdapterRegistry, Draft
+from service.registry import AdapterRegistry, VersionMetadata
 from service.runtime import ModelRuntime
 
 
@@ -24,12 +24,10 @@ def test_smollm2_classifies_zero_shot_through_the_serving_runtime(smollm2: Path,
     assert 130e6 < sum(p.numel() for p in model.parameters()) < 140e6
     del model
     registry = AdapterRegistry(tmp_path)
-
-    def write(tmp: Path) -> Draft:
-        initial_adapter(smollm2, tmp, AdapterSettings(rank=8), seed=0)
-        return Draft(parent=None, verdict="accepted", windows_trained=[], labels=[])
-
-    registry.promote(registry.create(write).name)
+    with registry.draft() as draft:
+        initial_adapter(smollm2, draft.path, AdapterSettings(rank=8), seed=0)
+        info = registry.publish(draft, VersionMetadata(parent=None, verdict="accepted", windows_trained=[], labels=[]))
+    registry.promote(info.name)
     runtime = ModelRuntime(smollm2, registry, "v0000")
     labels = ["lost_or_stolen_card", "exchange_rate", "top_up_failed"]
     cases = {"Someone stole my wallet with my card in it, please block it": "lost_or_stolen_card",

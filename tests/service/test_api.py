@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from pydantic import SecretStr
 
 from conftest import LiveService, add_versions, tiny_settings
+from learners.config import GateSettings
+from learners.reports import GateReport, WindowScore
 from service.settings import ApiKey, ApiSettings, Settings
 from streams.broker import free_port
 from streams.records import TicketRecord
@@ -57,17 +60,38 @@ def test_auth_limits_and_errors(serve: Callable[[Settings], LiveService], tmp_pa
     metrics = client.get("/metrics").text
     assert 'evergreen_live_adapter_info{version="v0000"} 1.0' in metrics
     assert 'evergreen_http_requests_total{method="POST",route="/v1/classify",status="413"} 1.0' in metrics
-    assert "openapi" in client.get("/openapi.json").json()
+    assert_gate_report_is_typed(client.get("/openapi.json").json())
+
+
+def assert_gate_report_is_typed(openapi: dict[str, Any]) -> None:
+    """The update record and the adapter document what a gate report holds, down to each check."""
+    components = openapi["components"]["schemas"]
+
+    def resolve(schema: dict[str, Any]) -> dict[str, Any]:
+        """The component a (nullable) reference points to."""
+        ref = next(s["$ref"] for s in schema.get("anyOf", [schema]) if "$ref" in s)
+        return dict(components[ref.rsplit("/", 1)[1]])
+
+    for record in ("UpdatePublic", "AdapterPublic"):
+        gate = resolve(components[record]["properties"]["gate"])
+        assert {"passed", "reason", "checks", "candidate", "live", "base", "canary", "thresholds"} \
+            <= set(gate["properties"])
+        check = resolve(gate["properties"]["checks"]["items"])
+        assert {"name", "passed", "observed", "threshold", "p_value"} <= set(check["properties"])
+        window = resolve(gate["properties"]["candidate"]["additionalProperties"])
+        assert {"accuracy", "loss", "n"} <= set(window["properties"]) and "correct" not in window["properties"]
+        assert "drift" in resolve(gate["properties"]["canary"])["properties"]
 
 
 def test_metrics_report_updates_verdicts_and_live_accuracy(serve: Callable[[Settings], LiveService],
                                                            tmp_path: Path) -> None:
     live = serve(tiny_settings(tmp_path, None))
     registry = live.service.registry
-    gate = {"passed": True, "candidate": {"1": {"accuracy": 0.75, "loss": 0.5},
-                                          "2": {"accuracy": 0.5, "loss": 0.9}}}
+    candidate = {1: WindowScore(accuracy=0.75, loss=0.5, n=4), 2: WindowScore(accuracy=0.5, loss=0.9, n=4)}
+    gate = GateReport(passed=True, reason="passed", new_windows=(1, 2), candidate=candidate, live={},
+                      thresholds=GateSettings())
     accepted = add_versions(registry, 1, ["a", "b"], gate=gate)[0]
-    add_versions(registry, 2, ["a", "b"], gate={**gate, "passed": False}, verdict="rejected")
+    add_versions(registry, 2, ["a", "b"], gate=gate.model_copy(update={"passed": False}), verdict="rejected")
     client = live.client()
     assert client.post(f"/v1/adapters/{accepted}/promote", headers=live.admin).status_code == 200
     assert client.post("/v1/updates", headers=live.admin).status_code == 202  # nothing new: skipped
@@ -89,7 +113,8 @@ def test_metrics_report_updates_verdicts_and_live_accuracy(serve: Callable[[Sett
 def test_a_rejected_version_is_never_served_unless_an_admin_overrides(
         serve: Callable[[Settings], LiveService], tmp_path: Path) -> None:
     live = serve(tiny_settings(tmp_path, None))
-    gate = {"passed": False, "reason": "drop on window 1", "candidate": {}}
+    gate = GateReport(passed=False, reason="drop on window 1", new_windows=(1,), candidate={}, live={},
+                      thresholds=GateSettings())
     rejected = add_versions(live.service.registry, 1, ["a", "b"], gate=gate, verdict="rejected")[0]
     client = live.client()
     before = client.get("/v1/adapters").json()

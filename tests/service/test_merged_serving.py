@@ -19,7 +19,7 @@ from learners.config import AdapterSettings
 from learners.scoring import LabelScorer
 from learners.update import initial_adapter
 from service.live import LiveVersion
-from service.registry import ADAPTER_WEIGHTS, AdapterRegistry, Draft
+from service.registry import ADAPTER_WEIGHTS, AdapterRegistry, VersionMetadata
 from service.runtime import ModelRuntime, UnsafeAdapter
 from service.settings import Settings
 
@@ -30,12 +30,11 @@ TEXTS = ["my card has not arrived", "what rate do you use for euros?", "top up d
 @pytest.fixture
 def registry(tiny_llama: Path, tmp_path: Path) -> AdapterRegistry:
     registry = AdapterRegistry(tmp_path / "registry")
-
-    def write(tmp: Path) -> Draft:
-        initial_adapter(tiny_llama, tmp, AdapterSettings(), seed=0)
-        return Draft(parent=None, verdict="accepted", windows_trained=[], labels=LABELS)
-
-    registry.promote(registry.create(write).name)
+    with registry.draft() as draft:
+        initial_adapter(tiny_llama, draft.path, AdapterSettings(), seed=0)
+        info = registry.publish(draft, VersionMetadata(parent=None, verdict="accepted", windows_trained=[],
+                                                       labels=LABELS))
+    registry.promote(info.name)
     return registry
 
 
@@ -80,14 +79,12 @@ def test_a_version_peft_must_merge_scores_like_the_unmerged_model(tiny_llama: Pa
 def version_with(registry: AdapterRegistry, change: Callable[[str, torch.Tensor], torch.Tensor]) -> str:
     """A registry version whose weights are v0000's passed through `change(name, tensor)`."""
     source = registry.path("v0000")
-
-    def write(tmp: Path) -> Draft:
-        shutil.copy(source / "adapter_config.json", tmp / "adapter_config.json")
+    with registry.draft() as draft:
+        shutil.copy(source / "adapter_config.json", draft.path / "adapter_config.json")
         weights = {k: change(k, v) for k, v in load_file(str(source / ADAPTER_WEIGHTS)).items()}
-        save_file(weights, str(tmp / ADAPTER_WEIGHTS))
-        return Draft(parent="v0000", verdict="accepted", windows_trained=[], labels=LABELS)
-
-    return registry.create(write).name
+        save_file(weights, str(draft.path / ADAPTER_WEIGHTS))
+        metadata = VersionMetadata(parent="v0000", verdict="accepted", windows_trained=[], labels=LABELS)
+        return registry.publish(draft, metadata).name
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])

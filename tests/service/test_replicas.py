@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import LiveService, add_versions, tiny_settings, wait_for
+from learners.reports import WindowScore
 from service.core import Service
 from service.settings import ReplicaSettings, Settings
 from streams.broker import LocalBroker
@@ -40,7 +41,7 @@ def test_replica_follows_promotions_and_rollbacks(broker: LocalBroker, serve: Ca
         wait_for(served_by_replica(versions[0]), 20, "the replica to roll back")
 
     # Accuracy the primary records after the replica started shows in the replica's report.
-    primary.service.matrix.record(versions[1], {"0": {"accuracy": 0.75, "loss": 1.0, "n": 8}})
+    primary.service.matrix.record(versions[1], {0: WindowScore(accuracy=0.75, loss=1.0, n=8)})
     rows = {row["name"]: row for row in answers.get("/v1/forgetting").json()["versions"]}
     assert rows[versions[1]]["accuracy"] == {"0": 0.75}
 

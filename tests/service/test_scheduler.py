@@ -102,7 +102,7 @@ def test_crash_mid_update_leaves_live_untouched_and_next_run_clean(tiny_llama: P
         record = service.updates.start("manual")
         wait_for(lambda: record.finished_at is not None, 180, "the update after the crash")
         assert record.status == "promoted", record  # the crashed candidate's name is free again
-        assert record.version == "v0001" and record.gate is not None and "1" in record.gate["candidate"]
+        assert record.version == "v0001" and record.gate is not None and 1 in record.gate.candidate
         assert service.registry.live == service.runtime.version == "v0001"
     finally:
         service.stop()

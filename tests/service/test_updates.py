@@ -23,7 +23,7 @@ from conftest import TINY_TRAIN, LiveService, gauge, is_alive, tiny_settings, wa
 from learners.config import PROMOTE_ALL, GateSettings
 from service.cli import UPDATE_EXIT, app
 from service.core import Service
-from service.registry import ADAPTER_WEIGHTS, Draft
+from service.registry import ADAPTER_WEIGHTS, VersionMetadata
 from service.settings import DEV_ADMIN_KEY, Settings
 from streams.records import TicketRecord
 
@@ -87,7 +87,7 @@ def test_queries_are_answered_while_an_update_trains_in_its_own_process(
     assert gauge(after, "evergreen_update_running") == 0 and gauge(after, "evergreen_update_step") is None
     assert not is_alive(worker)
     train = live.service.registry.info(record["version"]).train
-    assert train is not None and train["threads"] == 1 and train["steps"] == record["progress"]["steps"]
+    assert train is not None and train.threads == 1 and train.steps == record["progress"]["steps"]
 
 
 def test_cancel_stops_the_training_and_publishes_nothing(serve: Callable[[Settings], LiveService],
@@ -138,7 +138,7 @@ def test_a_killed_training_process_fails_the_update_and_the_next_starts_clean(ti
         wait_for(lambda: again.finished_at is not None, 180, "the update after the crash")
         assert again.status == "promoted", again
         assert again.version == service.registry.live == service.runtime.version == "v0001"
-        assert again.gate is not None and "1" in again.gate["candidate"]
+        assert again.gate is not None and 1 in again.gate.candidate
     finally:
         service.stop()
 
@@ -181,7 +181,7 @@ def test_update_shows_progress_and_exits_with_the_verdict(serve: Callable[[Setti
     record = live.service.updates.get(2)
     assert record is not None and record.status == "rejected" and record.gate is not None
     assert result.exit_code == UPDATE_EXIT["rejected"] == 1, result.output
-    assert result.stdout == f"update 2 rejected v0001: {record.gate['reason']}\n"
+    assert result.stdout == f"update 2 rejected v0001: {record.gate.reason}\n"
     steps = int(record.progress["steps"])
     assert f"{steps}/{steps}" in result.stderr and "loss 0." in result.stderr and "tok/s" in result.stderr
 
@@ -217,13 +217,11 @@ def test_a_rejected_window_is_quarantined_until_its_version_is_promoted(tiny_lla
                                                   label=labels[i % len(labels)]) for i in range(20)])
             assert service.buffer.close_window() == window
         source = service.registry.path("v0000")
-
-        def rejected_draft(tmp: Path) -> Draft:
+        with service.registry.draft() as draft:
             for name in ("adapter_config.json", ADAPTER_WEIGHTS):
-                shutil.copy(source / name, tmp / name)
-            return Draft(parent="v0000", verdict="rejected", windows_trained=[1], labels=LABELS)
-
-        rejected = service.registry.create(rejected_draft).name
+                shutil.copy(source / name, draft.path / name)
+            rejected = service.registry.publish(draft, VersionMetadata(parent="v0000", verdict="rejected",
+                                                                       windows_trained=[1], labels=LABELS)).name
         assert service.updates.quarantined() == {1}
         snapshot = service.buffer.snapshot([], seed=0, skip=service.updates.quarantined())
         assert snapshot.new_windows == (2,) and set(snapshot.probes) == {2}
