@@ -52,6 +52,7 @@ from replay.embed import SentenceEmbedder
 from service.forgetting import AccuracyMatrix
 from service.live import LiveVersion, NothingServed
 from service.registry import AdapterRegistry
+from service.settings import RegistrySettings
 from service.updates import UpdateManager, UpdateRecord, ensure_initial_version
 from streams.datasets import DATASETS, load_tickets, scramble
 from streams.records import TicketRecord
@@ -139,7 +140,7 @@ class Loop:
         ensure_initial_version(self.registry, base_path, train)
         self.updates = UpdateManager(self.buffer, LiveVersion(self.registry, NothingServed()),
                                      AccuracyMatrix(self.registry.root / "accuracy.json"), base_path, train, gate,
-                                     root / "scratch")
+                                     root / "scratch", RegistrySettings())
 
     def learn(self, rows: Sequence[TicketRecord]) -> UpdateRecord:
         self.buffer.add_many(rows)

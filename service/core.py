@@ -58,7 +58,8 @@ class Service:
                                     max_cached=settings.serving.cached_versions)
         self.live = LiveVersion(self.registry, self.runtime)
         self.updates = UpdateManager(self.buffer, self.live, self.matrix, self.base_path,
-                                     settings.train, settings.gate, scratch_dir=data / "scratch")
+                                     settings.train, settings.gate, scratch_dir=data / "scratch",
+                                     retention=settings.registry)
         self.generator = Generator(self.runtime, settings.serving.max_prompt_tokens)
         self.batcher = ClassifyBatcher(self.runtime, settings.serving.max_batch, settings.serving.batch_wait_ms,
                                        settings.serving.classify_chunk_tokens)

@@ -110,6 +110,7 @@ def report(registry: AdapterRegistry, matrix: AccuracyMatrix) -> dict[str, Any]:
         summary = summarize(rows_for(registry, matrix, name), base)[-1]
         versions.append({
             "name": name, "parent": info.parent, "verdict": info.verdict, "live": name == live,
+            "pruned": info.pruned_at is not None,
             "windows_trained": info.windows_trained,
             "accuracy": {str(w): a for w, a in sorted(matrix.accuracy(name).items())},
             "summary": {**asdict(summary), "forgetting": {str(w): f for w, f in summary.forgetting.items()}},

@@ -160,17 +160,25 @@ def _update_durations(s: Service) -> Iterator[Metric]:
 
 
 def _registry_metrics(s: Service) -> Iterator[Metric]:
-    """Gate verdicts over the registry, and the live version's accuracy on every window's probes."""
+    """Gate verdicts over the registry, versions kept and pruned by its retention, and the live
+    version's accuracy on every window's probes."""
     verdicts = GaugeMetricFamily("evergreen_gate_verdicts", "Registry versions by gate verdict.",
                                  labels=["verdict"])
     counts = {"accepted": 0, "rejected": 0}
-    for name in s.registry.names():
-        info = s.registry.info(name)
+    infos = [s.registry.info(name) for name in s.registry.names()]
+    for info in infos:
         if info.gate is not None:  # the initial version was never gated
             counts[info.verdict] = counts.get(info.verdict, 0) + 1
+    pruned = sum(info.pruned_at is not None for info in infos)
     for verdict, count in sorted(counts.items()):
         verdicts.add_metric([verdict], count)
     yield verdicts
+    # A pruned version keeps its record for good, so this count only grows, across restarts too.
+    yield CounterMetricFamily("evergreen_registry_pruned", "Registry versions whose weights retention deleted.",
+                              value=pruned)
+    yield GaugeMetricFamily("evergreen_registry_versions_on_disk",
+                            "Registry versions with their weights on disk (bounded by `registry.keep_*`).",
+                            value=len(infos) - pruned)
     accuracy = GaugeMetricFamily("evergreen_live_window_accuracy",
                                  "Probe accuracy of the live version per window, from its gate report.",
                                  labels=["window"])

@@ -10,6 +10,9 @@ Layout under `root`::
 
 Every write is a temporary file or directory, fsynced, then renamed: a crash at any moment
 leaves the previous live version intact. Names are never reused, rejected ones included.
+
+`prune` bounds the disk: old rejected and superseded versions lose their files but keep their
+`evergreen.json`, marked `pruned_at`, so lineage, quarantine and history still read it.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import groupby
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,6 +38,11 @@ Verdict = Literal["accepted", "rejected"]
 _NAME = re.compile(r"^v\d{4,}$")
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 METADATA = "evergreen.json"
+
+
+def _number(name: str) -> int:
+    """A version's place in creation order (by number: v10000 comes after v9999)."""
+    return int(name[1:])
 
 
 class RegistryError(Exception):
@@ -64,6 +73,8 @@ class VersionInfo(VersionMetadata):
     name: str
     created_at: float
     overrides: list[Override] = []
+    pruned_at: float | None = Field(
+        default=None, description="Unix time retention deleted its weights (None while it can be loaded).")
 
 
 @dataclass(frozen=True)
@@ -106,20 +117,35 @@ class AdapterRegistry:
         if writer:
             for leftover in self.versions_dir.glob("*.tmp"):
                 shutil.rmtree(leftover)  # a version whose writer crashed never became a version
+            for name in self.names():  # a prune killed after marking a version finishes here
+                if self._pruned(name):
+                    self._delete_files(name)
 
     # -- reading ----------------------------------------------------------------------------
     def names(self) -> list[str]:
-        return sorted(p.name for p in self.versions_dir.iterdir() if _NAME.match(p.name))
+        """Every version, pruned ones included, oldest first."""
+        return sorted((p.name for p in self.versions_dir.iterdir() if _NAME.match(p.name)),
+                      key=_number)
 
     def info(self, name: str) -> VersionInfo:
-        path = self.path(name) / METADATA
-        return VersionInfo.model_validate_json(path.read_text())
+        return VersionInfo.model_validate_json((self._directory(name) / METADATA).read_text())
 
-    def path(self, name: str) -> Path:
-        """Directory of a version; only names the registry made, never a caller's path."""
+    def _directory(self, name: str) -> Path:
         if not _NAME.match(name) or not (self.versions_dir / name).is_dir():
             raise RegistryError(f"unknown adapter version {name!r}")
-        directory = self.versions_dir / name
+        return self.versions_dir / name
+
+    def _pruned(self, name: str) -> bool:
+        metadata = self.versions_dir / name / METADATA
+        return metadata.is_file() and VersionInfo.model_validate_json(metadata.read_text()).pruned_at is not None
+
+    def path(self, name: str) -> Path:
+        """Directory of a loadable version; only names the registry made, never a caller's path."""
+        directory = self._directory(name)
+        # Checked before the weights: a prune killed mid-way leaves files of a version marked pruned.
+        if self._pruned(name):
+            raise RegistryError(f"version {name} was pruned by the registry's retention (`registry.keep_rejected`, "
+                                "`registry.keep_superseded`): only its record is kept, it can no longer be loaded")
         if not (directory / ADAPTER_WEIGHTS).is_file():
             raise RegistryError(f"version {name!r} has no {ADAPTER_WEIGHTS}: only safetensors load")
         return directory
@@ -174,7 +200,10 @@ class AdapterRegistry:
 
     def record(self, info: VersionInfo) -> None:
         """Rewrite a version's metadata (its weights never change)."""
-        fsync_write(self.path(info.name) / METADATA, info.model_dump_json(indent=2).encode())
+        fsync_write(self._directory(info.name) / METADATA, info.model_dump_json(indent=2).encode())
+
+    def _write_pointer(self, live: str, history: list[str], since: float | None) -> None:
+        fsync_write(self.root / "live.json", json.dumps({"live": live, "history": history, "since": since}).encode())
 
     def promote(self, name: str) -> None:
         """Move the live pointer to `name` (atomically)."""
@@ -183,9 +212,7 @@ class AdapterRegistry:
             pointer = self._pointer()
             if pointer["live"] == name:
                 return
-            history = [*pointer["history"], name]
-            fsync_write(self.root / "live.json",
-                         json.dumps({"live": name, "history": history, "since": time.time()}).encode())
+            self._write_pointer(name, [*pointer["history"], name], time.time())
         self._moved(name, "promote")
 
     def _moved(self, name: str, event: str) -> None:
@@ -205,7 +232,58 @@ class AdapterRegistry:
         with self._lock:
             history = self._pointer()["history"]
             previous = self.previous_live()
-            fsync_write(self.root / "live.json",
-                         json.dumps({"live": previous, "history": history[:-1], "since": time.time()}).encode())
+            self._write_pointer(previous, history[:-1], time.time())
         self._moved(previous, "rollback")
         return previous
+
+    # -- retention --------------------------------------------------------------------------
+    def prune(self, keep_rejected: int, keep_superseded: int) -> list[str]:
+        """Delete the files of all but the newest `keep_rejected` rejected versions (never
+        promoted) and `keep_superseded` superseded ones (not live: once live, or accepted and
+        never served); returns the names pruned, oldest first.
+
+        Always kept besides: the live version, the one a rollback returns to, and the first
+        version (the untrained adapter, which answers as the base model does). Drafts are not
+        versions yet, so never touched. A pruned version leaves the pointer's history first, so
+        no rollback can reach it; then its metadata is marked `pruned_at`, which makes it
+        unloadable, and only then are its files deleted: a crash at any point leaves either a
+        complete version or a marked one, whose leftover files the next start deletes.
+        """
+        with self._lock:  # the pointer must not move between reading it and trimming its history
+            names = self.names()
+            pointer = self._pointer()
+            history: list[str] = pointer["history"]
+            protected = {pointer["live"], *history[-2:], *names[:1]}
+            rejected: list[VersionInfo] = []
+            superseded: list[VersionInfo] = []
+            for name in names:
+                info = self.info(name)
+                if name not in protected and info.pruned_at is None:
+                    (rejected if info.verdict == "rejected" and not info.overrides else superseded).append(info)
+            doomed = sorted([*_all_but_newest(rejected, keep_rejected), *_all_but_newest(superseded, keep_superseded)],
+                            key=lambda info: _number(info.name))
+            gone = {info.name for info in doomed}
+            # Dropping a version can make its neighbours in the history equal: one entry, or a
+            # rollback would "return" to the version already live.
+            kept = [name for name, _ in groupby(name for name in history if name not in gone)]
+            if kept != history:
+                self._write_pointer(pointer["live"], kept, pointer.get("since"))
+            for info in doomed:
+                self.record(info.model_copy(update={"pruned_at": time.time()}))
+                self._delete_files(info.name)
+        return [info.name for info in doomed]
+
+    def _delete_files(self, name: str) -> None:
+        """Everything of a pruned version but its metadata."""
+        for entry in self._directory(name).iterdir():
+            if entry.name == METADATA:
+                continue
+            if entry.is_dir():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+
+
+def _all_but_newest(versions: list[VersionInfo], keep: int) -> list[VersionInfo]:
+    """`versions` (oldest first) without its newest `keep`."""
+    return versions[:max(len(versions) - keep, 0)]

@@ -92,6 +92,19 @@ class ModelSettings(BaseModel):
     threads: int = Field(0, ge=0, description="Torch CPU threads (0: torch's default).")
 
 
+class RegistrySettings(BaseModel):
+    """How many old adapter versions keep their weights on disk; pruned after every update."""
+
+    keep_rejected: int = Field(
+        10, ge=0, description="Versions the gate rejected and nobody promoted whose weights are kept, the "
+                              "newest; older ones keep only their record (gate report, accuracy, still listed "
+                              "and still quarantining their windows) and can no longer be promoted.")
+    keep_superseded: int = Field(
+        10, ge=0, description="Other versions not live (once live, or accepted but never served) whose weights "
+                              "are kept, the newest; rollback reaches back through these. The live version, "
+                              "the one a rollback returns to and the first version are always kept besides.")
+
+
 class SchedulerSettings(BaseModel):
     """When updates run on their own."""
 
@@ -166,6 +179,7 @@ class Settings(BaseSettings):
     replay: ReplaySettings = ReplaySettings()
     train: TrainSettings = TrainSettings()
     gate: GateSettings = GateSettings()
+    registry: RegistrySettings = RegistrySettings()
     scheduler: SchedulerSettings = SchedulerSettings()
     api: ApiSettings = ApiSettings()
     serving: ServingSettings = ServingSettings()

@@ -4,7 +4,8 @@ The API's `POST /v1/updates` and the scheduler both call `UpdateManager.start`; 
 runs at a time. Training and gating run in a child process (`service.training`) whose progress
 lands in `UpdateRecord.progress`; `cancel` stops it. A crash or error anywhere leaves the live
 version untouched: the candidate directory is published only when complete, and the pointer
-moves only after the gate passes.
+moves only after the gate passes. Every update that registers a version ends by pruning the
+registry to its retention (`registry.keep_rejected`, `registry.keep_superseded`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from replay.buffer import ReplayBuffer
 from service.forgetting import AccuracyMatrix, best_before
 from service.live import LiveVersion
 from service.registry import AdapterRegistry, VersionMetadata
+from service.settings import RegistrySettings
 from service.training import TrainingFailed, TrainingProcess, describe_exit
 
 LOG = logging.getLogger(__name__)
@@ -91,7 +93,8 @@ class UpdateManager:
     """Owns the update lifecycle and the history of updates of this process."""
 
     def __init__(self, buffer: ReplayBuffer, live: LiveVersion, matrix: AccuracyMatrix,
-                 base_path: Path, train: TrainSettings, gate: GateSettings, scratch_dir: Path) -> None:
+                 base_path: Path, train: TrainSettings, gate: GateSettings, scratch_dir: Path,
+                 retention: RegistrySettings) -> None:
         self.buffer = buffer
         # Job folders of the training processes. A process killed mid-update never removes its
         # own, so what is there at start belongs to no running update: removed.
@@ -106,6 +109,7 @@ class UpdateManager:
         self.base_path = base_path
         self.train = train
         self.gate = gate
+        self.retention = retention
         self.history: list[UpdateRecord] = []
         self._ids = itertools.count(1)
         self._running = threading.Lock()
@@ -219,9 +223,21 @@ class UpdateManager:
         record.version, record.gate, record.reason = info.name, outcome.gate, outcome.gate.reason
         if info.verdict == "rejected":
             record.status = "rejected"
+        else:
+            self.live.promote(info.name)
+            record.status = "promoted"
+        self._prune()
+
+    def _prune(self) -> None:
+        """Apply the registry's retention. A failure is logged, not the update's: its version is
+        registered (and live, if promoted) already, and the next update or start finishes it."""
+        try:
+            pruned = self.registry.prune(self.retention.keep_rejected, self.retention.keep_superseded)
+        except OSError:
+            LOG.exception("pruning the registry at %s failed", self.registry.root)
             return
-        self.live.promote(info.name)
-        record.status = "promoted"
+        if pruned:
+            LOG.info("pruned %d registry versions (retention): %s", len(pruned), ", ".join(pruned))
 
     def _train(self, record: UpdateRecord, job: Job) -> DoneMessage:
         """Run the training process to its end; its `done` message, or an exception saying why not."""

@@ -133,7 +133,8 @@ function renderAdapters(data) {
     h("span", { class: "verdict" }, a.live ? "live" : a.gate ? a.verdict : "initial"),
     h("small", { class: "age", data: { since: a.created_at } }, `${ago(now() - a.created_at)} ago`),
     h("small", {}, a.windows_trained.length ? `windows ${a.windows_trained.join(", ")}` : "no window"),
-    a.overrides.length ? h("small", { class: "override" }, "admin override") : null)));
+    a.overrides.length ? h("small", { class: "override" }, "admin override") : null,
+    a.pruned_at !== null ? h("small", {}, "pruned") : null)));
   $("timeline").replaceChildren(h("ol", {}, ...items));
   renderGate(data.adapters.find((a) => a.name === state.selected));
 }
@@ -148,7 +149,7 @@ function renderGate(version) {
       (a) => `${a.name} is live${a.overrides.length ? " (recorded as an admin override)" : ""}.`),
   },
     version.verdict === "rejected" ? `Promote ${version.name} anyway (override)` : `Promote ${version.name}`);
-  promote.disabled = version.live;
+  promote.disabled = version.live || version.pruned_at !== null;  // a pruned version's weights are gone
   const head = h("div", { class: "gate-head" },
     h("h3", {}, `Gate report: ${version.name}`),
     h("span", { class: `pill ${g ? version.verdict : "initial"}` }, g ? version.verdict : "not gated"),

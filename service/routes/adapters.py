@@ -26,6 +26,8 @@ class AdapterPublic(BaseModel):
     labels: list[str]
     gate: GateReport | None = Field(description="None for the first version, which was never gated.")
     overrides: list[Override]
+    pruned_at: float | None = Field(description="When retention deleted its weights (`registry.keep_*`): a "
+                                                "pruned version is listed for its record but cannot be loaded.")
 
 
 class AdapterList(BaseModel):
@@ -38,7 +40,7 @@ def _public(info: VersionInfo, live: str | None) -> AdapterPublic:
     return AdapterPublic(name=info.name, parent=info.parent, created_at=info.created_at,
                          verdict=info.verdict, live=info.name == live,
                          windows_trained=info.windows_trained, labels=info.labels, gate=info.gate,
-                         overrides=info.overrides)
+                         overrides=info.overrides, pruned_at=info.pruned_at)
 
 
 @router.get("/adapters")
@@ -55,10 +57,11 @@ def load(*, service: ServiceDep, _admin: AdminDep, version: str) -> AdapterPubli
     live pointer. It is kept among the `serving.cached_versions` until used or evicted."""
     try:
         info = service.registry.info(version)
-        service.runtime.prepare(version)
     except (RegistryError, FileNotFoundError) as exc:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"unknown adapter version {version!r}") from exc
-    except UnsafeAdapter as exc:
+    try:
+        service.runtime.prepare(version)
+    except (RegistryError, UnsafeAdapter) as exc:  # it exists, but cannot be loaded (pruned, unsafe)
         raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
     return _public(info, service.registry.live)
 

@@ -28,6 +28,7 @@ class VersionRow(BaseModel):
     parent: str | None
     verdict: str
     live: bool
+    pruned: bool = Field(description="Retention deleted its weights; its figures stay.")
     windows_trained: list[int]
     accuracy: dict[str, float] = Field(description="Window → accuracy on its probe set.")
     summary: VersionSummary

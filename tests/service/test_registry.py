@@ -6,15 +6,15 @@ from typing import Any
 
 import pytest
 
-from service.registry import ADAPTER_WEIGHTS, METADATA, AdapterRegistry, RegistryError, VersionMetadata
+from service.registry import ADAPTER_WEIGHTS, METADATA, AdapterRegistry, RegistryError, Verdict, VersionMetadata
 
 UNGATED = VersionMetadata(parent=None, verdict="accepted", windows_trained=[1], labels=["a"])
 
 
-def publish(registry: AdapterRegistry) -> str:
+def publish(registry: AdapterRegistry, verdict: Verdict = "accepted") -> str:
     with registry.draft() as draft:
         (draft.path / ADAPTER_WEIGHTS).write_bytes(b"weights")
-        return registry.publish(draft, UNGATED).name
+        return registry.publish(draft, UNGATED.model_copy(update={"verdict": verdict})).name
 
 
 def test_versions_are_immutable_names_and_rollback_moves_the_pointer(tmp_path: Path) -> None:
@@ -90,3 +90,58 @@ def test_metadata_written_by_earlier_versions_still_loads(tmp_path: Path, writte
     assert rewritten["gate"]["checks"] == written["gate"].get("checks", [])
     assert rewritten["overrides"] == written["overrides"]
     assert (rewritten["train"] or {}).items() >= (written["train"] or {}).items()
+
+
+def on_disk(registry: AdapterRegistry) -> list[str]:
+    """Versions whose weights are still there."""
+    return [n for n in registry.names() if (registry.versions_dir / n / ADAPTER_WEIGHTS).exists()]
+
+
+def test_retention_keeps_the_newest_and_never_the_live_version_or_its_rollback_target(tmp_path: Path) -> None:
+    registry = AdapterRegistry(tmp_path)
+    promoted = ["v0000", "v0001", "v0003", "v0006", "v0007"]
+    verdicts: list[Verdict] = ["accepted", "accepted", "rejected", "accepted", "rejected", "rejected", "accepted",
+                               "accepted", "rejected", "accepted"]
+    for verdict in verdicts:
+        name = publish(registry, verdict)
+        if name in promoted:
+            registry.promote(name)
+    # Live v0007, rollback target v0006. Rejected and never promoted: v0002, v0004, v0005, v0008;
+    # superseded: v0001 and v0003 (once live), v0009 (accepted, never served).
+    assert registry.prune(keep_rejected=1, keep_superseded=1) == ["v0001", "v0002", "v0003", "v0004", "v0005"]
+    assert on_disk(registry) == ["v0000", "v0006", "v0007", "v0008", "v0009"]
+    assert registry.prune(keep_rejected=1, keep_superseded=1) == []  # already within bounds
+    # A pruned version keeps its record but can no longer be loaded or promoted.
+    assert len(registry.names()) == 10 and registry.info("v0001").pruned_at is not None
+    assert registry.info("v0002").verdict == "rejected"
+    with pytest.raises(RegistryError, match="pruned"):
+        registry.promote("v0003")
+    assert sorted(p.name for p in (tmp_path / "versions" / "v0003").iterdir()) == [METADATA]
+
+    # Old versions outlive newer ones while they are live or the rollback target.
+    registry.promote("v0009")
+    with registry.draft() as draft:  # a candidate being written is not a version: never pruned
+        newer = [publish(registry) for _ in range(2)]
+        assert registry.prune(keep_rejected=0, keep_superseded=0) == ["v0006", "v0008", *newer]
+        assert draft.path.is_dir()
+    assert on_disk(registry) == ["v0000", "v0007", "v0009"]
+    assert publish(registry) == "v0013"  # names of pruned versions are never reused
+
+    # Rollback only walks back through versions that are still there.
+    assert registry.rollback() == "v0007" and registry.rollback() == "v0000"
+    with pytest.raises(RegistryError, match="no earlier live version"):
+        registry.rollback()
+
+
+def test_a_prune_killed_midway_is_finished_at_the_next_start(tmp_path: Path) -> None:
+    registry = AdapterRegistry(tmp_path)
+    for name in [publish(registry) for _ in range(3)]:
+        registry.promote(name)
+    # What a kill after marking v0000 pruned, before its files were deleted, leaves behind.
+    registry.record(registry.info("v0000").model_copy(update={"pruned_at": 1.0}))
+    with pytest.raises(RegistryError, match="pruned"):
+        registry.path("v0000")  # its leftover weights never load
+    assert on_disk(AdapterRegistry(tmp_path, writer=False)) == ["v0000", "v0001", "v0002"]  # a reader deletes nothing
+    reopened = AdapterRegistry(tmp_path)
+    assert on_disk(reopened) == ["v0001", "v0002"] and reopened.names() == ["v0000", "v0001", "v0002"]
+    assert reopened.info("v0000").pruned_at == 1.0 and reopened.live == "v0002"

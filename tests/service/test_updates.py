@@ -19,12 +19,12 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from conftest import TINY_TRAIN, LiveService, gauge, is_alive, tiny_settings, wait_for
+from conftest import TINY_TRAIN, LiveService, add_versions, gauge, is_alive, tiny_settings, wait_for
 from learners.config import PROMOTE_ALL, GateSettings
 from service.cli import UPDATE_EXIT, app
 from service.core import Service
 from service.registry import ADAPTER_WEIGHTS, VersionMetadata
-from service.settings import DEV_ADMIN_KEY, Settings
+from service.settings import DEV_ADMIN_KEY, RegistrySettings, Settings
 from streams.records import TicketRecord
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -290,3 +290,31 @@ def test_the_update_list_is_paged(serve: Callable[[Settings], LiveService], tmp_
     assert client.get("/v1/updates", params={"before": 1}).json() == []
     for bad in ({"limit": 0}, {"limit": 201}, {"before": 0}):
         assert client.get("/v1/updates", params=bad).status_code == 422, bad
+
+
+def test_an_update_prunes_the_registry_and_a_pruned_version_is_refused_clearly(
+        serve: Callable[[Settings], LiveService], tmp_path: Path) -> None:
+    live = serve(tiny_settings(tmp_path, None, train=TRAIN, gate=PROMOTE_ALL,
+                               registry=RegistrySettings(keep_rejected=0, keep_superseded=1)))
+    service, client = live.service, live.client()
+    add_versions(service.registry, 3, LABELS)  # v0001-v0003: accepted, never served
+    add_window(service)
+    assert client.post("/v1/updates", headers=live.admin).status_code == 202
+    wait_for(lambda: service.updates.history[-1].finished_at is not None, 180, "the update")
+    assert service.updates.history[-1].status == "promoted" and service.registry.live == "v0004"
+
+    # Kept: the live version, v0000 (the rollback target and the first), the newest superseded.
+    adapters = {a["name"]: a for a in client.get("/v1/adapters").json()["adapters"]}
+    assert [n for n, a in adapters.items() if a["pruned_at"] is None] == ["v0000", "v0003", "v0004"]
+    assert adapters["v0001"]["labels"] == LABELS  # the record stays
+    for action in ("promote", "load"):
+        refused = client.post(f"/v1/adapters/v0001/{action}", headers=live.admin)
+        assert refused.status_code == 409 and "was pruned" in refused.json()["detail"], refused.text
+    assert {v["name"]: v["pruned"] for v in client.get("/v1/forgetting").json()["versions"]}["v0002"]
+    models = client.get("/v1/models").json()["data"]
+    assert [m["id"] for m in models] == ["live", "v0004", "v0003", "v0000"]
+    assert client.get("/v1/models/v0001").status_code == 404
+    metrics = client.get("/metrics").text
+    assert gauge(metrics, "evergreen_registry_pruned_total") == 2
+    assert gauge(metrics, "evergreen_registry_versions_on_disk") == 3
+    assert client.post("/v1/rollback", headers=live.admin).json()["name"] == "v0000"
