@@ -28,17 +28,18 @@ from replay.config import ReplaySettings
 LOG = logging.getLogger(__name__)
 Kind = Literal["flat", "hnsw", "ivf", "pq"]
 
-
-class IndexState(NamedTuple):
-    kind: Kind
-    vectors: int  # tombstones included
-    tombstones: int  # vectors of rows no longer stored, left in place until the next rebuild
 REBUILD_STALE_SHARE = 0.2  # rebuild an approximate index once a fifth of it is tombstones
 # Two dimensions per 4-bit sub-quantiser: with one per 4 dimensions, uniform random vectors needed
 # 20x more exact re-ranking for the same recall, which cost more than the longer codes' scan.
 PQ_DIMS_PER_CODE = 2
 PQ_MIN_TRAIN_ROWS = 256  # k-means of 16 centroids per sub-space wants well over 16 points
 PQ_TRAIN_SAMPLE = 50_000  # more rows than this barely move 16 centroids in 2 dimensions
+
+
+class IndexState(NamedTuple):
+    kind: Kind
+    vectors: int  # tombstones included
+    tombstones: int  # vectors of rows no longer stored, left in place until the next rebuild
 
 
 def kind_for(rows: int, settings: ReplaySettings) -> Kind:
