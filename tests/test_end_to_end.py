@@ -13,11 +13,11 @@ from pathlib import Path
 
 from kafka import KafkaConsumer
 
-from conftest import LiveService, tiny_settings, wait_for
 from service.settings import SchedulerSettings, Settings
 from streams.broker import LocalBroker
 from streams.produce import TicketProducer
 from streams.records import TicketRecord
+from tests.conftest import LiveService, tiny_settings, wait_for
 
 KEYWORDS = {"card_arrival": "card", "exchange_rate": "rate",
             "top_up_failed": "topup", "lost_or_stolen_card": "stolen"}

@@ -14,9 +14,9 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
-from conftest import LiveService, tiny_settings, wait_for
 from service.settings import Settings
 from streams.broker import LocalBroker
+from tests.conftest import LiveService, tiny_settings, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 MARKER = "<!-- tested by tests/test_readme.py -->"

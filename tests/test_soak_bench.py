@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from conftest import load_bench
+from tests.conftest import load_bench
 
 
 def test_short_soak_loses_and_duplicates_nothing_through_a_broker_stop_and_a_kill_9(

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import load_bench
+from tests.conftest import load_bench
 
 
 def test_cl_bench_smoke_writes_matrices_metrics_and_heatmaps(tmp_path: Path, tiny_llama: Path) -> None:

@@ -11,11 +11,11 @@ from pathlib import Path
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from conftest import MODEL_CACHE, TINY_TRAIN
 from learners.base_model import TINY_LLAMA, load_base
 from learners.config import AdapterSettings
 from learners.update import initial_adapter
 from streams.records import TicketRecord
+from tests.conftest import MODEL_CACHE, TINY_TRAIN
 
 LABELS = ("card_arrival", "exchange_rate")
 

@@ -9,13 +9,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from conftest import TINY_TRAIN
 from learners.base_model import load_base
 from learners.ewc import empirical_fisher
 from learners.methods import warm_start
 from learners.prompts import classification_example
 from learners.train import answer_loss, collate, run_round
 from learners.update import consolidate_window, initial_adapter
+from tests.conftest import TINY_TRAIN
 
 
 def test_the_fisher_counts_gradients_that_cancel_in_a_mean() -> None:

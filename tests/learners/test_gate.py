@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY_TRAIN
 from learners.config import GateSettings, TrainSettings
 from learners.gate import judge
 from learners.reports import Canary, WindowScore
 from learners.update import initial_adapter, train_candidate
 from replay.buffer import Snapshot
 from streams.records import TicketRecord
+from tests.conftest import TINY_TRAIN
 
 POLICY = GateSettings(max_canary_increase=None)
 LOG = logging.getLogger(__name__)

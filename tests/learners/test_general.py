@@ -7,7 +7,6 @@ from pathlib import Path
 
 import torch
 
-from conftest import TINY_TRAIN
 from learners.base_model import load_base
 from learners.canary import BUILTIN, canary_loss
 from learners.general import GENERAL, GeneralText, drift_from_base, general_batch
@@ -15,6 +14,7 @@ from learners.methods import warm_start
 from learners.prompts import classification_example
 from learners.train import run_round
 from learners.update import initial_adapter
+from tests.conftest import TINY_TRAIN
 
 
 def test_general_text_is_not_the_canary() -> None:

@@ -11,7 +11,6 @@ from peft import PeftModel, get_peft_model_state_dict
 from pydantic import ValidationError
 from safetensors.torch import load_file, save_file
 
-from conftest import TINY_TRAIN
 from learners.base_model import load_base
 from learners.config import AdapterSettings, GateSettings
 from learners.methods import warm_start
@@ -23,6 +22,7 @@ from replay.buffer import Snapshot
 from service.registry import AdapterRegistry, VersionMetadata
 from service.runtime import ModelRuntime, UnsafeAdapter
 from streams.records import TicketRecord
+from tests.conftest import TINY_TRAIN
 
 METHODS = {"lora": AdapterSettings(rank=4), "ia3": AdapterSettings(method="ia3"),
            "prefix": AdapterSettings(method="prefix", virtual_tokens=4)}

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import MODEL_CACHE
 from learners.base_model import SMOLLM2, load_base, resolve_base_model
 from learners.config import AdapterSettings
 from learners.update import initial_adapter
 from service.registry import AdapterRegistry, VersionMetadata
 from service.runtime import ModelRuntime
+from tests.conftest import MODEL_CACHE
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from conftest import load_bench
+from tests.conftest import load_bench
 
 
 def test_mixed_streams_are_namespaced_and_windows_new() -> None:

@@ -8,12 +8,12 @@ from typing import Any
 
 from pydantic import SecretStr
 
-from conftest import LiveService, add_versions, tiny_settings
 from learners.config import GateSettings
 from learners.reports import GateReport, WindowScore
 from service.settings import ApiKey, ApiSettings, Settings
 from streams.broker import free_port
 from streams.records import TicketRecord
+from tests.conftest import LiveService, add_versions, tiny_settings
 
 
 def test_auth_limits_and_errors(serve: Callable[[Settings], LiveService], tmp_path: Path) -> None:

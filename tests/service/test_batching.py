@@ -10,8 +10,8 @@ from pathlib import Path
 
 import httpx
 
-from conftest import LiveService, gauge, tiny_settings, wait_for
 from service.settings import ServingSettings, Settings
+from tests.conftest import LiveService, gauge, tiny_settings, wait_for
 
 LABELS = ["card arrival", "exchange rate", "top up failed", "lost or stolen card"]
 TEXTS = [f"ticket {i}: {'my card ' * (i % 4)}please help" for i in range(16)]

@@ -14,13 +14,13 @@ from pathlib import Path
 import httpx
 import pytest
 from playwright.sync_api import Browser, ConsoleMessage, Page, expect, sync_playwright
-from test_end_to_end import WINDOW_1, WINDOW_2, window_tickets
 
-from conftest import LiveService, tiny_settings, wait_for
 from replay.config import ReplaySettings
 from service.settings import DEV_ADMIN_KEY, Settings
 from streams.broker import LocalBroker
 from streams.produce import TicketProducer
+from tests.conftest import LiveService, tiny_settings, wait_for
+from tests.test_end_to_end import WINDOW_1, WINDOW_2, window_tickets
 
 CHROMIUM = "/usr/bin/chromium"  # Debian's package; Playwright never downloads a browser here
 # Without the background-networking flags Chromium stalls on refused connections (no internet).

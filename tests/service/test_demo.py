@@ -8,12 +8,12 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from conftest import LiveService, tiny_settings, wait_for
 from service.demo import demo_windows, run_demo
 from service.narrator import Narrator
 from service.settings import DemoSettings, Settings
 from streams.broker import LocalBroker
 from streams.ingest import ensure_topics
+from tests.conftest import LiveService, tiny_settings, wait_for
 
 SMALL = DemoSettings(windows=3, intents_per_window=2, per_intent=8, scrambled_window=2, rate=200)
 

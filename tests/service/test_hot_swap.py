@@ -9,8 +9,8 @@ from pathlib import Path
 
 import httpx
 
-from conftest import LiveService, add_versions, tiny_settings, wait_for
 from service.settings import Settings
+from tests.conftest import LiveService, add_versions, tiny_settings, wait_for
 
 LABELS = ["card arrival", "exchange rate"]
 

@@ -13,7 +13,6 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
-from conftest import LiveService, add_versions, tiny_settings
 from learners.base_model import load_base
 from learners.config import AdapterSettings
 from learners.scoring import LabelScorer
@@ -22,6 +21,7 @@ from service.live import LiveVersion
 from service.registry import ADAPTER_WEIGHTS, AdapterRegistry, VersionMetadata
 from service.runtime import ModelRuntime, UnsafeAdapter
 from service.settings import Settings
+from tests.conftest import LiveService, add_versions, tiny_settings
 
 LABELS = ["card arrival", "exchange rate", "top up failed", "lost or stolen card"]
 TEXTS = ["my card has not arrived", "what rate do you use for euros?", "top up did not work"]

@@ -8,8 +8,8 @@ from pathlib import Path
 import openai
 import pytest
 
-from conftest import LiveService, tiny_settings
 from service.settings import ServingSettings, Settings
+from tests.conftest import LiveService, tiny_settings
 
 
 def test_openai_client_chat_completions_and_models(serve: Callable[[Settings], LiveService],

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import LiveService, add_versions, tiny_settings, wait_for
 from learners.reports import WindowScore
 from service.core import Service
 from service.settings import ReplicaSettings, Settings
 from streams.broker import LocalBroker
+from tests.conftest import LiveService, add_versions, tiny_settings, wait_for
 
 LABELS = ["card arrival", "exchange rate"]
 

@@ -9,15 +9,14 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import is_alive, tiny_settings, wait_for
 from learners.config import PROMOTE_ALL, TrainSettings
 from service.core import Service
 from service.scheduler import due
 from service.settings import SchedulerSettings
 from streams.records import TicketRecord
+from tests.conftest import is_alive, tiny_settings, wait_for
 
-TESTS = Path(__file__).resolve().parents[1]
-ROOT = TESTS.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_jobs_persist_across_restarts_and_triggers_fire(tiny_llama: Path, tmp_path: Path) -> None:
@@ -58,7 +57,7 @@ def time_now(service: Service) -> object:
 CRASHING_UPDATE = r"""
 import sys, time
 from pathlib import Path
-from conftest import tiny_settings
+from tests.conftest import tiny_settings
 from learners.config import TrainSettings
 from service.core import Service
 from streams.records import TicketRecord
@@ -76,8 +75,7 @@ time.sleep(600)
 
 
 def test_crash_mid_update_leaves_live_untouched_and_next_run_clean(tiny_llama: Path, tmp_path: Path) -> None:
-    # This checkout first: tests/service would otherwise stand in for the `service` package.
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     child = subprocess.Popen([sys.executable, "-c", CRASHING_UPDATE, str(tmp_path)], env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     candidate = tmp_path / "registry" / "versions" / "v0001.tmp"

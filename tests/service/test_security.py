@@ -9,9 +9,9 @@ from pathlib import Path
 
 from pydantic import SecretStr
 
-from conftest import LiveService, tiny_settings
 from service.settings import DEV_ADMIN_KEY, ApiKey, ApiSettings, ServingSettings, Settings
 from streams.broker import free_port
+from tests.conftest import LiveService, tiny_settings
 
 KEYS = {scope: f"{scope}-key" for scope in ("query", "ingest", "admin")}
 CHAT = {"model": "live", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}

@@ -19,13 +19,13 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from conftest import TINY_TRAIN, LiveService, add_versions, gauge, is_alive, tiny_settings, wait_for
 from learners.config import PROMOTE_ALL, GateSettings
 from service.cli import UPDATE_EXIT, app
 from service.core import Service
 from service.registry import ADAPTER_WEIGHTS, VersionMetadata
 from service.settings import DEV_ADMIN_KEY, RegistrySettings, Settings
 from streams.records import TicketRecord
+from tests.conftest import TINY_TRAIN, LiveService, add_versions, gauge, is_alive, tiny_settings, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -236,7 +236,7 @@ def test_a_rejected_window_is_quarantined_until_its_version_is_promoted(tiny_lla
 KILLED_SERVICE = """
 import sys, time
 from pathlib import Path
-from conftest import TINY_TRAIN, tiny_settings
+from tests.conftest import TINY_TRAIN, tiny_settings
 from service.core import Service
 from streams.records import TicketRecord
 service = Service(tiny_settings(Path(sys.argv[1]), None, train=TINY_TRAIN.model_copy(update={"epochs": 3000})))
@@ -258,7 +258,7 @@ def job_folders(data_dir: Path) -> list[Path]:
 
 def test_a_restart_removes_the_job_folders_of_a_killed_service(tiny_llama: Path, tmp_path: Path) -> None:
     """Issue 13: a service killed mid-update left its job folder in the system temp directory."""
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     killed = subprocess.Popen([sys.executable, "-c", KILLED_SERVICE, str(tmp_path)], cwd=ROOT, env=env,
                               stdout=subprocess.PIPE, text=True)
     try:

@@ -5,9 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
 
-import pytest
 from kafka import KafkaConsumer
 
 from streams.config import KafkaSettings
@@ -51,17 +49,3 @@ def read_topic(bootstrap: str, topic: str, expected: int, timeout_ms: int = 10_0
     finally:
         consumer.close()
     return values
-
-
-class StreamTools:
-    """The helpers above, handed to tests as the `tools` fixture (test modules here cannot
-    import this conftest by name: `streams` is also the package under test)."""
-
-    kafka_settings = staticmethod(kafka_settings)
-    ingesting = staticmethod(ingesting)
-    read_topic = staticmethod(read_topic)
-
-
-@pytest.fixture
-def tools() -> Any:
-    return StreamTools

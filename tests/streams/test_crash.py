@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import wait_for
 from replay.buffer import ReplayBuffer
 from replay.embed import SentenceEmbedder
 from streams.broker import LocalBroker
@@ -17,6 +16,7 @@ from streams.config import KafkaSettings
 from streams.datasets import load_tickets
 from streams.ingest import ensure_topics
 from streams.produce import TicketProducer, encode
+from tests.conftest import wait_for
 
 WORKER = Path(__file__).with_name("ingest_worker.py")
 ROOT = Path(__file__).parents[2]

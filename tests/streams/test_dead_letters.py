@@ -8,16 +8,16 @@ import base64
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
 
 from kafka import KafkaProducer
 
-from conftest import wait_for
 from replay.buffer import ReplayBuffer
 from replay.embed import SentenceEmbedder
 from streams.broker import LocalBroker
 from streams.dead_letters import max_letter_bytes
 from streams.ingest import ensure_topics
+from tests.conftest import wait_for
+from tests.streams.conftest import ingesting, kafka_settings, read_topic
 
 BAD = {
     "not_json": b"{this is not json",
@@ -36,8 +36,8 @@ BAD = {
 
 
 def test_each_reason_is_dead_lettered_with_its_origin(broker: LocalBroker, tmp_path: Path,
-                                                      embedder: SentenceEmbedder, tools: Any) -> None:
-    settings = tools.kafka_settings(broker.bootstrap, strict=True, partitions=1)
+                                                      embedder: SentenceEmbedder) -> None:
+    settings = kafka_settings(broker.bootstrap, strict=True, partitions=1)
     ensure_topics(broker.bootstrap, settings)
     producer = KafkaProducer(bootstrap_servers=broker.bootstrap, max_request_size=4 * 1024 * 1024)
     origin: dict[int, str] = {}
@@ -50,9 +50,9 @@ def test_each_reason_is_dead_lettered_with_its_origin(broker: LocalBroker, tmp_p
     producer.close()
 
     buffer = ReplayBuffer(tmp_path, embedder)
-    with tools.ingesting(settings, buffer) as (ingester, _):
+    with ingesting(settings, buffer) as (ingester, _):
         wait_for(lambda: len(buffer) == len(BAD), 30, "the valid tickets")
-        dead = [json.loads(v) for v in tools.read_topic(broker.bootstrap, settings.dlq_topic, len(BAD))]
+        dead = [json.loads(v) for v in read_topic(broker.bootstrap, settings.dlq_topic, len(BAD))]
         counted = dict(ingester.stats.dead_lettered)
 
     assert len(dead) == len(BAD)
@@ -82,10 +82,10 @@ def valid_tickets(prefix: str, n: int) -> list[bytes]:
 
 
 def test_an_oversized_ticket_never_stops_ingestion(broker: LocalBroker, tmp_path: Path,
-                                                   embedder: SentenceEmbedder, tools: Any) -> None:
+                                                   embedder: SentenceEmbedder) -> None:
     """Issue 13: a 1.7 MB ticket's letter (base64) was over the producer's request limit, and the
     ingester read the same batch again forever."""
-    settings = tools.kafka_settings(broker.bootstrap, partitions=1)
+    settings = kafka_settings(broker.bootstrap, partitions=1)
     ensure_topics(broker.bootstrap, settings)
     oversized = json.dumps({"id": "t-huge", "text": "z" * 1_700_000}).encode()
     producer = KafkaProducer(bootstrap_servers=broker.bootstrap, max_request_size=4 * 1024 * 1024)
@@ -95,10 +95,10 @@ def test_an_oversized_ticket_never_stops_ingestion(broker: LocalBroker, tmp_path
     producer.close()
 
     buffer = ReplayBuffer(tmp_path, embedder)
-    with tools.ingesting(settings, buffer) as (ingester, _):
+    with ingesting(settings, buffer) as (ingester, _):
         wait_for(lambda: len(buffer) == 6, 60, "the tickets on both sides of the oversized one")
         wait_for(lambda: sum(ingester.stats.committed.values()) == 7, 10, "every offset committed")
-        letters = tools.read_topic(broker.bootstrap, settings.dlq_topic, 1)
+        letters = read_topic(broker.bootstrap, settings.dlq_topic, 1)
         assert ingester.stats.reconnects == 0 and not ingester.stalled
     assert len(letters) == 1 and len(letters[0]) <= max_letter_bytes(settings.dlq_max_original_bytes)
     letter = json.loads(letters[0])
@@ -108,7 +108,7 @@ def test_an_oversized_ticket_never_stops_ingestion(broker: LocalBroker, tmp_path
 
 
 def test_a_letter_the_broker_refuses_is_retried_then_counted_and_skipped(
-        tmp_path: Path, embedder: SentenceEmbedder, tools: Any) -> None:
+        tmp_path: Path, embedder: SentenceEmbedder) -> None:
     # A broker whose schema policy refuses every letter (INVALID_RECORD) but takes the tickets.
     schemas = tmp_path / "schemas"
     schemas.mkdir()
@@ -118,14 +118,14 @@ def test_a_letter_the_broker_refuses_is_retried_then_counted_and_skipped(
         {"type": "object", "properties": {"value": {"type": "object", "properties": {"reason": {"type": "integer"}},
                                                     "required": ["reason"]}}}))
     with LocalBroker(schema_registry=schemas) as broker:
-        settings = tools.kafka_settings(broker.bootstrap, partitions=1, dlq_attempts=3)
+        settings = kafka_settings(broker.bootstrap, partitions=1, dlq_attempts=3)
         ensure_topics(broker.bootstrap, settings)
         producer = KafkaProducer(bootstrap_servers=broker.bootstrap)
         for value in [*valid_tickets("before", 2), b'{"id": "t-blank", "text": "  "}', *valid_tickets("after", 2)]:
             producer.send(settings.topic, value=value, key=b"k").get(timeout=10)
         producer.close()
         buffer = ReplayBuffer(tmp_path / "buffer", embedder)
-        with tools.ingesting(settings, buffer) as (ingester, _):
+        with ingesting(settings, buffer) as (ingester, _):
             wait_for(lambda: len(buffer) == 4, 60, "the tickets past the refused letter")
             wait_for(lambda: sum(ingester.stats.committed.values()) == 5, 10, "every offset committed")
             assert dict(ingester.stats.dead_letters_lost) == {"invalid_fields": 1}

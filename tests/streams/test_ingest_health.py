@@ -7,11 +7,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from conftest import LiveService, tiny_settings, wait_for
 from replay.buffer import ReplayBuffer
 from service.settings import Settings
 from streams.broker import LocalBroker
 from streams.records import TicketRecord
+from tests.conftest import LiveService, tiny_settings, wait_for
 
 
 class BrokenDisk:

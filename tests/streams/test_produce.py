@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -13,6 +12,7 @@ from typer.testing import CliRunner
 from service.cli import app
 from streams.broker import LocalBroker
 from streams.produce import order_lines, source_values
+from tests.streams.conftest import read_topic
 
 
 def labels_of(values: list[bytes]) -> list[str | None]:
@@ -38,8 +38,7 @@ def test_banking77_streams_new_intents_per_window() -> None:
         source_values("no-such-source")
 
 
-def test_cli_produces_at_the_given_rate(broker: LocalBroker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                        tools: Any) -> None:
+def test_cli_produces_at_the_given_rate(broker: LocalBroker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("EVERGREEN_KAFKA_BOOTSTRAP", broker.bootstrap)
     monkeypatch.setenv("EVERGREEN_CONFIG_FILE", str(tmp_path / "evergreen.toml"))
     (tmp_path / "evergreen.toml").write_text("")
@@ -51,7 +50,7 @@ def test_cli_produces_at_the_given_rate(broker: LocalBroker, tmp_path: Path, mon
                                       "--rate", "40"])
     assert result.exit_code == 0, result.output
     assert time.monotonic() - started >= 0.4  # 21 values at 40 per second
-    values = tools.read_topic(broker.bootstrap, "tickets", 21)
+    values = read_topic(broker.bootstrap, "tickets", 21)
     assert len(values) == 21 and b"not json" in values  # sent as is: the ingester dead-letters it
     bad = CliRunner().invoke(app, ["produce", "banking77", "--order", "sideways"])
     assert bad.exit_code != 0 and "unknown order" in bad.output

@@ -9,15 +9,15 @@ import signal
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-from conftest import freeze, wait_for
 from replay.buffer import ReplayBuffer
 from replay.embed import SentenceEmbedder
 from streams.broker import LocalBroker
 from streams.ingest import ensure_topics
 from streams.produce import TicketProducer
 from streams.records import TicketRecord
+from tests.conftest import freeze, wait_for
+from tests.streams.conftest import ingesting, kafka_settings
 
 
 def values(prefix: str, n: int) -> list[bytes]:
@@ -47,12 +47,12 @@ def stored_ids(buffer: ReplayBuffer) -> set[str]:
 
 
 def test_broker_paused_for_20_s_then_resumes_from_committed_offsets(
-        broker: LocalBroker, tmp_path: Path, embedder: SentenceEmbedder, tools: Any) -> None:
-    settings = tools.kafka_settings(broker.bootstrap)
+        broker: LocalBroker, tmp_path: Path, embedder: SentenceEmbedder) -> None:
+    settings = kafka_settings(broker.bootstrap)
     ensure_topics(broker.bootstrap, settings)
     producer = TicketProducer(broker.bootstrap, settings.topic)
     sink = CountingSink(ReplayBuffer(tmp_path, embedder))
-    with tools.ingesting(settings, sink) as (ingester, thread):
+    with ingesting(settings, sink) as (ingester, thread):
         producer.send_all(values("before", 40))
         wait_for(lambda: len(sink.buffer) == 40, 30, "the first tickets")
         wait_for(lambda: sum(ingester.stats.committed.values()) == 40, 10, "their offsets committed")
@@ -75,11 +75,11 @@ def test_broker_paused_for_20_s_then_resumes_from_committed_offsets(
 
 
 def test_two_instances_in_one_group_share_the_partitions(
-        broker: LocalBroker, tmp_path: Path, embedder: SentenceEmbedder, tools: Any) -> None:
-    settings = tools.kafka_settings(broker.bootstrap, partitions=2)
+        broker: LocalBroker, tmp_path: Path, embedder: SentenceEmbedder) -> None:
+    settings = kafka_settings(broker.bootstrap, partitions=2)
     ensure_topics(broker.bootstrap, settings)
     sinks = [CountingSink(ReplayBuffer(tmp_path / name, embedder)) for name in ("a", "b")]
-    with tools.ingesting(settings, sinks[0]) as (first, _), tools.ingesting(settings, sinks[1]) as (second, _):
+    with ingesting(settings, sinks[0]) as (first, _), ingesting(settings, sinks[1]) as (second, _):
         # Produce once the group settled with one partition each, so no rebalance moves a
         # partition mid-stream (that would be a legitimate redelivery to the other instance).
         wait_for(lambda: len(first.stats.assigned) == len(second.stats.assigned) == 1, 30,
@@ -97,8 +97,8 @@ def test_two_instances_in_one_group_share_the_partitions(
 
 
 def test_a_slow_buffer_pauses_fetching_instead_of_queueing_without_bound(
-        broker: LocalBroker, tmp_path: Path, embedder: SentenceEmbedder, tools: Any) -> None:
-    settings = tools.kafka_settings(broker.bootstrap, partitions=1, batch_size=10, queue_batches=2,
+        broker: LocalBroker, tmp_path: Path, embedder: SentenceEmbedder) -> None:
+    settings = kafka_settings(broker.bootstrap, partitions=1, batch_size=10, queue_batches=2,
                                     write_batch_records=20)
     ensure_topics(broker.bootstrap, settings)
     producer = TicketProducer(broker.bootstrap, settings.topic)
@@ -107,7 +107,7 @@ def test_a_slow_buffer_pauses_fetching_instead_of_queueing_without_bound(
     sink = CountingSink(ReplayBuffer(tmp_path, embedder), delay=0.3)
     queued: list[int] = []
     paused_lag: list[int] = []
-    with tools.ingesting(settings, sink) as (ingester, _):
+    with ingesting(settings, sink) as (ingester, _):
         deadline = time.monotonic() + 60
         while len(sink.buffer) < 200 and time.monotonic() < deadline:
             queued.append(ingester.stats.queued_batches)

@@ -10,9 +10,9 @@ from pathlib import Path
 
 from pydantic import SecretStr
 
-from conftest import LiveService, freeze, tiny_settings, wait_for
 from service.settings import ApiKey, ApiSettings, Settings
 from streams.broker import LocalBroker, free_port
+from tests.conftest import LiveService, freeze, tiny_settings, wait_for
 
 
 def test_tickets_are_produced_and_stored(broker: LocalBroker, serve: Callable[[Settings], LiveService],
