@@ -15,9 +15,9 @@ _HOMES = {
     "learners.gate": ("evaluate", "judge"),
     "learners.methods": ("peft_config", "warm_start"),
     "learners.scoring": ("LabelScorer",),
-    "learners.reports": ("Canary", "Check", "GateReport", "Progress", "RoundReport", "WindowScore"),
+    "learners.reports": ("Canary", "Check", "GateReport", "Progress", "RoundReport", "UpdateOutcome", "WindowScore"),
     "learners.train": ("Cancelled", "run_round"),
-    "learners.update": ("UpdateOutcome", "initial_adapter", "train_adapter", "train_candidate"),
+    "learners.update": ("initial_adapter", "train_adapter", "train_candidate"),
 }
 _MODULE_OF = {name: module for module, names in _HOMES.items() for name in names}
 __all__ = sorted(_MODULE_OF)

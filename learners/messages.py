@@ -15,7 +15,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, TypeAdapter
 
-from learners.reports import GateReport, Progress, Report, RoundReport
+from learners.reports import Progress, UpdateOutcome
 
 
 class StartedMessage(BaseModel):
@@ -29,13 +29,10 @@ class ProgressMessage(Progress):
     eta_s: float | None = Field(default=None, description="Training seconds left, from the second step on.")
 
 
-class DoneMessage(Report):
+class DoneMessage(UpdateOutcome):
     """The candidate is in the draft directory; the gate has judged it."""
 
     event: Literal["done"] = "done"
-    gate: GateReport
-    train: RoundReport
-    labels: list[str]
 
 
 class CancelledMessage(BaseModel):

@@ -95,3 +95,12 @@ class GateReport(Report):
     checks: list[Check] = []
     canary: Canary | None = None
     thresholds: GateSettings = Field(description="The gate settings it was judged by.")
+
+
+class UpdateOutcome(Report):
+    """What one update produced: the gate's verdict on its candidate, the round's figures, and
+    the labels the candidate knows."""
+
+    gate: GateReport
+    train: RoundReport
+    labels: list[str]

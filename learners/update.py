@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,20 +23,13 @@ from learners.gate import evaluate, judge
 from learners.general import GeneralText
 from learners.methods import peft_config, warm_start
 from learners.prompts import Example, ticket_examples
-from learners.reports import Canary, GateReport, Progress, RoundReport
+from learners.reports import Canary, Progress, RoundReport, UpdateOutcome
 from learners.scoring import LabelScorer
 from learners.train import answer_loss, collate, run_round
 from replay.buffer import Snapshot
 from streams.records import TicketRecord
 
 EWC_FILE = "ewc.safetensors"
-
-
-@dataclass(frozen=True)
-class UpdateOutcome:
-    gate: GateReport
-    train: RoundReport
-    labels: tuple[str, ...]
 
 
 def initial_adapter(base_path: Path, out_dir: Path, cfg: AdapterSettings, seed: int) -> None:
@@ -122,4 +114,4 @@ def train_candidate(snapshot: Snapshot, base_path: Path, live_dir: Path, out_dir
     gate = judge(candidate_scores, live_scores, snapshot.new_windows, policy, best_before=best_before,
                  base=base_scores,
                  canary=Canary(candidate=candidate_canary, live=live_canary, base=base_canary) if canary else None)
-    return UpdateOutcome(gate=gate, train=report, labels=snapshot.labels)
+    return UpdateOutcome(gate=gate, train=report, labels=list(snapshot.labels))

@@ -116,7 +116,7 @@ def main(job_file: Path) -> int:
         LOG.exception("training failed")
         reporter.send(FailedMessage(reason=f"{type(exc).__name__}: {exc}"))
         return 1
-    reporter.send(DoneMessage(gate=outcome.gate, train=outcome.train, labels=list(outcome.labels)))
+    reporter.send(DoneMessage(**dict(outcome)))
     return 0
 
 
