@@ -128,6 +128,13 @@ class GateSettings(BaseModel):
                                "general ability (`train.keep_general`) drifted -0.04 to 0.074, training without "
                                "it 0.40-0.57 (docs/benchmarks.md).",
     )
+    probe_budget: int | None = Field(
+        200, gt=0, description="Most probes of earlier windows scored per update, spread evenly over the windows "
+                               "and, within each, over its labels; a window's share is a fixed subset of its probes "
+                               "(by hash of `id`), so successive updates see the same ones. The new windows' probes "
+                               "are always all scored. Unset: every probe, and the gate's cost grows with the "
+                               "stream's history.",
+    )
     canary_file: Path | None = Field(
         None, description="Text file of general prompts, one per line. Unset: the built-in set."
     )

@@ -95,6 +95,8 @@ class GateReport(Report):
     checks: list[Check] = []
     canary: Canary | None = None
     thresholds: GateSettings = Field(description="The gate settings it was judged by.")
+    seconds: float | None = Field(default=None, description="Time spent scoring and judging (unknown for old "
+                                                            "versions).")
 
 
 class UpdateOutcome(Report):

@@ -7,6 +7,7 @@ the live adapter's directory and writes the candidate into the directory it is g
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from learners.ewc import EwcPenalty, consolidate, empirical_fisher
 from learners.gate import evaluate, judge
 from learners.general import GeneralText
 from learners.methods import peft_config, warm_start
+from learners.probes import budgeted_probes
 from learners.prompts import Example, ticket_examples
 from learners.reports import Canary, Progress, RoundReport, UpdateOutcome
 from learners.scoring import LabelScorer
@@ -98,20 +100,22 @@ def train_candidate(snapshot: Snapshot, base_path: Path, live_dir: Path, out_dir
     model, tokenizer, report = train_adapter(snapshot.new, snapshot.replay, base_path, live_dir, out_dir,
                                              cfg, on_progress, cancel)
 
+    started = time.perf_counter()
     scorer = LabelScorer(tokenizer, snapshot.labels)
     canary = load_canary(policy.canary_file) if policy.max_canary_increase is not None else []
     known = known_labels(snapshot)
-    candidate_scores = evaluate(model, scorer, snapshot.probes, known)
+    probes = budgeted_probes(snapshot.probes, snapshot.new_windows, policy.probe_budget)
+    candidate_scores = evaluate(model, scorer, probes, known)
     candidate_canary = canary_loss(model, tokenizer, canary)
     del model
     live_model = PeftModel.from_pretrained(load_base(base_path)[0], live_dir)
-    live_scores = evaluate(live_model, scorer, snapshot.probes, known)
+    live_scores = evaluate(live_model, scorer, probes, known)
     live_canary = canary_loss(live_model, tokenizer, canary)
     with live_model.disable_adapter():  # the base model, for forward transfer and canary drift
-        base_scores = evaluate(live_model, scorer, {w: snapshot.probes[w] for w in snapshot.new_windows
-                                                    if w in snapshot.probes})
+        base_scores = evaluate(live_model, scorer, {w: probes[w] for w in snapshot.new_windows if w in probes})
         base_canary = canary_loss(live_model, tokenizer, canary)
     gate = judge(candidate_scores, live_scores, snapshot.new_windows, policy, best_before=best_before,
                  base=base_scores,
                  canary=Canary(candidate=candidate_canary, live=live_canary, base=base_canary) if canary else None)
+    gate = gate.model_copy(update={"seconds": time.perf_counter() - started})
     return UpdateOutcome(gate=gate, train=report, labels=list(snapshot.labels))

@@ -67,6 +67,7 @@ class UpdateRecord:
     reason: str | None = None
     windows: list[int] = field(default_factory=list)  # the windows it learns, once snapshotted
     new_records: int = 0  # their training rows
+    snapshot_seconds: float | None = None
     # step, steps, loss, penalty, tokens_per_s, and eta_s (training seconds left) once known
     progress: dict[str, float] = field(default_factory=dict)
     gate: GateReport | None = None
@@ -203,8 +204,10 @@ class UpdateManager:
         if live is None:
             raise RuntimeError(f"the registry at {self.registry.root} has no live version to update")
         live_info = self.registry.info(live)
+        started = time.perf_counter()
         snapshot = self.buffer.snapshot(live_info.windows_trained, seed=self.train.seed + record.id,
                                         skip=() if self.gate.retry_rejected_windows else self.quarantined())
+        record.snapshot_seconds = time.perf_counter() - started
         record.windows, record.new_records = list(snapshot.new_windows), len(snapshot.new)
         if not any(r.label for r in snapshot.new):
             record.status, record.reason = "skipped", "no new labelled records since the live version"

@@ -27,6 +27,8 @@ class UpdatePublic(BaseModel):
     reason: str | None
     windows: list[int] = Field(description="The windows it learns (known once the buffer is snapshotted).")
     new_records: int = Field(description="Their training rows.")
+    snapshot_seconds: float | None = Field(description="Time taking the buffer's snapshot (training and gate "
+                                                       "times are in the gate report and the version's metadata).")
     progress: dict[str, float] = Field(description="step, steps, loss, penalty, tokens_per_s and, from "
                                                    "step 2, eta_s: seconds of training left (gating follows).")
     gate: GateReport | None = Field(description="The gate's report on the candidate, once judged.")

@@ -173,3 +173,18 @@ def test_poisoned_updates_are_rejected_and_healthy_ones_accepted(tiny_llama: Pat
     assert accepted["shuffled labels"] == 0, accepted
     assert accepted["large lr, no replay, no EWC"] == 0, accepted
     assert accepted["healthy"] >= 9, accepted
+
+
+def test_the_gate_scores_a_bounded_share_of_earlier_probes(tiny_llama: Path, learned: Learned,
+                                                           tmp_path: Path) -> None:
+    second = sorted(set(INTENTS) - set(FIRST))[:3]
+    keywords = {label: INTENTS[label] for label in second}
+    rows, probes = window(0, second, keywords, 18, "w2"), window(0, second, keywords, 12, "p2")
+    snapshot = Snapshot((2,), rows, [], {1: learned.probes, 2: probes}, (*FIRST, *second))
+    reckless = TINY_TRAIN.model_copy(update={"learning_rate": 3e-2, "epochs": 10, "replay_ratio": 0.0})
+    policy = POLICY.model_copy(update={"probe_budget": 6})
+    gate = train_candidate(snapshot, tiny_llama, learned.live, tmp_path / "reckless", reckless, policy).gate
+    assert {w: s.n for w, s in gate.candidate.items()} == {1: 6, 2: 12}
+    assert {w: s.n for w, s in gate.live.items()} == {1: 6, 2: 12}
+    assert not gate.passed, gate.reason  # half of window 1's probes still show it overwritten
+    assert gate.seconds is not None and gate.seconds > 0

@@ -1,0 +1,249 @@
+"""Always on for months: what an update costs as the stream's history grows.
+
+BANKING77's intents streamed class-incremental, 4 new intents a window (19 windows: 76 of the 77
+intents), then a phase where old intents recur in tickets never streamed before (`--recur`
+windows of 8 earlier intents each). Every window goes through the product's own update path
+(`bench.suite.Loop`: the replay buffer and its probe split, `UpdateManager` with its worker
+process and gate, the registry) with the service's default settings. For every update: wall
+time split into snapshot, training, gate and the rest (worker start, model loads, saving the
+candidate); optimiser steps; probes scored; the live version's accuracy on the held-out test
+tickets (the data set's test split) of every intent seen so far, among all of them; forgetting
+(each class window's accuracy when learned minus now); the gate's verdict.
+
+Then `joint`: one update over every ticket of the stream at once, given the same total number
+of optimiser steps as the whole stream took (the baseline the final accuracy is held to).
+
+Targets (issue 21): the last update costs at most 1.5x the update at window 2; final average
+accuracy >= 0.9x joint; forgetting <= 3 points at the end; every update promoted. Writes
+bench/results/long-<preset>.json and the plot docs/img/long-<preset>.png.
+
+    nice -n 10 .venv/bin/evergreen bench long -- --preset quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from statistics import fmean
+from typing import Any
+
+import transformers
+
+from learners.base_model import resolve_base_model
+from learners.config import GateSettings, TrainSettings
+from replay.embed import SentenceEmbedder
+from service.updates import UpdateRecord
+from streams.datasets import load_tickets
+from streams.records import TicketRecord
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is a folder of scripts, not a package
+from suite import Loop, Preset, Stream, accuracy, make_stream  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class LongPreset:
+    stream: Preset
+    recur_windows: int  # windows of earlier intents in new tickets, after the class-incremental ones
+    recur_intents: int
+    recur_per_intent: int
+
+
+PRESETS = {
+    # Sized for this 2-core CPU: fewer tickets per intent than a real stream.
+    "quick": LongPreset(Preset(windows=19, intents_per_window=4, per_intent=16, test_per_intent=3), 3, 8, 8),
+    "full": LongPreset(Preset(windows=19, intents_per_window=4, per_intent=60, test_per_intent=20), 6, 8, 30),
+    "smoke": LongPreset(Preset(windows=3, intents_per_window=2, per_intent=10, test_per_intent=2), 1, 2, 4),
+}
+
+
+def recurring_windows(stream: Stream, preset: LongPreset, seed: int) -> list[list[TicketRecord]]:
+    """Windows of earlier intents, each ticket new to the stream."""
+    rng = random.Random(f"recur-{seed}")
+    streamed = {r.id for window in stream.train for r in window}
+    pool: dict[str, list[TicketRecord]] = {}
+    for r in load_tickets("banking77", "train"):
+        if r.id not in streamed:
+            pool.setdefault(r.label or "", []).append(r)
+    seen = sorted(label for window in stream.labels for label in window)
+    windows = []
+    for _ in range(preset.recur_windows):
+        intents = rng.sample(seen, preset.recur_intents)
+        rows = [r for i in intents for r in pool[i][:preset.recur_per_intent]]
+        for i in intents:
+            pool[i] = pool[i][preset.recur_per_intent:]
+        rng.shuffle(rows)
+        windows.append(rows)
+    return windows
+
+
+def costs(record: UpdateRecord, loop: Loop) -> dict[str, Any]:
+    """One update's verdict, steps, probes scored and wall time split by phase."""
+    total = (record.finished_at or time.time()) - record.started_at
+    info = loop.registry.info(record.version) if record.version else None
+    train = info.train.seconds if info and info.train else 0.0
+    gate = record.gate.seconds if record.gate and record.gate.seconds else 0.0
+    snapshot = record.snapshot_seconds or 0.0
+    probes = sum(s.n for side in (record.gate.candidate, record.gate.live, record.gate.base)
+                 for s in side.values()) if record.gate else 0
+    return {"status": record.status, "reason": record.reason, "windows": record.windows,
+            "steps": info.train.steps if info and info.train else None, "probes_scored": probes,
+            "seconds": total, "snapshot_s": snapshot, "train_s": train, "gate_s": gate,
+            "other_s": total - snapshot - train - gate}
+
+
+def run_stream(stream: Stream, recur: list[list[TicketRecord]], base_path: Path, embedder: SentenceEmbedder,
+               train: TrainSettings, gate: GateSettings, log: Any) -> dict[str, Any]:
+    """The class windows, then the recurring ones; a row of figures per update."""
+    rows: list[dict[str, Any]] = []
+    learned: dict[int, float] = {}  # each class window's accuracy when it was learned
+    tests = {w + 1: stream.test[w] for w in range(len(stream.train))}
+    with tempfile.TemporaryDirectory(prefix="bench-long-") as scratch:
+        loop = Loop(Path(scratch), base_path, embedder, train, gate)
+        try:
+            for index, window in enumerate([*stream.train, *recur]):
+                seen = min(index + 1, len(stream.train))
+                record = loop.learn(window)
+                live = loop.registry.live
+                assert live is not None
+                labels = [label for w in stream.labels[:seen] for label in w]
+                now = accuracy(base_path, loop.registry.path(live), labels,
+                               {w: tests[w] for w in range(1, seen + 1)})
+                if index < len(stream.train):
+                    learned[seen] = now[seen]
+                forgetting = [learned[w] - now[w] for w in range(1, seen)]
+                row = {"window": index + 1, "recurring": index >= len(stream.train), **costs(record, loop),
+                       "accuracy": now, "average_accuracy": fmean(now.values()),
+                       "forgetting": fmean(forgetting) if forgetting else 0.0}
+                rows.append(row)
+                log(f"window {index + 1:>2}{' (recurring)' if row['recurring'] else ''}: {record.status}, "
+                    f"{row['seconds']:.0f} s (snapshot {row['snapshot_s']:.1f}, train {row['train_s']:.0f}, "
+                    f"gate {row['gate_s']:.0f}, other {row['other_s']:.0f}), {row['steps']} steps, "
+                    f"{row['probes_scored']} probes; accuracy {row['average_accuracy']:.3f}, "
+                    f"forgetting {row['forgetting']:+.3f}")
+        finally:
+            loop.close()
+    return {"updates": rows}
+
+
+def run_joint(stream: Stream, recur: list[list[TicketRecord]], base_path: Path, embedder: SentenceEmbedder,
+              train: TrainSettings, steps: int) -> dict[str, Any]:
+    """One update over every ticket, with `steps` optimiser steps (the stream's total)."""
+    everything = [r for window in [*stream.train, *recur] for r in window]
+    # An update of new rows only takes ceil(rows * epochs / batch) steps; the epochs are set
+    # from the rows the buffer trains on (its probe split holds the rest out).
+    with tempfile.TemporaryDirectory(prefix="bench-long-joint-") as scratch:
+        loop = Loop(Path(scratch), base_path, embedder, train, GateSettings())
+        try:
+            loop.buffer.add_many(everything)
+            trained = len(loop.buffer.records([w.id for w in loop.buffer.windows()], probe=False))
+            epochs = steps * train.batch_size / trained
+            loop.updates.train = train.model_copy(update={"epochs": epochs})
+            started = time.perf_counter()
+            record = loop.learn([])
+            live = loop.registry.live
+            assert live is not None
+            labels = [label for w in stream.labels for label in w]
+            now = accuracy(base_path, loop.registry.path(live), labels,
+                           {w + 1: stream.test[w] for w in range(len(stream.train))})
+            return {"status": record.status, "epochs": epochs, "steps": costs(record, loop)["steps"],
+                    "seconds": time.perf_counter() - started, "accuracy": now,
+                    "average_accuracy": fmean(now.values())}
+        finally:
+            loop.close()
+
+
+def targets(result: dict[str, Any]) -> dict[str, bool]:
+    updates = result["updates"]
+    final = updates[-1]
+    checks = {"last_update_le_1.5x_window_2": final["seconds"] <= 1.5 * updates[1]["seconds"],
+              "forgetting_le_3_points": final["forgetting"] <= 0.03,
+              "every_update_promoted": all(u["status"] == "promoted" for u in updates)}
+    if "joint" in result:
+        checks["final_ge_0.9_joint"] = final["average_accuracy"] >= 0.9 * result["joint"]["average_accuracy"]
+    return checks
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    updates = result["updates"]
+    x = [u["window"] for u in updates]
+    fig, (cost, acc) = plt.subplots(2, 1, figsize=(8, 6.5), sharex=True)
+    bottom = [0.0] * len(x)
+    for key, name in (("snapshot_s", "snapshot"), ("train_s", "training"), ("gate_s", "gate"),
+                      ("other_s", "worker start, loads, save")):
+        values = [u[key] for u in updates]
+        cost.bar(x, values, bottom=bottom, label=name)
+        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+    cost.axhline(1.5 * updates[1]["seconds"], color="grey", linestyle="--", label="1.5 × window 2")
+    cost.set_ylabel("update wall time (s)")
+    cost.legend(fontsize=8, ncol=2)
+    acc.plot(x, [u["average_accuracy"] for u in updates], marker="o", label="live version, seen intents")
+    acc.plot(x, [u["forgetting"] for u in updates], marker=".", label="forgetting")
+    if "joint" in result:
+        acc.axhline(result["joint"]["average_accuracy"], color="grey", linestyle="--", label="joint, same steps")
+    recurring = [u["window"] for u in updates if u["recurring"]]
+    if recurring:
+        acc.axvspan(min(recurring) - 0.5, max(recurring) + 0.5, color="0.9", label="old intents recur")
+    acc.set_xlabel("window")
+    acc.set_ylabel("accuracy")
+    acc.set_ylim(-0.1, 1.05)
+    acc.legend(fontsize=8)
+    fig.suptitle(f"bench long ({result['preset']}): cost and accuracy over the stream")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="quick")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--base", default="smollm2-135m", help="base model (`model prepare` name or directory)")
+    parser.add_argument("--no-joint", action="store_true", help="skip the joint baseline")
+    parser.add_argument("--train-json", default="{}", help="TrainSettings overrides as JSON")
+    parser.add_argument("--gate-json", default="{}", help="GateSettings overrides as JSON")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--plot", type=Path, help="PNG path (default: docs/img/long-<preset>.png)")
+    args = parser.parse_args(argv)
+    transformers.utils.logging.disable_progress_bar()
+    preset = PRESETS[args.preset]
+    train = TrainSettings.model_validate(json.loads(args.train_json))
+    gate = GateSettings.model_validate(json.loads(args.gate_json))
+    base_path = resolve_base_model(args.base, Path.home() / ".cache" / "evergreen" / "models")
+    embedder = SentenceEmbedder()
+    stream = make_stream("banking77", preset.stream, args.seed)
+    recur = recurring_windows(stream, preset, args.seed)
+    log = lambda line: print(line, flush=True)  # noqa: E731
+    result: dict[str, Any] = {"preset": args.preset, "sizes": asdict(preset), "base": args.base,
+                              "command": "evergreen bench long " + " ".join(sys.argv[1:] if argv is None else argv),
+                              "train": train.model_dump(mode="json"), "gate": gate.model_dump(mode="json"),
+                              **run_stream(stream, recur, base_path, embedder, train, gate, log)}
+    if not args.no_joint:
+        steps = sum(u["steps"] or 0 for u in result["updates"])
+        result["joint"] = run_joint(stream, recur, base_path, embedder, train, steps)
+        log(f"joint: {result['joint']['steps']} steps, accuracy {result['joint']['average_accuracy']:.3f}")
+    updates = result["updates"]
+    result["cost_ratio_last_to_window_2"] = updates[-1]["seconds"] / updates[1]["seconds"]
+    result["targets_met"] = targets(result)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"long-{args.preset}.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, args.plot or ROOT / "docs" / "img" / f"long-{args.preset}.png")
+    log(f"last update / window 2: {result['cost_ratio_last_to_window_2']:.2f}x (target <= 1.5); "
+        + ", ".join(f"{k}: {'met' if ok else 'MISSED'}" for k, ok in result["targets_met"].items()))
+    return result
+
+
+if __name__ == "__main__":
+    main()
