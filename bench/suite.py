@@ -215,7 +215,8 @@ def among_known(base_path: Path, adapter: Path, stream: Stream, windows: int) ->
 def summary(record: UpdateRecord) -> dict[str, Any]:
     gate = record.gate
     return {"status": record.status, "reason": record.reason, "windows": record.windows,
-            "seconds": (record.finished_at or 0) - record.started_at, "steps": record.progress.get("steps"),
+            "seconds": (record.finished_at or 0) - record.started_at,
+            "steps": record.progress.steps if record.progress else None,
             "canary_drift": gate.canary.drift if gate is not None and gate.canary is not None else None,
             "checks": [c.model_dump(include={"name", "passed", "observed", "threshold", "p_value"})
                        for c in (gate.checks if gate is not None else [])]}

@@ -15,7 +15,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, TypeAdapter
 
-from learners.reports import Progress, UpdateOutcome
+from learners.reports import TrainingProgress, UpdateOutcome
 
 
 class StartedMessage(BaseModel):
@@ -24,9 +24,8 @@ class StartedMessage(BaseModel):
     threads: int = Field(description="Its torch thread budget (`train.threads`).")
 
 
-class ProgressMessage(Progress):
+class ProgressMessage(TrainingProgress):
     event: Literal["progress"] = "progress"
-    eta_s: float | None = Field(default=None, description="Training seconds left, from the second step on.")
 
 
 class DoneMessage(UpdateOutcome):

@@ -10,17 +10,33 @@ This module imports neither torch nor transformers: the service's registry reads
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, computed_field
+import math
+from typing import Annotated
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, computed_field
 
 from learners.config import GateSettings
 
 TEST_NAME = "exact one-sided McNemar test on the paired probe records"
 
 
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def _nan_if_none(value: object) -> object:
+    return math.nan if value is None else value
+
+
+# A loss that may be NaN or infinite (a diverged round). JSON has no such numbers (a strict
+# parser, a browser's among them, refuses the whole document), so it is written as null, in
+# every JSON dump, and read back as NaN.
+Loss = Annotated[float, BeforeValidator(_nan_if_none),
+                 PlainSerializer(_finite_or_none, return_type=float | None, when_used="json")]
+
+
 class Report(BaseModel):
-    # A diverged round's NaN loss must survive the worker's pipe and the registry's JSON (as
-    # `json.dumps` lets it); pydantic's default would write null, which no float field reads back.
-    model_config = ConfigDict(frozen=True, ser_json_inf_nan="constants")
+    model_config = ConfigDict(frozen=True)
 
 
 class Progress(Report):
@@ -28,16 +44,22 @@ class Progress(Report):
 
     step: int = Field(description="Steps done.")
     steps: int = Field(description="Steps of the round.")
-    loss: float = Field(description="Answer loss of the step's batch.")
-    penalty: float = Field(description="EWC penalty plus general-text drift of the step.")
+    loss: Loss = Field(description="Answer loss of the step's batch (null if not finite).")
+    penalty: Loss = Field(description="EWC penalty plus general-text drift of the step.")
     tokens_per_s: float = Field(description="Training throughput since the round started.")
+
+
+class TrainingProgress(Progress):
+    """A step's progress as the training process reports it, with the time left."""
+
+    eta_s: float | None = Field(default=None, description="Training seconds left, from the second step on.")
 
 
 class RoundReport(Report):
     steps: int
     examples_new: int
     examples_replay: int
-    final_loss: float
+    final_loss: Loss
     tokens: int = Field(description="Tokens trained on (this rank's share under torchrun).")
     seconds: float
     threads: int | None = Field(default=None, description="Torch threads it trained with (unknown for old versions).")
@@ -49,7 +71,7 @@ class WindowScore(Report):
     tests; kept out of the JSON)."""
 
     accuracy: float
-    loss: float
+    loss: Loss
     n: int = Field(description="Labelled probes scored.")
     correct: tuple[bool, ...] = Field(default=(), exclude=True, repr=False)
     majority_rate: float = Field(default=0.0, description="Accuracy of always answering the window's commonest label.")
@@ -63,7 +85,7 @@ class Check(Report):
 
     name: str
     passed: bool
-    observed: float
+    observed: Loss
     threshold: float
     p_value: float | None = Field(default=None, description="Of the exact test; none for a check without one.")
     detail: str = ""
@@ -72,13 +94,13 @@ class Check(Report):
 class Canary(Report):
     """Mean per-token loss on general prompts: drift from the base measures general forgetting."""
 
-    candidate: float
-    live: float
-    base: float
+    candidate: Loss
+    live: Loss
+    base: Loss
 
     @computed_field(description="Candidate loss minus base loss: the general ability lost.")  # type: ignore[prop-decorator]
     @property
-    def drift(self) -> float:
+    def drift(self) -> Loss:
         return self.candidate - self.base
 
 

@@ -51,10 +51,12 @@ class AccuracyMatrix:
             self._seen = seen
 
     def record(self, version: str, scores: Mapping[int, WindowScore]) -> None:
-        """Add or refresh a version's cells (probe sets never change, so neither do cells)."""
+        """Add or refresh a version's cells: a window's cell is from the latest gate that scored it
+        (`n` probes: with `gate.probe_budget`, an earlier window's share of its probe set)."""
         with self._lock:
             row = self._cells.setdefault(version, {})
-            row.update({str(w): s.model_dump(include={"accuracy", "loss", "n"}) for w, s in scores.items()})
+            row.update({str(w): s.model_dump(mode="json", include={"accuracy", "loss", "n"})
+                        for w, s in scores.items()})
             fsync_write(self.path, json.dumps(self._cells, indent=1).encode())
             self._seen = self._signature()
 

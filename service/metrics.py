@@ -134,7 +134,7 @@ def _update_progress(s: Service) -> Iterator[Metric]:
     running = GaugeMetricFamily("evergreen_update_running", "1 while an update runs.")
     running.add_metric([], int(record is not None))
     yield running
-    progress = dict(record.progress) if record is not None else {}
+    progress = record.progress.model_dump(exclude_none=True) if record is not None and record.progress else {}
     for key, (name, help_text) in PROGRESS_GAUGES.items():
         if key in progress:
             gauge = GaugeMetricFamily(name, help_text)

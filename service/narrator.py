@@ -78,7 +78,7 @@ class Narrator:
             self.tell(f"update {record.id} started ({record.trigger}): the open window is closed")
         if record.windows and record.stage != "preparing" and "learning" not in told:
             told.add("learning")
-            steps = int(record.progress.get("steps", 0))
+            steps = record.progress.steps if record.progress else 0
             self.tell(f"update {record.id} learns window {', '.join(map(str, record.windows))}: "
                       f"{record.new_records} tickets" + (f", {steps} steps" if steps else ""))
         if record.status != "running" and "finished" not in told:

@@ -29,7 +29,7 @@ from learners.messages import (
     StartedMessage,
     WorkerMessage,
 )
-from learners.reports import GateReport
+from learners.reports import GateReport, TrainingProgress
 from learners.train import Cancelled
 from learners.update import initial_adapter
 from learners.worker import Job
@@ -68,8 +68,7 @@ class UpdateRecord:
     windows: list[int] = field(default_factory=list)  # the windows it learns, once snapshotted
     new_records: int = 0  # their training rows
     snapshot_seconds: float | None = None
-    # step, steps, loss, penalty, tokens_per_s, and eta_s (training seconds left) once known
-    progress: dict[str, float] = field(default_factory=dict)
+    progress: TrainingProgress | None = None  # as the training process last reported it
     gate: GateReport | None = None
 
 
@@ -255,7 +254,7 @@ class UpdateManager:
             try:
                 for message in process.messages():
                     if isinstance(message, ProgressMessage):
-                        record.progress = message.model_dump(exclude={"event"}, exclude_none=True)
+                        record.progress = TrainingProgress.model_validate(message.model_dump(exclude={"event"}))
                         record.stage = "training" if message.step < message.steps else "gating"
                     elif not isinstance(message, StartedMessage):
                         last = message

@@ -219,7 +219,7 @@ function renderUpdates(updates) {
   $("progress").hidden = !running;
   $("update-state").textContent = running ? `update #${running.id} ${running.stage}` : updates.length ? "idle" : "no update yet in this process";
   if (running) {
-    const p = running.progress;
+    const p = running.progress || {};
     const share = p.steps ? p.step / p.steps : 0;
     $("progress-bar").style.width = `${(share * 100).toFixed(1)}%`;
     const eta = running.stage === "gating" ? "evaluating probes"

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Query, status
 from pydantic import BaseModel, Field
 
-from learners.reports import GateReport
+from learners.reports import GateReport, TrainingProgress
 from service.deps import AdminDep, PrimaryDep, ServiceDep
 from service.errors import responses
 from service.updates import UpdateInProgress, UpdateNotRunning, UpdateRecord, UpdateStage
@@ -29,8 +29,8 @@ class UpdatePublic(BaseModel):
     new_records: int = Field(description="Their training rows.")
     snapshot_seconds: float | None = Field(description="Time taking the buffer's snapshot (training and gate "
                                                        "times are in the gate report and the version's metadata).")
-    progress: dict[str, float] = Field(description="step, steps, loss, penalty, tokens_per_s and, from "
-                                                   "step 2, eta_s: seconds of training left (gating follows).")
+    progress: TrainingProgress | None = Field(description="Training as its process last reported it (gating "
+                                                          "follows the last step); none before the first step.")
     gate: GateReport | None = Field(description="The gate's report on the candidate, once judged.")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -9,7 +10,7 @@ from typing import Any
 from pydantic import SecretStr
 
 from learners.config import GateSettings
-from learners.reports import GateReport, WindowScore
+from learners.reports import Canary, Check, GateReport, WindowScore
 from service.settings import ApiKey, ApiSettings, Settings
 from streams.broker import free_port
 from streams.records import TicketRecord
@@ -108,6 +109,32 @@ def test_metrics_report_updates_verdicts_and_live_accuracy(serve: Callable[[Sett
     assert "evergreen_last_swap_seconds " in metrics
     assert 'evergreen_http_request_seconds_bucket{le="0.005",method="POST",route="/v1/adapters/{version}/promote"}' \
         in metrics
+
+
+def test_a_diverged_candidate_is_served_with_null_losses(serve: Callable[[Settings], LiveService],
+                                                         tmp_path: Path) -> None:
+    # JSON has no NaN or infinity: a diverged round's figures must not make the API answer 500.
+    live = serve(tiny_settings(tmp_path, None))
+    nan = float("nan")
+    gate = GateReport(passed=False, reason="canary loss increase over the base model", new_windows=(1,),
+                      candidate={1: WindowScore(accuracy=0.0, loss=float("inf"), n=4)},
+                      live={1: WindowScore(accuracy=0.5, loss=0.7, n=4)},
+                      canary=Canary(candidate=nan, live=1.0, base=1.0),
+                      checks=[Check(name="canary loss increase over the base model", passed=False, observed=nan,
+                                    threshold=0.2)], thresholds=GateSettings())
+    diverged = add_versions(live.service.registry, 1, ["a", "b"], gate=gate, verdict="rejected")[0]
+    live.service.matrix.record_gate(diverged, "v0000", gate)
+    client = live.client()
+    adapters = client.get("/v1/adapters")
+    assert adapters.status_code == 200
+    shown = next(a for a in adapters.json()["adapters"] if a["name"] == diverged)["gate"]
+    assert shown["candidate"]["1"]["loss"] is None and shown["live"]["1"]["loss"] == 0.7
+    assert shown["canary"]["candidate"] is None and shown["canary"]["drift"] is None
+    assert shown["checks"][0]["observed"] is None
+    forgetting = client.get("/v1/forgetting")
+    assert forgetting.status_code == 200, forgetting.text
+    read_back = live.service.registry.info(diverged).gate
+    assert read_back is not None and read_back.canary is not None and math.isnan(read_back.canary.candidate)
 
 
 def test_a_rejected_version_is_never_served_unless_an_admin_overrides(

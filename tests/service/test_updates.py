@@ -182,7 +182,8 @@ def test_update_shows_progress_and_exits_with_the_verdict(serve: Callable[[Setti
     assert record is not None and record.status == "rejected" and record.gate is not None
     assert result.exit_code == UPDATE_EXIT["rejected"] == 1, result.output
     assert result.stdout == f"update 2 rejected v0001: {record.gate.reason}\n"
-    steps = int(record.progress["steps"])
+    assert record.progress is not None
+    steps = record.progress.steps
     assert f"{steps}/{steps}" in result.stderr and "loss 0." in result.stderr and "tok/s" in result.stderr
 
     wrong = runner.invoke(app, ["update", "--url", live.url, "--key", "nope"])
