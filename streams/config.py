@@ -39,14 +39,19 @@ class KafkaSettings(BaseModel):
         "offset was committed for this long while records wait, or the broker could not be read."
     )
     # -- the pipeline between the poll loop and the buffer ---------------------------------------
+    # Enough batches for one full write (32 x 64 = write_batch_records): while the writer embeds
+    # one merged write, the poll loop queues the next.
     queue_batches: int = Field(
-        16, gt=0, description="Polled batches held in memory at most; when full, the partitions are "
+        32, gt=0, description="Polled batches held in memory at most; when full, the partitions are "
         "paused (backpressure) instead of memory growing."
     )
-    # Larger merged writes pad less: the embedder sorts each call's texts by length (measured:
-    # one call of 1,000 texts ~20 % faster than four of 250). Only a backlog makes them large.
+    # Larger merged writes pad less: the embedder sorts each call's texts by length and pads each
+    # forward pass to its longest text. On 2,000 BANKING77 texts, writes of at most 512 cost 1.64
+    # padded tokens per real token against 1.33 in one call (the ingester ran at ~0.8 of the raw
+    # embedding rate); writes of up to 2,048 come within a few per cent of one call. Only a
+    # backlog makes them large: a live stream's writes stay small, so its latency is unchanged.
     write_batch_records: int = Field(
-        512, gt=0, description="Queued batches are merged up to this many records per buffer write "
+        2048, gt=0, description="Queued batches are merged up to this many records per buffer write "
         "(one embedding pass)."
     )
     commit_timeout_ms: int = Field(5_000, gt=0, description="How long an offset commit may wait for the broker.")

@@ -12,6 +12,7 @@ from replay.buffer import ReplayBuffer
 from replay.config import ReplaySettings
 from replay.curate import iban_valid, luhn_valid, redact
 from replay.embed import SentenceEmbedder
+from streams.datasets import load_tickets
 from streams.records import TicketRecord
 
 
@@ -104,3 +105,35 @@ def test_a_new_intent_close_to_an_earlier_one_is_not_flagged(tmp_path: Path, emb
     replayable = buffer.sample(100, [window], seed=0)
     assert replayable and {r.label for r in replayable} == {"card_tracking"}
     assert len(replayable) == len(buffer.records([window], probe=False)) and buffer.stats["suspect"] == 0
+
+
+def test_one_merged_write_decides_as_record_by_record(tmp_path: Path, embedder: SentenceEmbedder) -> None:
+    """A backlog reaches the buffer as one large write (`kafka.write_batch_records`); what is
+    stored, skipped as a near-duplicate (and of which ticket), redacted and flagged must not
+    depend on how the stream was cut into writes."""
+    by_label: dict[str, list[TicketRecord]] = {}
+    for t in load_tickets("banking77", "train"):
+        by_label.setdefault(str(t.label), []).append(t)
+    labels = sorted(by_label, key=lambda label: -len(by_label[label]))[:4]
+    tickets = [t for label in labels for t in by_label[label][:15]]
+    stream = [*tickets,
+              *(t.model_copy(update={"id": f"{t.id}-again", "text": t.text.lower() + "!"}) for t in tickets[::10]),
+              *(t.model_copy(update={"label": labels[(i + 1) % 4]}) for i, label in enumerate(labels)
+                for t in by_label[label][15:17]),  # mislabelled: another of the four labels
+              TicketRecord(id="pii", text="card 4111 1111 1111 1111 never arrived, mail jo@example.com")]
+    settings = ReplaySettings(near_duplicate_cosine=0.95)
+    merged, single = tmp_path / "merged", tmp_path / "single"
+    ReplayBuffer(merged, embedder, settings=settings).add_many(stream)
+    one_by_one = ReplayBuffer(single, embedder, settings=settings)
+    for ticket in stream:
+        one_by_one.add_many([ticket])
+    for directory in (merged, single):
+        assert ReplayBuffer(directory, embedder, settings=settings).close_window() is not None
+
+    def verdicts(directory: Path) -> tuple[list[tuple[object, ...]], ...]:
+        return (on_disk(directory, "SELECT id, text, probe, suspect FROM records ORDER BY id"),
+                on_disk(directory, "SELECT id, reason, duplicate_of FROM skipped ORDER BY id"))
+
+    stored, skipped = verdicts(merged)
+    assert len(skipped) >= 5 and any(suspect for *_, suspect in stored)  # the cases are exercised
+    assert (stored, skipped) == verdicts(single)
