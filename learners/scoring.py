@@ -72,18 +72,33 @@ class LabelScorer:
         Canonical label strings (`card_arrival`); scored as words.
     max_prompt_tokens
         Prompts are truncated to this many tokens.
+    ids
+        Each label's token ids (`label_ids`), when the caller holds them already: building a
+        scorer then costs no tokenizer call.
     """
 
     MAX_PROMPT_TOKENS = 256
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, labels: Sequence[str],
-                 max_prompt_tokens: int = MAX_PROMPT_TOKENS) -> None:
+                 max_prompt_tokens: int = MAX_PROMPT_TOKENS, *, ids: Sequence[Sequence[int]] | None = None) -> None:
         if not labels:
             raise ValueError("no labels to score")
         self.tokenizer = tokenizer
         self.labels = list(labels)
         self.max_prompt_tokens = max_prompt_tokens
-        self.trie = LabelTrie([label_ids(tokenizer, label) for label in self.labels])
+        self.label_ids = ([list(i) for i in ids] if ids is not None
+                          else [label_ids(tokenizer, label) for label in self.labels])
+        self.trie = LabelTrie(self.label_ids)
+
+    def subset(self, labels: Sequence[str]) -> LabelScorer:
+        """A scorer of some of these labels (a shortlist), built from their known token ids.
+
+        A label's tokens attend to the prompt and their own prefix only, never to another label,
+        so its score is exactly the one this scorer gives it: only the cost shrinks.
+        """
+        index = {label: i for i, label in enumerate(self.labels)}
+        return LabelScorer(self.tokenizer, labels, self.max_prompt_tokens,
+                           ids=[self.label_ids[index[label]] for label in labels])
 
     def score(self, model: nn.Module, text: str) -> torch.Tensor:
         """Summed log-probability of every label (shape: labels); softmax of it is confidence."""

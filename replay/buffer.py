@@ -285,6 +285,22 @@ class ReplayBuffer:
             rows = self._store.by_row(i for i, _ in found)
         return [(rows[i].record(), score) for i, score in found if i in rows][:k]
 
+    def neighbour_labels(self, texts: Sequence[str], k: int, *, probes: bool = True) -> list[list[tuple[str, float]]]:
+        """For each text, (label, cosine) of its k nearest labelled tickets, nearest first: the
+        votes of `replay.shortlist.shortlist`. With `probes=False` probe rows do not vote, so a
+        probe scored by the gate is never shortlisted by its own stored copy. Unlabelled (and
+        non-voting) rows are skipped among the 2k nearest, so a buffer where most rows are such
+        gives fewer than k."""
+        vectors = self.embedder.encode(texts)  # outside the lock, as in `add_many`
+        with self._lock:
+            scores, ids = self._index.search(vectors, 2 * k)  # an exact search costs the same for 2k
+            hits = [int(i) for i in ids.ravel() if i >= 0]
+            labels = self._store.column(hits, "label")
+            probe = {} if probes else self._store.column(hits, "probe")
+        return [[(label, float(score)) for i, score in zip(row_ids.tolist(), row_scores.tolist(), strict=True)
+                 if (label := labels.get(i)) is not None and not probe.get(i)][:k]
+                for row_ids, row_scores in zip(ids, scores, strict=True)]
+
     def snapshot(self, trained_windows: Iterable[int], seed: int, skip: Iterable[int] = ()) -> Snapshot:
         """Training material for one update: every closed window not yet trained is new, and
         replay rows (`replay_rows` of them, by `replay_policy`) come from the windows already

@@ -13,6 +13,11 @@ progress take turns, one chunk each (round robin), with new requests joining the
 they arrive. A request with a thousand labels thus costs the small requests behind it at most
 one chunk per turn, not its whole run: softmax over the concatenated chunk scores gives the
 same answer as one pass over every label.
+
+Shortlists: a request may carry the few candidates worth scoring for its ticket (see
+`replay.shortlist`). A group whose requests all carry one scores only the union of their
+shortlists, and each answer is ranked among its own shortlist: a label's score does not depend
+on the other labels in the pass, so every score is the one a full pass would give it.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -39,6 +44,7 @@ class _Request:
     labels: tuple[str, ...] | None
     top_k: int
     version: str
+    shortlist: tuple[str, ...] | None = None
     answer: Future[Classification] = field(default_factory=Future)
     arrived: float = field(default_factory=time.monotonic)
 
@@ -49,7 +55,8 @@ class _Job:
 
     requests: list[_Request]
     run: Loaded
-    candidates: list[str]
+    scored: list[str]  # the candidates, or the union of the requests' shortlists
+    shortlists: list[list[str]] | None  # per request, the labels it is ranked among; None: all
     chunks: deque[list[str]]  # label chunks still to score
     scores: list[torch.Tensor] = field(default_factory=list)  # texts × chunk, per chunk scored
 
@@ -90,8 +97,10 @@ class ClassifyBatcher:
         self._worker.start()
 
     def classify(self, text: str, labels: Sequence[str] | None = None, top_k: int = 3,
-                 version: str = LIVE) -> Classification:
-        request = _Request(text, tuple(labels) if labels else None, top_k, version)
+                 version: str = LIVE, shortlist: Sequence[str] | None = None) -> Classification:
+        """The answer among `labels` (default: the version's), or among `shortlist` of them."""
+        request = _Request(text, tuple(labels) if labels else None, top_k, version,
+                           tuple(shortlist) if shortlist else None)
         self._queue.put(request)
         return request.answer.result()
 
@@ -162,21 +171,25 @@ class ClassifyBatcher:
         for (version, labels), group in groups.items():
             try:
                 run, candidates = self.runtime.resolve(labels, version)
-                chunks = label_chunks(candidates, self.runtime.label_tokens(candidates), self.chunk_tokens)
+                shortlists = _within(candidates, [r.shortlist for r in group])
+                scored = (candidates if shortlists is None
+                          else list(dict.fromkeys(label for own in shortlists for label in own)))
+                chunks = label_chunks(scored, self.runtime.label_tokens(scored), self.chunk_tokens)
             except Exception as exc:  # each caller gets the error (e.g. NoLabels → 409)
                 self._fail(group, exc)
                 continue
-            jobs.append(_Job(group, run, candidates, chunks))
+            jobs.append(_Job(group, run, scored, shortlists, chunks))
         return jobs
 
     def _step(self, job: _Job) -> bool:
         """Score the job's next chunk; answer it after the last one. Whether chunks remain."""
         try:
-            job.scores.append(self.runtime.score(job.run, [r.text for r in job.requests], job.chunks.popleft()))
+            # A shortlist's trie is not kept: another ticket will hardly shortlist the same labels.
+            job.scores.append(self.runtime.score(job.run, [r.text for r in job.requests], job.chunks.popleft(),
+                                                 keep=job.shortlists is None))
             if job.chunks:
                 return True
-            answers = rank(job.run.version, job.candidates, torch.cat(job.scores, dim=1),
-                           [r.top_k for r in job.requests])
+            answers = _answers(job, torch.cat(job.scores, dim=1))
         except Exception as exc:
             self._fail(job.requests, exc)
             return False
@@ -191,3 +204,26 @@ class ClassifyBatcher:
     def _fail(requests: list[_Request], exc: Exception) -> None:
         for request in requests:
             request.answer.set_exception(exc)
+
+
+def _within(candidates: Sequence[str], shortlists: Sequence[tuple[str, ...] | None]) -> list[list[str]] | None:
+    """Each request's shortlist cut to the candidates of the version that runs it (the live version
+    may have moved on since the shortlist was made); None when one of them has nothing left, or
+    had no shortlist: then every request of the group is scored against every candidate.
+
+    >>> _within(["a", "b", "c"], [("a", "x"), ("c",)]), _within(["a", "b"], [("a",), None])
+    ([['a'], ['c']], None)
+    """
+    known = set(candidates)
+    cut = [[label for label in own if label in known] for own in shortlists if own]
+    return cut if len(cut) == len(shortlists) and all(cut) else None
+
+
+def _answers(job: _Job, scores: torch.Tensor) -> list[Classification]:
+    """Each request's answer, ranked among its shortlist's columns of `scores`, or among all."""
+    if job.shortlists is None:
+        return rank(job.run.version, job.scored, scores, [r.top_k for r in job.requests])
+    column = {label: i for i, label in enumerate(job.scored)}
+    return [replace(rank(job.run.version, own, scores[row: row + 1, [column[label] for label in own]],
+                         [request.top_k])[0], shortlist=tuple(own))
+            for row, (request, own) in enumerate(zip(job.requests, job.shortlists, strict=True))]

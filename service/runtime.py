@@ -34,8 +34,11 @@ LOG = logging.getLogger(__name__)
 
 LIVE = "live"  # the name a request uses for "whatever version is live when I start"
 # Label tries kept built: the live label set, its chunks (see `service/batching.py`), and a few
-# sets named by requests.
+# sets named by requests. Shortlists are not kept: nearly every ticket has its own, and built from
+# known token ids one costs well under a millisecond.
 SCORERS_KEPT = 32
+# Labels whose token ids are kept, so that no label is tokenized twice (requests may name 512).
+LABEL_IDS_KEPT = 8192
 
 __all__ = ["LIVE", "Classification", "Loaded", "ModelRuntime", "NoLabels", "UnsafeAdapter", "rank"]
 
@@ -51,6 +54,7 @@ class Classification:
     top: list[tuple[str, float]]
     adapter_version: str
     candidates: int  # how many labels were scored
+    shortlist: tuple[str, ...] | None = None  # the labels scored, when a shortlist of the candidates
 
 
 @dataclass(frozen=True)
@@ -80,6 +84,8 @@ class ModelRuntime:
         self.last_swap_seconds: float | None = None
         self._cached: OrderedDict[str, Loaded] = OrderedDict()  # non-live loaded versions
         self._scorers: OrderedDict[tuple[str, ...], LabelScorer] = OrderedDict()  # label set → its trie
+        self._label_ids: OrderedDict[str, list[int]] = OrderedDict()  # label → its tokens, recent last
+        self._ids_lock = threading.Lock()
         self._state = threading.Lock()  # the live pointer and the cache; held for microseconds
         self._building = threading.Lock()  # one version built at a time: each holds ~430 MB
         # One request computes at a time: on a few cores two would only slow each other down.
@@ -182,17 +188,32 @@ class ModelRuntime:
         with self._state:
             return [self._live.version, *self._cached]
 
-    def _scorer(self, labels: Sequence[str]) -> LabelScorer:
+    def _ids(self, labels: Sequence[str]) -> list[list[int]]:
+        """Each label's token ids, tokenized once while it stays among the recently used."""
+        with self._ids_lock:
+            known = {label: self._label_ids[label] for label in labels if label in self._label_ids}
+        fresh = {label: label_ids(self.tokenizer, label) for label in labels if label not in known}
+        with self._ids_lock:  # request threads (the 413 check) and the batcher share the memo
+            for label, ids in (known | fresh).items():
+                self._label_ids.pop(label, None)
+                self._label_ids[label] = ids  # most recent last
+            while len(self._label_ids) > LABEL_IDS_KEPT:
+                self._label_ids.popitem(last=False)
+        return [known.get(label) or fresh[label] for label in labels]
+
+    def _scorer(self, labels: Sequence[str], keep: bool = True) -> LabelScorer:
         key = tuple(labels)
-        scorer = self._scorers.pop(key, None) or LabelScorer(self.tokenizer, key)
-        self._scorers[key] = scorer  # most recent last
-        while len(self._scorers) > SCORERS_KEPT:
-            self._scorers.popitem(last=False)
+        scorer = self._scorers.get(key) or LabelScorer(self.tokenizer, key, ids=self._ids(key))
+        if keep:
+            self._scorers.pop(key, None)
+            self._scorers[key] = scorer  # most recent last
+            while len(self._scorers) > SCORERS_KEPT:
+                self._scorers.popitem(last=False)
         return scorer
 
     def label_tokens(self, labels: Sequence[str]) -> list[int]:
         """Tokens each label adds to a scoring pass."""
-        return [len(label_ids(self.tokenizer, label)) for label in labels]
+        return [len(ids) for ids in self._ids(labels)]
 
     def classify_work(self, text: str, labels: Sequence[str]) -> int:
         """Tokens one scoring pass of `text` against `labels` computes: the prompt (truncated as
@@ -213,9 +234,10 @@ class ModelRuntime:
             raise NoLabels(f"adapter {run.version} has learned no labels yet; pass `labels`")
         return run, candidates
 
-    def score(self, run: Loaded, texts: Sequence[str], labels: Sequence[str]) -> torch.Tensor:
-        """Log-likelihood of each label after each text (texts × labels), in one batched pass."""
-        scorer = self._scorer(labels)
+    def score(self, run: Loaded, texts: Sequence[str], labels: Sequence[str], keep: bool = True) -> torch.Tensor:
+        """Log-likelihood of each label after each text (texts × labels), in one batched pass;
+        the label set's trie stays built for the next request unless `keep` is false."""
+        scorer = self._scorer(labels, keep)
         with self._lock:
             return scorer.score_batch(run.model, texts)
 

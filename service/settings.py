@@ -70,6 +70,14 @@ class ServingSettings(BaseModel):
         512, gt=0, description="Label tokens scored per pass: a request with more labels is scored a chunk "
                                "at a time, taking turns with the other requests, so none waits for a whole "
                                "large one.")
+    shortlist_labels: int = Field(
+        12, ge=0, description="Labels scored per `/v1/classify` ticket when the serving version (or, zero-shot, "
+                              "the buffer) knows more: those of the ticket's nearest labelled neighbours in "
+                              "the buffer, by summed similarity, topped up to this many, so a classification "
+                              "costs the same at 12 labels and at 300. Labels a request names are all scored. "
+                              "0: every label is scored.")
+    shortlist_neighbours: int = Field(
+        64, gt=0, description="Nearest labelled tickets in the buffer whose labels vote for a shortlist.")
     cached_versions: int = Field(
         2, ge=0, description="Versions besides the live one kept loaded for requests naming them, "
                              "for instant rollback and loaded ahead of promotion; the least recently "

@@ -157,6 +157,23 @@ def serve(tiny_llama: Path) -> Iterator[Callable[[Settings], LiveService]]:
         service.stop()
 
 
+def classify_concurrently(url: str, bodies: list[dict[str, object]], clients: int) -> list[dict[str, object]]:
+    """`/v1/classify` answers to `bodies`, sent by `clients` threads at once (body i by thread i % clients)."""
+    answers: list[dict[str, object]] = [{} for _ in bodies]
+
+    def ask(worker: int) -> None:
+        with httpx.Client(base_url=url, timeout=60) as http:
+            for i in range(worker, len(bodies), clients):
+                answers[i] = http.post("/v1/classify", json=bodies[i]).json()
+
+    threads = [threading.Thread(target=ask, args=(w,)) for w in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    return answers
+
+
 def add_versions(registry: AdapterRegistry, count: int, labels: list[str],
                  gate: GateReport | None = None, verdict: str = "accepted") -> list[str]:
     """Registry versions with distinct (random, finite) LoRA weights, as an update would write."""

@@ -5,6 +5,8 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, HTTPException, Response, status
 from pydantic import BaseModel, Field
 
+from replay.shortlist import shortlist
+from service.core import Service
 from service.deps import VERSION_HEADER, QueryDep, ServiceDep
 from service.errors import responses
 from service.runtime import NoLabels
@@ -37,6 +39,10 @@ class ClassifyResponse(BaseModel):
     zero_shot: bool = Field(description="The serving version has learned no labels yet: the candidates are the "
                                         "buffer's labels, scored by the base model's priors for their words.")
     candidates: int = Field(description="How many labels were scored.")
+    shortlist: list[str] | None = Field(
+        None, description="The labels scored when the candidates were shortlisted by the ticket's nearest "
+                          "labelled neighbours in the buffer (`serving.shortlist_labels`): the confidences are "
+                          "among these. Null when every candidate was scored.")
 
 
 @router.post("/classify", responses=responses(400, 401, 403, 409, 413, descriptions={
@@ -51,23 +57,37 @@ def classify(body: ClassifyRequest, service: ServiceDep, _query: QueryDep, respo
     answer says so), so the endpoint is useful from the first labelled ticket on. A request's
     work is bounded: its prompt tokens plus the tokens of the labels it names may not exceed
     `serving.max_classify_tokens` (413). Many labels are scored a chunk at a time, taking turns
-    with other requests.
+    with other requests. When the version's (or the buffer's) labels outnumber
+    `serving.shortlist_labels`, only those its nearest neighbours in the buffer vote for are scored,
+    and the answer lists them.
     """
     budget = service.settings.serving.max_classify_tokens
     if body.labels and (work := service.runtime.classify_work(body.text, body.labels)) > budget:
         raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE,
                             f"this request is {work} tokens of prompt and labels, over the budget of {budget} "
                             "(`serving.max_classify_tokens`): send fewer or shorter labels")
-    labels, source = body.labels, "request"
+    labels, source, short = body.labels, "request", None
     if labels is None:
         learned = service.runtime.labels
         labels, source = (None, "version") if learned else (list(service.buffer.label_counts()) or None, "buffer")
+        short = _shortlist(service, body.text, learned or labels or [])
     try:
-        result = service.batcher.classify(body.text, labels, body.top_k)
+        result = service.batcher.classify(body.text, labels, body.top_k, shortlist=short)
     except NoLabels as exc:
         raise HTTPException(status.HTTP_409_CONFLICT, f"{exc}, and the buffer holds no labelled ticket") from exc
     response.headers[VERSION_HEADER] = result.adapter_version
     return ClassifyResponse(label=result.label, confidence=result.confidence,
                             top=[ScoredLabel(label=name, confidence=p) for name, p in result.top],
                             adapter_version=result.adapter_version, labels_from=source,
-                            zero_shot=source == "buffer", candidates=result.candidates)
+                            zero_shot=source == "buffer", candidates=result.candidates,
+                            shortlist=list(result.shortlist) if result.shortlist else None)
+
+
+def _shortlist(service: Service, text: str, candidates: list[str]) -> list[str] | None:
+    """The candidates worth scoring for `text`, or None to score them all: shortlisting is off,
+    they are few enough, or the buffer holds no labelled neighbour among them."""
+    size = service.settings.serving.shortlist_labels
+    if not size or len(candidates) <= size:
+        return None
+    [near] = service.buffer.neighbour_labels([text], service.settings.serving.shortlist_neighbours)
+    return shortlist(near, candidates, size) or None

@@ -82,3 +82,16 @@ def test_150_labels_in_one_pass_score_as_full_sequences(tiny_llama: Path) -> Non
     assert scores.shape == (2, 150)
     for j in range(0, 150, 15):
         assert float(scores[1, j]) == pytest.approx(naive_score(model, tokenizer, texts[1], labels[j]), abs=1e-3)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_shortlist_scores_its_labels_exactly_as_the_full_set_does(tiny_llama: Path, method: str) -> None:
+    model = adapted(tiny_llama, METHODS[method])
+    full = LabelScorer(load_base(tiny_llama)[1], LABELS, max_prompt_tokens=64)
+    texts = ["where is my card", "x " * 100, "my top up by cash failed twice this week"]
+    scores = full.score_batch(model, texts)
+    for picked in (["card", "card_arrival"], ["top_up_by_cash_or_cheque", "exchange_rate", "card"]):
+        short = full.subset(picked)
+        assert short.labels == picked and len(short.trie.tokens) < len(full.trie.tokens)
+        columns = [LABELS.index(label) for label in picked]
+        assert torch.allclose(short.score_batch(model, texts), scores[:, columns], atol=1e-4)

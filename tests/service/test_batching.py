@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 
 from service.settings import ServingSettings, Settings
-from tests.conftest import LiveService, gauge, tiny_settings, wait_for
+from tests.conftest import LiveService, classify_concurrently, gauge, tiny_settings, wait_for
 
 LABELS = ["card arrival", "exchange rate", "top up failed", "lost or stolen card"]
 TEXTS = [f"ticket {i}: {'my card ' * (i % 4)}please help" for i in range(16)]
@@ -24,19 +24,7 @@ def test_concurrent_requests_are_batched_with_unchanged_answers(serve: Callable[
         alone = [client.post("/v1/classify", json={"text": t, "labels": LABELS, "top_k": 4}).json() for t in TEXTS]
     assert live.service.batcher.batches == len(TEXTS)  # sequential requests never wait for company
 
-    together: list[dict[str, object]] = [{} for _ in TEXTS]
-
-    def ask(worker: int) -> None:
-        with httpx.Client(base_url=live.url, timeout=60) as http:
-            for i in range(worker, len(TEXTS), 8):
-                together[i] = http.post("/v1/classify", json={"text": TEXTS[i], "labels": LABELS,
-                                                              "top_k": 4}).json()
-
-    threads = [threading.Thread(target=ask, args=(w,)) for w in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
+    together = classify_concurrently(live.url, [{"text": t, "labels": LABELS, "top_k": 4} for t in TEXTS], 8)
     batcher = live.service.batcher
     assert batcher.requests == 2 * len(TEXTS) and batcher.batches < 2 * len(TEXTS)  # some ran together
     for one, many in zip(alone, together, strict=True):

@@ -1,0 +1,58 @@
+"""Label shortlists: the few labels worth scoring for a ticket, voted by its nearest neighbours.
+
+Scoring a ticket's label log-likelihoods costs in proportion to the label tokens. A ticket's
+nearest labelled neighbours in the buffer (by the embedding the buffer already stores) nearly
+always carry its true label among a handful of theirs, so scoring a fixed number `size` of
+those keeps a classification's cost the same at 12 labels and at 300. `ReplayBuffer.
+neighbour_labels` finds the neighbours; this module only ranks their labels, so the same
+function serves `/v1/classify` and (with probe rows left out of the votes) per-probe shortlists.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+
+Neighbour = tuple[str, float]  # a labelled neighbour's label and its cosine similarity
+
+
+def shortlist(neighbours: Sequence[Neighbour], allowed: Sequence[str], size: int) -> list[str]:
+    """The `size` labels to score: neighbours' labels by votes, topped up from `allowed`.
+
+    A label's vote is the summed cosine of the neighbours that carry it, so a label held by
+    several close tickets ranks above one held by a single, farther one. Only labels in
+    `allowed` (those the serving version knows) count. When the neighbours name fewer than
+    `size` of them, the rest of `allowed` tops the list up in its own order, so every pass
+    scores the same number of labels. Without any allowed neighbour there is nothing to
+    shortlist by: the answer is empty, and the caller scores every label.
+
+    Parameters
+    ----------
+    neighbours
+        (label, cosine) of a ticket's nearest labelled tickets, nearest first (equal votes
+        keep this order).
+    allowed
+        The candidate labels, in the order the top-up takes them.
+    size
+        How many labels to return (fewer only when `allowed` holds fewer).
+
+    Examples
+    --------
+    >>> near = [("card_arrival", 0.9), ("card_lost", 0.8), ("card_lost", 0.7), ("pin", 0.6)]
+    >>> shortlist(near, ["card_arrival", "card_lost", "pin", "top_up"], 2)
+    ['card_lost', 'card_arrival']
+    >>> shortlist(near, ["top_up", "pin", "fee", "card_lost"], 3)  # card_arrival is not known
+    ['card_lost', 'pin', 'top_up']
+    >>> shortlist([], ["top_up", "pin"], 1)  # no neighbour: score everything
+    []
+    """
+    votes: defaultdict[str, float] = defaultdict(float)
+    known = set(allowed)
+    for label, cosine in neighbours:
+        if label in known:
+            votes[label] += cosine
+    if not votes:
+        return []
+    ranked = sorted(votes, key=lambda label: -votes[label])  # stable: on a tie the nearer label first
+    ranked += [label for label in allowed if label not in votes]
+    return ranked[:size]

@@ -1,0 +1,85 @@
+"""`/v1/classify` scores only the labels a ticket's nearest neighbours vote for (real HTTP, real
+FAISS buffer, tiny llama), with the scores a full pass gives them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from service.settings import ServingSettings, Settings
+from streams.records import TicketRecord
+from tests.conftest import LiveService, add_versions, classify_concurrently, tiny_settings
+
+TOPICS = {
+    "card_arrival": ["my new card has not arrived yet", "when will my card be delivered"],
+    "exchange_rate": ["what is the euro to dollar exchange rate", "which rate do you use to convert pounds"],
+    "pin_blocked": ["my pin is blocked after three tries", "how do i unblock my pin"],
+    "top_up_failed": ["my top up did not go through", "the top up was declined"],
+}
+LABELS = sorted(TOPICS)
+TEXTS = ["has my card been sent? it is not here", "convert dollars to euros at what rate", "pin locked",
+         "top up declined again", "card delivery", "what rate for yen"]
+
+
+def shortlisting(serve: Callable[[Settings], LiveService], tmp_path: Path, size: int = 2) -> LiveService:
+    live = serve(tiny_settings(tmp_path, None, serving=ServingSettings(shortlist_labels=size)))
+    live.service.buffer.add_many([TicketRecord(id=f"{label}-{i}", text=text, label=label)
+                                  for label, texts in TOPICS.items() for i, text in enumerate(texts)])
+    return live
+
+
+def test_classify_answers_among_the_shortlist_with_full_scores(serve: Callable[[Settings], LiveService],
+                                                               tmp_path: Path) -> None:
+    live = shortlisting(serve, tmp_path)
+    client = live.client()
+    answer = client.post("/v1/classify", json={"text": TEXTS[0], "top_k": 4}).json()
+    # Zero-shot (v0000 learned nothing): the buffer's four labels, two of them scored.
+    assert answer["labels_from"] == "buffer" and answer["candidates"] == 2
+    assert answer["shortlist"][0] == "card_arrival" and len(answer["shortlist"]) == 2
+    assert {t["label"] for t in answer["top"]} == set(answer["shortlist"])
+    runtime = live.service.runtime
+    run, _ = runtime.resolve(LABELS)
+    full = runtime.score(run, [TEXTS[0]], LABELS)[0]  # every label, one pass
+    expected = torch.softmax(full[[LABELS.index(label) for label in answer["shortlist"]]], dim=0)
+    got = {t["label"]: t["confidence"] for t in answer["top"]}
+    assert torch.allclose(torch.tensor([got[label] for label in answer["shortlist"]]), expected, atol=1e-4)
+
+    # A version that has learned the labels: its labels are shortlisted the same way.
+    version = add_versions(live.service.registry, 1, LABELS)[0]
+    assert client.post(f"/v1/adapters/{version}/promote", headers=live.admin).status_code == 200
+    learned = client.post("/v1/classify", json={"text": TEXTS[1]}).json()
+    assert learned["labels_from"] == "version" and learned["adapter_version"] == version
+    assert learned["shortlist"][0] == "exchange_rate" and learned["candidates"] == 2
+    # Labels a request names are all scored.
+    named = client.post("/v1/classify", json={"text": TEXTS[1], "labels": LABELS}).json()
+    assert named["shortlist"] is None and named["candidates"] == 4
+
+
+def test_without_a_labelled_neighbour_every_label_is_scored(serve: Callable[[Settings], LiveService],
+                                                            tmp_path: Path) -> None:
+    live = shortlisting(serve, tmp_path)
+    client = live.client()
+    unknown = ["refund_request", "cash_fee", "transfer_pending"]  # learned, but none is in the buffer
+    version = add_versions(live.service.registry, 1, unknown)[0]
+    assert client.post(f"/v1/adapters/{version}/promote", headers=live.admin).status_code == 200
+    answer = client.post("/v1/classify", json={"text": TEXTS[0], "top_k": 5}).json()
+    assert answer["shortlist"] is None and answer["candidates"] == 3
+    assert {t["label"] for t in answer["top"]} == set(unknown)
+    assert "shortlist" in client.get("/openapi.json").json()["components"]["schemas"]["ClassifyResponse"][
+        "properties"]
+
+
+def test_concurrent_shortlists_are_scored_together_with_unchanged_answers(
+        serve: Callable[[Settings], LiveService], tmp_path: Path) -> None:
+    live = shortlisting(serve, tmp_path, size=3)
+    texts = TEXTS * 2
+    with live.client() as client:
+        alone = [client.post("/v1/classify", json={"text": t, "top_k": 3}).json() for t in texts]
+    together = classify_concurrently(live.url, [{"text": t, "top_k": 3} for t in texts], 6)
+    batcher = live.service.batcher
+    assert batcher.requests == 2 * len(texts) and batcher.batches < 2 * len(texts)  # some ran together
+    for one, many in zip(alone, together, strict=True):
+        assert one["shortlist"] == many["shortlist"] and one["label"] == many["label"]
+        assert abs(one["confidence"] - many["confidence"]) < 1e-4  # type: ignore[operator]
