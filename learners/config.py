@@ -135,6 +135,14 @@ class GateSettings(BaseModel):
                                "are always all scored. Unset: every probe, and the gate's cost grows with the "
                                "stream's history.",
     )
+    shortlist_labels: int = Field(
+        12, ge=0, description="Labels each probe is judged among: those its nearest labelled training tickets in the "
+                              "buffer vote for (`replay.shortlist`), so a probe costs the same at 12 labels and at "
+                              "300. Candidate and live get the same shortlists, so the paired tests stay paired; a "
+                              "probe whose label is not on its shortlist counts as wrong for both (0: every label).",
+    )
+    shortlist_neighbours: int = Field(64, gt=0, description="Nearest labelled tickets whose labels vote for a "
+                                                            "probe's shortlist.")
     canary_file: Path | None = Field(
         None, description="Text file of general prompts, one per line. Unset: the built-in set."
     )

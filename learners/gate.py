@@ -14,6 +14,7 @@ answers everything with the newest labels.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Collection, Mapping, Sequence
 
@@ -28,11 +29,14 @@ from streams.records import TicketRecord
 
 
 def evaluate(model: nn.Module, scorer: LabelScorer, probes: Mapping[int, Sequence[TicketRecord]],
-             known: Collection[str] = ()) -> dict[int, WindowScore]:
+             known: Collection[str] = (), shortlists: Mapping[str, Sequence[str]] | None = None,
+             ) -> dict[int, WindowScore]:
     """Score every labelled probe of every window (windows without labelled probes are left out).
 
     With `known` labels, each probe of one of them is also judged among those labels only: the
-    same scores, the argmax restricted to their columns, so it costs nothing more.
+    same scores, the argmax restricted to their columns, so it costs nothing more. With
+    `shortlists` (probe id → labels), a probe that has one is judged among those labels only
+    (`LabelScorer.score_among`); a probe whose true label is not on it is wrong.
     """
     index = {label: i for i, label in enumerate(scorer.labels)}
     known = set(known)
@@ -42,21 +46,25 @@ def evaluate(model: nn.Module, scorer: LabelScorer, probes: Mapping[int, Sequenc
         labelled = [r for r in records if r.label in index]
         if not labelled:
             continue
-        scores = scorer.score_many(model, [r.text for r in labelled])
+        texts = [r.text for r in labelled]
+        own = [(shortlists or {}).get(r.id, ()) for r in labelled]
+        scores = scorer.score_among(model, texts, own) if any(own) else scorer.score_many(model, texts)
         truth = torch.tensor([index[r.label] for r in labelled if r.label is not None])
-        correct = (scores.argmax(dim=1) == truth).tolist()
-        log_probs = torch.log_softmax(scores, dim=1)
+        picked = torch.log_softmax(scores, dim=1).gather(1, truth[:, None])[:, 0]
+        scored = picked.isfinite()  # the true label was scored (on the probe's shortlist)
+        correct = ((scores.argmax(dim=1) == truth) & scored).tolist()
         among_known = torch.isin(truth, columns)
-        known_correct = (columns[scores[among_known][:, columns].argmax(dim=1)] == truth[among_known]).tolist() \
-            if len(columns) else []
+        known_correct = ((columns[scores[among_known][:, columns].argmax(dim=1)] == truth[among_known])
+                         & scored[among_known]).tolist() if len(columns) else []
         result[window] = WindowScore(
             accuracy=sum(correct) / len(correct),
-            loss=float(-log_probs.gather(1, truth[:, None]).mean()),
+            loss=float(-picked[scored].mean()) if scored.any() else math.nan,
             n=len(labelled),
             correct=tuple(correct),
             majority_rate=max(Counter(r.label for r in labelled).values()) / len(labelled),
             known_accuracy=sum(known_correct) / len(known_correct) if known_correct else None,
             known_correct=tuple(known_correct),
+            shortlisted=sum(1 for o in own if o),
         )
     return result
 

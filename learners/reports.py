@@ -67,8 +67,8 @@ class RoundReport(Report):
 
 class WindowScore(Report):
     """A version's accuracy on one window's probes (by label scoring), mean negative
-    log-likelihood of the true label, and which probes were right (in probe order, for paired
-    tests; kept out of the JSON)."""
+    log-likelihood of the true label (over the probes it was scored for), and which probes were
+    right (in probe order, for paired tests; kept out of the JSON)."""
 
     accuracy: float
     loss: Loss
@@ -78,6 +78,8 @@ class WindowScore(Report):
     known_accuracy: float | None = Field(
         default=None, description="Accuracy among the labels the live version knew, on the probes of one of them.")
     known_correct: tuple[bool, ...] = Field(default=(), exclude=True, repr=False)
+    shortlisted: int = Field(default=0, description="Probes judged among their shortlist of labels "
+                                                    "(`gate.shortlist_labels`) rather than every label.")
 
 
 class Check(Report):

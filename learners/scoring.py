@@ -9,6 +9,7 @@ the prompt runs once per ticket and a shared label prefix once per ticket, not o
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -153,6 +154,27 @@ class LabelScorer:
         if not texts:
             return torch.zeros((0, len(self.labels)))
         return torch.cat([self.score_batch(model, texts[i: i + batch]) for i in range(0, len(texts), batch)])
+
+    def score_among(self, model: nn.Module, texts: Sequence[str], shortlists: Sequence[Sequence[str]],
+                    batch: int = 8) -> torch.Tensor:
+        """`score_many` with each ticket's labels restricted to its shortlist (an empty one: every
+        label); the labels left out score -inf, the others exactly what `score_many` gives them.
+
+        Tickets are batched in the order of their first shortlisted label, so a pass scores the
+        union of a few alike shortlists rather than every label.
+        """
+        index = {label: i for i, label in enumerate(self.labels)}
+        own = [[label for label in short if label in index] or self.labels for short in shortlists]
+        scores = torch.full((len(texts), len(self.labels)), -math.inf)
+        order = sorted(range(len(texts)), key=lambda i: index[own[i][0]])
+        for start in range(0, len(order), batch):
+            rows = order[start: start + batch]
+            union = sorted({label for i in rows for label in own[i]}, key=index.__getitem__)
+            columns = {label: c for c, label in enumerate(union)}
+            chunk = self.subset(union).score_batch(model, [texts[i] for i in rows])
+            for at, i in enumerate(rows):
+                scores[i, [index[label] for label in own[i]]] = chunk[at, [columns[label] for label in own[i]]]
+        return scores
 
 
 def _virtual_tokens(model: nn.Module, batch: int) -> tuple[object, int, nn.Module]:

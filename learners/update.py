@@ -92,10 +92,12 @@ def train_candidate(snapshot: Snapshot, base_path: Path, live_dir: Path, out_dir
                     cfg: TrainSettings, policy: GateSettings,
                     on_progress: Callable[[Progress], None] | None = None,
                     cancel: threading.Event | None = None,
-                    best_before: Mapping[int, float] | None = None) -> UpdateOutcome:
+                    best_before: Mapping[int, float] | None = None,
+                    shortlists: Mapping[str, Sequence[str]] | None = None) -> UpdateOutcome:
     """Train a candidate warm-started from the live adapter, save it to `out_dir`, gate it.
 
     `best_before`: each window's best accuracy under earlier live versions (see `judge`).
+    `shortlists`: the labels each probe (by id) is judged among (see `evaluate`).
     """
     model, tokenizer, report = train_adapter(snapshot.new, snapshot.replay, base_path, live_dir, out_dir,
                                              cfg, on_progress, cancel)
@@ -105,14 +107,15 @@ def train_candidate(snapshot: Snapshot, base_path: Path, live_dir: Path, out_dir
     canary = load_canary(policy.canary_file) if policy.max_canary_increase is not None else []
     known = known_labels(snapshot)
     probes = budgeted_probes(snapshot.probes, snapshot.new_windows, policy.probe_budget)
-    candidate_scores = evaluate(model, scorer, probes, known)
+    candidate_scores = evaluate(model, scorer, probes, known, shortlists)
     candidate_canary = canary_loss(model, tokenizer, canary)
     del model
     live_model = PeftModel.from_pretrained(load_base(base_path)[0], live_dir)
-    live_scores = evaluate(live_model, scorer, probes, known)
+    live_scores = evaluate(live_model, scorer, probes, known, shortlists)
     live_canary = canary_loss(live_model, tokenizer, canary)
     with live_model.disable_adapter():  # the base model, for forward transfer and canary drift
-        base_scores = evaluate(live_model, scorer, {w: probes[w] for w in snapshot.new_windows if w in probes})
+        base_scores = evaluate(live_model, scorer, {w: probes[w] for w in snapshot.new_windows if w in probes},
+                               shortlists=shortlists)
         base_canary = canary_loss(live_model, tokenizer, canary)
     gate = judge(candidate_scores, live_scores, snapshot.new_windows, policy, best_before=best_before,
                  base=base_scores,

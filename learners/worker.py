@@ -53,6 +53,8 @@ class Job(BaseModel):
     train: TrainSettings
     gate: GateSettings
     best_before: dict[int, float] = Field(description="Each window's best accuracy under earlier live versions.")
+    shortlists: dict[str, list[str]] = Field(default={}, description="The labels each probe (by id) is judged "
+                                                                     "among; a probe without one: every label.")
 
 
 def thread_budget(cfg: TrainSettings) -> int:
@@ -108,7 +110,7 @@ def main(job_file: Path) -> int:
         torch.set_num_threads(threads)
         reporter.send(StartedMessage(pid=os.getpid(), threads=threads))
         outcome = train_candidate(job.snapshot, job.base_path, job.live_dir, job.out_dir, job.train, job.gate,
-                                  reporter.progress, cancel, job.best_before)
+                                  reporter.progress, cancel, job.best_before, job.shortlists)
     except Cancelled as exc:
         reporter.send(CancelledMessage(reason=str(exc)))
         return EXIT_CANCELLED

@@ -16,6 +16,7 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -29,16 +30,19 @@ from learners.messages import (
     StartedMessage,
     WorkerMessage,
 )
+from learners.probes import budgeted_probes
 from learners.reports import GateReport, TrainingProgress
 from learners.train import Cancelled
 from learners.update import initial_adapter
 from learners.worker import Job
 from replay.buffer import ReplayBuffer
+from replay.shortlist import shortlist
 from service.forgetting import AccuracyMatrix, best_before
 from service.live import LiveVersion
 from service.registry import AdapterRegistry, VersionMetadata
 from service.settings import RegistrySettings
 from service.training import TrainingFailed, TrainingProcess, describe_exit
+from streams.records import TicketRecord
 
 LOG = logging.getLogger(__name__)
 
@@ -70,6 +74,18 @@ class UpdateRecord:
     snapshot_seconds: float | None = None
     progress: TrainingProgress | None = None  # as the training process last reported it
     gate: GateReport | None = None
+
+
+def probe_shortlists(buffer: ReplayBuffer, probes: Mapping[int, Sequence[TicketRecord]], labels: Sequence[str],
+                     gate: GateSettings) -> dict[str, list[str]]:
+    """The labels each probe is judged among, voted by its nearest labelled training tickets
+    (probe rows do not vote); none while there are no more labels than a shortlist holds."""
+    if not gate.shortlist_labels or len(labels) <= gate.shortlist_labels:
+        return {}
+    rows = [r for window in probes.values() for r in window if r.label]
+    near = buffer.neighbour_labels([r.text for r in rows], gate.shortlist_neighbours, probes=False)
+    return {r.id: short for r, votes in zip(rows, near, strict=True)
+            if (short := shortlist(votes, labels, gate.shortlist_labels))}
 
 
 def ensure_initial_version(registry: AdapterRegistry, base_path: Path, cfg: TrainSettings) -> str:
@@ -206,16 +222,19 @@ class UpdateManager:
         started = time.perf_counter()
         snapshot = self.buffer.snapshot(live_info.windows_trained, seed=self.train.seed + record.id,
                                         skip=() if self.gate.retry_rejected_windows else self.quarantined())
-        record.snapshot_seconds = time.perf_counter() - started
         record.windows, record.new_records = list(snapshot.new_windows), len(snapshot.new)
         if not any(r.label for r in snapshot.new):
             record.status, record.reason = "skipped", "no new labelled records since the live version"
             return
+        shortlists = probe_shortlists(self.buffer, budgeted_probes(snapshot.probes, snapshot.new_windows,
+                                                                   self.gate.probe_budget),
+                                      snapshot.labels, self.gate)
+        record.snapshot_seconds = time.perf_counter() - started
 
         with self.registry.draft() as draft:
             job = Job(snapshot=snapshot, base_path=self.base_path, live_dir=self.registry.path(live),
                       out_dir=draft.path, train=self.train, gate=self.gate,
-                      best_before=best_before(self.registry, self.matrix, live))
+                      best_before=best_before(self.registry, self.matrix, live), shortlists=shortlists)
             outcome = self._train(record, job)
             info = self.registry.publish(draft, VersionMetadata(
                 parent=live, verdict="accepted" if outcome.gate.passed else "rejected",

@@ -27,8 +27,9 @@ class UpdatePublic(BaseModel):
     reason: str | None
     windows: list[int] = Field(description="The windows it learns (known once the buffer is snapshotted).")
     new_records: int = Field(description="Their training rows.")
-    snapshot_seconds: float | None = Field(description="Time taking the buffer's snapshot (training and gate "
-                                                       "times are in the gate report and the version's metadata).")
+    snapshot_seconds: float | None = Field(description="Time taking the buffer's snapshot and the probes' "
+                                                       "shortlists (training and gate times are in the gate report "
+                                                       "and the version's metadata).")
     progress: TrainingProgress | None = Field(description="Training as its process last reported it (gating "
                                                           "follows the last step); none before the first step.")
     gate: GateReport | None = Field(description="The gate's report on the candidate, once judged.")

@@ -14,9 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from learners.base_model import load_base
 from learners.config import GateSettings, TrainSettings
-from learners.gate import judge
+from learners.gate import evaluate, judge
 from learners.reports import Canary, WindowScore
+from learners.scoring import LabelScorer
 from learners.update import initial_adapter, train_candidate
 from replay.buffer import Snapshot
 from streams.records import TicketRecord
@@ -188,3 +190,22 @@ def test_the_gate_scores_a_bounded_share_of_earlier_probes(tiny_llama: Path, lea
     assert {w: s.n for w, s in gate.live.items()} == {1: 6, 2: 12}
     assert not gate.passed, gate.reason  # half of window 1's probes still show it overwritten
     assert gate.seconds is not None and gate.seconds > 0
+
+
+def test_probes_are_judged_among_their_shortlists(tiny_llama: Path) -> None:
+    model, tokenizer = load_base(tiny_llama)
+    labels = sorted(INTENTS)
+    scorer = LabelScorer(tokenizer, labels)
+    probes = {1: window(0, labels[:3], {label: INTENTS[label] for label in labels[:3]}, 6, "p")}
+    full = evaluate(model, scorer, probes, known=labels[:3])[1]
+    everything = evaluate(model, scorer, probes, known=labels[:3],
+                          shortlists={r.id: labels for r in probes[1]})[1]
+    assert everything.correct == full.correct and everything.known_correct == full.known_correct
+    assert everything.shortlisted == 6 and full.shortlisted == 0
+    assert abs(everything.loss - full.loss) < 1e-4
+    # A probe whose label is missing from its shortlist is wrong, among all labels and among the known.
+    missing = probes[1][0]
+    wrong = evaluate(model, scorer, probes, known=labels[:3],
+                     shortlists={missing.id: [label for label in labels if label != missing.label]})[1]
+    assert wrong.correct[0] is False and wrong.known_correct[0] is False and wrong.shortlisted == 1
+    assert wrong.correct[1:] == full.correct[1:]

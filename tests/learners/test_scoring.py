@@ -95,3 +95,16 @@ def test_a_shortlist_scores_its_labels_exactly_as_the_full_set_does(tiny_llama: 
         assert short.labels == picked and len(short.trie.tokens) < len(full.trie.tokens)
         columns = [LABELS.index(label) for label in picked]
         assert torch.allclose(short.score_batch(model, texts), scores[:, columns], atol=1e-4)
+
+
+def test_scores_among_shortlists_are_the_full_scores_of_each_tickets_own_labels(tiny_llama: Path) -> None:
+    model = adapted(tiny_llama, METHODS["lora"])
+    scorer = LabelScorer(load_base(tiny_llama)[1], LABELS, max_prompt_tokens=64)
+    texts = ["where is my card", "x " * 100, "my top up by cash failed twice this week", "rate?"]
+    shortlists = [["card", "card_arrival"], [], ["top_up_by_cash_or_cheque", "exchange_rate"], ["unknown", "card"]]
+    full = scorer.score_many(model, texts)
+    among = scorer.score_among(model, texts, shortlists, batch=2)  # batches mix unlike shortlists
+    for row, short in enumerate(shortlists):
+        own = [LABELS.index(label) for label in short if label in LABELS] or list(range(len(LABELS)))
+        assert torch.allclose(among[row, own], full[row, own], atol=1e-4)
+        assert torch.isinf(among[row, [c for c in range(len(LABELS)) if c not in own]]).all()

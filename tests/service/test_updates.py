@@ -50,7 +50,9 @@ def assert_nothing_published(service: Service) -> None:
 
 def test_queries_are_answered_while_an_update_trains_in_its_own_process(
         serve: Callable[[Settings], LiveService], tmp_path: Path) -> None:
-    live = serve(tiny_settings(tmp_path, None, train=TRAIN, gate=PROMOTE_ALL))
+    # A shortlist of one label, so the gate judges each probe among what its neighbours vote for.
+    shortlisting = PROMOTE_ALL.model_copy(update={"shortlist_labels": 1})
+    live = serve(tiny_settings(tmp_path, None, train=TRAIN, gate=shortlisting))
     add_window(live.service)
     client = live.client()
     update_id = client.post("/v1/updates", headers=live.admin).json()["id"]
@@ -72,6 +74,9 @@ def test_queries_are_answered_while_an_update_trains_in_its_own_process(
     record = client.get(f"/v1/updates/{update_id}").json()
 
     assert record["status"] == "promoted" and record["version"] == "v0001", record
+    probes = record["gate"]["candidate"]["1"]
+    assert probes["n"] > 0 and probes["shortlisted"] == probes["n"] == record["gate"]["live"]["1"]["shortlisted"]
+    assert record["snapshot_seconds"] > 0 and record["gate"]["seconds"] > 0
     assert len(answers) >= 5 and set(answers) == {200}, answers  # served all through training
     steps = [p["step"] for p in seen]
     assert steps == sorted(steps) and steps[-1] > steps[0]  # progress arrived as training went
