@@ -100,9 +100,9 @@ def costs(record: UpdateRecord, loop: Loop) -> dict[str, Any]:
 
 
 def run_stream(stream: Stream, recur: list[list[TicketRecord]], base_path: Path, embedder: SentenceEmbedder,
-               train: TrainSettings, gate: GateSettings, log: Any) -> dict[str, Any]:
-    """The class windows, then the recurring ones; a row of figures per update."""
-    rows: list[dict[str, Any]] = []
+               train: TrainSettings, gate: GateSettings, log: Any, rows: list[dict[str, Any]]) -> None:
+    """The class windows, then the recurring ones; a row of figures per update, appended to
+    `rows` as each update ends (`log` is called after it)."""
     learned: dict[int, float] = {}  # each class window's accuracy when it was learned
     tests = {w + 1: stream.test[w] for w in range(len(stream.train))}
     with tempfile.TemporaryDirectory(prefix="bench-long-") as scratch:
@@ -127,10 +127,10 @@ def run_stream(stream: Stream, recur: list[list[TicketRecord]], base_path: Path,
                     f"{row['seconds']:.0f} s (snapshot {row['snapshot_s']:.1f}, train {row['train_s']:.0f}, "
                     f"gate {row['gate_s']:.0f}, other {row['other_s']:.0f}), {row['steps']} steps, "
                     f"{row['probes_scored']} probes; accuracy {row['average_accuracy']:.3f}, "
-                    f"forgetting {row['forgetting']:+.3f}")
+                    f"forgetting {row['forgetting']:+.3f}"
+                    + ("" if record.status == "promoted" else f" ({record.reason})"))
         finally:
             loop.close()
-    return {"updates": rows}
 
 
 def run_joint(stream: Stream, recur: list[list[TicketRecord]], base_path: Path, embedder: SentenceEmbedder,
@@ -225,20 +225,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     embedder = SentenceEmbedder()
     stream = make_stream("banking77", preset.stream, args.seed)
     recur = recurring_windows(stream, preset, args.seed)
-    log = lambda line: print(line, flush=True)  # noqa: E731
+    updates: list[dict[str, Any]] = []
     result: dict[str, Any] = {"preset": args.preset, "sizes": asdict(preset), "base": args.base,
                               "command": "evergreen bench long " + " ".join(sys.argv[1:] if argv is None else argv),
                               "train": train.model_dump(mode="json"), "gate": gate.model_dump(mode="json"),
-                              **run_stream(stream, recur, base_path, embedder, train, gate, log)}
+                              "updates": updates}
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"long-{args.preset}.json"
+
+    def log(line: str) -> None:  # and keep the figures so far, so a run that is stopped leaves them
+        print(line, flush=True)
+        path.write_text(json.dumps(result, indent=2) + "\n")
+
+    run_stream(stream, recur, base_path, embedder, train, gate, log, updates)
     if not args.no_joint:
         steps = sum(u["steps"] or 0 for u in result["updates"])
         result["joint"] = run_joint(stream, recur, base_path, embedder, train, steps)
         log(f"joint: {result['joint']['steps']} steps, accuracy {result['joint']['average_accuracy']:.3f}")
-    updates = result["updates"]
     result["cost_ratio_last_to_window_2"] = updates[-1]["seconds"] / updates[1]["seconds"]
     result["targets_met"] = targets(result)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"long-{args.preset}.json").write_text(json.dumps(result, indent=2) + "\n")
+    path.write_text(json.dumps(result, indent=2) + "\n")
     plot(result, args.plot or ROOT / "docs" / "img" / f"long-{args.preset}.png")
     log(f"last update / window 2: {result['cost_ratio_last_to_window_2']:.2f}x (target <= 1.5); "
         + ", ".join(f"{k}: {'met' if ok else 'MISSED'}" for k, ok in result["targets_met"].items()))
