@@ -24,7 +24,7 @@ from torch import nn
 from learners.config import GateSettings
 from learners.reports import TEST_NAME, Canary, Check, GateReport, WindowScore
 from learners.scoring import LabelScorer
-from learners.stats import binomial_tail, paired_regression
+from learners.stats import chance_agreement, paired_regression, permutation_tail
 from streams.records import TicketRecord
 
 
@@ -58,6 +58,8 @@ def evaluate(model: nn.Module, scorer: LabelScorer, probes: Mapping[int, Sequenc
                          & scored[among_known]).tolist() if len(columns) else []
         result[window] = WindowScore(
             accuracy=sum(correct) / len(correct),
+            truth=tuple(r.label or "" for r in labelled),
+            answers=tuple(scorer.labels[i] for i in scores.argmax(dim=1).tolist()),
             loss=float(-picked[scored].mean()) if scored.any() else math.nan,
             n=len(labelled),
             correct=tuple(correct),
@@ -112,17 +114,19 @@ def judge(candidate: dict[int, WindowScore], live: dict[int, WindowScore], new_w
                                  [c for w in old for c in live[w].correct],
                                  [c for w in old for c in candidate[w].correct], interference,
                                  policy.max_interference))
-    if new:  # the new windows must be learned: no significant loss against live, and beyond their label prior
+    if new:  # the new windows must be learned: no significant loss against live, and beyond chance
         gain = sum(candidate[w].accuracy - live[w].accuracy for w in new) / len(new)
         checks.append(regression("new windows worse than live", [c for w in new for c in live[w].correct],
                                  [c for w in new for c in candidate[w].correct], -gain, -policy.min_gain))
         if policy.require_learning:
-            right = sum(sum(candidate[w].correct) for w in new)
-            total = sum(candidate[w].n for w in new)
-            prior = sum(candidate[w].majority_rate * candidate[w].n for w in new) / total
-            p_value = binomial_tail(right, total, prior)
-            checks.append(Check(name="new windows learned beyond their label prior", passed=p_value < policy.alpha,
-                                observed=right / total, threshold=prior, p_value=p_value))
+            truth = [label for w in new for label in candidate[w].truth]
+            answers = [label for w in new for label in candidate[w].answers]
+            right = sum(t == a for t, a in zip(truth, answers, strict=True))
+            p_value = permutation_tail(truth, answers)
+            checks.append(Check(name="new windows learned beyond chance", passed=p_value < policy.alpha,
+                                observed=right / len(truth) if truth else 0.0,
+                                threshold=chance_agreement(truth, answers), p_value=p_value,
+                                detail="chance: the same answers, independent of the labels"))
     if canary is not None and policy.max_canary_increase is not None:
         checks.append(Check(name="canary loss increase over the base model",
                             passed=canary.drift <= policy.max_canary_increase, observed=canary.drift,

@@ -68,12 +68,14 @@ class RoundReport(Report):
 class WindowScore(Report):
     """A version's accuracy on one window's probes (by label scoring), mean negative
     log-likelihood of the true label (over the probes it was scored for), and which probes were
-    right (in probe order, for paired tests; kept out of the JSON)."""
+    right and what they were answered (in probe order, for paired tests; kept out of the JSON)."""
 
     accuracy: float
     loss: Loss
     n: int = Field(description="Labelled probes scored.")
     correct: tuple[bool, ...] = Field(default=(), exclude=True, repr=False)
+    truth: tuple[str, ...] = Field(default=(), exclude=True, repr=False)  # each probe's label
+    answers: tuple[str, ...] = Field(default=(), exclude=True, repr=False)  # and the label it was given
     majority_rate: float = Field(default=0.0, description="Accuracy of always answering the window's commonest label.")
     known_accuracy: float | None = Field(
         default=None, description="Accuracy among the labels the live version knew, on the probes of one of them.")

@@ -1,14 +1,17 @@
-"""Exact tests for small probe sets: the gate acts on a difference only when it is real.
+"""Tests for small probe sets: the gate acts on a difference only when it is real.
 
-Both tests are exact (binomial), so they hold for the few dozen probes a window has, where
-normal approximations do not.
+They are exact (binomial) or permutation tests, so they hold for the few dozen probes a window
+has, where normal approximations do not.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
+
+import numpy as np
 
 
 def binomial_tail(successes: int, trials: int, p: float) -> float:
@@ -47,3 +50,46 @@ def paired_regression(before: Sequence[bool], after: Sequence[bool]) -> PairedTe
     lost = sum(b and not a for b, a in zip(before, after, strict=True))
     gained = sum(a and not b for b, a in zip(before, after, strict=True))
     return PairedTest(lost, gained, binomial_tail(lost, lost + gained, 0.5))
+
+
+def chance_agreement(truth: Sequence[Hashable], answers: Sequence[Hashable]) -> float:
+    """Expected accuracy of answers drawn independently of the truth, with the same label shares.
+
+    Always answering one label scores that label's share; answering as often as each label
+    occurs, but at random, scores the sum of the squared shares.
+
+    >>> chance_agreement(["a", "a", "b", "b"], ["a", "a", "a", "a"])
+    0.5
+    >>> chance_agreement(["a", "a", "b", "b"], ["b", "a", "a", "b"])
+    0.5
+    >>> labels = ["a"] * 4 + ["b", "b", "c", "d", "e", "f"]
+    >>> round(chance_agreement(labels, labels), 2)
+    0.24
+    """
+    n = len(truth)
+    true_share, answer_share = Counter(truth), Counter(answers)
+    return sum(count * answer_share[label] for label, count in true_share.items()) / (n * n) if n else 0.0
+
+
+def permutation_tail(truth: Sequence[Hashable], answers: Sequence[Hashable], rounds: int = 2000,
+                     seed: int = 0) -> float:
+    """P(as many answers right as observed) if the answers were independent of the truth.
+
+    The truth is shuffled among the records `rounds` times (a seeded Monte Carlo permutation
+    test, exact in the limit and valid at any size: the observed arrangement counts as one of
+    the shuffles, so the p-value is never below 1 / (rounds + 1)). Unlike a test against the
+    commonest label's share, it credits a window of few, unevenly split probes for answering
+    each label right, and still fails answers that only follow the label shares.
+
+    >>> permutation_tail(list("aabbccdd"), list("aabbccdd")) < 0.01
+    True
+    >>> permutation_tail(list("aaaabbbb"), list("aaaaaaaa"))  # one label always: nothing learned
+    1.0
+    """
+    codes = {label: i for i, label in enumerate({*truth, *answers})}
+    true = np.array([codes[label] for label in truth])
+    answered = np.array([codes[label] for label in answers])
+    observed = int((true == answered).sum())
+    shuffled = np.random.default_rng(seed).permuted(np.broadcast_to(true, (rounds, len(true))), axis=1)
+    as_good = int(((shuffled == answered).sum(axis=1) >= observed).sum())
+    return (1 + as_good) / (1 + rounds)

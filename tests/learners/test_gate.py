@@ -30,9 +30,18 @@ LOG = logging.getLogger(__name__)
 LEARNING_RATE = 5e-3
 
 
-def score(correct: list[bool], majority_rate: float = 0.5) -> WindowScore:
+def answered(truth: str, answers: str) -> WindowScore:
+    """Probes of labels `truth` (one letter each) given `answers`."""
+    correct = [t == a for t, a in zip(truth, answers, strict=True)]
     return WindowScore(accuracy=sum(correct) / len(correct), loss=0.0, n=len(correct), correct=tuple(correct),
-                       majority_rate=majority_rate)
+                       truth=tuple(truth), answers=tuple(answers))
+
+
+def score(correct: list[bool]) -> WindowScore:
+    """Probes of six labels in turn, each answered right or with the next label."""
+    truth = ("abcdef" * len(correct))[:len(correct) + 1]
+    return answered(truth[:-1], "".join(t if right else truth[i + 1]
+                                        for i, (t, right) in enumerate(zip(truth[:-1], correct, strict=True))))
 
 
 def test_a_significant_drop_is_rejected_and_a_noisy_one_is_not() -> None:
@@ -45,20 +54,29 @@ def test_a_significant_drop_is_rejected_and_a_noisy_one_is_not() -> None:
     assert judge(noisy, live, [2], POLICY).passed
 
 
-def test_new_windows_must_be_learned_beyond_their_label_prior() -> None:
-    live = {1: score([False] * 20)}
-    guessing = {1: score([True] * 11 + [False] * 9, majority_rate=0.5)}
-    report = judge(guessing, live, [1], POLICY)
-    assert not report.passed and "label prior" in report.reason
+def test_new_windows_must_be_learned_beyond_chance() -> None:
+    live = {1: answered("aaaaaaaaaaabbbbbbbbb", "c" * 20)}
+    one_label = {1: answered("aaaaaaaaaaabbbbbbbbb", "a" * 20)}  # 11 of 20 right, learned nothing
+    report = judge(one_label, live, [1], POLICY)
+    assert not report.passed and "beyond chance" in report.reason
+    shuffled = {1: answered("abababababababababab", "baabbaabbaabbaababab")}  # the label shares, at random
+    assert not judge(shuffled, live, [1], POLICY).passed
     assert judge({1: score([True] * 18 + [False] * 2)}, live, [1], POLICY).passed
+    # Ten probes split 4-2-2-2, seven right: beyond chance (p < 0.01), though not beyond always
+    # answering the commonest label (0.4: p = 0.055), the test this one replaced.
+    uneven = answered("aaaabbccdd", "aaaabbcaab")
+    report = judge({1: uneven}, {1: answered("aaaabbccdd", "x" * 10)}, [1], POLICY)
+    assert report.passed, report.reason
+    learned = next(c for c in report.checks if c.name == "new windows learned beyond chance")
+    assert learned.observed == 0.7 and abs(learned.threshold - 0.32) < 1e-9 and learned.p_value < 0.01
 
 
 def test_new_windows_are_rejected_only_when_significantly_worse_than_live() -> None:
     # The base already answers a window of descriptive labels well; two probes fewer is noise.
-    live = {1: score([True] * 23 + [False] * 7, majority_rate=1 / 6)}
-    noisy = {1: score([True] * 21 + [False] * 9, majority_rate=1 / 6)}
+    live = {1: score([True] * 23 + [False] * 7)}
+    noisy = {1: score([True] * 21 + [False] * 9)}
     assert judge(noisy, live, [1], POLICY).passed
-    worse = {1: score([True] * 12 + [False] * 18, majority_rate=1 / 6)}
+    worse = {1: score([True] * 12 + [False] * 18)}
     report = judge(worse, live, [1], POLICY)
     assert not report.passed and report.reason.startswith("new windows worse than live"), report.reason
 

@@ -171,7 +171,7 @@ def test_shutdown_terminates_a_training_process_that_does_not_stop(tiny_llama: P
 def test_update_shows_progress_and_exits_with_the_verdict(serve: Callable[[Settings], LiveService],
                                                           tmp_path: Path) -> None:
     # No test on a probe set this small reaches significance at 1e-9, so the check that the new
-    # window was learned beyond its label prior fails: the gate must reject the candidate.
+    # window was learned beyond chance fails: the gate must reject the candidate.
     live = serve(tiny_settings(tmp_path, None, train=TRAIN, gate=GateSettings(alpha=1e-9)))
     runner = CliRunner()
 
