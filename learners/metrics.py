@@ -38,6 +38,51 @@ def _mean(values: list[float]) -> float | None:
     return fmean(values) if values else None
 
 
+@dataclass(frozen=True)
+class Prefix:
+    """What the rows so far leave for the next row's figures, so that a row's summary costs
+    O(windows) however long its lineage: versions with a common ancestor share its prefix.
+
+    Attributes
+    ----------
+    learned
+        Window → accuracy of the row that first learned it (None where it was not measured on it).
+    best
+        Window → best accuracy of any row since the window was learned.
+    last
+        The previous row's accuracy.
+    """
+
+    learned: Mapping[int, float | None] = field(default_factory=dict)
+    best: Mapping[int, float] = field(default_factory=dict)
+    last: Mapping[int, float] = field(default_factory=dict)
+
+
+def step(prefix: Prefix, row: Row, base: Mapping[int, float] | None = None) -> tuple[Summary, Prefix]:
+    """`row`'s figures after the rows `prefix` stands for, and the prefix including `row`."""
+    base = base or {}
+    acc, before = row.accuracy, prefix.last
+    old = [j for j in sorted(row.trained) if j in prefix.learned and j in acc]
+    new = [j for j in sorted(row.trained) if j not in prefix.learned and j in acc]
+    forgetting = {j: prefix.best[j] - acc[j] for j in old if j in prefix.best}
+    backward = _mean([acc[j] - learned for j in old if (learned := prefix.learned[j]) is not None])
+    summary = Summary(
+        version=row.version,
+        average_accuracy=_mean([acc[j] for j in sorted(row.trained) if j in acc]),
+        forgetting=forgetting,
+        average_forgetting=_mean(list(forgetting.values())),
+        drop_since_learned=None if backward is None else -backward,
+        backward_transfer=backward,
+        forward_transfer=_mean([before[j] - base[j] for j in new if j in before and j in base]),
+        plasticity=_mean([acc[j] - before[j] for j in new if j in before]),
+    )
+    learned = {**prefix.learned, **{j: acc.get(j) for j in row.trained if j not in prefix.learned}}
+    best = dict(prefix.best)
+    for j in learned.keys() & acc.keys():
+        best[j] = max(best.get(j, acc[j]), acc[j])
+    return summary, Prefix(learned, best, acc)
+
+
 def summarize(rows: Sequence[Row], base: Mapping[int, float] | None = None) -> list[Summary]:
     """Average accuracy, forgetting, BWT, forward transfer and plasticity for every row.
 
@@ -56,31 +101,9 @@ def summarize(rows: Sequence[Row], base: Mapping[int, float] | None = None) -> l
     >>> round(s.average_forgetting, 3), round(s.drop_since_learned, 3)  # from the peak; from when learned
     (0.05, -0.15)
     """
-    base = base or {}
-    first: dict[int, int] = {}
-    for k, row in enumerate(rows):
-        for j in row.trained:
-            first.setdefault(j, k)
     summaries = []
-    for k, row in enumerate(rows):
-        acc = row.accuracy
-        old = [j for j in sorted(row.trained) if first[j] < k and j in acc]
-        new = [j for j in sorted(row.trained) if first[j] == k and j in acc]
-        forgetting = {}
-        for j in old:
-            seen = [rows[i].accuracy[j] for i in range(first[j], k) if j in rows[i].accuracy]
-            if seen:
-                forgetting[j] = max(seen) - acc[j]
-        before = rows[k - 1].accuracy if k > 0 else {}
-        backward = _mean([acc[j] - rows[first[j]].accuracy[j] for j in old if j in rows[first[j]].accuracy])
-        summaries.append(Summary(
-            version=row.version,
-            average_accuracy=_mean([acc[j] for j in sorted(row.trained) if j in acc]),
-            forgetting=forgetting,
-            average_forgetting=_mean(list(forgetting.values())),
-            drop_since_learned=None if backward is None else -backward,
-            backward_transfer=backward,
-            forward_transfer=_mean([before[j] - base[j] for j in new if j in before and j in base]),
-            plasticity=_mean([acc[j] - before[j] for j in new if j in before]),
-        ))
+    prefix = Prefix()
+    for row in rows:
+        summary, prefix = step(prefix, row, base)
+        summaries.append(summary)
     return summaries

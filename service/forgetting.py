@@ -16,9 +16,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from learners.metrics import Row, summarize
+from learners.metrics import Prefix, Row, step
 from learners.reports import GateReport, WindowScore
-from service.registry import AdapterRegistry, VersionInfo, fsync_write
+from service.registry import AdapterRegistry, Entry, Signature, file_signature, fsync_write
 
 BASE = "base"
 
@@ -30,21 +30,13 @@ class AccuracyMatrix:
         self.path = path
         self._lock = threading.Lock()
         self._cells: dict[str, dict[str, dict[str, float]]] = {}
-        self._seen: tuple[int, int, int] | None = None  # the file as last read or written
+        self._seen: Signature | None = None  # the file as last read or written
         self.refresh()
-
-    def _signature(self) -> tuple[int, int, int] | None:
-        try:
-            stat = self.path.stat()
-        except FileNotFoundError:
-            return None
-        # Writes replace the file (a new inode), so this changes even where mtimes are coarse.
-        return stat.st_ino, stat.st_mtime_ns, stat.st_size
 
     def refresh(self, force: bool = False) -> None:
         """Re-read the file if another process has rewritten it since (or always, with `force`)."""
         with self._lock:
-            seen = self._signature()  # before reading: a write in between is caught next time
+            seen = file_signature(self.path)  # before reading: a write in between is caught next time
             if seen is None or (seen == self._seen and not force):
                 return
             self._cells = json.loads(self.path.read_text())
@@ -53,17 +45,20 @@ class AccuracyMatrix:
     def record(self, version: str, scores: Mapping[int, WindowScore]) -> None:
         """Add or refresh a version's cells: a window's cell is from the latest gate that scored it
         (`n` probes: with `gate.probe_budget`, an earlier window's share of its probe set)."""
-        with self._lock:
-            row = self._cells.setdefault(version, {})
-            row.update({str(w): s.model_dump(mode="json", include={"accuracy", "loss", "n"})
-                        for w, s in scores.items()})
-            fsync_write(self.path, json.dumps(self._cells, indent=1).encode())
-            self._seen = self._signature()
+        self.record_rows({version: scores})
 
     def record_gate(self, candidate: str, live: str, gate: GateReport) -> None:
-        self.record(candidate, gate.candidate)
-        self.record(live, gate.live)
-        self.record(BASE, gate.base)
+        self.record_rows({candidate: gate.candidate, live: gate.live, BASE: gate.base})
+
+    def record_rows(self, rows: Mapping[str, Mapping[int, WindowScore]]) -> None:
+        """Several versions' cells in one write: the file is rewritten whole, so once per gate."""
+        with self._lock:
+            for version, scores in rows.items():
+                row = self._cells.setdefault(version, {})
+                row.update({str(w): s.model_dump(mode="json", include={"accuracy", "loss", "n"})
+                            for w, s in scores.items()})
+            fsync_write(self.path, json.dumps(self._cells, separators=(",", ":")).encode())
+            self._seen = file_signature(self.path)
 
     def accuracy(self, version: str) -> dict[int, float]:
         with self._lock:
@@ -74,48 +69,76 @@ class AccuracyMatrix:
             return sorted({int(w) for row in self._cells.values() for w in row})
 
 
-def lineage(registry: AdapterRegistry, version: str) -> list[VersionInfo]:
+def lineage(registry: AdapterRegistry, version: str) -> list[Entry]:
     """The version and the parents it was warm-started from, oldest first."""
     chain = []
     name: str | None = version
     while name is not None:
-        info = registry.info(name)
-        chain.append(info)
-        name = info.parent
+        entry = registry.entry(name)
+        chain.append(entry)
+        name = entry.parent
     return chain[::-1]
 
 
-def rows_for(registry: AdapterRegistry, matrix: AccuracyMatrix, version: str) -> list[Row]:
-    return [Row(info.name, frozenset(info.windows_trained), matrix.accuracy(info.name))
-            for info in lineage(registry, version)]
+def _row(matrix: AccuracyMatrix, entry: Entry) -> Row:
+    return Row(entry.name, frozenset(entry.windows_trained), matrix.accuracy(entry.name))
 
 
 def best_before(registry: AdapterRegistry, matrix: AccuracyMatrix, version: str) -> dict[int, float]:
     """Each window's best accuracy along `version`'s lineage, once trained: the forgetting
     reference the gate holds a candidate of `version` to."""
     best: dict[int, float] = {}
-    for row in rows_for(registry, matrix, version):
+    for row in (_row(matrix, entry) for entry in lineage(registry, version)):
         for window in row.trained:
             if window in row.accuracy:
                 best[window] = max(best.get(window, 0.0), row.accuracy[window])
     return best
 
 
-def report(registry: AdapterRegistry, matrix: AccuracyMatrix) -> dict[str, Any]:
-    """The matrix and, for every version, its figures along its own lineage."""
+def report(registry: AdapterRegistry, matrix: AccuracyMatrix, limit: int, window_limit: int,
+           before: str | None = None) -> dict[str, Any]:
+    """The matrix and, for each version, its figures along its own lineage: the newest `limit`
+    versions (created before `before`, if given), and the live one wherever it is; cells and
+    per-window forgetting of the newest `window_limit` windows. Figures cover every window.
+
+    Each version's figures extend its parent's (`learners.metrics.step`), so the whole registry
+    costs O(versions × windows), not a walk of every lineage from its root.
+    """
     matrix.refresh()
     base = matrix.accuracy(BASE)
     live = registry.live
+    shown = set(registry.page(limit, before))
+    entries = registry.entries()
+    all_windows = matrix.windows()
+    windows = all_windows[-window_limit:]
+    columns = set(windows)
+    prefixes: dict[str | None, Prefix] = {None: Prefix()}
+    needed = _ancestors(entries, shown)
     versions = []
-    for name in registry.names():
-        info = registry.info(name)
-        summary = summarize(rows_for(registry, matrix, name), base)[-1]
-        versions.append({
-            "name": name, "parent": info.parent, "verdict": info.verdict, "live": name == live,
-            "pruned": info.pruned_at is not None,
-            "windows_trained": info.windows_trained,
-            "accuracy": {str(w): a for w, a in sorted(matrix.accuracy(name).items())},
-            "summary": {**asdict(summary), "forgetting": {str(w): f for w, f in summary.forgetting.items()}},
-        })
-    return {"windows": matrix.windows(), "live": live, "base": {str(w): a for w, a in sorted(base.items())},
-            "versions": versions}
+    for entry in entries:  # oldest first: a parent is always older than its children
+        if entry.name not in needed:
+            continue
+        row = _row(matrix, entry)
+        summary, prefixes[entry.name] = step(prefixes[entry.parent], row, base)
+        if entry.name in shown:
+            versions.append({
+                "name": entry.name, "parent": entry.parent, "verdict": entry.verdict, "live": entry.name == live,
+                "pruned": entry.pruned_at is not None, "windows_trained": list(entry.windows_trained),
+                "accuracy": {str(w): a for w, a in sorted(row.accuracy.items()) if w in columns},
+                "summary": {**asdict(summary),
+                            "forgetting": {str(w): f for w, f in summary.forgetting.items() if w in columns}},
+            })
+    return {"windows": windows, "live": live, "base": {str(w): a for w, a in sorted(base.items()) if w in columns},
+            "versions": versions, "versions_total": len(entries), "windows_total": len(all_windows)}
+
+
+def _ancestors(entries: list[Entry], names: set[str]) -> set[str]:
+    """`names` and every version in their lineages."""
+    parents = {e.name: e.parent for e in entries}
+    found: set[str] = set()
+    for name in names:
+        current: str | None = name
+        while current is not None and current not in found:
+            found.add(current)
+            current = parents[current]
+    return found

@@ -165,11 +165,11 @@ def _registry_metrics(s: Service) -> Iterator[Metric]:
     verdicts = GaugeMetricFamily("evergreen_gate_verdicts", "Registry versions by gate verdict.",
                                  labels=["verdict"])
     counts = {"accepted": 0, "rejected": 0}
-    infos = [s.registry.info(name) for name in s.registry.names()]
-    for info in infos:
-        if info.gate is not None:  # the initial version was never gated
-            counts[info.verdict] = counts.get(info.verdict, 0) + 1
-    pruned = sum(info.pruned_at is not None for info in infos)
+    entries = s.registry.entries()
+    for entry in entries:
+        if entry.gated:  # the initial version was never gated
+            counts[entry.verdict] = counts.get(entry.verdict, 0) + 1
+    pruned = sum(entry.pruned_at is not None for entry in entries)
     for verdict, count in sorted(counts.items()):
         verdicts.add_metric([verdict], count)
     yield verdicts
@@ -178,7 +178,7 @@ def _registry_metrics(s: Service) -> Iterator[Metric]:
                               value=pruned)
     yield GaugeMetricFamily("evergreen_registry_versions_on_disk",
                             "Registry versions with their weights on disk (bounded by `registry.keep_*`).",
-                            value=len(infos) - pruned)
+                            value=len(entries) - pruned)
     accuracy = GaugeMetricFamily("evergreen_live_window_accuracy",
                                  "Probe accuracy of the live version per window, from its gate report.",
                                  labels=["window"])

@@ -13,6 +13,10 @@ leaves the previous live version intact. Names are never reused, rejected ones i
 
 `prune` bounds the disk: old rejected and superseded versions lose their files but keep their
 `evergreen.json`, marked `pruned_at`, so lineage, quarantine and history still read it.
+
+Listing, lineage and retention read every version, so the registry keeps an in-memory index of
+each version's `Entry` (its metadata without the reports), re-reading a version's file only
+when it has been replaced since: by this process, or by another sharing the directory.
 """
 
 from __future__ import annotations
@@ -78,6 +82,39 @@ class VersionInfo(VersionMetadata):
 
 
 @dataclass(frozen=True)
+class Entry:
+    """What listing, lineage and retention read of a version: its metadata without the gate and
+    round reports, which grow with the windows (a 300-window gate report parses to ~0.7 MB)."""
+
+    name: str
+    parent: str | None
+    verdict: Verdict
+    windows_trained: tuple[int, ...]
+    created_at: float
+    gated: bool  # the first version never is
+    overridden: bool  # promoted against the gate's verdict
+    pruned_at: float | None
+
+    @classmethod
+    def of(cls, info: VersionInfo) -> Entry:
+        return cls(info.name, info.parent, info.verdict, tuple(info.windows_trained), info.created_at,
+                   info.gate is not None, bool(info.overrides), info.pruned_at)
+
+
+Signature = tuple[int, int, int]
+
+
+def file_signature(path: Path) -> Signature | None:
+    """Changes whenever the file is rewritten: every write replaces it (a new inode), so this
+    holds even where mtimes are coarse. None when there is no file."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns, stat.st_size
+
+
+@dataclass(frozen=True)
 class Draft:
     """A version being written: its name is reserved, its files go into `path` (`vNNNN.tmp`)."""
 
@@ -112,6 +149,8 @@ class AdapterRegistry:
         self.versions_dir = root / "versions"
         self.versions_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
+        self._index: dict[str, tuple[Signature, Entry]] = {}
+        self._index_lock = threading.Lock()
         # Called as listener(version, "promote" | "rollback") after the live pointer moved.
         self.listeners: list[Callable[[str, str], None]] = []
         if writer:
@@ -128,7 +167,52 @@ class AdapterRegistry:
                       key=_number)
 
     def info(self, name: str) -> VersionInfo:
+        """A version's whole metadata, read from its file (reports included)."""
         return VersionInfo.model_validate_json((self._directory(name) / METADATA).read_text())
+
+    def entry(self, name: str) -> Entry:
+        """A version's `Entry`, from the index (one stat to see whether its file changed)."""
+        self._directory(name)
+        found = self._indexed(name)
+        if found is None:
+            raise RegistryError(f"adapter version {name!r} has no {METADATA}")
+        return found
+
+    def entries(self) -> list[Entry]:
+        """Every version's `Entry`, pruned ones included, oldest first."""
+        names = self.names()
+        with self._index_lock:  # forget versions gone from the directory (a test's, or by hand)
+            for gone in self._index.keys() - set(names):
+                del self._index[gone]
+        return [entry for name in names if (entry := self._indexed(name)) is not None]
+
+    def _indexed(self, name: str) -> Entry | None:
+        path = self.versions_dir / name / METADATA
+        signature = file_signature(path)  # before reading: a write in between is caught next time
+        if signature is None:
+            return None
+        with self._index_lock:
+            cached = self._index.get(name)
+        if cached is not None and cached[0] == signature:
+            return cached[1]
+        entry = Entry.of(VersionInfo.model_validate_json(path.read_text()))
+        with self._index_lock:
+            self._index[name] = (signature, entry)
+        return entry
+
+    def page(self, limit: int, before: str | None = None) -> list[str]:
+        """The newest `limit` versions, oldest first: of those created before `before` (a
+        RegistryError if unknown), or else with the live version added wherever it is. A history
+        only grows, so the API serves it a page at a time."""
+        names = self.names()
+        if before is not None:
+            self._directory(before)
+            names = names[:names.index(before)]
+        page = names[-limit:]
+        live = self.live
+        if before is None and live is not None and live not in page:
+            page = sorted([live, *page], key=_number)
+        return page
 
     def _directory(self, name: str) -> Path:
         if not _NAME.match(name) or not (self.versions_dir / name).is_dir():
@@ -136,8 +220,8 @@ class AdapterRegistry:
         return self.versions_dir / name
 
     def _pruned(self, name: str) -> bool:
-        metadata = self.versions_dir / name / METADATA
-        return metadata.is_file() and VersionInfo.model_validate_json(metadata.read_text()).pruned_at is not None
+        entry = self._indexed(name)
+        return entry is not None and entry.pruned_at is not None
 
     def path(self, name: str) -> Path:
         """Directory of a loadable version; only names the registry made, never a caller's path."""
@@ -250,28 +334,28 @@ class AdapterRegistry:
         complete version or a marked one, whose leftover files the next start deletes.
         """
         with self._lock:  # the pointer must not move between reading it and trimming its history
-            names = self.names()
+            entries = self.entries()
             pointer = self._pointer()
             history: list[str] = pointer["history"]
-            protected = {pointer["live"], *history[-2:], *names[:1]}
-            rejected: list[VersionInfo] = []
-            superseded: list[VersionInfo] = []
-            for name in names:
-                info = self.info(name)
-                if name not in protected and info.pruned_at is None:
-                    (rejected if info.verdict == "rejected" and not info.overrides else superseded).append(info)
+            protected = {pointer["live"], *history[-2:], *(entry.name for entry in entries[:1])}
+            rejected: list[str] = []
+            superseded: list[str] = []
+            for entry in entries:
+                if entry.name not in protected and entry.pruned_at is None:
+                    never_live = entry.verdict == "rejected" and not entry.overridden
+                    (rejected if never_live else superseded).append(entry.name)
             doomed = sorted([*_all_but_newest(rejected, keep_rejected), *_all_but_newest(superseded, keep_superseded)],
-                            key=lambda info: _number(info.name))
-            gone = {info.name for info in doomed}
+                            key=_number)
+            gone = set(doomed)
             # Dropping a version can make its neighbours in the history equal: one entry, or a
             # rollback would "return" to the version already live.
             kept = [name for name, _ in groupby(name for name in history if name not in gone)]
             if kept != history:
                 self._write_pointer(pointer["live"], kept, pointer.get("since"))
-            for info in doomed:
-                self.record(info.model_copy(update={"pruned_at": time.time()}))
-                self._delete_files(info.name)
-        return [info.name for info in doomed]
+            for name in doomed:
+                self.record(self.info(name).model_copy(update={"pruned_at": time.time()}))
+                self._delete_files(name)
+        return doomed
 
     def _delete_files(self, name: str) -> None:
         """Everything of a pruned version but its metadata."""
@@ -284,6 +368,6 @@ class AdapterRegistry:
                 entry.unlink()
 
 
-def _all_but_newest(versions: list[VersionInfo], keep: int) -> list[VersionInfo]:
+def _all_but_newest(versions: list[str], keep: int) -> list[str]:
     """`versions` (oldest first) without its newest `keep`."""
     return versions[:max(len(versions) - keep, 0)]

@@ -140,9 +140,9 @@ class UpdateManager:
         since: left out of later updates, so a bad batch is not trained in with the next good
         one. Promoting the rejected version (an override) accepts them."""
         live = self.registry.live
-        learned = set(self.registry.info(live).windows_trained) if live is not None else set()
-        return {w for name in self.registry.names() for info in [self.registry.info(name)]
-                if info.verdict == "rejected" for w in info.windows_trained} - learned
+        learned = set(self.registry.entry(live).windows_trained) if live is not None else set()
+        return {w for entry in self.registry.entries()
+                if entry.verdict == "rejected" for w in entry.windows_trained} - learned
 
     @property
     def busy(self) -> bool:

@@ -69,7 +69,12 @@ async function act(label, method, path, done = () => `${label}: done.`) {
 }
 
 // -- polling --------------------------------------------------------------------------------
-const SOURCES = { adapters: "/v1/adapters", forgetting: "/v1/forgetting", buffer: "/v1/buffer", updates: "/v1/updates" };
+// The newest versions and windows of the history (and the live version wherever it is): 20 x 20
+// cells stay readable, and the answers are as small at version 2,000 as at version 20.
+const SOURCES = {
+  adapters: "/v1/adapters?limit=20", forgetting: "/v1/forgetting?limit=20&window_limit=20",
+  buffer: "/v1/buffer", updates: "/v1/updates",
+};
 const RENDER = { adapters: renderAdapters, forgetting: renderForgetting, buffer: renderBuffer, updates: renderUpdates };
 
 async function load(names) {
@@ -194,9 +199,11 @@ function renderForgetting(data) {
   }
   const live = versions.find((v) => v.live);
   const s = live && live.summary;
-  $("forgetting-note").textContent = s && s.average_accuracy !== null
+  const shown = data.versions_total > versions.length || data.windows_total > data.windows.length
+    ? ` (newest ${versions.length} of ${data.versions_total} versions, ${data.windows.length} of ${data.windows_total} windows)` : "";
+  $("forgetting-note").textContent = (s && s.average_accuracy !== null
     ? `live ${live.name}: average accuracy ${Charts.pct(s.average_accuracy)}, forgetting ${signed(s.average_forgetting)}, BWT ${signed(s.backward_transfer)}`
-    : "";
+    : "") + shown;
   Charts.heatmap($("heatmap"), rows, data.windows, (row, w) => row.accuracy[String(w)]);
   const names = versions.map((v) => v.name);
   const rejected = versions.map((v) => v.verdict === "rejected");

@@ -9,6 +9,7 @@ from learners.reports import GateReport
 from service.deps import AdminDep, PrimaryDep, ServiceDep
 from service.errors import responses
 from service.registry import Override, RegistryError, VersionInfo
+from service.routes import DEFAULT_ROWS, Before, Limit
 from service.runtime import UnsafeAdapter
 
 router = APIRouter(prefix="/v1", tags=["adapters"])
@@ -33,7 +34,9 @@ class AdapterPublic(BaseModel):
 class AdapterList(BaseModel):
     live: str | None
     live_since: float | None = Field(description="Unix time the live pointer last moved (promotion or rollback).")
-    adapters: list[AdapterPublic]
+    adapters: list[AdapterPublic] = Field(description="Oldest first: the newest `limit` (before `before`), and the "
+                                                      "live version wherever it is.")
+    total: int = Field(description="Versions in the registry, pruned ones included.")
 
 
 def _public(info: VersionInfo, live: str | None) -> AdapterPublic:
@@ -43,12 +46,23 @@ def _public(info: VersionInfo, live: str | None) -> AdapterPublic:
                          overrides=info.overrides, pruned_at=info.pruned_at)
 
 
-@router.get("/adapters")
-def list_adapters(service: ServiceDep) -> AdapterList:
-    """Every version in the registry, oldest first, and which one is live."""
+@router.get("/adapters", responses=responses(404))
+def list_adapters(
+        service: ServiceDep,
+        limit: Limit = DEFAULT_ROWS,
+        before: Before = None,
+) -> AdapterList:
+    """The registry's versions with their gate reports, oldest first, and which one is live. Each
+    report grows with the windows, so a page is returned: the newest by default, older ones with
+    `before`."""
     live = service.registry.live
+    try:
+        names = service.registry.page(limit, before)
+    except RegistryError as exc:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"unknown adapter version {before!r}") from exc
     return AdapterList(live=live, live_since=service.registry.live_since,
-                       adapters=[_public(service.registry.info(n), live) for n in service.registry.names()])
+                       adapters=[_public(service.registry.info(n), live) for n in names],
+                       total=len(service.registry.names()))
 
 
 @router.post("/adapters/{version}/load", responses=responses(401, 403, 404, 409))

@@ -1,12 +1,15 @@
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, HTTPException, Query, status
 from pydantic import BaseModel, Field
 
 from service.deps import ServiceDep
+from service.errors import responses
 from service.forgetting import report
+from service.registry import RegistryError
+from service.routes import DEFAULT_ROWS, MAX_ROWS, Before, Limit
 
 router = APIRouter(prefix="/v1", tags=["forgetting"])
 
@@ -35,14 +38,29 @@ class VersionRow(BaseModel):
 
 
 class ForgettingReport(BaseModel):
-    windows: list[int]
+    windows: list[int] = Field(description="The windows whose cells are given (the newest `window_limit`).")
     live: str | None
     base: dict[str, float] = Field(description="Base model (no adapter) accuracy per window.")
-    versions: list[VersionRow]
+    versions: list[VersionRow] = Field(description="Oldest first: the newest `limit` (before `before`), and the live "
+                                                   "version wherever it is.")
+    versions_total: int = Field(description="Versions in the registry, pruned ones included.")
+    windows_total: int = Field(description="Windows measured.")
 
 
-@router.get("/forgetting")
-def forgetting(service: ServiceDep) -> ForgettingReport:
-    """The accuracy matrix (versions × windows) and each version's forgetting figures."""
-    data: dict[str, Any] = report(service.registry, service.matrix)
+@router.get("/forgetting", responses=responses(404))
+def forgetting(
+        service: ServiceDep,
+        limit: Limit = DEFAULT_ROWS,
+        window_limit: Annotated[int, Query(ge=1, le=MAX_ROWS, description=(
+            "Newest windows whose cells and per-window forgetting are returned; averages cover every window."))]
+        = DEFAULT_ROWS,
+        before: Before = None,
+) -> ForgettingReport:
+    """The accuracy matrix (versions × windows) and each version's forgetting figures, along its
+    own lineage. The matrix grows with both, so a page of it is returned: the newest versions and
+    windows by default, older ones with `before`."""
+    try:
+        data: dict[str, Any] = report(service.registry, service.matrix, limit, window_limit, before)
+    except RegistryError as exc:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"unknown adapter version {before!r}") from exc
     return ForgettingReport.model_validate(data)

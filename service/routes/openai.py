@@ -21,7 +21,7 @@ from service.core import Service
 from service.deps import VERSION_HEADER, QueryDep, ServiceDep
 from service.errors import responses
 from service.generation import PromptTooLong, Sampling, Stream, chat_prompt, text_prompt
-from service.registry import RegistryError, VersionInfo
+from service.registry import Entry, RegistryError
 from service.runtime import LIVE, UnsafeAdapter
 
 router = APIRouter(prefix="/v1", tags=["generate"])
@@ -234,8 +234,8 @@ def completions(body: CompletionRequest, service: ServiceDep, _query: QueryDep,
                       choices=[CompletionChoice(index=0, text=answer, finish_reason=stream.usage.finish_reason)])
 
 
-def _card(info: VersionInfo, live: str) -> ModelCard:
-    return ModelCard(id=info.name, created=int(info.created_at), live=info.name == live, verdict=info.verdict)
+def _card(entry: Entry, live: str) -> ModelCard:
+    return ModelCard(id=entry.name, created=int(entry.created_at), live=entry.name == live, verdict=entry.verdict)
 
 
 @router.get("/models", responses=responses(401, 403, openai=True))
@@ -243,8 +243,7 @@ def list_models(service: ServiceDep, _query: QueryDep) -> ModelList:
     """`live` (an alias of the serving version), then every registry version that can be loaded
     (not pruned), newest first."""
     live = service.runtime.version
-    infos = [service.registry.info(name) for name in reversed(service.registry.names())]
-    cards = [_card(info, live) for info in infos if info.pruned_at is None]
+    cards = [_card(entry, live) for entry in reversed(service.registry.entries()) if entry.pruned_at is None]
     alias = next(c for c in cards if c.live).model_copy(update={"id": LIVE})
     return ModelList(data=[alias, *cards])
 
@@ -254,11 +253,11 @@ def get_model(model: str, service: ServiceDep, _query: QueryDep) -> ModelCard:
     """One version (or `live`) that can be loaded."""
     live = service.runtime.version
     try:
-        info = service.registry.info(live if model == LIVE else model)
+        entry = service.registry.entry(live if model == LIVE else model)
     except RegistryError as exc:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"unknown model {model!r}") from exc
-    if info.pruned_at is not None:
+    if entry.pruned_at is not None:
         raise HTTPException(status.HTTP_404_NOT_FOUND,
                             f"model {model!r} was pruned by the registry's retention: it can no longer be loaded")
-    card = _card(info, live)
+    card = _card(entry, live)
     return card.model_copy(update={"id": LIVE}) if model == LIVE else card
