@@ -63,6 +63,12 @@ class TrainSettings(BaseModel):
         2.0, ge=1, description="Most optimiser steps of an update, as a multiple of the steps its new rows alone "
                                "take at `epochs`: replay shares the budget, so an update's cost does not grow with "
                                "the labels learned before it.")
+    min_new_epochs: float = Field(
+        1.5, ge=0, description="Fewest passes over the new window's rows within the step budget. Balanced replay "
+                               "shrinks the new rows' share of a batch as labels accumulate; under the budget they "
+                               "would get ever fewer passes (0.4 at 72 earlier labels) and late windows would not "
+                               "be learned, so replay's share is capped at 1 - this / (step_budget x epochs). "
+                               "At most `epochs`.")
     replay_ratio: float | Literal["balanced"] = Field(
         "balanced", description="Share of each batch drawn from replay (0 to below 1). `balanced`: the share of "
                                 "earlier labels among all labels trained, so every label gets an equal share of "
@@ -74,6 +80,12 @@ class TrainSettings(BaseModel):
         if isinstance(value, float) and not 0 <= value < 1:
             raise ValueError("`replay_ratio` must be at least 0 and below 1, or `balanced`")
         return value
+
+    @model_validator(mode="after")
+    def _new_epochs_within_epochs(self) -> TrainSettings:
+        if self.min_new_epochs > self.epochs:
+            raise ValueError("`min_new_epochs` cannot exceed `epochs`")
+        return self
 
     keep_general: float = Field(
         1.0, ge=0, description="Weight of the KL drift from the base model on general sentences, added to each "

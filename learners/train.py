@@ -104,9 +104,11 @@ def mixed_batches(new: Sequence[Example], replay: Sequence[Example], cfg: TrainS
     At least one row of every batch is new, so the passes over the new rows always end. As
     earlier labels pile up, the new rows' share of a batch shrinks and the passes would take ever
     more steps; `step_budget` caps them at that multiple of the steps the new rows alone take,
-    so an update costs the same at window 30 as at window 3 (the new rows then get fewer passes).
+    so an update costs the same at window 30 as at window 3. The new rows then get fewer passes,
+    but never fewer than `min_new_epochs`: replay's share stops growing where it would take them.
     """
-    share = replay_share(new, replay, cfg.replay_ratio)
+    ceiling = 1 - cfg.min_new_epochs / (cfg.step_budget * cfg.epochs)  # leaves the new rows their passes
+    share = min(replay_share(new, replay, cfg.replay_ratio), ceiling)
     n_replay = min(round(cfg.batch_size * share), cfg.batch_size - 1)
     n_new = cfg.batch_size - n_replay
     alone = math.ceil(len(new) * cfg.epochs / cfg.batch_size)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 from collections import Counter
 
+import pytest
+
 from learners.config import TrainSettings
 from learners.prompts import Example
 from learners.train import mixed_batches
@@ -39,10 +41,18 @@ def test_a_fixed_share_and_a_late_window_keep_new_rows_in_every_batch() -> None:
 
 def test_the_step_budget_holds_an_update_to_the_same_cost_however_many_labels_came_before() -> None:
     new = intents("new-a", 40) + intents("new-b", 40)  # 80 rows, 3 epochs: 15 steps alone
-    steps = {}
+    steps, passes = {}, {}
     for earlier in (2, 6, 40):
         replay = [e for i in range(earlier) for e in intents(f"old-{i}", 40)]
         batches = mixed_batches(new, replay, TrainSettings(batch_size=16, epochs=3, step_budget=2), random.Random(0))
         steps[earlier] = len(batches)
-        assert {sum(e.intent.startswith("new") for e in b) for b in batches} == {max(1, round(16 * 2 / (2 + earlier)))}
+        passes[earlier] = sum(e.intent.startswith("new") for b in batches for e in b) / len(new)
     assert steps == {2: 30, 6: 30, 40: 30}  # balanced, without the budget: 30, 60, 240
+    # Balanced, 2 of 42 labels would leave the new rows 1 row a batch, 0.4 passes; replay's share
+    # stops at 12 of 16 rows, where the new rows still get `min_new_epochs` (1.5) passes.
+    assert passes == {2: 3.0, 6: 1.5, 40: 1.5}
+
+
+def test_min_new_epochs_is_bounded_by_epochs() -> None:
+    with pytest.raises(ValueError, match="min_new_epochs"):
+        TrainSettings(epochs=1, min_new_epochs=2)
