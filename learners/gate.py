@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -27,48 +28,118 @@ from learners.scoring import LabelScorer
 from learners.stats import chance_agreement, paired_regression, permutation_tail
 from streams.records import TicketRecord
 
+# A version's log-likelihood of each label it was scored on, by probe id then label.
+CachedScores = Mapping[str, Mapping[str, float]]
 
-def evaluate(model: nn.Module, scorer: LabelScorer, probes: Mapping[int, Sequence[TicketRecord]],
-             known: Collection[str] = (), shortlists: Mapping[str, Sequence[str]] | None = None,
-             ) -> dict[int, WindowScore]:
+
+@dataclass(frozen=True)
+class ProbeMatrix:
+    """One window's labelled probes and their scores (probes × the scorer's labels): each
+    probe's judged labels scored, -inf for the others, as `LabelScorer.score_among` gives them."""
+
+    records: list[TicketRecord]
+    scores: torch.Tensor
+    shortlisted: int  # probes judged among a shortlist rather than every label
+    reused: int  # (probe, label) scores taken from those cached
+    computed: int  # (probe, label) scores the model was run for
+
+
+def finite_scores(matrices: Mapping[int, ProbeMatrix], labels: Sequence[str]) -> dict[str, dict[str, float]]:
+    """Every window's finite scores by probe id and label, as `score_probes` takes them back.
+
+    >>> records = [TicketRecord(id="p1", text="t", label="a")]
+    >>> matrix = ProbeMatrix(records, torch.tensor([[-0.5, -math.inf]]), shortlisted=1, reused=0, computed=1)
+    >>> finite_scores({1: matrix}, ["a", "b"])
+    {'p1': {'a': -0.5}}
+    """
+    return {r.id: {labels[c]: float(row[c]) for c in row.isfinite().nonzero()[:, 0].tolist()}
+            for matrix in matrices.values() for r, row in zip(matrix.records, matrix.scores, strict=True)}
+
+
+def score_probes(model: nn.Module, scorer: LabelScorer, probes: Mapping[int, Sequence[TicketRecord]],
+                 shortlists: Mapping[str, Sequence[str]] | None = None, cached: CachedScores | None = None,
+                 ) -> dict[int, ProbeMatrix]:
     """Score every labelled probe of every window (windows without labelled probes are left out).
 
-    With `known` labels, each probe of one of them is also judged among those labels only: the
-    same scores, the argmax restricted to their columns, so it costs nothing more. With
-    `shortlists` (probe id → labels), a probe that has one is judged among those labels only
-    (`LabelScorer.score_among`); a probe whose true label is not on it is wrong.
+    With `shortlists` (probe id → labels), a probe that has one is scored among those labels
+    only, otherwise among every label. A (probe, label) score found in `cached` is taken from
+    there, not from the model: a version's score of a label never changes (a probe's text is
+    fixed by its id, a version's weights once published) and does not depend on which other
+    labels are scored with it. The model runs only for the pairs missing: not at all for a
+    window that has none.
     """
     index = {label: i for i, label in enumerate(scorer.labels)}
-    known = set(known)
-    columns = torch.tensor([index[label] for label in scorer.labels if label in known], dtype=torch.long)
-    result: dict[int, WindowScore] = {}
+    shortlists, cached = shortlists or {}, cached or {}
+    result: dict[int, ProbeMatrix] = {}
     for window, records in probes.items():
         labelled = [r for r in records if r.label in index]
         if not labelled:
             continue
-        texts = [r.text for r in labelled]
-        own = [(shortlists or {}).get(r.id, ()) for r in labelled]
-        scores = scorer.score_among(model, texts, own) if any(own) else scorer.score_many(model, texts)
-        truth = torch.tensor([index[r.label] for r in labelled if r.label is not None])
-        picked = torch.log_softmax(scores, dim=1).gather(1, truth[:, None])[:, 0]
-        scored = picked.isfinite()  # the true label was scored (on the probe's shortlist)
-        correct = ((scores.argmax(dim=1) == truth) & scored).tolist()
-        among_known = torch.isin(truth, columns)
-        known_correct = ((columns[scores[among_known][:, columns].argmax(dim=1)] == truth[among_known])
-                         & scored[among_known]).tolist() if len(columns) else []
-        result[window] = WindowScore(
-            accuracy=sum(correct) / len(correct),
-            truth=tuple(r.label or "" for r in labelled),
-            answers=tuple(scorer.labels[i] for i in scores.argmax(dim=1).tolist()),
-            loss=float(-picked[scored].mean()) if scored.any() else math.nan,
-            n=len(labelled),
-            correct=tuple(correct),
-            majority_rate=max(Counter(r.label for r in labelled).values()) / len(labelled),
-            known_accuracy=sum(known_correct) / len(known_correct) if known_correct else None,
-            known_correct=tuple(known_correct),
-            shortlisted=sum(1 for o in own if o),
-        )
+        # As `score_among` reads a shortlist: its labels the scorer has, or every label.
+        wanted = [[label for label in shortlists.get(r.id, ()) if label in index] or scorer.labels
+                  for r in labelled]
+        scores = torch.full((len(labelled), len(index)), -math.inf)
+        missing: list[list[str]] = []
+        for row, (record, labels) in enumerate(zip(labelled, wanted, strict=True)):
+            have = cached.get(record.id, {})
+            hits = [label for label in labels if label in have]
+            scores[row, [index[label] for label in hits]] = torch.tensor([have[label] for label in hits])
+            missing.append([label for label in labels if label not in have])
+        rows = [row for row, labels in enumerate(missing) if labels]
+        if rows:
+            fresh = scorer.score_among(model, [labelled[row].text for row in rows], [missing[row] for row in rows])
+            for at, row in enumerate(rows):
+                columns = [index[label] for label in missing[row]]
+                scores[row, columns] = fresh[at, columns]
+        computed = sum(len(labels) for labels in missing)
+        result[window] = ProbeMatrix(
+            records=labelled, scores=scores, shortlisted=sum(1 for r in labelled if shortlists.get(r.id)),
+            reused=sum(len(labels) for labels in wanted) - computed, computed=computed)
     return result
+
+
+def window_score(matrix: ProbeMatrix, labels: Sequence[str], known: Collection[str] = ()) -> WindowScore:
+    """A window's scores judged: each probe answered with its best-scored label.
+
+    With `known` labels, each probe of one of them is also judged among those labels only: the
+    same scores, the argmax restricted to their columns, so it costs nothing more. A probe whose
+    true label was not scored (not on its shortlist) is wrong.
+    """
+    index, known = {label: i for i, label in enumerate(labels)}, set(known)
+    columns = torch.tensor([i for i, label in enumerate(labels) if label in known], dtype=torch.long)
+    records, scores = matrix.records, matrix.scores
+    truth = torch.tensor([index[r.label] for r in records if r.label is not None])
+    picked = torch.log_softmax(scores, dim=1).gather(1, truth[:, None])[:, 0]
+    scored = picked.isfinite()  # the true label was scored (on the probe's shortlist)
+    correct = ((scores.argmax(dim=1) == truth) & scored).tolist()
+    among_known = torch.isin(truth, columns)
+    known_correct = ((columns[scores[among_known][:, columns].argmax(dim=1)] == truth[among_known])
+                     & scored[among_known]).tolist() if len(columns) else []
+    return WindowScore(
+        accuracy=sum(correct) / len(correct),
+        truth=tuple(r.label or "" for r in records),
+        answers=tuple(labels[i] for i in scores.argmax(dim=1).tolist()),
+        loss=float(-picked[scored].mean()) if scored.any() else math.nan,
+        n=len(records),
+        correct=tuple(correct),
+        majority_rate=max(Counter(r.label for r in records).values()) / len(records),
+        known_accuracy=sum(known_correct) / len(known_correct) if known_correct else None,
+        known_correct=tuple(known_correct),
+        shortlisted=matrix.shortlisted,
+    )
+
+
+def window_scores(matrices: Mapping[int, ProbeMatrix], labels: Sequence[str],
+                  known: Collection[str] = ()) -> dict[int, WindowScore]:
+    """`window_score` of every window."""
+    return {window: window_score(matrix, labels, known) for window, matrix in matrices.items()}
+
+
+def evaluate(model: nn.Module, scorer: LabelScorer, probes: Mapping[int, Sequence[TicketRecord]],
+             known: Collection[str] = (), shortlists: Mapping[str, Sequence[str]] | None = None,
+             ) -> dict[int, WindowScore]:
+    """Score every window's probes (`score_probes`) and judge them (`window_score`)."""
+    return window_scores(score_probes(model, scorer, probes, shortlists), scorer.labels, known)
 
 
 def judge(candidate: dict[int, WindowScore], live: dict[int, WindowScore], new_windows: Sequence[int],
@@ -77,7 +148,7 @@ def judge(candidate: dict[int, WindowScore], live: dict[int, WindowScore], new_w
     """Apply every check of the policy; the first failing one gives the reason.
 
     Earlier windows' forgetting checks use the scores among the known labels when both sides
-    have them (see `evaluate`), else the scores among all labels. `best_before` is each earlier
+    have them (see `window_score`), else the scores among all labels. `best_before` is each earlier
     window's best accuracy under earlier live versions (the forgetting reference); without it
     the live version's accuracy is used.
     """

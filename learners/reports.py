@@ -123,6 +123,10 @@ class GateReport(Report):
     thresholds: GateSettings = Field(description="The gate settings it was judged by.")
     seconds: float | None = Field(default=None, description="Time spent scoring and judging (unknown for old "
                                                             "versions).")
+    live_scores_reused: int = Field(default=0, description="(Probe, label) scores of the live version read back "
+                                                           "from when it was itself the candidate, not scored again.")
+    live_scores_computed: int | None = Field(default=None, description="(Probe, label) scores the live version "
+                                                                       "was run for (unknown for old versions).")
 
 
 class UpdateOutcome(Report):

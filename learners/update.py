@@ -20,12 +20,13 @@ from learners.base_model import load_base
 from learners.canary import canary_loss, load_canary
 from learners.config import AdapterSettings, GateSettings, TrainSettings
 from learners.ewc import EwcPenalty, consolidate, empirical_fisher
-from learners.gate import evaluate, judge
+from learners.gate import evaluate, finite_scores, judge, score_probes, window_scores
 from learners.general import GeneralText
 from learners.methods import peft_config, warm_start
 from learners.probes import budgeted_probes
 from learners.prompts import Example, ticket_examples
 from learners.reports import Canary, Progress, RoundReport, UpdateOutcome
+from learners.score_cache import read_probe_scores, write_probe_scores
 from learners.scoring import LabelScorer
 from learners.train import answer_loss, collate, run_round
 from replay.buffer import Snapshot
@@ -96,8 +97,11 @@ def train_candidate(snapshot: Snapshot, base_path: Path, live_dir: Path, out_dir
                     shortlists: Mapping[str, Sequence[str]] | None = None) -> UpdateOutcome:
     """Train a candidate warm-started from the live adapter, save it to `out_dir`, gate it.
 
+    The candidate's probe scores are saved with it (`learners.score_cache`); the live version's,
+    saved when it was the candidate, are read back, so it is scored only on what they lack.
+
     `best_before`: each window's best accuracy under earlier live versions (see `judge`).
-    `shortlists`: the labels each probe (by id) is judged among (see `evaluate`).
+    `shortlists`: the labels each probe (by id) is judged among (see `score_probes`).
     """
     model, tokenizer, report = train_adapter(snapshot.new, snapshot.replay, base_path, live_dir, out_dir,
                                              cfg, on_progress, cancel)
@@ -107,18 +111,21 @@ def train_candidate(snapshot: Snapshot, base_path: Path, live_dir: Path, out_dir
     canary = load_canary(policy.canary_file) if policy.max_canary_increase is not None else []
     known = known_labels(snapshot)
     probes = budgeted_probes(snapshot.probes, snapshot.new_windows, policy.probe_budget)
-    candidate_scores = evaluate(model, scorer, probes, known, shortlists)
+    candidate = score_probes(model, scorer, probes, shortlists)
+    write_probe_scores(out_dir, finite_scores(candidate, scorer.labels))
     candidate_canary = canary_loss(model, tokenizer, canary)
     del model
     live_model = PeftModel.from_pretrained(load_base(base_path)[0], live_dir)
-    live_scores = evaluate(live_model, scorer, probes, known, shortlists)
+    live = score_probes(live_model, scorer, probes, shortlists, read_probe_scores(live_dir))
     live_canary = canary_loss(live_model, tokenizer, canary)
     with live_model.disable_adapter():  # the base model, for forward transfer and canary drift
         base_scores = evaluate(live_model, scorer, {w: probes[w] for w in snapshot.new_windows if w in probes},
                                shortlists=shortlists)
         base_canary = canary_loss(live_model, tokenizer, canary)
-    gate = judge(candidate_scores, live_scores, snapshot.new_windows, policy, best_before=best_before,
-                 base=base_scores,
+    gate = judge(window_scores(candidate, scorer.labels, known), window_scores(live, scorer.labels, known),
+                 snapshot.new_windows, policy, best_before=best_before, base=base_scores,
                  canary=Canary(candidate=candidate_canary, live=live_canary, base=base_canary) if canary else None)
-    gate = gate.model_copy(update={"seconds": time.perf_counter() - started})
+    gate = gate.model_copy(update={"seconds": time.perf_counter() - started,
+                                   "live_scores_reused": sum(m.reused for m in live.values()),
+                                   "live_scores_computed": sum(m.computed for m in live.values())})
     return UpdateOutcome(gate=gate, train=report, labels=list(snapshot.labels))

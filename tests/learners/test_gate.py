@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 from learners.base_model import load_base
 from learners.config import GateSettings, TrainSettings
-from learners.gate import evaluate, judge
+from learners.gate import evaluate, finite_scores, judge, score_probes, window_score
 from learners.reports import Canary, WindowScore
 from learners.scoring import LabelScorer
 from learners.update import initial_adapter, train_candidate
@@ -227,3 +229,46 @@ def test_probes_are_judged_among_their_shortlists(tiny_llama: Path) -> None:
                      shortlists={missing.id: [label for label in labels if label != missing.label]})[1]
     assert wrong.correct[0] is False and wrong.known_correct[0] is False and wrong.shortlisted == 1
     assert wrong.correct[1:] == full.correct[1:]
+
+
+def test_cached_scores_are_reused_and_judged_alike(tiny_llama: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, tokenizer = load_base(tiny_llama)
+    labels = sorted(INTENTS)
+    scorer = LabelScorer(tokenizer, labels)
+    first, second = labels[:3], labels[3:6]
+    probes = {1: window(0, first, {label: INTENTS[label] for label in first}, 6, "p1"),
+              2: window(0, second, {label: INTENTS[label] for label in second}, 6, "p2")}
+    shortlists = {r.id: labels[:5] for r in [*probes[1][:3], *probes[2][:3]]}  # the others: every label
+    fresh = score_probes(model, scorer, probes, shortlists)
+    scores = finite_scores(fresh, labels)
+    # Window 1 known in full; of window 2, four probes' first three labels (a shortlist or all labels).
+    cached = {r.id: scores[r.id] for r in probes[1]} | {r.id: dict(list(scores[r.id].items())[:3])
+                                                         for r in probes[2][1:5]}
+    asked: list[tuple[str, str]] = []  # (probe text, label): what the model was run for
+    score_among = LabelScorer.score_among
+
+    def counted(self: LabelScorer, model: torch.nn.Module, texts: Sequence[str],
+                shortlists: Sequence[Sequence[str]], batch: int = 8) -> torch.Tensor:
+        asked.extend((text, label) for text, short in zip(texts, shortlists, strict=True) for label in short)
+        return score_among(self, model, texts, shortlists, batch)
+
+    monkeypatch.setattr(LabelScorer, "score_among", counted)
+    reused = score_probes(model, scorer, probes, shortlists, cached)
+
+    assert sorted(asked) == sorted((r.text, label) for r in probes[2] for label in scores[r.id]
+                                   if label not in cached.get(r.id, {}))
+    assert (reused[1].reused, reused[1].computed) == (sum(len(scores[r.id]) for r in probes[1]), 0)
+    assert reused[2].reused == 12 and reused[2].computed == sum(len(scores[r.id]) for r in probes[2]) - 12
+    for w in probes:
+        before, after = window_score(fresh[w], labels, first), window_score(reused[w], labels, first)
+        assert (after.accuracy, after.correct, after.known_correct, after.answers, after.shortlisted) == \
+               (before.accuracy, before.correct, before.known_correct, before.answers, before.shortlisted)
+        assert abs(after.loss - before.loss) < 1e-5
+    # The cached scores are the ones judged: a doctored one changes the answer.
+    probe = probes[1][0]
+    wrong = next(label for label in first if label != probe.label)
+    doctored = {**cached, probe.id: {**cached[probe.id], wrong: 0.0}}
+    asked.clear()
+    judged = window_score(score_probes(model, scorer, probes, shortlists, doctored)[1], labels, first)
+    assert judged.answers[0] == wrong and not judged.correct[0]
+    assert not [text for text, _ in asked if text in {r.text for r in probes[1]}]

@@ -20,10 +20,12 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from learners.config import PROMOTE_ALL, GateSettings
+from learners.score_cache import PROBE_SCORES_FILE
 from service.cli import UPDATE_EXIT, app
 from service.core import Service
 from service.registry import ADAPTER_WEIGHTS, VersionMetadata
 from service.settings import DEV_ADMIN_KEY, RegistrySettings, Settings
+from service.updates import UpdateRecord
 from streams.records import TicketRecord
 from tests.conftest import TINY_TRAIN, LiveService, add_versions, gauge, is_alive, tiny_settings, wait_for
 
@@ -40,6 +42,13 @@ LABELS = ["card_arrival", "exchange_rate"]
 def add_window(service: Service, n: int = 40) -> None:
     service.buffer.add_many([TicketRecord(id=f"t{i}", text=f"my {'card' if i % 2 else 'rate'} issue {i}",
                                           label=LABELS[i % 2]) for i in range(n)])
+
+
+def run_update(service: Service, what: str) -> UpdateRecord:
+    """Start an update and wait for it to finish."""
+    record = service.updates.start("manual")
+    wait_for(lambda: record.finished_at is not None, 180, what)
+    return record
 
 
 def assert_nothing_published(service: Service) -> None:
@@ -124,6 +133,34 @@ def test_cancel_stops_the_training_and_publishes_nothing(serve: Callable[[Settin
     assert client.post("/v1/classify", json={"text": "my card", "labels": LABELS}).status_code == 200
 
 
+def test_the_gate_reuses_the_live_versions_scores_from_when_it_was_the_candidate(tiny_llama: Path,
+                                                                                 tmp_path: Path) -> None:
+    """Issue 21: each update scored the live version again on probes it was scored on as the candidate."""
+    service = Service(tiny_settings(tmp_path, None, train=TRAIN, gate=PROMOTE_ALL))
+    try:
+        add_window(service)
+        first = run_update(service, "the first update")
+        assert first.status == "promoted" and first.gate is not None, first
+        assert first.gate.live_scores_reused == 0  # the initial version was never a candidate
+        assert first.gate.live_scores_computed == first.gate.live[1].n * len(LABELS)
+        assert (service.registry.path("v0001") / PROBE_SCORES_FILE).is_file()
+
+        service.buffer.add_many([TicketRecord(id=f"u{i}", text=f"the {'card' if i % 2 else 'rate'} again {i}",
+                                              label=LABELS[i % 2]) for i in range(40)])
+        second = run_update(service, "the second update")
+        assert second.status == "promoted" and second.gate is not None, second
+        gate = second.gate
+        # Window 1's probes, all of them among both labels, were scored when v0001 was the candidate:
+        # only the new window's are scored on the live version.
+        assert gate.live_scores_reused == gate.live[1].n * len(LABELS) > 0
+        assert gate.live_scores_computed == gate.live[2].n * len(LABELS)
+        was, now = first.gate.candidate[1], gate.live[1]
+        assert (now.n, now.accuracy) == (was.n, was.accuracy)
+        assert abs(now.loss - was.loss) < 1e-5
+    finally:
+        service.stop()
+
+
 def test_a_killed_training_process_fails_the_update_and_the_next_starts_clean(tiny_llama: Path,
                                                                               tmp_path: Path) -> None:
     service = Service(tiny_settings(tmp_path, None, train=TRAIN, gate=PROMOTE_ALL))
@@ -139,8 +176,7 @@ def test_a_killed_training_process_fails_the_update_and_the_next_starts_clean(ti
         assert crashed.reason == "TrainingFailed: the training process was killed by SIGKILL"
         assert_nothing_published(service)
 
-        again = service.updates.start("manual")
-        wait_for(lambda: again.finished_at is not None, 180, "the update after the crash")
+        again = run_update(service, "the update after the crash")
         assert again.status == "promoted", again
         assert again.version == service.registry.live == service.runtime.version == "v0001"
         assert again.gate is not None and 1 in again.gate.candidate
