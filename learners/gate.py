@@ -75,9 +75,7 @@ def score_probes(model: nn.Module, scorer: LabelScorer, probes: Mapping[int, Seq
         labelled = [r for r in records if r.label in index]
         if not labelled:
             continue
-        # As `score_among` reads a shortlist: its labels the scorer has, or every label.
-        wanted = [[label for label in shortlists.get(r.id, ()) if label in index] or scorer.labels
-                  for r in labelled]
+        wanted = [scorer.judged_among(shortlists.get(r.id, ())) for r in labelled]
         scores = torch.full((len(labelled), len(index)), -math.inf)
         missing: list[list[str]] = []
         for row, (record, labels) in enumerate(zip(labelled, wanted, strict=True)):

@@ -86,6 +86,7 @@ class LabelScorer:
             raise ValueError("no labels to score")
         self.tokenizer = tokenizer
         self.labels = list(labels)
+        self._index = {label: i for i, label in enumerate(self.labels)}
         self.max_prompt_tokens = max_prompt_tokens
         self.label_ids = ([list(i) for i in ids] if ids is not None
                           else [label_ids(tokenizer, label) for label in self.labels])
@@ -97,9 +98,8 @@ class LabelScorer:
         A label's tokens attend to the prompt and their own prefix only, never to another label,
         so its score is exactly the one this scorer gives it: only the cost shrinks.
         """
-        index = {label: i for i, label in enumerate(self.labels)}
         return LabelScorer(self.tokenizer, labels, self.max_prompt_tokens,
-                           ids=[self.label_ids[index[label]] for label in labels])
+                           ids=[self.label_ids[self._index[label]] for label in labels])
 
     def score(self, model: nn.Module, text: str) -> torch.Tensor:
         """Summed log-probability of every label (shape: labels); softmax of it is confidence."""
@@ -155,6 +155,11 @@ class LabelScorer:
             return torch.zeros((0, len(self.labels)))
         return torch.cat([self.score_batch(model, texts[i: i + batch]) for i in range(0, len(texts), batch)])
 
+    def judged_among(self, shortlist: Sequence[str]) -> list[str]:
+        """The labels a ticket with `shortlist` is scored among: those of it the scorer has, or,
+        if none (an empty shortlist), every label."""
+        return [label for label in shortlist if label in self._index] or list(self.labels)
+
     def score_among(self, model: nn.Module, texts: Sequence[str], shortlists: Sequence[Sequence[str]],
                     batch: int = 8) -> torch.Tensor:
         """`score_many` with each ticket's labels restricted to its shortlist (an empty one: every
@@ -163,17 +168,16 @@ class LabelScorer:
         Tickets are batched in the order of their first shortlisted label, so a pass scores the
         union of a few alike shortlists rather than every label.
         """
-        index = {label: i for i, label in enumerate(self.labels)}
-        own = [[label for label in short if label in index] or self.labels for short in shortlists]
+        own = [self.judged_among(short) for short in shortlists]
         scores = torch.full((len(texts), len(self.labels)), -math.inf)
-        order = sorted(range(len(texts)), key=lambda i: index[own[i][0]])
+        order = sorted(range(len(texts)), key=lambda i: self._index[own[i][0]])
         for start in range(0, len(order), batch):
             rows = order[start: start + batch]
-            union = sorted({label for i in rows for label in own[i]}, key=index.__getitem__)
+            union = sorted({label for i in rows for label in own[i]}, key=self._index.__getitem__)
             columns = {label: c for c, label in enumerate(union)}
             chunk = self.subset(union).score_batch(model, [texts[i] for i in rows])
             for at, i in enumerate(rows):
-                scores[i, [index[label] for label in own[i]]] = chunk[at, [columns[label] for label in own[i]]]
+                scores[i, [self._index[label] for label in own[i]]] = chunk[at, [columns[label] for label in own[i]]]
         return scores
 
 
