@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -165,7 +166,8 @@ def accuracy(base_path: Path, adapter: Path | None, labels: Sequence[str],
 
 
 def run_method(method: str, stream: Stream, base_path: Path, embedder: SentenceEmbedder, train: TrainSettings,
-               gate: GateSettings, poison: list[TicketRecord] | None, log: Any) -> dict[str, Any]:
+               gate: GateSettings, poison: list[TicketRecord] | None, log: Any,
+               keep: Path | None = None) -> dict[str, Any]:
     if method == "naive":  # naive's figures show forgetting, not the gate's refusals
         train, gate = train.model_copy(update={"replay_ratio": 0.0}), PROMOTE_ALL
     elif method == "joint":  # an upper bound is measured, not gated
@@ -194,6 +196,8 @@ def run_method(method: str, stream: Stream, base_path: Path, embedder: SentenceE
                     f"live {live}: " + " ".join(f"{a:.2f}" for a in now.values()))
             final_among_known = (None if method == "joint" else
                                  among_known(base_path, loop.registry.path(live), stream, len(phases)))
+            if keep is not None:  # the final live adapter, to study offline (the stream is reproducible)
+                shutil.copytree(loop.registry.path(live), keep, dirs_exist_ok=True)
             if poison is not None:
                 record = loop.learn(poison)
                 updates.append({**summary(record), "poisoned": True})
@@ -297,6 +301,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--train-json", default="{}", help="TrainSettings overrides as JSON (default: none)")
     parser.add_argument("--gate-json", default="{}", help="GateSettings overrides as JSON (default: none)")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--keep", action="store_true",
+                        help="copy each run's final live adapter to OUT/adapters/<stream>-seed<seed>-<method>")
     args = parser.parse_args(argv)
     transformers.utils.logging.disable_progress_bar()
     streams, methods = args.streams.split(","), args.methods.split(",")
@@ -321,7 +327,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             for method in methods:
                 result[method] = run_method(method, stream, base_path, embedder, train, gate,
                                             poison if method == "default" else None,
-                                            lambda line: print(line, flush=True))
+                                            lambda line: print(line, flush=True),
+                                            args.out / "adapters" / f"{name}-seed{seed}-{method}" if args.keep else None)
             if "default" in result:
                 result["targets_met"] = targets(result)
             results[f"{name} (seed {seed})" if len(args.seeds.split(",")) > 1 else name] = result
