@@ -12,10 +12,11 @@ llama's untrained adapter, copied.
 
 Then a real uvicorn server over that registry (the service as `evergreen serve` builds it, on the
 tiny llama) answers the history requests, each timed over HTTP (median of `--repeats`):
-`/v1/forgetting`, `/v1/adapters`, `/v1/models`, `/metrics`, and the console's refresh (every
-request `service/console/app.js` polls, as it writes them). Last, one update's bookkeeping on
-that registry: the forgetting reference of the live lineage, publishing a candidate, recording
-its gate in the matrix, promoting it and pruning.
+`/v1/forgetting`, `/v1/adapters`, the live version's whole gate report (`/v1/adapters/{version}`),
+`/v1/models`, `/metrics`, and the console's refresh (every request `service/console/app.js`
+polls, as it writes them). Last, one update's bookkeeping on that registry: the forgetting
+reference of the live lineage, publishing a candidate, recording its gate in the matrix,
+promoting it and pruning.
 
 Baseline, measured in the same run: the same requests after `--baseline` updates over as many
 windows (10). Prints every figure with its ratio to the baseline; writes bench/results/history.json.
@@ -156,7 +157,8 @@ def measure(data: Path, history: History, repeats: int) -> dict[str, Any]:
                 response.raise_for_status()
                 return response.content
 
-            requests = {"forgetting": ["/v1/forgetting"], "adapters": ["/v1/adapters"], "models": ["/v1/models"],
+            requests = {"forgetting": ["/v1/forgetting"], "adapters": ["/v1/adapters"],
+                        "live_adapter": [f"/v1/adapters/{history.registry.live}"], "models": ["/v1/models"],
                         "metrics": ["/metrics"]}
             console = console_paths()
             figures["console_paths"] = console

@@ -108,17 +108,13 @@ class Canary(Report):
         return self.candidate - self.base
 
 
-class GateReport(Report):
-    """The gate's verdict on a candidate, with every score and check it was drawn from."""
+class GateVerdict(Report):
+    """The gate's verdict on a candidate and the figures of it that do not grow with the windows."""
 
     passed: bool
     reason: str = Field(description="The first failing check, or how many passed.")
     test: str = Field(default="", description="The statistical test behind the checks' p-values.")
     new_windows: tuple[int, ...] = Field(description="The windows the candidate learned.")
-    candidate: dict[int, WindowScore] = Field(description="The candidate's score on every window's probes.")
-    live: dict[int, WindowScore] = Field(description="The live version's, on the same probes.")
-    base: dict[int, WindowScore] = Field(default={}, description="The base model's, on the new windows' probes.")
-    checks: list[Check] = []
     canary: Canary | None = None
     thresholds: GateSettings = Field(description="The gate settings it was judged by.")
     seconds: float | None = Field(default=None, description="Time spent scoring and judging (unknown for old "
@@ -127,6 +123,30 @@ class GateReport(Report):
                                                            "from when it was itself the candidate, not scored again.")
     live_scores_computed: int | None = Field(default=None, description="(Probe, label) scores the live version "
                                                                        "was run for (unknown for old versions).")
+
+
+class GateReport(GateVerdict):
+    """The gate's verdict on a candidate, with every score and check it was drawn from."""
+
+    candidate: dict[int, WindowScore] = Field(description="The candidate's score on every window's probes.")
+    live: dict[int, WindowScore] = Field(description="The live version's, on the same probes.")
+    base: dict[int, WindowScore] = Field(default={}, description="The base model's, on the new windows' probes.")
+    checks: list[Check] = Field(default=[], description="In the order judged: a drop check per earlier "
+                                                        "window, then the pooled ones.")
+
+
+class GateSummary(GateVerdict):
+    """A gate report without its per-window figures (scores, and a check per earlier window): what
+    a listing of versions serves, the same size at window 300 as at window 3."""
+
+    checks_passed: int
+    checks_failed: int
+
+    @classmethod
+    def of(cls, report: GateReport) -> GateSummary:
+        failed = sum(1 for check in report.checks if not check.passed)
+        return cls(**{name: getattr(report, name) for name in GateVerdict.model_fields},
+                   checks_passed=len(report.checks) - failed, checks_failed=failed)
 
 
 class UpdateOutcome(Report):

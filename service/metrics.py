@@ -167,7 +167,7 @@ def _registry_metrics(s: Service) -> Iterator[Metric]:
     counts = {"accepted": 0, "rejected": 0}
     entries = s.registry.entries()
     for entry in entries:
-        if entry.gated:  # the initial version was never gated
+        if entry.gate is not None:  # the initial version was never gated
             counts[entry.verdict] = counts.get(entry.verdict, 0) + 1
     pruned = sum(entry.pruned_at is not None for entry in entries)
     for verdict, count in sorted(counts.items()):

@@ -15,8 +15,8 @@ leaves the previous live version intact. Names are never reused, rejected ones i
 `evergreen.json`, marked `pruned_at`, so lineage, quarantine and history still read it.
 
 Listing, lineage and retention read every version, so the registry keeps an in-memory index of
-each version's `Entry` (its metadata without the reports), re-reading a version's file only
-when it has been replaced since: by this process, or by another sharing the directory.
+each version's `Entry` (its metadata, with a summary of the gate report), re-reading a version's
+file only when it has been replaced since: by this process, or by another sharing the directory.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from learners.reports import GateReport, RoundReport
+from learners.reports import GateReport, GateSummary, RoundReport
 
 Verdict = Literal["accepted", "rejected"]
 _NAME = re.compile(r"^v\d{4,}$")
@@ -83,22 +83,30 @@ class VersionInfo(VersionMetadata):
 
 @dataclass(frozen=True)
 class Entry:
-    """What listing, lineage and retention read of a version: its metadata without the gate and
-    round reports, which grow with the windows (a 300-window gate report parses to ~0.7 MB)."""
+    """What listing, lineage and retention read of a version: its metadata with the gate's
+    summary instead of its report, and without the round's (a 300-window gate report parses
+    to ~0.7 MB, its summary is the same size at any window)."""
 
     name: str
     parent: str | None
     verdict: Verdict
     windows_trained: tuple[int, ...]
+    labels: tuple[str, ...]
     created_at: float
-    gated: bool  # the first version never is
-    overridden: bool  # promoted against the gate's verdict
+    gate: GateSummary | None  # the first version is never gated
+    overrides: tuple[Override, ...]
     pruned_at: float | None
+
+    @property
+    def overridden(self) -> bool:
+        """Promoted against the gate's verdict."""
+        return bool(self.overrides)
 
     @classmethod
     def of(cls, info: VersionInfo) -> Entry:
-        return cls(info.name, info.parent, info.verdict, tuple(info.windows_trained), info.created_at,
-                   info.gate is not None, bool(info.overrides), info.pruned_at)
+        return cls(info.name, info.parent, info.verdict, tuple(info.windows_trained), tuple(info.labels),
+                   info.created_at, None if info.gate is None else GateSummary.of(info.gate),
+                   tuple(info.overrides), info.pruned_at)
 
 
 Signature = tuple[int, int, int]

@@ -141,7 +141,17 @@ function renderAdapters(data) {
     a.overrides.length ? h("small", { class: "override" }, "admin override") : null,
     a.pruned_at !== null ? h("small", {}, "pruned") : null)));
   $("timeline").replaceChildren(h("ol", {}, ...items));
-  renderGate(data.adapters.find((a) => a.name === state.selected));
+  showGate(state.selected);
+}
+
+// The listing summarizes each gate report: the selected version's whole report (every window's
+// scores, every check) is asked for on its own, so a page of versions stays small.
+async function showGate(name) {
+  if (!name) { renderGate(null); return; }
+  const result = await api("GET", `/v1/adapters/${encodeURIComponent(name)}`);
+  if (state.selected !== name) return;  // another version was selected while this one loaded
+  if (result.ok) renderGate(result.data);
+  else say(`Gate report of ${name}: ${refusal(result)}`, "error");
 }
 
 function renderGate(version) {

@@ -5,18 +5,19 @@ import time
 from fastapi import APIRouter, HTTPException, status
 from pydantic import BaseModel, Field
 
-from learners.reports import GateReport
+from learners.reports import GateReport, GateSummary
+from service.core import Service
 from service.deps import AdminDep, PrimaryDep, ServiceDep
 from service.errors import responses
-from service.registry import Override, RegistryError, VersionInfo
+from service.registry import Entry, Override, RegistryError, VersionInfo
 from service.routes import DEFAULT_ROWS, Before, Limit
 from service.runtime import UnsafeAdapter
 
 router = APIRouter(prefix="/v1", tags=["adapters"])
 
 
-class AdapterPublic(BaseModel):
-    """A version as users see it (never its filesystem path)."""
+class AdapterRecord(BaseModel):
+    """A version as users see it (never its filesystem path), but for its gate report."""
 
     name: str
     parent: str | None
@@ -25,17 +26,29 @@ class AdapterPublic(BaseModel):
     live: bool
     windows_trained: list[int]
     labels: list[str]
-    gate: GateReport | None = Field(description="None for the first version, which was never gated.")
     overrides: list[Override]
     pruned_at: float | None = Field(description="When retention deleted its weights (`registry.keep_*`): a "
                                                 "pruned version is listed for its record but cannot be loaded.")
 
 
+class AdapterPublic(AdapterRecord):
+    """A version with its whole gate report."""
+
+    gate: GateReport | None = Field(description="None for the first version, which was never gated.")
+
+
+class AdapterSummary(AdapterRecord):
+    """A version as a listing shows it: its gate report without the per-window figures, which
+    `GET /v1/adapters/{version}` serves."""
+
+    gate: GateSummary | None = Field(description="None for the first version, which was never gated.")
+
+
 class AdapterList(BaseModel):
     live: str | None
     live_since: float | None = Field(description="Unix time the live pointer last moved (promotion or rollback).")
-    adapters: list[AdapterPublic] = Field(description="Oldest first: the newest `limit` (before `before`), and the "
-                                                      "live version wherever it is.")
+    adapters: list[AdapterSummary] = Field(description="Oldest first: the newest `limit` (before `before`), and the "
+                                                       "live version wherever it is.")
     total: int = Field(description="Versions in the registry, pruned ones included.")
 
 
@@ -46,33 +59,51 @@ def _public(info: VersionInfo, live: str | None) -> AdapterPublic:
                          overrides=info.overrides, pruned_at=info.pruned_at)
 
 
+def _summary(entry: Entry, live: str | None) -> AdapterSummary:
+    return AdapterSummary(name=entry.name, parent=entry.parent, created_at=entry.created_at,
+                          verdict=entry.verdict, live=entry.name == live,
+                          windows_trained=list(entry.windows_trained), labels=list(entry.labels), gate=entry.gate,
+                          overrides=list(entry.overrides), pruned_at=entry.pruned_at)
+
+
+def _info(service: Service, version: str) -> VersionInfo:
+    """`version`'s whole metadata; 404 for a name the registry did not make."""
+    try:
+        return service.registry.info(version)
+    except (RegistryError, FileNotFoundError) as exc:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"unknown adapter version {version!r}") from exc
+
+
 @router.get("/adapters", responses=responses(404))
 def list_adapters(
         service: ServiceDep,
         limit: Limit = DEFAULT_ROWS,
         before: Before = None,
 ) -> AdapterList:
-    """The registry's versions with their gate reports, oldest first, and which one is live. Each
-    report grows with the windows, so a page is returned: the newest by default, older ones with
-    `before`."""
+    """The registry's versions with a summary of their gate reports, oldest first, and which one
+    is live. The registry only grows, so a page is returned: the newest by default, older ones
+    with `before`. Each version's whole gate report is at `GET /v1/adapters/{version}`."""
     live = service.registry.live
     try:
         names = service.registry.page(limit, before)
     except RegistryError as exc:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"unknown adapter version {before!r}") from exc
     return AdapterList(live=live, live_since=service.registry.live_since,
-                       adapters=[_public(service.registry.info(n), live) for n in names],
+                       adapters=[_summary(service.registry.entry(n), live) for n in names],
                        total=len(service.registry.names()))
+
+
+@router.get("/adapters/{version}", responses=responses(404))
+def get_adapter(service: ServiceDep, version: str) -> AdapterPublic:
+    """One version with its whole gate report: every window's scores and every check."""
+    return _public(_info(service, version), service.registry.live)
 
 
 @router.post("/adapters/{version}/load", responses=responses(401, 403, 404, 409))
 def load(*, service: ServiceDep, _admin: AdminDep, version: str) -> AdapterPublic:
     """Load and check `version` without serving it, so that promoting it later only moves the
     live pointer. It is kept among the `serving.cached_versions` until used or evicted."""
-    try:
-        info = service.registry.info(version)
-    except (RegistryError, FileNotFoundError) as exc:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"unknown adapter version {version!r}") from exc
+    info = _info(service, version)
     try:
         service.runtime.prepare(version)
     except (RegistryError, UnsafeAdapter) as exc:  # it exists, but cannot be loaded (pruned, unsafe)
@@ -83,10 +114,7 @@ def load(*, service: ServiceDep, _admin: AdminDep, version: str) -> AdapterPubli
 @router.post("/adapters/{version}/promote", responses=responses(401, 403, 404, 409))
 def promote(*, service: ServiceDep, _admin: AdminDep, _primary: PrimaryDep, version: str) -> AdapterPublic:
     """Serve `version`. Promoting a version the gate rejected is recorded as an override."""
-    try:
-        info = service.registry.info(version)
-    except (RegistryError, FileNotFoundError) as exc:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"unknown adapter version {version!r}") from exc
+    info = _info(service, version)
     try:
         service.live.promote(version)
     except (RegistryError, UnsafeAdapter) as exc:

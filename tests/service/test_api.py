@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -82,6 +83,9 @@ def assert_gate_report_is_typed(openapi: dict[str, Any]) -> None:
         window = resolve(gate["properties"]["candidate"]["additionalProperties"])
         assert {"accuracy", "loss", "n"} <= set(window["properties"]) and "correct" not in window["properties"]
         assert "drift" in resolve(gate["properties"]["canary"])["properties"]
+    summary = resolve(components["AdapterSummary"]["properties"]["gate"])  # what a listing holds of it
+    assert {"passed", "reason", "checks_passed", "checks_failed", "canary", "thresholds"} <= set(summary["properties"])
+    assert not {"checks", "candidate", "live", "base"} & set(summary["properties"])
 
 
 def test_metrics_report_updates_verdicts_and_live_accuracy(serve: Callable[[Settings], LiveService],
@@ -125,9 +129,11 @@ def test_a_diverged_candidate_is_served_with_null_losses(serve: Callable[[Settin
     diverged = add_versions(live.service.registry, 1, ["a", "b"], gate=gate, verdict="rejected")[0]
     live.service.matrix.record_gate(diverged, "v0000", gate)
     client = live.client()
-    adapters = client.get("/v1/adapters")
-    assert adapters.status_code == 200
-    shown = next(a for a in adapters.json()["adapters"] if a["name"] == diverged)["gate"]
+    listed = client.get("/v1/adapters")
+    assert listed.status_code == 200
+    summary = next(a for a in listed.json()["adapters"] if a["name"] == diverged)["gate"]
+    assert summary["canary"]["candidate"] is None and summary["canary"]["drift"] is None
+    shown = client.get(f"/v1/adapters/{diverged}").json()["gate"]
     assert shown["candidate"]["1"]["loss"] is None and shown["live"]["1"]["loss"] == 0.7
     assert shown["canary"]["candidate"] is None and shown["canary"]["drift"] is None
     assert shown["checks"][0]["observed"] is None
@@ -135,6 +141,43 @@ def test_a_diverged_candidate_is_served_with_null_losses(serve: Callable[[Settin
     assert forgetting.status_code == 200, forgetting.text
     read_back = live.service.registry.info(diverged).gate
     assert read_back is not None and read_back.canary is not None and math.isnan(read_back.canary.candidate)
+
+
+def test_the_listing_summarizes_gate_reports_and_a_version_serves_its_whole_report(
+        serve: Callable[[Settings], LiveService], tmp_path: Path) -> None:
+    # A listing's size must not grow with the windows: per-window scores and checks stay out of it.
+    live = serve(tiny_settings(tmp_path, None))
+    windows = range(1, 6)
+    gate = GateReport(passed=False, reason="drop on window 1: 0.300 against threshold 0.050", new_windows=(5,),
+                      candidate={w: WindowScore(accuracy=0.5, loss=0.9, n=4) for w in windows},
+                      live={w: WindowScore(accuracy=0.8, loss=0.4, n=4) for w in windows},
+                      base={5: WindowScore(accuracy=0.25, loss=1.4, n=4)},
+                      checks=[Check(name=f"drop on window {w}", passed=w > 1, observed=0.3 if w == 1 else 0.0,
+                                    threshold=0.05) for w in windows[:-1]],
+                      thresholds=GateSettings(), seconds=1.5, live_scores_reused=12, live_scores_computed=8)
+    rejected = add_versions(live.service.registry, 1, ["a", "b"], gate=gate, verdict="rejected")[0]
+    client = live.client()
+
+    listed = {a["name"]: a for a in client.get("/v1/adapters").json()["adapters"]}
+    assert listed["v0000"]["gate"] is None
+    summary = listed[rejected]["gate"]
+    assert summary == {"passed": False, "reason": gate.reason, "test": "", "new_windows": [5], "canary": None,
+                       "thresholds": GateSettings().model_dump(), "seconds": 1.5, "live_scores_reused": 12,
+                       "live_scores_computed": 8, "checks_passed": 3, "checks_failed": 1}
+    assert listed[rejected]["verdict"] == "rejected" and listed[rejected]["labels"] == ["a", "b"]
+
+    whole = client.get(f"/v1/adapters/{rejected}")
+    assert whole.status_code == 200
+    version = whole.json()
+    assert {k: v for k, v in version.items() if k != "gate"} == {k: v for k, v in listed[rejected].items()
+                                                                 if k != "gate"}
+    assert version["gate"] == json.loads(gate.model_dump_json())
+    assert set(version["gate"]["candidate"]) == {"1", "2", "3", "4", "5"} and len(version["gate"]["checks"]) == 4
+    assert client.get("/v1/adapters/v0000").json()["gate"] is None
+
+    for unknown in ("v9999", "latest", "v12"):  # v12: not a name the registry makes (v0012 is)
+        refused = client.get(f"/v1/adapters/{unknown}")
+        assert refused.status_code == 404 and refused.json()["detail"] == f"unknown adapter version {unknown!r}"
 
 
 def test_a_rejected_version_is_never_served_unless_an_admin_overrides(

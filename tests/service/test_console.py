@@ -7,6 +7,7 @@ The full-page screenshots land in `docs/img/*.tmp.png` (ignored by git); the REA
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -131,9 +132,18 @@ def test_console_watches_forgetting_and_steers_updates(
     expect(page.locator("#live-version")).to_have_text(adapters["live"])
     live_info = next(a for a in adapters["adapters"] if a["live"])
     assert adapters["live_since"] >= live_info["created_at"]
+    # The listing summarizes each report; the selected version's whole report is fetched.
     page.click('#timeline [data-name="v0002"]')
-    gate = next(a for a in adapters["adapters"] if a["name"] == "v0002")["gate"]
-    expect(page.locator("#gate .reason")).to_have_text(gate["reason"])
+    listed = next(a for a in adapters["adapters"] if a["name"] == "v0002")["gate"]
+    assert "candidate" not in listed and "checks" not in listed
+    gate = client.get("/v1/adapters/v0002").json()["gate"]
+    expect(page.locator("#gate .reason")).to_have_text(listed["reason"])
+    scores = page.locator("#gate table.list").nth(0).locator("tr")
+    expect(scores).to_have_count(len(gate["candidate"]) + 1)
+    for row, (window, score) in enumerate(sorted(gate["candidate"].items(), key=lambda item: int(item[0])), 1):
+        cells = scores.nth(row).locator("td")
+        expect(cells.nth(0)).to_have_text(re.compile(rf"^{window}( \(new\))?$"))
+        expect(cells.nth(1)).to_have_text(f"{math.floor(score['accuracy'] * 100 + 0.5)}%")  # JS rounds halves up
     expect(page.locator("#gate table.list").nth(1).locator("tr")).to_have_count(len(gate["checks"]) + 1)
 
     # The buffer card shows what the API counts: per label, duplicates, PII, dead letters, lag.
