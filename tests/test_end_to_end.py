@@ -79,7 +79,8 @@ def test_tickets_flow_through_gate_to_served_answers(
     producer.send_all(window_tickets(2, WINDOW_2, 100))
     wait_for(lambda: any(u["trigger"] == "records" and u["status"] != "running"
                          for u in client.get("/v1/updates").json()), 300, "the scheduled update")
-    second = next(u for u in client.get("/v1/updates").json() if u["trigger"] == "records")
+    listed = next(u for u in client.get("/v1/updates").json() if u["trigger"] == "records")
+    second = client.get(f"/v1/updates/{listed['id']}").json()  # the list holds a summary of the gate report
     assert second["status"] == "promoted" and second["version"] == "v0002", second
     assert "drop on window 1" in {c["name"] for c in second["gate"]["checks"]}  # gated against window 1
     served = client.post("/v1/classify", json={"text": "please my stolen issue 3", "top_k": 4}).json()

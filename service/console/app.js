@@ -70,10 +70,11 @@ async function act(label, method, path, done = () => `${label}: done.`) {
 
 // -- polling --------------------------------------------------------------------------------
 // The newest versions and windows of the history (and the live version wherever it is): 20 x 20
-// cells stay readable, and the answers are as small at version 2,000 as at version 20.
+// cells stay readable, and the answers are as small at version 2,000 as at version 20. Likewise
+// the newest 8 updates, which the list shows (a running one is always the newest).
 const SOURCES = {
   adapters: "/v1/adapters?limit=20", forgetting: "/v1/forgetting?limit=20&window_limit=20",
-  buffer: "/v1/buffer", updates: "/v1/updates",
+  buffer: "/v1/buffer", updates: "/v1/updates?limit=8",
 };
 const RENDER = { adapters: renderAdapters, forgetting: renderForgetting, buffer: renderBuffer, updates: renderUpdates };
 
@@ -248,7 +249,7 @@ function renderUpdates(updates) {
   }
   $("update-list").replaceChildren(
     h("tr", {}, h("th", {}, "#"), h("th", {}, "trigger"), h("th", {}, "status"), h("th", {}, "version"), h("th", {}, "took"), h("th", {}, "reason")),
-    ...updates.slice(0, 8).map((u) => h("tr", { class: u.status },
+    ...updates.map((u) => h("tr", { class: u.status },
       h("td", {}, String(u.id)), h("td", {}, u.trigger), h("td", {}, h("span", { class: `pill ${u.status}` }, u.status)),
       h("td", {}, u.version || "–"), h("td", {}, u.finished_at ? ago(u.finished_at - u.started_at) : "…"),
       h("td", { class: "reason", title: u.reason || "" }, u.reason || ""))));

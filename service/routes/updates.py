@@ -1,13 +1,13 @@
 from __future__ import annotations
 
 import itertools
-from dataclasses import asdict
-from typing import Annotated
+from dataclasses import fields
+from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query, status
 from pydantic import BaseModel, Field
 
-from learners.reports import GateReport, TrainingProgress
+from learners.reports import GateReport, GateSummary, TrainingProgress
 from service.deps import AdminDep, PrimaryDep, ServiceDep
 from service.errors import responses
 from service.updates import UpdateInProgress, UpdateNotRunning, UpdateRecord, UpdateStage
@@ -15,7 +15,9 @@ from service.updates import UpdateInProgress, UpdateNotRunning, UpdateRecord, Up
 router = APIRouter(prefix="/v1", tags=["updates"])
 
 
-class UpdatePublic(BaseModel):
+class UpdateFields(BaseModel):
+    """An update as users see it, but for its gate report."""
+
     id: int
     trigger: str
     status: str
@@ -32,11 +34,39 @@ class UpdatePublic(BaseModel):
                                                        "and the version's metadata).")
     progress: TrainingProgress | None = Field(description="Training as its process last reported it (gating "
                                                           "follows the last step); none before the first step.")
+
+
+class UpdatePublic(UpdateFields):
+    """An update with its whole gate report."""
+
     gate: GateReport | None = Field(description="The gate's report on the candidate, once judged.")
 
 
+class UpdateSummary(UpdateFields):
+    """An update as a listing shows it: its gate report without the per-window figures, which
+    `GET /v1/updates/{id}` serves."""
+
+    gate: GateSummary | None = Field(description="A summary of the gate's report on the candidate, once judged.")
+
+
+def _fields(record: UpdateRecord) -> dict[str, Any]:
+    # Not `asdict`: it deep-copies the gate report, which grows with the windows.
+    return {field.name: getattr(record, field.name) for field in fields(record)}
+
+
 def _public(record: UpdateRecord) -> UpdatePublic:
-    return UpdatePublic(**asdict(record))
+    return UpdatePublic(**_fields(record))
+
+
+def _summary(record: UpdateRecord) -> UpdateSummary:
+    values = _fields(record)  # the gate once: the update's thread may set it meanwhile
+    gate = values.pop("gate")
+    return UpdateSummary(**values, gate=None if gate is None else GateSummary.of(gate))
+
+
+def _unknown(update_id: int) -> HTTPException:
+    return HTTPException(status.HTTP_404_NOT_FOUND,
+                         f"no update {update_id} in this process (updates are numbered from 1 at each start)")
 
 
 @router.post("/updates", status_code=status.HTTP_202_ACCEPTED, responses=responses(401, 403, 409))
@@ -52,17 +82,19 @@ def trigger_update(*, service: ServiceDep, _admin: AdminDep, _primary: PrimaryDe
 def list_updates(service: ServiceDep, limit: Annotated[int, Query(ge=1, le=200)] = 50,
                  before: Annotated[int | None, Query(ge=1, description="Only updates with a smaller id: the "
                                                                        "last id of the previous page.")] = None,
-                 ) -> list[UpdatePublic]:
-    """Updates of this process, newest first, `limit` at a time (page on with `before`)."""
+                 ) -> list[UpdateSummary]:
+    """Updates of this process, newest first, `limit` at a time (page on with `before`), each
+    with a summary of its gate report; `GET /v1/updates/{id}` serves one with the whole report."""
     newest_first = (r for r in reversed(service.updates.history) if before is None or r.id < before)
-    return [_public(r) for r in itertools.islice(newest_first, limit)]
+    return [_summary(r) for r in itertools.islice(newest_first, limit)]
 
 
 @router.get("/updates/{update_id}", responses=responses(404))
 def get_update(service: ServiceDep, update_id: int) -> UpdatePublic:
+    """One update with its whole gate report: every window's scores and every check."""
     record = service.updates.get(update_id)
     if record is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no update {update_id}")
+        raise _unknown(update_id)
     return _public(record)
 
 
@@ -77,6 +109,6 @@ def cancel_update(*, service: ServiceDep, _admin: AdminDep, _primary: PrimaryDep
     try:
         return _public(service.updates.cancel(update_id, "cancelled through the API"))
     except KeyError as exc:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no update {update_id}") from exc
+        raise _unknown(update_id) from exc
     except UpdateNotRunning as exc:
         raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc

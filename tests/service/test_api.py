@@ -13,6 +13,7 @@ from pydantic import SecretStr
 from learners.config import GateSettings
 from learners.reports import Canary, Check, GateReport, WindowScore
 from service.settings import ApiKey, ApiSettings, Settings
+from service.updates import UpdateRecord
 from streams.broker import free_port
 from streams.records import TicketRecord
 from tests.conftest import LiveService, add_versions, tiny_settings
@@ -83,9 +84,11 @@ def assert_gate_report_is_typed(openapi: dict[str, Any]) -> None:
         window = resolve(gate["properties"]["candidate"]["additionalProperties"])
         assert {"accuracy", "loss", "n"} <= set(window["properties"]) and "correct" not in window["properties"]
         assert "drift" in resolve(gate["properties"]["canary"])["properties"]
-    summary = resolve(components["AdapterSummary"]["properties"]["gate"])  # what a listing holds of it
-    assert {"passed", "reason", "checks_passed", "checks_failed", "canary", "thresholds"} <= set(summary["properties"])
-    assert not {"checks", "candidate", "live", "base"} & set(summary["properties"])
+    for listed in ("AdapterSummary", "UpdateSummary"):  # what a listing holds of it
+        summary = resolve(components[listed]["properties"]["gate"])
+        assert {"passed", "reason", "checks_passed", "checks_failed", "canary", "thresholds"} \
+            <= set(summary["properties"])
+        assert not {"checks", "candidate", "live", "base"} & set(summary["properties"])
 
 
 def test_metrics_report_updates_verdicts_and_live_accuracy(serve: Callable[[Settings], LiveService],
@@ -143,27 +146,35 @@ def test_a_diverged_candidate_is_served_with_null_losses(serve: Callable[[Settin
     assert read_back is not None and read_back.canary is not None and math.isnan(read_back.canary.candidate)
 
 
-def test_the_listing_summarizes_gate_reports_and_a_version_serves_its_whole_report(
-        serve: Callable[[Settings], LiveService], tmp_path: Path) -> None:
-    # A listing's size must not grow with the windows: per-window scores and checks stay out of it.
-    live = serve(tiny_settings(tmp_path, None))
+def five_window_rejection() -> GateReport:
+    """A gate report that rejected a candidate of window 5 for forgetting window 1."""
     windows = range(1, 6)
-    gate = GateReport(passed=False, reason="drop on window 1: 0.300 against threshold 0.050", new_windows=(5,),
+    return GateReport(passed=False, reason="drop on window 1: 0.300 against threshold 0.050", new_windows=(5,),
                       candidate={w: WindowScore(accuracy=0.5, loss=0.9, n=4) for w in windows},
                       live={w: WindowScore(accuracy=0.8, loss=0.4, n=4) for w in windows},
                       base={5: WindowScore(accuracy=0.25, loss=1.4, n=4)},
                       checks=[Check(name=f"drop on window {w}", passed=w > 1, observed=0.3 if w == 1 else 0.0,
                                     threshold=0.05) for w in windows[:-1]],
                       thresholds=GateSettings(), seconds=1.5, live_scores_reused=12, live_scores_computed=8)
+
+
+# What a listing serves of `five_window_rejection()`.
+FIVE_WINDOW_SUMMARY = {"passed": False, "reason": "drop on window 1: 0.300 against threshold 0.050", "test": "",
+                       "new_windows": [5], "canary": None, "thresholds": GateSettings().model_dump(), "seconds": 1.5,
+                       "live_scores_reused": 12, "live_scores_computed": 8, "checks_passed": 3, "checks_failed": 1}
+
+
+def test_the_listing_summarizes_gate_reports_and_a_version_serves_its_whole_report(
+        serve: Callable[[Settings], LiveService], tmp_path: Path) -> None:
+    # A listing's size must not grow with the windows: per-window scores and checks stay out of it.
+    live = serve(tiny_settings(tmp_path, None))
+    gate = five_window_rejection()
     rejected = add_versions(live.service.registry, 1, ["a", "b"], gate=gate, verdict="rejected")[0]
     client = live.client()
 
     listed = {a["name"]: a for a in client.get("/v1/adapters").json()["adapters"]}
     assert listed["v0000"]["gate"] is None
-    summary = listed[rejected]["gate"]
-    assert summary == {"passed": False, "reason": gate.reason, "test": "", "new_windows": [5], "canary": None,
-                       "thresholds": GateSettings().model_dump(), "seconds": 1.5, "live_scores_reused": 12,
-                       "live_scores_computed": 8, "checks_passed": 3, "checks_failed": 1}
+    assert listed[rejected]["gate"] == FIVE_WINDOW_SUMMARY
     assert listed[rejected]["verdict"] == "rejected" and listed[rejected]["labels"] == ["a", "b"]
 
     whole = client.get(f"/v1/adapters/{rejected}")
@@ -178,6 +189,35 @@ def test_the_listing_summarizes_gate_reports_and_a_version_serves_its_whole_repo
     for unknown in ("v9999", "latest", "v12"):  # v12: not a name the registry makes (v0012 is)
         refused = client.get(f"/v1/adapters/{unknown}")
         assert refused.status_code == 404 and refused.json()["detail"] == f"unknown adapter version {unknown!r}"
+
+
+def test_the_update_list_summarizes_gate_reports_and_an_update_serves_its_whole_report(
+        serve: Callable[[Settings], LiveService], tmp_path: Path) -> None:
+    # The console polls the list every few seconds: per-window scores and checks stay out of it.
+    live = serve(tiny_settings(tmp_path, None))
+    gate = five_window_rejection()
+    updates = live.service.updates.history
+    updates.append(UpdateRecord(id=1, trigger="manual", status="skipped", stage="finished", finished_at=1.0,
+                                reason="no new labelled records since the live version"))
+    updates.append(UpdateRecord(id=2, trigger="records", status="rejected", stage="finished", finished_at=2.0,
+                                version="v0001", reason=gate.reason, windows=[5], new_records=40,
+                                snapshot_seconds=0.2, gate=gate))
+    client = live.client()
+
+    listed = client.get("/v1/updates").json()
+    assert [u["id"] for u in listed] == [2, 1] and listed[1]["gate"] is None
+    assert listed[0]["gate"] == FIVE_WINDOW_SUMMARY
+
+    whole = client.get("/v1/updates/2")
+    assert whole.status_code == 200
+    update = whole.json()
+    assert {k: v for k, v in update.items() if k != "gate"} == {k: v for k, v in listed[0].items() if k != "gate"}
+    assert update["gate"] == json.loads(gate.model_dump_json())
+    assert client.get("/v1/updates/1").json() == listed[1]
+
+    refused = client.get("/v1/updates/3")
+    assert refused.status_code == 404
+    assert refused.json()["detail"] == "no update 3 in this process (updates are numbered from 1 at each start)"
 
 
 def test_a_rejected_version_is_never_served_unless_an_admin_overrides(
