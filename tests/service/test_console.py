@@ -39,6 +39,12 @@ def browser() -> Iterator[Browser]:
         launched.close()
 
 
+def js_percent(share: float) -> str:
+    """A share as the console writes it (`Charts.pct`): JS's Math.round rounds halves up, where
+    Python's round() goes to the even neighbour (62.5 % reads 63 %, not 62 %)."""
+    return f"{math.floor(share * 100 + 0.5)}%"
+
+
 def open_console(browser: Browser, url: str, errors: list[str]) -> Page:
     page = browser.new_page(viewport={"width": 1360, "height": 900})
 
@@ -122,7 +128,7 @@ def test_console_watches_forgetting_and_steers_updates(
     expect(page.locator("#heatmap .cell.measured")).to_have_count(sum(len(v["accuracy"]) for v in versions))
     newest = versions[-1]
     cell = page.locator(f'#heatmap .cell[data-version="{newest["name"]}"][data-window="1"]')
-    expect(cell).to_contain_text(f"{round(newest['accuracy']['1'] * 100)}%")
+    expect(cell).to_contain_text(js_percent(newest["accuracy"]["1"]))
     expect(page.locator("#window-lines path.series")).to_have_count(3)
     expect(page.locator("#summary-lines path.series")).to_have_count(3)
 
@@ -143,7 +149,7 @@ def test_console_watches_forgetting_and_steers_updates(
     for row, (window, score) in enumerate(sorted(gate["candidate"].items(), key=lambda item: int(item[0])), 1):
         cells = scores.nth(row).locator("td")
         expect(cells.nth(0)).to_have_text(re.compile(rf"^{window}( \(new\))?$"))
-        expect(cells.nth(1)).to_have_text(f"{math.floor(score['accuracy'] * 100 + 0.5)}%")  # JS rounds halves up
+        expect(cells.nth(1)).to_have_text(js_percent(score["accuracy"]))
     expect(page.locator("#gate table.list").nth(1).locator("tr")).to_have_count(len(gate["checks"]) + 1)
 
     # The buffer card shows what the API counts: per label, duplicates, PII, dead letters, lag.
