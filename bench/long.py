@@ -7,7 +7,8 @@ windows of 8 earlier intents each). Every window goes through the product's own 
 process and gate, the registry) with the service's default settings. For every update: wall
 time split into snapshot, training, gate and the rest (worker start, model loads, saving the
 candidate); optimiser steps; probes scored; the live version's accuracy on the held-out test
-tickets (the data set's test split) of every intent seen so far, among all of them; forgetting
+tickets (the data set's test split) of every intent seen so far, among all of them, as `/v1/classify`
+answers them (with the buffer's vote; the model alone beside it); forgetting
 (each class window's accuracy when learned minus now); the gate's verdict.
 
 Then `joint`: one update over every ticket of the stream at once, given the same total number
@@ -114,13 +115,15 @@ def run_stream(stream: Stream, recur: list[list[TicketRecord]], base_path: Path,
                 live = loop.registry.live
                 assert live is not None
                 labels = [label for w in stream.labels[:seen] for label in w]
-                now = accuracy(base_path, loop.registry.path(live), labels,
-                               {w: tests[w] for w in range(1, seen + 1)})
+                scored = accuracy(base_path, loop.registry.path(live), labels,
+                                  {w: tests[w] for w in range(1, seen + 1)}, loop.buffer)
+                now = scored.served
                 if index < len(stream.train):
                     learned[seen] = now[seen]
                 forgetting = [learned[w] - now[w] for w in range(1, seen)]
                 row = {"window": index + 1, "recurring": index >= len(stream.train), **costs(record, loop),
                        "accuracy": now, "average_accuracy": fmean(now.values()),
+                       "average_model_alone": fmean(scored.model_alone.values()),
                        "forgetting": fmean(forgetting) if forgetting else 0.0}
                 rows.append(row)
                 log(f"window {index + 1:>2}{' (recurring)' if row['recurring'] else ''}: {record.status}, "
@@ -151,11 +154,13 @@ def run_joint(stream: Stream, recur: list[list[TicketRecord]], base_path: Path, 
             live = loop.registry.live
             assert live is not None
             labels = [label for w in stream.labels for label in w]
-            now = accuracy(base_path, loop.registry.path(live), labels,
-                           {w + 1: stream.test[w] for w in range(len(stream.train))})
+            scored = accuracy(base_path, loop.registry.path(live), labels,
+                              {w + 1: stream.test[w] for w in range(len(stream.train))}, loop.buffer)
+            now = scored.served
             return {"status": record.status, "epochs": epochs, "steps": costs(record, loop)["steps"],
                     "seconds": time.perf_counter() - started, "accuracy": now,
-                    "average_accuracy": fmean(now.values())}
+                    "average_accuracy": fmean(now.values()),
+                    "average_model_alone": fmean(scored.model_alone.values())}
         finally:
             loop.close()
 

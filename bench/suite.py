@@ -11,8 +11,11 @@ gate) and the registry, with the service's default settings unless the method sa
 - `joint`: one update over every window at once (the upper bound the default is held to).
 
 After each window the live version is scored on the held-out *test* tickets (the data set's
-test split, never streamed) of every window so far, among every label seen so far; the base
-model's zero-shot accuracy on each window is scored the same way when the window arrives.
+test split, never streamed) of every window so far, among every label seen so far, as
+`/v1/classify` answers: the model's scores with the buffer's vote weighed in
+(`replay.vote_weight`); the model alone is recorded beside it (`model_alone`). The base model's
+zero-shot accuracy on each window is scored the same way once the window is in the buffer,
+before its update: what a user gets from not updating.
 With `--poison`, a last window of new intents whose labels are scrambled across its tickets is
 streamed after the stream, and the default gate's verdict on it recorded (the gate must refuse
 it). Figures per stream: the accuracy matrix, each window's accuracy when learned against the
@@ -46,10 +49,11 @@ from peft import PeftModel
 
 from learners.base_model import load_base, resolve_base_model
 from learners.config import PROMOTE_ALL, GateSettings, TrainSettings
-from learners.gate import evaluate
+from learners.gate import score_probes, window_scores
 from learners.scoring import LabelScorer
 from replay.buffer import ReplayBuffer
 from replay.embed import SentenceEmbedder
+from replay.shortlist import vote_shares
 from service.forgetting import AccuracyMatrix
 from service.live import LiveVersion, NothingServed
 from service.registry import AdapterRegistry
@@ -143,26 +147,49 @@ class Loop:
                                      AccuracyMatrix(self.registry.root / "accuracy.json"), base_path, train, gate,
                                      root / "scratch", RegistrySettings())
 
-    def learn(self, rows: Sequence[TicketRecord]) -> UpdateRecord:
+    def add(self, rows: Sequence[TicketRecord]) -> None:
         self.buffer.add_many(rows)
+
+    def update(self) -> UpdateRecord:
         record = self.updates.start("bench")
         while record.finished_at is None:
             time.sleep(0.5)
         return record
 
+    def learn(self, rows: Sequence[TicketRecord]) -> UpdateRecord:
+        self.add(rows)
+        return self.update()
+
     def close(self) -> None:
         self.buffer.close()
 
 
+@dataclass(frozen=True)
+class Accuracy:
+    """Per window: what `/v1/classify` answers (the model's scores and the buffer's vote), and the
+    model alone (`replay.vote_weight` 0), from one scoring pass."""
+
+    served: dict[int, float]
+    model_alone: dict[int, float]
+
+
 def accuracy(base_path: Path, adapter: Path | None, labels: Sequence[str],
-             windows: dict[int, list[TicketRecord]]) -> dict[int, float]:
-    """Accuracy per window among `labels`: the adapter's, or the base model's (None)."""
+             windows: dict[int, list[TicketRecord]], buffer: ReplayBuffer) -> Accuracy:
+    """Accuracy per window among `labels`: the adapter's, or the base model's (None), with the
+    vote of `buffer`'s nearest labelled tickets as serving takes it (every stored row votes)."""
     model, tokenizer = load_base(base_path)
     if adapter is not None:
         model = PeftModel.from_pretrained(model, adapter)
+    scorer = LabelScorer(tokenizer, sorted(labels))
+    k = buffer.settings.vote_neighbours
+    rows = [r for w in windows.values() for r in w]
+    near = buffer.neighbour_labels([r.text for r in rows], k)
+    votes = {r.id: vote_shares(n, scorer.labels, k) for r, n in zip(rows, near, strict=True)}
     with torch.no_grad():
-        scores = evaluate(model.eval(), LabelScorer(tokenizer, sorted(labels)), windows)
-    return {w: s.accuracy for w, s in scores.items()}
+        matrices = score_probes(model.eval(), scorer, windows)
+    served = window_scores(matrices, scorer.labels, votes=votes, vote_weight=buffer.settings.vote_weight)
+    alone = window_scores(matrices, scorer.labels)
+    return Accuracy({w: s.accuracy for w, s in served.items()}, {w: s.accuracy for w, s in alone.items()})
 
 
 def run_method(method: str, stream: Stream, base_path: Path, embedder: SentenceEmbedder, train: TrainSettings,
@@ -174,6 +201,7 @@ def run_method(method: str, stream: Stream, base_path: Path, embedder: SentenceE
         gate = PROMOTE_ALL
     phases = [[r for w in stream.train for r in w]] if method == "joint" else stream.train
     matrix: list[list[float | None]] = []
+    model_matrix: list[list[float | None]] = []
     updates: list[dict[str, Any]] = []
     base_zero_shot: list[float] = []
     started = time.perf_counter()
@@ -184,18 +212,22 @@ def run_method(method: str, stream: Stream, base_path: Path, embedder: SentenceE
                 seen = len(stream.labels) if method == "joint" else phase + 1
                 labels = [label for w in stream.labels[:seen] for label in w]
                 tests = {w + 1: stream.test[w] for w in range(seen)}
-                if method == "default":
-                    base_zero_shot.append(accuracy(base_path, None, labels, {phase + 1: stream.test[phase]})[phase + 1])
-                record = loop.learn(rows)
+                loop.add(rows)
+                if method == "default":  # what a user gets before the update: the base, and the buffer's vote
+                    zero_shot = accuracy(base_path, None, labels, {phase + 1: stream.test[phase]}, loop.buffer)
+                    base_zero_shot.append(zero_shot.served[phase + 1])
+                record = loop.update()
                 updates.append(summary(record))
                 live = loop.registry.live
                 assert live is not None
-                now = accuracy(base_path, loop.registry.path(live), labels, tests)
-                matrix.append([now.get(w + 1) for w in range(len(stream.labels))])
+                now = accuracy(base_path, loop.registry.path(live), labels, tests, loop.buffer)
+                matrix.append([now.served.get(w + 1) for w in range(len(stream.labels))])
+                model_matrix.append([now.model_alone.get(w + 1) for w in range(len(stream.labels))])
                 log(f"{stream.name:<9} {method:<7} window {seen}: {record.status} ({record.reason}); "
-                    f"live {live}: " + " ".join(f"{a:.2f}" for a in now.values()))
-            final_among_known = (None if method == "joint" else
-                                 among_known(base_path, loop.registry.path(live), stream, len(phases)))
+                    f"live {live}: " + " ".join(f"{a:.2f}" for a in now.served.values())
+                    + " (model alone: " + " ".join(f"{a:.2f}" for a in now.model_alone.values()) + ")")
+            known = None if method == "joint" else among_known(base_path, loop.registry.path(live), stream,
+                                                                len(phases), loop.buffer)
             if keep is not None:  # the final live adapter, to study offline (the stream is reproducible)
                 shutil.copytree(loop.registry.path(live), keep, dirs_exist_ok=True)
             if poison is not None:
@@ -206,14 +238,17 @@ def run_method(method: str, stream: Stream, base_path: Path, embedder: SentenceE
             loop.close()
     return {"matrix": matrix, "updates": updates, "base_zero_shot": base_zero_shot,
             "seconds": time.perf_counter() - started,
-            **figures(matrix, final_among_known)}
+            **figures(matrix, None if known is None else [a.served[n] for n, a in enumerate(known, 1)]),
+            "model_alone": {"matrix": model_matrix, **figures(
+                model_matrix, None if known is None else [a.model_alone[n] for n, a in enumerate(known, 1)])}}
 
 
-def among_known(base_path: Path, adapter: Path, stream: Stream, windows: int) -> list[float | None]:
+def among_known(base_path: Path, adapter: Path, stream: Stream, windows: int,
+                buffer: ReplayBuffer) -> list[Accuracy]:
     """Each window before the last of `windows` scored among the labels there were when it was
     learned (the last one was learned among them all: its figure is in the matrix already)."""
     return [accuracy(base_path, adapter, [label for w in stream.labels[:n] for label in w],
-                     {n: stream.test[n - 1]})[n] for n in range(1, windows)]
+                     {n: stream.test[n - 1]}, buffer) for n in range(1, windows)]
 
 
 def summary(record: UpdateRecord) -> dict[str, Any]:
@@ -269,8 +304,9 @@ def targets(result: dict[str, Any]) -> dict[str, bool]:
 
 def markdown(results: dict[str, dict[str, Any]]) -> str:
     lines = ["| stream | zero-shot base | when learned | naive final, forgetting | default final | × joint | "
-             "forgetting | among the labels known then | promoted | scrambled window | minutes |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "forgetting | among the labels known then | model alone: final, forgetting | promoted | "
+             "scrambled window | minutes |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         d = r["default"]
         healthy = [u for u in d["updates"] if not u.get("poisoned")]
@@ -283,6 +319,7 @@ def markdown(results: dict[str, dict[str, Any]]) -> str:
             + (f"{naive['final_accuracy']:.3f}, {naive['forgetting']:+.3f} | " if naive else "– | ")
             + f"{d['final_accuracy']:.3f} | " + (f"{d['final_accuracy'] / joint:.2f}" if joint else "–")
             + f" | {d['forgetting']:+.3f} | {d['forgetting_among_known']:+.3f}"
+            + f" | {d['model_alone']['final_accuracy']:.3f}, {d['model_alone']['forgetting']:+.3f}"
             + f" | {sum(u['status'] == 'promoted' for u in healthy)}/{len(healthy)} | "
             + (poisoned[0]["status"] if poisoned else "–")
             + f" | {sum(m['seconds'] for k, m in r.items() if k in METHODS) / 60:.1f} |")
@@ -328,7 +365,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 result[method] = run_method(method, stream, base_path, embedder, train, gate,
                                             poison if method == "default" else None,
                                             lambda line: print(line, flush=True),
-                                            args.out / "adapters" / f"{name}-seed{seed}-{method}" if args.keep else None)
+                                            args.out / "adapters" / f"{name}-seed{seed}-{method}"
+                                            if args.keep else None)
             if "default" in result:
                 result["targets_met"] = targets(result)
             results[f"{name} (seed {seed})" if len(args.seeds.split(",")) > 1 else name] = result

@@ -24,12 +24,14 @@ from torch import nn
 
 from learners.config import GateSettings
 from learners.reports import TEST_NAME, Canary, Check, GateReport, WindowScore
-from learners.scoring import LabelScorer
+from learners.scoring import LabelScorer, with_votes
 from learners.stats import chance_agreement, paired_regression, permutation_tail
 from streams.records import TicketRecord
 
 # A version's log-likelihood of each label it was scored on, by probe id then label.
 CachedScores = Mapping[str, Mapping[str, float]]
+# The buffer's vote on each probe (`replay.shortlist.vote_shares`), by probe id then label.
+Votes = Mapping[str, Mapping[str, float]]
 
 
 @dataclass(frozen=True)
@@ -96,27 +98,35 @@ def score_probes(model: nn.Module, scorer: LabelScorer, probes: Mapping[int, Seq
     return result
 
 
-def window_score(matrix: ProbeMatrix, labels: Sequence[str], known: Collection[str] = ()) -> WindowScore:
-    """A window's scores judged: each probe answered with its best-scored label.
+def window_score(matrix: ProbeMatrix, labels: Sequence[str], known: Collection[str] = (),
+                 votes: Votes | None = None, vote_weight: float = 0.0) -> WindowScore:
+    """A window's scores judged: each probe answered with its best label, as `/v1/classify` would
+    answer it: the model's scores weighed with the buffer's `votes` (`with_votes`).
 
     With `known` labels, each probe of one of them is also judged among those labels only: the
     same scores, the argmax restricted to their columns, so it costs nothing more. A probe whose
-    true label was not scored (not on its shortlist) is wrong.
+    true label was not scored (not on its shortlist) is wrong. `loss` is the model's own.
     """
-    index, known = {label: i for i, label in enumerate(labels)}, set(known)
+    index, known, votes = {label: i for i, label in enumerate(labels)}, set(known), votes or {}
     columns = torch.tensor([i for i, label in enumerate(labels) if label in known], dtype=torch.long)
     records, scores = matrix.records, matrix.scores
     truth = torch.tensor([index[r.label] for r in records if r.label is not None])
     picked = torch.log_softmax(scores, dim=1).gather(1, truth[:, None])[:, 0]
     scored = picked.isfinite()  # the true label was scored (on the probe's shortlist)
-    correct = ((scores.argmax(dim=1) == truth) & scored).tolist()
+    shares = torch.zeros(scores.shape)
+    for row, record in enumerate(records):
+        for label, share in votes.get(record.id, {}).items():
+            if label in index:
+                shares[row, index[label]] = share
+    answer = with_votes(scores, shares, vote_weight)
+    correct = ((answer.argmax(dim=1) == truth) & scored).tolist()
     among_known = torch.isin(truth, columns)
-    known_correct = ((columns[scores[among_known][:, columns].argmax(dim=1)] == truth[among_known])
+    known_correct = ((columns[answer[among_known][:, columns].argmax(dim=1)] == truth[among_known])
                      & scored[among_known]).tolist() if len(columns) else []
     return WindowScore(
         accuracy=sum(correct) / len(correct),
         truth=tuple(r.label or "" for r in records),
-        answers=tuple(labels[i] for i in scores.argmax(dim=1).tolist()),
+        answers=tuple(labels[i] for i in answer.argmax(dim=1).tolist()),
         loss=float(-picked[scored].mean()) if scored.any() else math.nan,
         n=len(records),
         correct=tuple(correct),
@@ -127,17 +137,17 @@ def window_score(matrix: ProbeMatrix, labels: Sequence[str], known: Collection[s
     )
 
 
-def window_scores(matrices: Mapping[int, ProbeMatrix], labels: Sequence[str],
-                  known: Collection[str] = ()) -> dict[int, WindowScore]:
+def window_scores(matrices: Mapping[int, ProbeMatrix], labels: Sequence[str], known: Collection[str] = (),
+                  votes: Votes | None = None, vote_weight: float = 0.0) -> dict[int, WindowScore]:
     """`window_score` of every window."""
-    return {window: window_score(matrix, labels, known) for window, matrix in matrices.items()}
+    return {window: window_score(matrix, labels, known, votes, vote_weight) for window, matrix in matrices.items()}
 
 
 def evaluate(model: nn.Module, scorer: LabelScorer, probes: Mapping[int, Sequence[TicketRecord]],
              known: Collection[str] = (), shortlists: Mapping[str, Sequence[str]] | None = None,
-             ) -> dict[int, WindowScore]:
+             votes: Votes | None = None, vote_weight: float = 0.0) -> dict[int, WindowScore]:
     """Score every window's probes (`score_probes`) and judge them (`window_score`)."""
-    return window_scores(score_probes(model, scorer, probes, shortlists), scorer.labels, known)
+    return window_scores(score_probes(model, scorer, probes, shortlists), scorer.labels, known, votes, vote_weight)
 
 
 def judge(candidate: dict[int, WindowScore], live: dict[int, WindowScore], new_windows: Sequence[int],

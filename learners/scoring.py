@@ -181,6 +181,29 @@ class LabelScorer:
         return scores
 
 
+VOTE_FLOOR = 0.01  # a label no neighbour votes for is held back, not ruled out
+
+
+def with_votes(scores: torch.Tensor, shares: torch.Tensor, weight: float) -> torch.Tensor:
+    """The answer's scores: each ticket's log-probability of a label among those scored (finite
+    `scores`), plus `weight` × log(the label's vote share + `VOTE_FLOOR`) from the buffer's
+    nearest neighbours (`replay.shortlist.vote_shares`; shape: tickets × labels, 0 where none).
+
+    A product of two experts: the model, which leans towards the labels it was trained on last,
+    and the buffer's memory, which holds every window's tickets alike. A ticket without votes is
+    ranked by the model alone; an unscored label stays -inf.
+
+    >>> scores = torch.tensor([[-1.0, -1.2, -math.inf], [-1.0, -1.2, -3.0]])
+    >>> shares = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+    >>> with_votes(scores, shares, 2.0).argmax(dim=1).tolist()  # the vote turns the first ticket only
+    [1, 0]
+    """
+    logp = torch.log_softmax(scores, dim=1)
+    if weight == 0:
+        return logp
+    return logp + weight * torch.log(shares + VOTE_FLOOR)
+
+
 def _virtual_tokens(model: nn.Module, batch: int) -> tuple[object, int, nn.Module]:
     """(cache, count, model to run) for a prefix-tuning adapter's virtual tokens.
 

@@ -20,7 +20,7 @@ from learners.base_model import load_base
 from learners.canary import canary_loss, load_canary
 from learners.config import AdapterSettings, GateSettings, TrainSettings
 from learners.ewc import EwcPenalty, consolidate, empirical_fisher
-from learners.gate import evaluate, finite_scores, judge, score_probes, window_scores
+from learners.gate import Votes, evaluate, finite_scores, judge, score_probes, window_scores
 from learners.general import GeneralText
 from learners.methods import peft_config, warm_start
 from learners.probes import budgeted_probes
@@ -94,7 +94,8 @@ def train_candidate(snapshot: Snapshot, base_path: Path, live_dir: Path, out_dir
                     on_progress: Callable[[Progress], None] | None = None,
                     cancel: threading.Event | None = None,
                     best_before: Mapping[int, float] | None = None,
-                    shortlists: Mapping[str, Sequence[str]] | None = None) -> UpdateOutcome:
+                    shortlists: Mapping[str, Sequence[str]] | None = None,
+                    votes: Votes | None = None, vote_weight: float = 0.0) -> UpdateOutcome:
     """Train a candidate warm-started from the live adapter, save it to `out_dir`, gate it.
 
     The candidate's probe scores are saved with it (`learners.score_cache`); the live version's,
@@ -102,6 +103,7 @@ def train_candidate(snapshot: Snapshot, base_path: Path, live_dir: Path, out_dir
 
     `best_before`: each window's best accuracy under earlier live versions (see `judge`).
     `shortlists`: the labels each probe (by id) is judged among (see `score_probes`).
+    `votes`, `vote_weight`: the buffer's vote on each probe and its weight in the answer (`window_score`).
     """
     model, tokenizer, report = train_adapter(snapshot.new, snapshot.replay, base_path, live_dir, out_dir,
                                              cfg, on_progress, cancel)
@@ -120,9 +122,10 @@ def train_candidate(snapshot: Snapshot, base_path: Path, live_dir: Path, out_dir
     live_canary = canary_loss(live_model, tokenizer, canary)
     with live_model.disable_adapter():  # the base model, for forward transfer and canary drift
         base_scores = evaluate(live_model, scorer, {w: probes[w] for w in snapshot.new_windows if w in probes},
-                               shortlists=shortlists)
+                               shortlists=shortlists, votes=votes, vote_weight=vote_weight)
         base_canary = canary_loss(live_model, tokenizer, canary)
-    gate = judge(window_scores(candidate, scorer.labels, known), window_scores(live, scorer.labels, known),
+    gate = judge(window_scores(candidate, scorer.labels, known, votes, vote_weight),
+                 window_scores(live, scorer.labels, known, votes, vote_weight),
                  snapshot.new_windows, policy, best_before=best_before, base=base_scores,
                  canary=Canary(candidate=candidate_canary, live=live_canary, base=base_canary) if canary else None)
     gate = gate.model_copy(update={"seconds": time.perf_counter() - started,

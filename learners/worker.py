@@ -55,6 +55,11 @@ class Job(BaseModel):
     best_before: dict[int, float] = Field(description="Each window's best accuracy under earlier live versions.")
     shortlists: dict[str, list[str]] = Field(default={}, description="The labels each probe (by id) is judged "
                                                                      "among; a probe without one: every label.")
+    votes: dict[str, dict[str, float]] = Field(
+        default={}, description="The buffer's vote on each probe (by id): label → share "
+                                "(`replay.shortlist.vote_shares`).")
+    vote_weight: float = Field(default=0.0, ge=0, description="The vote's weight in an answer "
+                                                              "(`replay.vote_weight`).")
 
 
 def thread_budget(cfg: TrainSettings) -> int:
@@ -110,7 +115,8 @@ def main(job_file: Path) -> int:
         torch.set_num_threads(threads)
         reporter.send(StartedMessage(pid=os.getpid(), threads=threads))
         outcome = train_candidate(job.snapshot, job.base_path, job.live_dir, job.out_dir, job.train, job.gate,
-                                  reporter.progress, cancel, job.best_before, job.shortlists)
+                                  reporter.progress, cancel, job.best_before, job.shortlists,
+                                  job.votes, job.vote_weight)
     except Cancelled as exc:
         reporter.send(CancelledMessage(reason=str(exc)))
         return EXIT_CANCELLED

@@ -70,6 +70,17 @@ class ReplaySettings(BaseModel):
         "class-balanced when the rows carry labels, else reservoir."
     )
     coverage_clusters: int = Field(32, ge=2, description="k-means clusters of the `coverage` policy.")
+    # -- the buffer's vote -------------------------------------------------------------------
+    vote_neighbours: int = Field(
+        16, gt=0, description="Nearest labelled tickets (among a ticket's candidate labels) whose summed "
+        "similarity votes for its label, beside the model's own scores (`vote_weight`)."
+    )
+    vote_weight: float = Field(
+        2.0, ge=0, description="How much the buffer's vote weighs in an answer, in `/v1/classify` and in the "
+        "gate alike: a label's score is its log-probability under the model among the candidates plus "
+        "`vote_weight` × log(its vote share + 0.01). Chosen on five streams (docs/benchmarks.md); 0: the "
+        "model alone."
+    )
     # -- replay -----------------------------------------------------------------------------
     replay_policy: SamplePolicy = Field(
         "class-balanced", description="How an update draws its replay rows from the trained windows: "

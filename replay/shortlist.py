@@ -1,4 +1,4 @@
-"""Label shortlists: the few labels worth scoring for a ticket, voted by its nearest neighbours.
+"""The buffer's vote on a ticket's label: shortlists of the labels worth scoring, and vote shares.
 
 Scoring a ticket's label log-likelihoods costs in proportion to the label tokens. A ticket's
 nearest labelled neighbours in the buffer (by the embedding the buffer already stores) nearly
@@ -6,6 +6,11 @@ always carry its true label among a handful of theirs, so scoring a fixed number
 those keeps a classification's cost the same at 12 labels and at 300. `ReplayBuffer.
 neighbour_labels` finds the neighbours; this module only ranks their labels, so the same
 function serves `/v1/classify` and (with probe rows left out of the votes) per-probe shortlists.
+
+The same neighbours also answer, in part: `vote_shares` is how the nearest few split their votes
+among the candidates, which `learners.scoring.with_votes` weighs with the model's own scores. The
+buffer never forgets a stored ticket, so the vote keeps an earlier window's intents where the
+model, trained on its newest windows most, leans towards them.
 """
 
 from __future__ import annotations
@@ -56,3 +61,21 @@ def shortlist(neighbours: Sequence[Neighbour], allowed: Sequence[str], size: int
     ranked = sorted(votes, key=lambda label: -votes[label])  # stable: on a tie the nearer label first
     ranked += [label for label in allowed if label not in votes]
     return ranked[:size]
+
+
+def vote_shares(neighbours: Sequence[Neighbour], allowed: Sequence[str], k: int) -> dict[str, float]:
+    """Each label's share of the summed cosine of the `k` nearest neighbours carrying one of
+    `allowed`; labels that none of them carries are left out (their share is 0).
+
+    >>> near = [("card_arrival", 0.9), ("pin", 0.85), ("card_lost", 0.8), ("card_lost", 0.7)]
+    >>> {label: round(share, 3) for label, share in vote_shares(near, ["card_lost", "pin"], 2).items()}
+    {'pin': 0.515, 'card_lost': 0.485}
+    >>> vote_shares([], ["pin"], 16)
+    {}
+    """
+    votes: defaultdict[str, float] = defaultdict(float)
+    known = set(allowed)
+    for label, cosine in [n for n in neighbours if n[0] in known][:k]:
+        votes[label] += max(cosine, 0.0)
+    total = sum(votes.values())
+    return {label: vote / total for label, vote in votes.items()} if total > 0 else {}

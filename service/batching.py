@@ -27,12 +27,13 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 
 import torch
 
+from learners.scoring import with_votes
 from service.runtime import LIVE, Classification, Loaded, ModelRuntime, rank
 
 LOG = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ class _Request:
     top_k: int
     version: str
     shortlist: tuple[str, ...] | None = None
+    votes: Mapping[str, float] = field(default_factory=dict)  # the buffer's vote shares, by label
     answer: Future[Classification] = field(default_factory=Future)
     arrived: float = field(default_factory=time.monotonic)
 
@@ -82,8 +84,9 @@ class ClassifyBatcher:
     """Front of `ModelRuntime` that merges concurrent requests and shares the model fairly."""
 
     def __init__(self, runtime: ModelRuntime, max_batch: int, max_wait_ms: float = 50.0,
-                 chunk_tokens: int = 1024) -> None:
+                 chunk_tokens: int = 1024, vote_weight: float = 0.0) -> None:
         self.runtime = runtime
+        self.vote_weight = vote_weight
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1000
         self.chunk_tokens = chunk_tokens
@@ -97,10 +100,12 @@ class ClassifyBatcher:
         self._worker.start()
 
     def classify(self, text: str, labels: Sequence[str] | None = None, top_k: int = 3,
-                 version: str = LIVE, shortlist: Sequence[str] | None = None) -> Classification:
-        """The answer among `labels` (default: the version's), or among `shortlist` of them."""
+                 version: str = LIVE, shortlist: Sequence[str] | None = None,
+                 votes: Mapping[str, float] | None = None) -> Classification:
+        """The answer among `labels` (default: the version's), or among `shortlist` of them, with
+        the buffer's `votes` weighed in (`learners.scoring.with_votes`)."""
         request = _Request(text, tuple(labels) if labels else None, top_k, version,
-                           tuple(shortlist) if shortlist else None)
+                           tuple(shortlist) if shortlist else None, dict(votes or {}))
         self._queue.put(request)
         return request.answer.result()
 
@@ -189,7 +194,7 @@ class ClassifyBatcher:
                                                  keep=job.shortlists is None))
             if job.chunks:
                 return True
-            answers = _answers(job, torch.cat(job.scores, dim=1))
+            answers = _answers(job, torch.cat(job.scores, dim=1), self.vote_weight)
         except Exception as exc:
             self._fail(job.requests, exc)
             return False
@@ -219,11 +224,15 @@ def _within(candidates: Sequence[str], shortlists: Sequence[tuple[str, ...] | No
     return cut if len(cut) == len(shortlists) and all(cut) else None
 
 
-def _answers(job: _Job, scores: torch.Tensor) -> list[Classification]:
-    """Each request's answer, ranked among its shortlist's columns of `scores`, or among all."""
-    if job.shortlists is None:
-        return rank(job.run.version, job.scored, scores, [r.top_k for r in job.requests])
+def _answers(job: _Job, scores: torch.Tensor, vote_weight: float) -> list[Classification]:
+    """Each request's answer, ranked among its shortlist's columns of `scores`, or among all, with
+    its votes weighed in."""
     column = {label: i for i, label in enumerate(job.scored)}
-    return [replace(rank(job.run.version, own, scores[row: row + 1, [column[label] for label in own]],
-                         [request.top_k])[0], shortlist=tuple(own))
-            for row, (request, own) in enumerate(zip(job.requests, job.shortlists, strict=True))]
+    answers = []
+    for row, request in enumerate(job.requests):
+        own = job.shortlists[row] if job.shortlists is not None else job.scored
+        shares = torch.tensor([[request.votes.get(label, 0.0) for label in own]])
+        voted = with_votes(scores[row: row + 1, [column[label] for label in own]], shares, vote_weight)
+        answer = rank(job.run.version, own, voted, [request.top_k])[0]
+        answers.append(replace(answer, shortlist=tuple(own)) if job.shortlists is not None else answer)
+    return answers

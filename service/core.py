@@ -62,7 +62,7 @@ class Service:
                                      retention=settings.registry)
         self.generator = Generator(self.runtime, settings.serving.max_prompt_tokens)
         self.batcher = ClassifyBatcher(self.runtime, settings.serving.max_batch, settings.serving.batch_wait_ms,
-                                       settings.serving.classify_chunk_tokens)
+                                       settings.serving.classify_chunk_tokens, settings.replay.vote_weight)
         # A replica neither ingests nor updates: it only follows the primary's promotions.
         self.ingester = (Ingester(self.bootstrap, settings.kafka, self.buffer)
                          if self.bootstrap and not self.replica else None)

@@ -36,7 +36,7 @@ from learners.train import Cancelled
 from learners.update import initial_adapter
 from learners.worker import Job
 from replay.buffer import ReplayBuffer
-from replay.shortlist import shortlist
+from replay.shortlist import shortlist, vote_shares
 from service.forgetting import AccuracyMatrix, best_before
 from service.live import LiveVersion
 from service.registry import AdapterRegistry, VersionMetadata
@@ -76,16 +76,24 @@ class UpdateRecord:
     gate: GateReport | None = None
 
 
-def probe_shortlists(buffer: ReplayBuffer, probes: Mapping[int, Sequence[TicketRecord]], labels: Sequence[str],
-                     gate: GateSettings) -> dict[str, list[str]]:
-    """The labels each probe is judged among, voted by its nearest labelled training tickets
-    (probe rows do not vote); none while there are no more labels than a shortlist holds."""
-    if not gate.shortlist_labels or len(labels) <= gate.shortlist_labels:
-        return {}
+def probe_neighbours(buffer: ReplayBuffer, probes: Mapping[int, Sequence[TicketRecord]], labels: Sequence[str],
+                     gate: GateSettings) -> tuple[dict[str, list[str]], dict[str, dict[str, float]]]:
+    """What each probe's nearest labelled training tickets (probe rows do not vote) say about it:
+    the labels it is judged among (none while there are no more labels than a shortlist holds),
+    and the buffer's vote on it (none when `replay.vote_weight` is 0), both by probe id."""
+    settings = buffer.settings
+    shortlisting = bool(gate.shortlist_labels) and len(labels) > gate.shortlist_labels
+    if not shortlisting and not settings.vote_weight:
+        return {}, {}
     rows = [r for window in probes.values() for r in window if r.label]
-    near = buffer.neighbour_labels([r.text for r in rows], gate.shortlist_neighbours, probes=False)
-    return {r.id: short for r, votes in zip(rows, near, strict=True)
-            if (short := shortlist(votes, labels, gate.shortlist_labels))}
+    near = buffer.neighbour_labels([r.text for r in rows], max(gate.shortlist_neighbours, settings.vote_neighbours),
+                                   probes=False)
+    shortlists = {r.id: short for r, votes in zip(rows, near, strict=True)
+                  if shortlisting and (short := shortlist(votes[:gate.shortlist_neighbours], labels,
+                                                          gate.shortlist_labels))}
+    votes = ({r.id: vote_shares(n, labels, settings.vote_neighbours) for r, n in zip(rows, near, strict=True)}
+             if settings.vote_weight else {})
+    return shortlists, votes
 
 
 def ensure_initial_version(registry: AdapterRegistry, base_path: Path, cfg: TrainSettings) -> str:
@@ -226,15 +234,16 @@ class UpdateManager:
         if not any(r.label for r in snapshot.new):
             record.status, record.reason = "skipped", "no new labelled records since the live version"
             return
-        shortlists = probe_shortlists(self.buffer, budgeted_probes(snapshot.probes, snapshot.new_windows,
-                                                                   self.gate.probe_budget),
-                                      snapshot.labels, self.gate)
+        shortlists, votes = probe_neighbours(self.buffer, budgeted_probes(snapshot.probes, snapshot.new_windows,
+                                                                          self.gate.probe_budget),
+                                             snapshot.labels, self.gate)
         record.snapshot_seconds = time.perf_counter() - started
 
         with self.registry.draft() as draft:
             job = Job(snapshot=snapshot, base_path=self.base_path, live_dir=self.registry.path(live),
                       out_dir=draft.path, train=self.train, gate=self.gate,
-                      best_before=best_before(self.registry, self.matrix, live), shortlists=shortlists)
+                      best_before=best_before(self.registry, self.matrix, live), shortlists=shortlists,
+                      votes=votes, vote_weight=self.buffer.settings.vote_weight)
             outcome = self._train(record, job)
             info = self.registry.publish(draft, VersionMetadata(
                 parent=live, verdict="accepted" if outcome.gate.passed else "rejected",

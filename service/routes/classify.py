@@ -5,7 +5,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, HTTPException, Response, status
 from pydantic import BaseModel, Field
 
-from replay.shortlist import shortlist
+from replay.shortlist import shortlist, vote_shares
 from service.core import Service
 from service.deps import VERSION_HEADER, QueryDep, ServiceDep
 from service.errors import responses
@@ -30,7 +30,9 @@ class ScoredLabel(BaseModel):
 
 class ClassifyResponse(BaseModel):
     label: str
-    confidence: float = Field(description="Probability of the label among the candidates.")
+    confidence: float = Field(description="Probability of the label among the candidates: the model's, weighed "
+                                          "with the vote of the ticket's nearest labelled tickets in the buffer "
+                                          "(`replay.vote_weight`).")
     top: list[ScoredLabel]
     adapter_version: str = Field(description="The adapter version that answered.")
     labels_from: Literal["request", "version", "buffer"] = Field(
@@ -59,20 +61,23 @@ def classify(body: ClassifyRequest, service: ServiceDep, _query: QueryDep, respo
     `serving.max_classify_tokens` (413). Many labels are scored a chunk at a time, taking turns
     with other requests. When the version's (or the buffer's) labels outnumber
     `serving.shortlist_labels`, only those its nearest neighbours in the buffer vote for are scored,
-    and the answer lists them.
+    and the answer lists them. The nearest neighbours' vote also weighs in the answer beside the
+    model's scores (`replay.vote_weight`): the buffer keeps every window's intents, where the
+    model leans towards the ones it learned last.
     """
     budget = service.settings.serving.max_classify_tokens
     if body.labels and (work := service.runtime.classify_work(body.text, body.labels)) > budget:
         raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE,
                             f"this request is {work} tokens of prompt and labels, over the budget of {budget} "
                             "(`serving.max_classify_tokens`): send fewer or shorter labels")
-    labels, source, short = body.labels, "request", None
+    labels, source = body.labels, "request"
     if labels is None:
         learned = service.runtime.labels
         labels, source = (None, "version") if learned else (list(service.buffer.label_counts()) or None, "buffer")
-        short = _shortlist(service, body.text, learned or labels or [])
+    short, votes = _neighbours(service, body.text, labels or service.runtime.labels,
+                               0 if source == "request" else service.settings.serving.shortlist_labels)
     try:
-        result = service.batcher.classify(body.text, labels, body.top_k, shortlist=short)
+        result = service.batcher.classify(body.text, labels, body.top_k, shortlist=short, votes=votes)
     except NoLabels as exc:
         raise HTTPException(status.HTTP_409_CONFLICT, f"{exc}, and the buffer holds no labelled ticket") from exc
     response.headers[VERSION_HEADER] = result.adapter_version
@@ -83,11 +88,16 @@ def classify(body: ClassifyRequest, service: ServiceDep, _query: QueryDep, respo
                             shortlist=list(result.shortlist) if result.shortlist else None)
 
 
-def _shortlist(service: Service, text: str, candidates: list[str]) -> list[str] | None:
-    """The candidates worth scoring for `text`, or None to score them all: shortlisting is off,
-    they are few enough, or the buffer holds no labelled neighbour among them."""
-    size = service.settings.serving.shortlist_labels
-    if not size or len(candidates) <= size:
-        return None
-    [near] = service.buffer.neighbour_labels([text], service.settings.serving.shortlist_neighbours)
-    return shortlist(near, candidates, size) or None
+def _neighbours(service: Service, text: str, candidates: list[str], size: int
+                ) -> tuple[list[str] | None, dict[str, float]]:
+    """What the ticket's nearest labelled neighbours in the buffer say: the `size` candidates worth
+    scoring (None to score them all: `size` is 0, they are few enough, or no neighbour carries one
+    of them), and their vote shares (`replay.shortlist.vote_shares`; empty when the vote is off)."""
+    replay = service.settings.replay
+    shortlisting = bool(size) and len(candidates) > size
+    if not candidates or not (shortlisting or replay.vote_weight):
+        return None, {}
+    neighbours = service.settings.serving.shortlist_neighbours
+    [near] = service.buffer.neighbour_labels([text], max(neighbours, replay.vote_neighbours))
+    short = (shortlist(near[:neighbours], candidates, size) or None) if shortlisting else None
+    return short, vote_shares(near, candidates, replay.vote_neighbours) if replay.vote_weight else {}

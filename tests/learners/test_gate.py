@@ -18,7 +18,7 @@ import torch
 
 from learners.base_model import load_base
 from learners.config import GateSettings, TrainSettings
-from learners.gate import evaluate, finite_scores, judge, score_probes, window_score
+from learners.gate import ProbeMatrix, evaluate, finite_scores, judge, score_probes, window_score
 from learners.reports import Canary, WindowScore
 from learners.scoring import LabelScorer
 from learners.update import initial_adapter, train_candidate
@@ -272,3 +272,17 @@ def test_cached_scores_are_reused_and_judged_alike(tiny_llama: Path, monkeypatch
     judged = window_score(score_probes(model, scorer, probes, shortlists, doctored)[1], labels, first)
     assert judged.answers[0] == wrong and not judged.correct[0]
     assert not [text for text, _ in asked if text in {r.text for r in probes[1]}]
+
+
+def test_probes_are_answered_with_the_buffers_vote_as_serving_answers_them() -> None:
+    records = [TicketRecord(id="p0", text="card not here", label="card_arrival"),
+               TicketRecord(id="p1", text="pin locked", label="pin_blocked")]
+    labels = ["card_arrival", "pin_blocked"]
+    matrix = ProbeMatrix(records, torch.tensor([[-1.0, -0.5], [-1.0, -0.5]]), shortlisted=0, reused=0, computed=4)
+    alone = window_score(matrix, labels, known=labels)
+    voted = window_score(matrix, labels, known=labels, votes={"p0": {"card_arrival": 0.9, "pin_blocked": 0.1}},
+                         vote_weight=2.0)
+    assert alone.correct == (False, True) and alone.answers == ("pin_blocked", "pin_blocked")
+    assert voted.correct == (True, True) and voted.known_correct == (True, True)
+    assert voted.loss == alone.loss  # the loss is the model's own
+    assert window_score(matrix, labels, votes={"p0": {"card_arrival": 1.0}}, vote_weight=0.0).correct == alone.correct

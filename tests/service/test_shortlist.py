@@ -1,5 +1,5 @@
 """`/v1/classify` scores only the labels a ticket's nearest neighbours vote for (real HTTP, real
-FAISS buffer, tiny llama), with the scores a full pass gives them."""
+FAISS buffer, tiny llama), with the scores a full pass gives them, and weighs their vote in."""
 
 from __future__ import annotations
 
@@ -8,6 +8,9 @@ from pathlib import Path
 
 import torch
 
+from learners.scoring import with_votes
+from replay.config import ReplaySettings
+from replay.shortlist import vote_shares
 from service.settings import ServingSettings, Settings
 from streams.records import TicketRecord
 from tests.conftest import LiveService, add_versions, classify_concurrently, tiny_settings
@@ -23,8 +26,10 @@ TEXTS = ["has my card been sent? it is not here", "convert dollars to euros at w
          "top up declined again", "card delivery", "what rate for yen"]
 
 
-def shortlisting(serve: Callable[[Settings], LiveService], tmp_path: Path, size: int = 2) -> LiveService:
-    live = serve(tiny_settings(tmp_path, None, serving=ServingSettings(shortlist_labels=size)))
+def shortlisting(serve: Callable[[Settings], LiveService], tmp_path: Path, size: int = 2,
+                 vote_weight: float = 0.0) -> LiveService:
+    live = serve(tiny_settings(tmp_path, None, serving=ServingSettings(shortlist_labels=size),
+                               replay=ReplaySettings(vote_weight=vote_weight)))
     live.service.buffer.add_many([TicketRecord(id=f"{label}-{i}", text=text, label=label)
                                   for label, texts in TOPICS.items() for i, text in enumerate(texts)])
     return live
@@ -83,3 +88,25 @@ def test_concurrent_shortlists_are_scored_together_with_unchanged_answers(
     for one, many in zip(alone, together, strict=True):
         assert one["shortlist"] == many["shortlist"] and one["label"] == many["label"]
         assert abs(one["confidence"] - many["confidence"]) < 1e-4  # type: ignore[operator]
+
+
+def test_the_buffers_vote_is_weighed_into_the_answer(serve: Callable[[Settings], LiveService],
+                                                     tmp_path: Path) -> None:
+    live = shortlisting(serve, tmp_path, size=0, vote_weight=2.0)  # every label scored, the vote on
+    client = live.client()
+    runtime, buffer = live.service.runtime, live.service.buffer
+    run, _ = runtime.resolve(LABELS)
+    for text in TEXTS:
+        answer = client.post("/v1/classify", json={"text": text, "top_k": 4}).json()
+        model = runtime.score(run, [text], LABELS)
+        [near] = buffer.neighbour_labels([text], 16)
+        shares = vote_shares(near, LABELS, 16)
+        assert shares and max(shares.values()) < 1  # the neighbours split their vote
+        expected = torch.softmax(with_votes(model, torch.tensor([[shares.get(label, 0.0) for label in LABELS]]),
+                                            2.0)[0], dim=0)
+        got = {t["label"]: t["confidence"] for t in answer["top"]}
+        assert torch.allclose(torch.tensor([got[label] for label in LABELS]), expected, atol=1e-4)
+        # The vote moves the answer towards the neighbours' labels: the model alone ranks otherwise.
+        alone = torch.softmax(model[0], dim=0)
+        top_vote = max(shares, key=shares.__getitem__)
+        assert got[top_vote] > float(alone[LABELS.index(top_vote)])
