@@ -73,6 +73,18 @@ def test_new_windows_must_be_learned_beyond_chance() -> None:
     assert learned.observed == 0.7 and abs(learned.threshold - 0.32) < 1e-9 and learned.p_value < 0.01
 
 
+def test_learning_is_judged_on_the_models_own_answers_not_the_buffers_echo() -> None:
+    # A broken join: the buffer's vote echoes the wrong labels (answers right), the model learned
+    # nothing (one label for all).
+    truth = "abcabcabcabcabcabcab"
+    echoed = answered(truth, truth).model_copy(update={"model_answers": tuple("a" * 20)})
+    report = judge({1: echoed}, {1: answered(truth, "c" * 20)}, [1], POLICY)
+    assert not report.passed and "beyond chance" in report.reason
+    learned = next(c for c in report.checks if c.name == "new windows learned beyond chance")
+    assert learned.observed == 7 / 20  # the model's own accuracy, not the served 1.0
+    assert judge({1: answered(truth, truth)}, {1: answered(truth, "c" * 20)}, [1], POLICY).passed
+
+
 def test_new_windows_are_rejected_only_when_significantly_worse_than_live() -> None:
     # The base already answers a window of descriptive labels well; two probes fewer is noise.
     live = {1: score([True] * 23 + [False] * 7)}
@@ -284,5 +296,5 @@ def test_probes_are_answered_with_the_buffers_vote_as_serving_answers_them() -> 
                          vote_weight=2.0)
     assert alone.correct == (False, True) and alone.answers == ("pin_blocked", "pin_blocked")
     assert voted.correct == (True, True) and voted.known_correct == (True, True)
-    assert voted.loss == alone.loss  # the loss is the model's own
+    assert voted.loss == alone.loss and voted.model_answers == alone.answers  # the model's own
     assert window_score(matrix, labels, votes={"p0": {"card_arrival": 1.0}}, vote_weight=0.0).correct == alone.correct
