@@ -53,7 +53,6 @@ from learners.gate import score_probes, window_scores
 from learners.scoring import LabelScorer
 from replay.buffer import ReplayBuffer
 from replay.embed import SentenceEmbedder
-from replay.shortlist import vote_shares
 from service.forgetting import AccuracyMatrix
 from service.live import LiveVersion, NothingServed
 from service.registry import AdapterRegistry
@@ -181,10 +180,9 @@ def accuracy(base_path: Path, adapter: Path | None, labels: Sequence[str],
     if adapter is not None:
         model = PeftModel.from_pretrained(model, adapter)
     scorer = LabelScorer(tokenizer, sorted(labels))
-    k = buffer.settings.vote_neighbours
     rows = [r for w in windows.values() for r in w]
-    near = buffer.neighbour_labels([r.text for r in rows], k)
-    votes = {r.id: vote_shares(n, scorer.labels, k) for r, n in zip(rows, near, strict=True)}
+    advice = buffer.advise([r.text for r in rows], scorer.labels, 0, 0)
+    votes = {r.id: a.votes for r, a in zip(rows, advice, strict=True)}
     with torch.no_grad():
         matrices = score_probes(model.eval(), scorer, windows)
     served = window_scores(matrices, scorer.labels, votes=votes, vote_weight=buffer.settings.vote_weight)

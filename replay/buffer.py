@@ -28,6 +28,7 @@ from replay.embed import Embedder
 from replay.index import IndexState, kind_for
 from replay.policy import choose_victims, eviction_groups, eviction_key, is_probe, replay_rows, sample_positions
 from replay.rebuild import build_index, open_index
+from replay.shortlist import Advice, advise
 from replay.store import RowStore, WindowInfo, chunks
 from streams.records import TicketRecord
 
@@ -300,6 +301,20 @@ class ReplayBuffer:
         return [[(label, float(score)) for i, score in zip(row_ids.tolist(), row_scores.tolist(), strict=True)
                  if (label := labels.get(i)) is not None and not probe.get(i)][:k]
                 for row_ids, row_scores in zip(ids, scores, strict=True)]
+
+    def advise(self, texts: Sequence[str], candidates: Sequence[str], size: int, shortlist_neighbours: int, *,
+               probes: bool = True) -> list[Advice]:
+        """What each text's nearest labelled tickets say about it among `candidates`
+        (`replay.shortlist.advise`): a shortlist of `size` (0: none) from the nearest
+        `shortlist_neighbours`, and the vote (`replay.vote_neighbours`; none when
+        `replay.vote_weight` is 0). The index is not searched when neither is asked for."""
+        vote_neighbours = self.settings.vote_neighbours if self.settings.vote_weight else 0
+        shortlisting = bool(size) and len(candidates) > size
+        if not candidates or not (shortlisting or vote_neighbours):
+            return [Advice() for _ in texts]
+        near = self.neighbour_labels(texts, max(shortlist_neighbours if shortlisting else 0, vote_neighbours),
+                                     probes=probes)
+        return [advise(n, candidates, size, shortlist_neighbours, vote_neighbours) for n in near]
 
     def snapshot(self, trained_windows: Iterable[int], seed: int, skip: Iterable[int] = ()) -> Snapshot:
         """Training material for one update: every closed window not yet trained is new, and

@@ -17,8 +17,36 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 Neighbour = tuple[str, float]  # a labelled neighbour's label and its cosine similarity
+
+
+@dataclass(frozen=True)
+class Advice:
+    """What a ticket's nearest labelled neighbours say about it: the labels worth scoring (None:
+    score every candidate) and the vote shares the answer weighs in (empty: no vote)."""
+
+    shortlist: list[str] | None = None
+    votes: dict[str, float] = field(default_factory=dict)
+
+
+def advise(neighbours: Sequence[Neighbour], candidates: Sequence[str], size: int, shortlist_neighbours: int,
+           vote_neighbours: int) -> Advice:
+    """The one rule serving and the gate both follow: shortlist `size` of `candidates` by the
+    nearest `shortlist_neighbours` when there are more candidates than that (and `size` is not 0),
+    and take the vote of the nearest `vote_neighbours` (0: no vote).
+
+    >>> near = [("pin", 0.9), ("card_lost", 0.8), ("pin", 0.7)]
+    >>> advise(near, ["pin", "card_lost", "top_up"], 2, 64, 0)
+    Advice(shortlist=['pin', 'card_lost'], votes={})
+    >>> advice = advise(near, ["pin", "card_lost"], 2, 64, 2)  # two candidates: nothing to shortlist
+    >>> advice.shortlist, {label: round(share, 3) for label, share in advice.votes.items()}
+    (None, {'pin': 0.529, 'card_lost': 0.471})
+    """
+    shortlisting = bool(size) and len(candidates) > size
+    short = shortlist(neighbours[:shortlist_neighbours], candidates, size) if shortlisting else []
+    return Advice(short or None, vote_shares(neighbours, candidates, vote_neighbours) if vote_neighbours else {})
 
 
 def shortlist(neighbours: Sequence[Neighbour], allowed: Sequence[str], size: int) -> list[str]:

@@ -36,7 +36,6 @@ from learners.train import Cancelled
 from learners.update import initial_adapter
 from learners.worker import Job
 from replay.buffer import ReplayBuffer
-from replay.shortlist import shortlist, vote_shares
 from service.forgetting import AccuracyMatrix, best_before
 from service.live import LiveVersion
 from service.registry import AdapterRegistry, VersionMetadata
@@ -78,22 +77,14 @@ class UpdateRecord:
 
 def probe_neighbours(buffer: ReplayBuffer, probes: Mapping[int, Sequence[TicketRecord]], labels: Sequence[str],
                      gate: GateSettings) -> tuple[dict[str, list[str]], dict[str, dict[str, float]]]:
-    """What each probe's nearest labelled training tickets (probe rows do not vote) say about it:
-    the labels it is judged among (none while there are no more labels than a shortlist holds),
-    and the buffer's vote on it (none when `replay.vote_weight` is 0), both by probe id."""
-    settings = buffer.settings
-    shortlisting = bool(gate.shortlist_labels) and len(labels) > gate.shortlist_labels
-    if not shortlisting and not settings.vote_weight:
-        return {}, {}
+    """What each probe's nearest labelled training tickets (probe rows do not vote) say about it
+    (`ReplayBuffer.advise`), by probe id: the labels it is judged among (absent: every label), and
+    the buffer's vote on it (absent: no vote)."""
     rows = [r for window in probes.values() for r in window if r.label]
-    near = buffer.neighbour_labels([r.text for r in rows], max(gate.shortlist_neighbours, settings.vote_neighbours),
-                                   probes=False)
-    shortlists = {r.id: short for r, votes in zip(rows, near, strict=True)
-                  if shortlisting and (short := shortlist(votes[:gate.shortlist_neighbours], labels,
-                                                          gate.shortlist_labels))}
-    votes = ({r.id: vote_shares(n, labels, settings.vote_neighbours) for r, n in zip(rows, near, strict=True)}
-             if settings.vote_weight else {})
-    return shortlists, votes
+    advice = buffer.advise([r.text for r in rows], labels, gate.shortlist_labels, gate.shortlist_neighbours,
+                           probes=False)
+    return ({r.id: a.shortlist for r, a in zip(rows, advice, strict=True) if a.shortlist},
+            {r.id: a.votes for r, a in zip(rows, advice, strict=True) if a.votes})
 
 
 def ensure_initial_version(registry: AdapterRegistry, base_path: Path, cfg: TrainSettings) -> str:

@@ -5,8 +5,6 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, HTTPException, Response, status
 from pydantic import BaseModel, Field
 
-from replay.shortlist import shortlist, vote_shares
-from service.core import Service
 from service.deps import VERSION_HEADER, QueryDep, ServiceDep
 from service.errors import responses
 from service.runtime import NoLabels
@@ -74,10 +72,13 @@ def classify(body: ClassifyRequest, service: ServiceDep, _query: QueryDep, respo
     if labels is None:
         learned = service.runtime.labels
         labels, source = (None, "version") if learned else (list(service.buffer.label_counts()) or None, "buffer")
-    short, votes = _neighbours(service, body.text, labels or service.runtime.labels,
-                               0 if source == "request" else service.settings.serving.shortlist_labels)
+    serving = service.settings.serving
+    [advice] = service.buffer.advise([body.text], labels or service.runtime.labels,
+                                     0 if source == "request" else serving.shortlist_labels,
+                                     serving.shortlist_neighbours)
     try:
-        result = service.batcher.classify(body.text, labels, body.top_k, shortlist=short, votes=votes)
+        result = service.batcher.classify(body.text, labels, body.top_k, shortlist=advice.shortlist,
+                                          votes=advice.votes)
     except NoLabels as exc:
         raise HTTPException(status.HTTP_409_CONFLICT, f"{exc}, and the buffer holds no labelled ticket") from exc
     response.headers[VERSION_HEADER] = result.adapter_version
@@ -87,17 +88,3 @@ def classify(body: ClassifyRequest, service: ServiceDep, _query: QueryDep, respo
                             zero_shot=source == "buffer", candidates=result.candidates,
                             shortlist=list(result.shortlist) if result.shortlist else None)
 
-
-def _neighbours(service: Service, text: str, candidates: list[str], size: int
-                ) -> tuple[list[str] | None, dict[str, float]]:
-    """What the ticket's nearest labelled neighbours in the buffer say: the `size` candidates worth
-    scoring (None to score them all: `size` is 0, they are few enough, or no neighbour carries one
-    of them), and their vote shares (`replay.shortlist.vote_shares`; empty when the vote is off)."""
-    replay = service.settings.replay
-    shortlisting = bool(size) and len(candidates) > size
-    if not candidates or not (shortlisting or replay.vote_weight):
-        return None, {}
-    neighbours = service.settings.serving.shortlist_neighbours
-    [near] = service.buffer.neighbour_labels([text], max(neighbours, replay.vote_neighbours))
-    short = (shortlist(near[:neighbours], candidates, size) or None) if shortlisting else None
-    return short, vote_shares(near, candidates, replay.vote_neighbours) if replay.vote_weight else {}
