@@ -139,8 +139,8 @@ def default_steps(stream: Stream, tokenizer: object, base_cfg: TrainSettings) ->
     """Optimiser steps the default method takes over the whole stream (the budget `joint` gets)."""
     cfg, steps = settings_for(DEFAULT, base_cfg), 0
     for window, records in enumerate(stream.train):
-        new = ticket_examples(tokenizer, records, cfg.max_length)  # type: ignore[arg-type]
-        replay = ticket_examples(tokenizer, replay_for(stream, window, cfg.seed), cfg.max_length)  # type: ignore[arg-type]
+        new = ticket_examples(tokenizer, records, cfg.max_length, cfg.system_prompt)  # type: ignore[arg-type]
+        replay = ticket_examples(tokenizer, replay_for(stream, window, cfg.seed), cfg.max_length, cfg.system_prompt)  # type: ignore[arg-type]
         steps += len(mixed_batches(new, replay, cfg, random.Random(cfg.seed)))
     return steps
 
@@ -166,8 +166,9 @@ def run_method(method: str, stream: Stream, base_path: Path, base_cfg: TrainSett
         learnt = list(range(last + 1))
         replay = replay_for(stream, last, cfg.seed) if method in ("replay", "ewc+replay") else []
         penalty: EwcPenalty | None = ewc_state if cfg.ewc.enabled else None
-        new = ticket_examples(tokenizer, new_records, cfg.max_length)  # type: ignore[arg-type]
-        report = run_round(model, new, ticket_examples(tokenizer, replay, cfg.max_length), cfg, pad, penalty)  # type: ignore[arg-type]
+        new = ticket_examples(tokenizer, new_records, cfg.max_length, cfg.system_prompt)  # type: ignore[arg-type]
+        old = ticket_examples(tokenizer, replay, cfg.max_length, cfg.system_prompt)  # type: ignore[arg-type]
+        report = run_round(model, new, old, cfg, pad, penalty)
         steps += report.steps
         if cfg.ewc.enabled:
             ewc_state = consolidate_window(model, new, ewc_state, cfg, pad)

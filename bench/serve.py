@@ -39,10 +39,10 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
 from learners.base_model import SMOLLM2
+from learners.prompts import chat_ids
 from learners.scoring import LabelScorer
 from service.app import create_app
 from service.core import Service
-from service.generation import chat_prompt
 from service.registry import ADAPTER_WEIGHTS, VersionMetadata
 from service.settings import DEV_ADMIN_KEY, ApiSettings, ModelSettings, SchedulerSettings, ServingSettings, Settings
 from streams.broker import free_port
@@ -180,7 +180,7 @@ def generate_tokens_per_s(model: torch.nn.Module, tokenizer: object, prompts: li
 
 def chat_figures(service: Service, http: httpx.Client, max_tokens: int) -> dict[str, float]:
     tokenizer = service.runtime.tokenizer
-    prompts = [chat_prompt(tokenizer, [{"role": "user", "content": p}]) for p in CHAT_PROMPTS]
+    prompts = [chat_ids(tokenizer, [{"role": "user", "content": p}]) for p in CHAT_PROMPTS]
     generate_tokens_per_s(service.runtime.model, tokenizer, prompts[:1], 4)  # warm-up
     raw_tokens, raw_seconds, tokens, seconds = 0, 0.0, 0, 0.0
     for prompt, text in zip(prompts, CHAT_PROMPTS, strict=True):  # interleaved, as for classify
@@ -205,7 +205,7 @@ def lora_figures(service: Service, texts: list[str], labels: list[str], max_toke
                                          service.registry.path(service.runtime.version)).eval()
     models = {"served": served, "merged": copy.deepcopy(unmerged).merge_and_unload(), "unmerged": unmerged}
     scorer = LabelScorer(service.runtime.tokenizer, labels)
-    prompts = [chat_prompt(service.runtime.tokenizer, [{"role": "user", "content": CHAT_PROMPTS[0]}])]
+    prompts = [chat_ids(service.runtime.tokenizer, [{"role": "user", "content": CHAT_PROMPTS[0]}])]
     times: dict[str, list[float]] = {name: [] for name in models}
     rates: dict[str, list[float]] = {name: [] for name in models}
     for model in models.values():

@@ -94,6 +94,11 @@ class TrainSettings(BaseModel):
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_length: int = Field(128, gt=8, description="Longest training sequence, in tokens.")
+    system_prompt: str | None = Field(
+        None, max_length=2000, description="System message that replies are learned under and that "
+                                           "`/v1/chat/completions` puts first in a conversation without one, so "
+                                           "the endpoint asks what training taught (unset: the chat template's "
+                                           "own default).")
     seed: int = Field(0, description="Seed of sampling, shuffling and adapter initialisation.")
     threads: int = Field(0, ge=0, description="Torch CPU threads of the training process (0: half the "
                                               "cores, at least 1); serving keeps its own (`model.threads`).")

@@ -57,8 +57,8 @@ def train_adapter(new_records: Sequence[TicketRecord], replay_records: Sequence[
     """
     base, tokenizer = load_base(base_path)
     model = warm_start(base, live_dir)
-    new = ticket_examples(tokenizer, new_records, cfg.max_length)
-    replay = ticket_examples(tokenizer, replay_records, cfg.max_length)
+    new = ticket_examples(tokenizer, new_records, cfg.max_length, cfg.system_prompt)
+    replay = ticket_examples(tokenizer, replay_records, cfg.max_length, cfg.system_prompt)
     previous = (EwcPenalty.load(live_dir / EWC_FILE, cfg.ewc.strength)
                 if cfg.ewc.enabled and (live_dir / EWC_FILE).exists() else None)
     general = (GeneralText(tokenizer, tokenizer.pad_token_id, cfg.general_rows, cfg.seed)

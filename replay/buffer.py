@@ -137,13 +137,20 @@ class ReplayBuffer:
     def _redacted(self, record: TicketRecord) -> TicketRecord:
         if not self.settings.redact_pii:
             return record
-        text, counts = redact(record.text)
-        reply, reply_counts = redact(record.reply) if record.reply else (record.reply, Counter())
-        counts.update(reply_counts)
+        counts: Counter[str] = Counter()
+
+        def redacted(text: str) -> str:
+            clean, found = redact(text)
+            counts.update(found)
+            return clean
+
+        update = {"text": redacted(record.text), "reply": record.reply and redacted(record.reply),
+                  "messages": record.messages and tuple(t.model_copy(update={"content": redacted(t.content)})
+                                                        for t in record.messages)}
         if not counts:
             return record
         self.stats.update({f"redacted_{kind}": n for kind, n in counts.items()})
-        return record.model_copy(update={"text": text, "reply": reply})
+        return record.model_copy(update=update)
 
     def _near_duplicates(self, fresh: Sequence[TicketRecord], vectors: np.ndarray
                          ) -> tuple[list[int], dict[int, str]]:

@@ -3,6 +3,7 @@
 `records.row` is AUTOINCREMENT so an evicted row's id is never reused (a stale FAISS id can never
 point at another ticket); `records.key` is a random hash that orders eviction and sampling;
 `skipped` remembers curated-away ids, so a redelivered duplicate stays idempotent.
+`records.messages` is a conversation as JSON (`TicketRecord.messages`), read back with `json`.
 """
 
 SCHEMA = """
@@ -17,6 +18,7 @@ CREATE TABLE IF NOT EXISTS records (
     text TEXT NOT NULL,
     label TEXT,
     reply TEXT,
+    messages TEXT,
     window INTEGER NOT NULL REFERENCES windows(id),
     probe INTEGER NOT NULL,
     added_at REAL NOT NULL,
@@ -31,3 +33,6 @@ CREATE TABLE IF NOT EXISTS skipped (
     duplicate_of TEXT
 );
 """
+
+# Columns added since a buffer was first written: added to an older file when it is opened.
+ADDED_COLUMNS = {"records": {"messages": "TEXT"}}

@@ -8,6 +8,7 @@ the buffer, serialises the calls.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Sequence, Sized
@@ -18,8 +19,8 @@ from typing import NamedTuple, TypeVar
 
 import numpy as np
 
-from replay.schema import SCHEMA
-from streams.records import TicketRecord
+from replay.schema import ADDED_COLUMNS, SCHEMA
+from streams.records import TicketRecord, Turn
 
 T = TypeVar("T")
 
@@ -32,11 +33,13 @@ class StoredRow(NamedTuple):
     text: str
     label: str | None
     reply: str | None
+    messages: str | None  # JSON
     key: float
     embedding: bytes | None
 
     def record(self) -> TicketRecord:
-        return TicketRecord(id=self.id, text=self.text, label=self.label, reply=self.reply)
+        turns = None if self.messages is None else tuple(Turn(**t) for t in json.loads(self.messages))
+        return TicketRecord(id=self.id, text=self.text, label=self.label, reply=self.reply, messages=turns)
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,11 @@ class RowStore:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")  # a committed batch survives power loss
         self.db.executescript(SCHEMA)
+        for table, columns in ADDED_COLUMNS.items():
+            present = {row[1] for row in self.db.execute(f"PRAGMA table_info({table})")}
+            for column, kind in columns.items():
+                if column not in present:
+                    self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
         if self.db.execute("SELECT COUNT(*) FROM windows WHERE closed_at IS NULL").fetchone()[0] == 0:
             self.db.execute("INSERT INTO windows(opened_at) VALUES (?)", (time.time(),))
 
@@ -98,10 +106,11 @@ class RowStore:
                embedding: np.ndarray, key: float) -> int:
         """Store one ticket; returns its row id."""
         row = self.db.execute(
-            "INSERT INTO records(id, text, label, reply, window, probe, added_at, embedding, key)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (record.id, record.text, record.label, record.reply, window, probe, added_at,
-             embedding.tobytes(), key),
+            "INSERT INTO records(id, text, label, reply, messages, window, probe, added_at, embedding, key)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (record.id, record.text, record.label, record.reply,
+             None if record.messages is None else json.dumps([t.model_dump() for t in record.messages]),
+             window, probe, added_at, embedding.tobytes(), key),
         ).lastrowid
         assert row is not None
         return row
@@ -229,7 +238,8 @@ class RowStore:
     def _select(self, clauses: str, params: Sequence[object], *, embeddings: bool = False) -> list[StoredRow]:
         embedding = "r.embedding" if embeddings else "NULL"
         return [StoredRow(*hit) for hit in self.db.execute(
-            f"SELECT r.row, r.id, r.text, r.label, r.reply, r.key, {embedding} FROM records r {clauses}", params)]
+            f"SELECT r.row, r.id, r.text, r.label, r.reply, r.messages, r.key, {embedding} FROM records r {clauses}",
+            params)]
 
 
 def chunks(items: Sequence[T], size: int) -> Iterator[list[T]]:

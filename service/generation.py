@@ -46,13 +46,6 @@ class Usage:
     finish_reason: FinishReason = "length"
 
 
-def chat_prompt(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, str]]) -> list[int]:
-    """Token ids of a conversation in the model's chat template, ready for the assistant turn."""
-    text: str = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
-    ids: list[int] = tokenizer(text, add_special_tokens=False).input_ids
-    return ids
-
-
 def text_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
     ids: list[int] = tokenizer(prompt, add_special_tokens=False).input_ids
     return ids

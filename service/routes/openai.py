@@ -17,10 +17,11 @@ from fastapi import APIRouter, HTTPException, Response, status
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
+from learners.prompts import chat_ids
 from service.core import Service
 from service.deps import VERSION_HEADER, QueryDep, ServiceDep
 from service.errors import responses
-from service.generation import PromptTooLong, Sampling, Stream, chat_prompt, text_prompt
+from service.generation import PromptTooLong, Sampling, Stream, text_prompt
 from service.registry import Entry, RegistryError
 from service.runtime import LIVE, UnsafeAdapter
 
@@ -195,7 +196,8 @@ def chat_completions(body: ChatCompletionRequest, service: ServiceDep, _query: Q
                      response: Response) -> ChatCompletion:
     """Answer a conversation with the live adapter (or the version named in `model`)."""
     sampling = _sampling(service, body, body.max_completion_tokens or body.max_tokens)
-    prompt = chat_prompt(service.runtime.tokenizer, [m.plain() for m in body.messages])
+    prompt = chat_ids(service.runtime.tokenizer, [m.plain() for m in body.messages],
+                      service.settings.train.system_prompt)  # as replies were learned
     stream = _start(service, prompt, sampling, body.model)
     ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:

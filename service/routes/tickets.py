@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from service.core import NoBroker
 from service.deps import ServiceDep, require
 from service.errors import responses
-from streams.records import Rejection, parse_ticket
+from streams.records import MAX_TURNS, Rejection, Turn, parse_ticket
 
 LOG = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["tickets"])
@@ -40,6 +40,10 @@ class TicketIn(BaseModel):
                       description="The ticket text (at most `kafka.max_text_bytes` bytes).")
     label: str | None = Field(None, min_length=1, max_length=128, description="Intent or queue, if known.")
     reply: str | None = Field(None, description="The agent's resolution, if any.")
+    messages: list[Turn] | None = Field(
+        None, min_length=2, max_length=MAX_TURNS,
+        description="A whole conversation instead of `reply`: an optional system message, then the user's and "
+                    "the assistant's messages in turn, ending with the assistant's. Replies are learned from it.")
     created_at: datetime | None = None
     tags: list[str] = Field(default_factory=list)
 

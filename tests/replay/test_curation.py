@@ -13,7 +13,7 @@ from replay.config import ReplaySettings
 from replay.curate import iban_valid, luhn_valid, redact
 from replay.embed import SentenceEmbedder
 from streams.datasets import load_tickets
-from streams.records import TicketRecord
+from streams.records import TicketRecord, Turn
 
 
 def on_disk(directory: Path, query: str) -> list[tuple[object, ...]]:
@@ -137,3 +137,18 @@ def test_one_merged_write_decides_as_record_by_record(tmp_path: Path, embedder: 
     stored, skipped = verdicts(merged)
     assert len(skipped) >= 5 and any(suspect for *_, suspect in stored)  # the cases are exercised
     assert (stored, skipped) == verdicts(single)
+
+
+def test_a_conversation_is_stored_redacted_and_read_back_whole(tmp_path: Path, embedder: SentenceEmbedder) -> None:
+    turns = (Turn(role="user", content="Card 4111 1111 1111 1111 never came"),
+             Turn(role="assistant", content="We will write to jo@example.com"),
+             Turn(role="user", content="Thanks"), Turn(role="assistant", content="You are welcome."))
+    buffer = ReplayBuffer(tmp_path, embedder)
+    buffer.add_many([TicketRecord(id="c", text="Card 4111 1111 1111 1111 never came", messages=turns)])
+    buffer.close()
+    stored = ReplayBuffer(tmp_path, embedder).search("card", k=1)[0][0]
+    assert [turn["content"] for turn in stored.conversation() or []] == [
+        "Card [CARD] never came", "We will write to [EMAIL]", "Thanks", "You are welcome."]
+    raw = on_disk(tmp_path, "SELECT messages FROM records")[0][0]
+    assert "example.com" not in raw and "4111" not in raw
+

@@ -8,8 +8,10 @@ from pathlib import Path
 import openai
 import pytest
 
+from replay.buffer import is_probe
 from service.settings import ServingSettings, Settings
-from tests.conftest import LiveService, tiny_settings
+from streams.records import TicketRecord
+from tests.conftest import TINY_TRAIN, LiveService, tiny_settings, wait_for
 
 
 def test_openai_client_chat_completions_and_models(serve: Callable[[Settings], LiveService],
@@ -68,3 +70,33 @@ def test_openai_client_chat_completions_and_models(serve: Callable[[Settings], L
 
     raw = live.client().post("/v1/completions", json={"model": "live", "prompt": "Hi", "max_tokens": 2})
     assert raw.headers["x-evergreen-adapter-version"] == "v0000"
+
+
+REPLIES = {"card_arrival": "Your card ships today.", "exchange_rate": "Rates change every hour."}
+
+
+def test_a_promoted_windows_reply_comes_back_through_the_openai_client(serve: Callable[[Settings], LiveService],
+                                                                       tmp_path: Path) -> None:
+    """Replies are learned in the chat format the endpoint asks in (issue 14)."""
+    system = "You answer the bank's support tickets."
+    live = serve(tiny_settings(tmp_path, None, train=TINY_TRAIN.model_copy(update={"system_prompt": system})))
+    labels = list(REPLIES)
+    tickets = [TicketRecord(id=f"t{i}", text=f"my {('card', 'rate')[i % 2]} issue {i}", label=labels[i % 2],
+                            reply=REPLIES[labels[i % 2]]) for i in range(40)]
+    live.service.buffer.add_many(tickets)
+    record = live.service.updates.start("manual")
+    wait_for(lambda: record.finished_at is not None, 180, "the update")
+    assert record.status == "promoted", record.reason
+
+    client = openai.OpenAI(base_url=f"{live.url}/v1", api_key="evergreen-dev-admin-key", max_retries=0)
+    probe_percent = live.service.settings.replay.probe_percent
+    trained = [next(t for t in tickets if t.label == label and not is_probe(t.id, probe_percent)) for label in labels]
+    for ticket in trained:  # the tiny random model memorises its tickets' replies rather than generalising
+        messages = [{"role": "user", "content": ticket.text}]  # the configured system prompt goes first
+        plain = client.chat.completions.create(model="live", messages=messages, max_tokens=16, temperature=0)
+        assert plain.model == record.version
+        assert plain.choices[0].message.content == ticket.reply
+        assert plain.choices[0].finish_reason == "stop"  # it learned to end its turn
+        chunks = client.chat.completions.create(model="live", messages=messages, max_tokens=16, temperature=0,
+                                                stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == ticket.reply

@@ -32,6 +32,7 @@ BAD = {
     "text_too_large": json.dumps({"id": "t-big", "text": "x" * (16 * 1024 + 1)}).encode(),
     "message_too_large": json.dumps({"id": "t-huge", "text": "y", "pad": "z" * (1024 * 1024)}).encode(),
     "unknown_fields": b'{"id": "t-unknown", "text": "hello", "priority": "high"}',
+    "invalid_messages": b'{"id": "t-turns", "text": "hi", "messages": [{"role": "assistant", "content": "hi"}]}',
 }
 
 
