@@ -164,9 +164,25 @@ class GateSettings(BaseModel):
     canary_file: Path | None = Field(
         None, description="Text file of general prompts, one per line. Unset: the built-in set."
     )
+    max_reply_loss_increase: float | None = Field(
+        0.25, ge=0, description="Largest rise of the mean answer loss (nats/token) on earlier windows' reply "
+                                "probes, candidate over live; a rise counts only when a paired permutation test "
+                                "finds it significant (unset: no check).")
+    max_reply_rouge_drop: float | None = Field(
+        0.1, ge=0, le=1, description="Largest drop of the mean ROUGE-L F1 of greedy answers against the reference "
+                                     "reply on earlier windows' reply probes, significant by a paired permutation test "
+                                     "(unset: no check).")
+    reply_probe_budget: int = Field(
+        48, ge=0, description="Most reply probes (probes carrying a `reply` or `messages`) of earlier windows "
+                              "scored per update, spread over the windows and their labels like `probe_budget`.")
+    reply_generations: int = Field(
+        16, ge=0, description="Of those, how many each version answers greedily for ROUGE-L: generation costs "
+                              "far more than a loss (0: the loss check alone).")
+    reply_max_tokens: int = Field(96, gt=0, description="Longest greedy answer to a reply probe, in tokens.")
 
 
 # Promotes every candidate that finished training: for measuring without a gate (the suite's
 # naive and joint runs) and for exercising the update machinery rather than its verdicts.
 PROMOTE_ALL = GateSettings(max_drop=1, max_average_forgetting=1, max_interference=1, min_gain=-1,
-                           require_learning=False, max_canary_increase=None)
+                           require_learning=False, max_canary_increase=None, max_reply_loss_increase=None,
+                           max_reply_rouge_drop=None)

@@ -30,9 +30,9 @@ import torch
 from torch import nn
 
 from learners.config import GateSettings
-from learners.reports import TEST_NAME, Canary, Check, GateReport, WindowScore
+from learners.reports import TEST_NAME, Canary, Check, GateReport, ReplyScore, WindowScore
 from learners.scoring import LabelScorer, with_votes
-from learners.stats import chance_agreement, paired_regression, permutation_tail
+from learners.stats import chance_agreement, paired_increase, paired_regression, permutation_tail
 from streams.records import TicketRecord
 
 # A version's log-likelihood of each label it was scored on, by probe id then label.
@@ -160,8 +160,12 @@ def evaluate(model: nn.Module, scorer: LabelScorer, probes: Mapping[int, Sequenc
 
 def judge(candidate: dict[int, WindowScore], live: dict[int, WindowScore], new_windows: Sequence[int],
           policy: GateSettings, *, best_before: Mapping[int, float] | None = None,
-          base: dict[int, WindowScore] | None = None, canary: Canary | None = None) -> GateReport:
+          base: dict[int, WindowScore] | None = None, canary: Canary | None = None,
+          replies: tuple[dict[int, ReplyScore], dict[int, ReplyScore]] = ({}, {})) -> GateReport:
     """Apply every check of the policy; the first failing one gives the reason.
+
+    `replies`: the candidate's and the live version's replies on earlier windows' reply probes
+    (`learners.replies.score_replies`), judged pooled, probe by probe (`reply_checks`).
 
     Earlier windows' forgetting checks use the scores among the known labels when both sides
     have them (see `window_score`), else the scores among all labels. `best_before` is each earlier
@@ -215,6 +219,7 @@ def judge(candidate: dict[int, WindowScore], live: dict[int, WindowScore], new_w
                                 threshold=chance_agreement(truth, answers), p_value=p_value,
                                 detail="the model's own answers, without the buffer's vote; chance: the same "
                                        "answers, independent of the labels"))
+    checks += reply_checks(*replies, policy)
     if canary is not None and policy.max_canary_increase is not None:
         checks.append(Check(name="canary loss increase over the base model",
                             passed=canary.drift <= policy.max_canary_increase, observed=canary.drift,
@@ -231,4 +236,25 @@ def judge(candidate: dict[int, WindowScore], live: dict[int, WindowScore], new_w
             reason += f" ({failed.detail})"
     return GateReport(passed=failed is None, reason=reason, test=TEST_NAME, new_windows=tuple(new_windows),
                       candidate=candidate, live=live, base=base or {}, checks=checks, canary=canary,
-                      thresholds=policy)
+                      thresholds=policy, replies_candidate=replies[0], replies_live=replies[1])
+
+
+def reply_checks(candidate: Mapping[int, ReplyScore], live: Mapping[int, ReplyScore],
+                 policy: GateSettings) -> list[Check]:
+    """Earlier windows' replies, pooled: the answer loss may not rise, nor the greedy answers'
+    ROUGE-L fall, past its threshold and significantly (one-sided paired permutation test)."""
+    windows = [w for w in sorted(candidate) if w in live]
+    checks = []
+    for name, before, after, threshold in (
+            ("reply loss increase on earlier windows", [x for w in windows for x in live[w].losses],
+             [x for w in windows for x in candidate[w].losses], policy.max_reply_loss_increase),
+            ("reply ROUGE-L drop on earlier windows", [-x for w in windows for x in live[w].rouges],
+             [-x for w in windows for x in candidate[w].rouges], policy.max_reply_rouge_drop)):
+        if threshold is None or not before:
+            continue
+        test = paired_increase(before, after)
+        observed = (sum(after) - sum(before)) / len(before)
+        checks.append(Check(name=name, passed=not (observed > threshold and test.p_value < policy.alpha),
+                            observed=observed, threshold=threshold, p_value=test.p_value,
+                            detail=f"{test.lost} probes worse, {test.gained} better"))
+    return checks

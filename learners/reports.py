@@ -86,6 +86,20 @@ class WindowScore(Report):
                                                     "(`gate.shortlist_labels`) rather than every label.")
 
 
+class ReplyScore(Report):
+    """A version's replies on one window's reply probes: the mean answer loss (nats/token) and, on
+    those it answered greedily, the mean ROUGE-L F1 against the reference reply and the share that
+    match it (ROUGE-L ≥ 0.8). Per-probe figures, in probe order for paired tests, stay out of JSON."""
+
+    n: int = Field(description="Reply probes scored.")
+    loss: Loss
+    answered: int = Field(description="Of them, answered greedily.")
+    rouge_l: float | None = None
+    matched: float | None = Field(default=None, description="Share of the answered with ROUGE-L ≥ 0.8.")
+    losses: tuple[float, ...] = Field(default=(), exclude=True, repr=False)
+    rouges: tuple[float, ...] = Field(default=(), exclude=True, repr=False)  # of the answered, in probe order
+
+
 class Check(Report):
     """One check of the gate: `observed` against `threshold`, and the test's p-value."""
 
@@ -135,6 +149,9 @@ class GateReport(GateVerdict):
     base: dict[int, WindowScore] = Field(default={}, description="The base model's, on the new windows' probes.")
     checks: list[Check] = Field(default=[], description="In the order judged: a drop check per earlier "
                                                         "window, then the pooled ones.")
+    replies_candidate: dict[int, ReplyScore] = Field(default={}, description="The candidate's replies on "
+                                                                             "earlier windows' reply probes.")
+    replies_live: dict[int, ReplyScore] = Field(default={}, description="The live version's, on the same probes.")
 
 
 class GateSummary(GateVerdict):

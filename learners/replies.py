@@ -1,0 +1,88 @@
+"""How well a version still replies: its answer loss and greedy answers on reply probes.
+
+A probe that carries a conversation (`TicketRecord.conversation`) is a reply probe too. The
+gate scores the earlier windows' reply probes (a bounded, stratified share, `reply_probes`) with
+the candidate and the live version alike, in the format training and the chat endpoint use
+(`learners.prompts`): the mean loss of the reference reply's tokens on every probe, and on a few
+(`gate.reply_generations`) the greedy answer's ROUGE-L F1 against the reference, since a
+candidate can keep its loss yet answer worse. `learners.gate.judge` compares them probe by probe.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from itertools import zip_longest
+
+import torch
+from rouge_score.rouge_scorer import RougeScorer
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from learners.config import TrainSettings
+from learners.probes import budgeted_probes
+from learners.prompts import chat_ids, conversation_example
+from learners.reports import ReplyScore
+from learners.train import answer_loss, collate
+from streams.records import TicketRecord
+
+MATCH_ROUGE = 0.8  # an answer this close to the reference is the reference, reworded at most
+
+
+def reply_probes(probes: Mapping[int, Sequence[TicketRecord]], new_windows: Sequence[int],
+                 budget: int) -> dict[int, list[TicketRecord]]:
+    """The earlier windows' probes that carry a conversation, at most `budget` of them, spread
+    over the windows and their labels as `budgeted_probes` spreads label probes.
+
+    >>> rows = [TicketRecord(id=str(i), text="t", label="a", reply="r" if i % 2 else None) for i in range(6)]
+    >>> {w: [r.id for r in p] for w, p in reply_probes({1: rows, 2: rows}, [2], 10).items()}
+    {1: ['1', '3', '5']}
+    """
+    conversations = {w: [r for r in rows if r.conversation() is not None]
+                     for w, rows in probes.items() if w not in new_windows}
+    if not budget:
+        return {}
+    return {w: rows for w, rows in budgeted_probes(conversations, [], budget).items() if rows}
+
+
+def rouge_l(answer: str, reference: str) -> float:
+    """ROUGE-L F1 of an answer against the reference (`rouge-score`, words lower-cased).
+
+    >>> round(rouge_l("Your card ships today", "your card is shipped today"), 3)
+    0.667
+    """
+    return float(RougeScorer(["rougeL"]).score(reference, answer)["rougeL"].fmeasure)
+
+
+def greedy_reply(model: nn.Module, tokenizer: PreTrainedTokenizerBase, messages: Sequence[Mapping[str, str]],
+                 system: str | None, max_tokens: int) -> str:
+    """The model's greedy answer to a conversation, as the chat endpoint would give it."""
+    prompt = torch.tensor([chat_ids(tokenizer, messages, system)])
+    out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=max_tokens,
+                         do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    return str(tokenizer.decode(out[0, prompt.shape[1]:], skip_special_tokens=True)).strip()
+
+
+def score_replies(model: nn.Module, tokenizer: PreTrainedTokenizerBase,
+                  probes: Mapping[int, Sequence[TicketRecord]], cfg: TrainSettings, generations: int,
+                  max_tokens: int) -> dict[int, ReplyScore]:
+    """Each window's reply probes: every probe's answer loss, and the greedy answers of the first
+    `generations` probes taken one window after another (so every window gets its turn)."""
+    rounds = zip_longest(*[[(w, r.id) for r in rows] for w, rows in sorted(probes.items())])
+    answered = set([pair for turn in rounds for pair in turn if pair is not None][:generations])
+    scores = {}
+    with torch.no_grad():
+        for window, rows in sorted(probes.items()):
+            losses, rouges = [], []
+            for record in rows:
+                turns = record.conversation() or []
+                example = conversation_example(tokenizer, turns, cfg.max_length, cfg.system_prompt)
+                losses.append(float(answer_loss(model, collate([example], tokenizer.pad_token_id))))
+                if (window, record.id) in answered:
+                    answer = greedy_reply(model, tokenizer, turns[:-1], cfg.system_prompt, max_tokens)
+                    rouges.append(rouge_l(answer, turns[-1]["content"]))
+            scores[window] = ReplyScore(
+                n=len(losses), loss=sum(losses) / len(losses), answered=len(rouges),
+                rouge_l=sum(rouges) / len(rouges) if rouges else None,
+                matched=sum(r >= MATCH_ROUGE for r in rouges) / len(rouges) if rouges else None,
+                losses=tuple(losses), rouges=tuple(rouges))
+    return scores
