@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import json
 import random
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
@@ -38,6 +39,21 @@ def load_tickets(name: str = "banking77", split: Split = "train") -> list[Ticket
         for i, row in enumerate(rows)
         if row["text"].strip()
     ]
+
+
+def load_replies(name: str = "banking77") -> dict[str, str]:
+    """Each intent's support macro, the reply a support team sends for it, written for this project
+    (no public ticket-to-reply corpus ships in the registries): `streams/replies/<name>.json`.
+
+    >>> replies = load_replies()
+    >>> len(replies), replies.keys() == {t.label for t in load_tickets("banking77", "test")}
+    (77, True)
+    """
+    path = Path(__file__).parent / "replies" / f"{name}.json"
+    if not path.exists():
+        raise ValueError(f"no replies for {name!r}; known: banking77")
+    replies: dict[str, str] = json.loads(path.read_text(encoding="utf-8"))
+    return replies
 
 
 def stream_order(
