@@ -1,7 +1,8 @@
 """The persisted accuracy matrix (versions × windows) and the forgetting figures drawn from it.
 
-Every gate measures the candidate, the live version and the base model on the probe sets;
-each measurement lands here (`accuracy.json` beside the registry, written atomically). A
+Every gate measures the candidate, the live version and the base model on the probe sets (and,
+where tickets carry replies, candidate and live on earlier windows' reply probes: a cell's
+`reply`); each measurement lands here (`accuracy.json` beside the registry, written atomically). A
 serve-only replica shares the file with the primary that writes it, so readers re-read it
 whenever it has been replaced since they last looked. A
 version's figures follow its training lineage: the chain of parents it was warm-started from.
@@ -17,14 +18,16 @@ from pathlib import Path
 from typing import Any
 
 from learners.metrics import Prefix, Row, step
-from learners.reports import GateReport, WindowScore
+from learners.reports import GateReport, ReplyScore, WindowScore
 from service.registry import AdapterRegistry, Entry, Signature, file_signature, fsync_write
 
 BASE = "base"
 
 
 class AccuracyMatrix:
-    """`R[version][window] = {"accuracy", "loss", "n"}`, plus a `base` row for the base model."""
+    """`R[version][window] = {"accuracy", "loss", "n"}`, plus a `base` row for the base model; a
+    cell of a window with reply probes also holds `reply: {"loss", "rouge_l", "matched", "n",
+    "answered"}` (`learners.reports.ReplyScore`)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -48,21 +51,32 @@ class AccuracyMatrix:
         self.record_rows({version: scores})
 
     def record_gate(self, candidate: str, live: str, gate: GateReport) -> None:
-        self.record_rows({candidate: gate.candidate, live: gate.live, BASE: gate.base})
+        self.record_rows({candidate: gate.candidate, live: gate.live, BASE: gate.base},
+                         {candidate: gate.replies_candidate, live: gate.replies_live})
 
-    def record_rows(self, rows: Mapping[str, Mapping[int, WindowScore]]) -> None:
+    def record_rows(self, rows: Mapping[str, Mapping[int, WindowScore]],
+                    replies: Mapping[str, Mapping[int, ReplyScore]] | None = None) -> None:
         """Several versions' cells in one write: the file is rewritten whole, so once per gate."""
         with self._lock:
             for version, scores in rows.items():
                 row = self._cells.setdefault(version, {})
-                row.update({str(w): s.model_dump(mode="json", include={"accuracy", "loss", "n"})
-                            for w, s in scores.items()})
+                for w, score in scores.items():
+                    row.setdefault(str(w), {}).update(score.model_dump(mode="json", include={"accuracy", "loss", "n"}))
+            for version, answers in (replies or {}).items():
+                row = self._cells.setdefault(version, {})
+                for w, reply in answers.items():
+                    row.setdefault(str(w), {})["reply"] = reply.model_dump(mode="json")
             fsync_write(self.path, json.dumps(self._cells, separators=(",", ":")).encode())
             self._seen = file_signature(self.path)
 
     def accuracy(self, version: str) -> dict[int, float]:
         with self._lock:
-            return {int(w): c["accuracy"] for w, c in self._cells.get(version, {}).items()}
+            return {int(w): c["accuracy"] for w, c in self._cells.get(version, {}).items() if "accuracy" in c}
+
+    def replies(self, version: str) -> dict[int, dict[str, Any]]:
+        """The version's reply cells, by window (none where no probe carried a reply)."""
+        with self._lock:
+            return {int(w): c["reply"] for w, c in self._cells.get(version, {}).items() if "reply" in c}
 
     def windows(self) -> list[int]:
         with self._lock:
@@ -125,6 +139,7 @@ def report(registry: AdapterRegistry, matrix: AccuracyMatrix, limit: int, window
                 "name": entry.name, "parent": entry.parent, "verdict": entry.verdict, "live": entry.name == live,
                 "pruned": entry.pruned_at is not None, "windows_trained": list(entry.windows_trained),
                 "accuracy": {str(w): a for w, a in sorted(row.accuracy.items()) if w in columns},
+                "replies": {str(w): c for w, c in sorted(matrix.replies(entry.name).items()) if w in columns},
                 "summary": {**asdict(summary),
                             "forgetting": {str(w): f for w, f in summary.forgetting.items() if w in columns}},
             })

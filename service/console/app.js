@@ -193,8 +193,23 @@ function renderGate(version) {
   const canary = g.canary ? h("p", { class: "muted" },
     `Canary loss: candidate ${fixed(g.canary.candidate)}, live ${fixed(g.canary.live)}, base ${fixed(g.canary.base)} nats/token`) : null;
   panel.replaceChildren(head, h("p", { class: "reason" }, g.reason || ""),
-    h("div", { class: "grid2 tight" }, scores, checks), canary);
+    h("div", { class: "grid2 tight" }, scores, checks), replyTable(g), canary);
   panel.hidden = false;
+}
+
+// Earlier windows' replies (tickets that carry one): greedy answers' ROUGE-L and answer loss.
+function replyTable(g) {
+  const windows = Object.keys(g.replies_candidate || {}).sort((a, b) => a - b);
+  if (!windows.length) return null;
+  const rouge = (r) => (r && r.rouge_l !== null ? fixed(r.rouge_l) : "–");
+  return h("table", { class: "list replies" },
+    h("tr", {}, h("th", {}, "replies: window"), h("th", {}, "ROUGE-L candidate"), h("th", {}, "live"),
+      h("th", {}, "loss candidate"), h("th", {}, "live"), h("th", {}, "probes")),
+    ...windows.map((w) => {
+      const c = g.replies_candidate[w], l = (g.replies_live || {})[w];
+      return h("tr", {}, h("td", {}, w), h("td", {}, rouge(c)), h("td", {}, rouge(l)),
+        h("td", {}, fixed(c.loss)), h("td", {}, l ? fixed(l.loss) : "–"), h("td", {}, `${c.answered} / ${c.n}`));
+    }));
 }
 
 // -- forgetting: heatmap, per-window lines, summary lines ------------------------------------

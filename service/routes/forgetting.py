@@ -26,6 +26,16 @@ class VersionSummary(BaseModel):
     plasticity: float | None = Field(description="New windows: accuracy gain over the parent version.")
 
 
+class ReplyCell(BaseModel):
+    """How the version replied on a window's reply probes (probes whose tickets carry a reply)."""
+
+    loss: float | None = Field(description="Mean answer loss of the reference replies, nats/token.")
+    rouge_l: float | None = Field(description="Mean ROUGE-L F1 of its greedy answers against the references.")
+    matched: float | None = Field(description="Share of the answered with ROUGE-L ≥ 0.8.")
+    n: int = Field(description="Reply probes scored.")
+    answered: int = Field(description="Of them, answered greedily.")
+
+
 class VersionRow(BaseModel):
     name: str
     parent: str | None
@@ -34,6 +44,8 @@ class VersionRow(BaseModel):
     pruned: bool = Field(description="Retention deleted its weights; its figures stay.")
     windows_trained: list[int]
     accuracy: dict[str, float] = Field(description="Window → accuracy on its probe set.")
+    replies: dict[str, ReplyCell] = Field(default={}, description="Window → its replies on the window's reply "
+                                                                  "probes, measured by the gates that compared it.")
     summary: VersionSummary
 
 

@@ -16,11 +16,14 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, ConsoleMessage, Page, expect, sync_playwright
 
+from learners.config import GateSettings
+from learners.gate import judge
+from learners.reports import ReplyScore, WindowScore
 from replay.config import ReplaySettings
 from service.settings import DEV_ADMIN_KEY, Settings
 from streams.broker import LocalBroker
 from streams.produce import TicketProducer
-from tests.conftest import LiveService, tiny_settings, wait_for
+from tests.conftest import LiveService, add_versions, tiny_settings, wait_for
 from tests.test_end_to_end import WINDOW_1, WINDOW_2, window_tickets
 
 CHROMIUM = "/usr/bin/chromium"  # Debian's package; Playwright never downloads a browser here
@@ -205,3 +208,22 @@ def test_actions_are_refused_without_the_admin_key(
     # The only errors the browser logged are the refused requests themselves.
     assert errors and all("401" in e for e in errors), errors
     page.screenshot(path=str(SHOTS / "console-refused.tmp.png"))
+
+
+def test_a_gate_report_shows_the_earlier_windows_replies(serve: Callable[[Settings], LiveService],
+                                                         browser: Browser, tmp_path: Path) -> None:
+    """Issue 14: where tickets carry replies, the gate report shows them beside the label scores."""
+    live = serve(tiny_settings(tmp_path, None))
+    scores = {1: WindowScore(accuracy=0.75, loss=0.4, n=4), 2: WindowScore(accuracy=1.0, loss=0.1, n=4)}
+    replies = ({1: ReplyScore(n=8, loss=0.812, answered=6, rouge_l=0.4, rouges=(0.1, 0.2, 0.5, 0.8, 0.3, 0.5))},
+               {1: ReplyScore(n=8, loss=0.5, answered=6, rouge_l=0.9, rouges=(0.9,) * 6)})
+    gate = judge(scores, scores, [2], GateSettings(require_learning=False), replies=replies)
+    [name] = add_versions(live.service.registry, 1, ["card_arrival"], gate=gate, verdict="rejected")
+    errors: list[str] = []
+    page = open_console(browser, live.url, errors)
+    page.click(f'#timeline [data-name="{name}"]')
+    rows = page.locator("#gate table.replies tr")
+    expect(rows).to_have_count(2)
+    expect(rows.nth(1).locator("td")).to_have_text(["1", "0.400", "0.900", "0.812", "0.500", "6 / 8"])
+    expect(page.locator("#gate .reason")).to_contain_text("reply ROUGE-L drop")
+    assert not errors, errors

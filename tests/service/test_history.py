@@ -12,11 +12,14 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from learners.config import GateSettings
+from learners.gate import judge
 from learners.metrics import Row, summarize
+from learners.reports import ReplyScore, WindowScore
 from service.forgetting import BASE, AccuracyMatrix
 from service.registry import AdapterRegistry
 from service.settings import ReplicaSettings, Settings
-from tests.conftest import ROOT, LiveService, gauge, load_bench, tiny_settings
+from tests.conftest import ROOT, LiveService, add_versions, gauge, load_bench, tiny_settings
 
 HISTORY = load_bench("history")
 EVERYTHING = {"limit": 1000, "window_limit": 1000}
@@ -119,3 +122,25 @@ def test_replica_index_sees_what_the_primary_process_writes(
     rows = {r["name"]: r for r in client.get("/v1/forgetting").json()["versions"]}
     assert rows[new]["live"] and all(rows[name]["pruned"] for name in pruned if name in rows)
     assert client.get("/v1/adapters").json()["live"] == new
+
+
+def test_reply_figures_are_served_beside_the_accuracy_matrix(serve: Callable[[Settings], LiveService],
+                                                              tmp_path: Path) -> None:
+    """Issue 14: a gate's reply scores reach `/v1/forgetting`, cell by cell, next to the accuracy."""
+    live = serve(tiny_settings(tmp_path, None))
+    service = live.service
+    [candidate] = add_versions(service.registry, 1, ["card_arrival"])
+    scores = {1: WindowScore(accuracy=0.75, loss=0.4, n=4), 2: WindowScore(accuracy=1.0, loss=0.1, n=4)}
+
+    def replies(rouges: list[float]) -> dict[int, ReplyScore]:
+        return {1: ReplyScore(n=3, loss=0.8, answered=len(rouges), rouge_l=sum(rouges) / len(rouges),
+                              matched=sum(r >= 0.8 for r in rouges) / len(rouges), rouges=tuple(rouges))}
+
+    gate = judge(scores, scores, [2], GateSettings(), replies=(replies([0.2, 0.9]), replies([1.0, 0.9])))
+    service.matrix.record_gate(candidate, "v0000", gate)
+    rows = {r["name"]: r for r in live.client().get("/v1/forgetting").json()["versions"]}
+    assert rows[candidate]["replies"] == {"1": {"loss": 0.8, "rouge_l": 0.55, "matched": 0.5, "n": 3, "answered": 2}}
+    assert rows["v0000"]["replies"]["1"]["rouge_l"] == 0.95
+    assert rows[candidate]["accuracy"] == {"1": 0.75, "2": 1.0}  # the same cells, both kinds
+    service.matrix.record_rows({candidate: {1: WindowScore(accuracy=0.5, loss=0.9, n=4)}})  # a later gate
+    assert AccuracyMatrix(service.matrix.path).replies(candidate)[1]["rouge_l"] == 0.55  # kept beside it
