@@ -35,6 +35,9 @@ def test_tickets_are_produced_and_stored(broker: LocalBroker, serve: Callable[[S
     batch = [{"id": f"api-{i}", "text": f"exchange rate question {i}", "tags": ["web"]} for i in range(2, 5)]
     assert client.post("/v1/tickets", json=batch, headers=ingest).json()["accepted"] == 3
     assert client.post("/v1/tickets", json=one, headers=ingest).status_code == 202  # resent: stored once
+    turns = [{"role": "user", "content": "card?"}, {"role": "assistant", "content": "It ships today."}]
+    talk = {"id": "api-talk", "text": "card?", "messages": turns}
+    assert client.post("/v1/tickets", json=talk, headers=ingest).status_code == 202
 
     # Bad input is a 4xx naming the problem, never a 500, and nothing of the request is produced.
     # Every 422 has FastAPI's validation-error shape, as the OpenAPI document says.
@@ -50,15 +53,19 @@ def test_tickets_are_produced_and_stored(broker: LocalBroker, serve: Callable[[S
         assert client.post("/v1/tickets", json=bad, headers=ingest).status_code == 422, bad
     assert client.post("/v1/tickets", content=b"{", headers=ingest | {"content-type": "application/json"}
                        ).status_code == 422
+    lonely = client.post("/v1/tickets", json={**talk, "id": "api-lonely", "messages": turns[1:] * 2},
+                         headers=ingest)
+    assert lonely.status_code == 422 and "invalid_messages" in lonely.json()["detail"][0]["msg"]
 
-    wait_for(lambda: client.get("/v1/buffer").json()["records"] == 4, 30, "the API's tickets in the buffer")
+    wait_for(lambda: client.get("/v1/buffer").json()["records"] == 5, 30, "the API's tickets in the buffer")
+    assert live.service.buffer.search("card?", k=1)[0][0].conversation() == turns
     summary = client.get("/v1/buffer").json()
     assert summary["dead_lettered"] == {}
-    assert summary["index"] == {"kind": "flat", "vectors": 4, "tombstones": 0}  # small: exact search
+    assert summary["index"] == {"kind": "flat", "vectors": 5, "tombstones": 0}  # small: exact search
     wait_for(lambda: 'evergreen_ingest_lag{partition="0",topic="tickets"} 0.0' in client.get("/metrics").text,
              10, "the lag gauge at zero")
     metrics = client.get("/metrics").text
-    assert "evergreen_ingest_stored 5.0" in metrics  # the resent ticket was consumed, not stored twice
+    assert "evergreen_ingest_stored 6.0" in metrics  # the resent ticket was consumed, not stored twice
 
     # A broker that stops answering: the API says 503 within the produce timeout, serving goes on.
     freeze(broker.pid)
