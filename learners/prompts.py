@@ -131,8 +131,8 @@ def conversation_example(tokenizer: PreTrainedTokenizerBase, messages: Sequence[
     the context of what came before it, rendered as `chat_ids` renders a request.
 
     Past `max_length` the oldest exchanges go first; a single exchange still too long has its
-    reply cut at its end, keeping `MIN_PROMPT_TOKENS` for the ticket, which then takes what is
-    left, cut at its end.
+    reply cut at its end (and then its end of turn is not learned: the reply does not end there),
+    keeping `MIN_PROMPT_TOKENS` for the ticket, which then takes what is left, cut at its end.
     """
     turns = with_system(messages, system)
     head = 1 if turns[0]["role"] == "system" else 0
@@ -144,10 +144,14 @@ def conversation_example(tokenizer: PreTrainedTokenizerBase, messages: Sequence[
         user, reply = turns[-2]["content"], turns[-1]["content"]
         ticket_tokens, reply_tokens = len(_ids(tokenizer, user)), len(_ids(tokenizer, reply))
         overhead = len(example.input_ids) - ticket_tokens - reply_tokens
-        reply = _clip(tokenizer, reply, max_length - overhead - min(ticket_tokens, MIN_PROMPT_TOKENS))
+        reply_budget = max_length - overhead - min(ticket_tokens, MIN_PROMPT_TOKENS)
+        reply = _clip(tokenizer, reply, reply_budget)
         user = _clip(tokenizer, user, max_length - overhead - len(_ids(tokenizer, reply)))
         turns = [*turns[:-2], {"role": "user", "content": user}, {"role": "assistant", "content": reply}]
         example = _conversation(tokenizer, turns)
+        if reply_tokens > reply_budget:  # a cut reply does not end there: its end of turn is not taught
+            last = max(i for i, label in enumerate(example.labels) if label == tokenizer.eos_token_id)
+            example.labels[last] = IGNORE
     return Example(input_ids=example.input_ids[:max_length], labels=example.labels[:max_length])
 
 

@@ -73,7 +73,7 @@ def test_a_long_conversation_keeps_its_last_exchange_and_room_for_the_ticket(tin
     prompt = tokenizer.decode(example.input_ids)
     assert prompt.count("card") >= 16 and prompt.count("word") >= 1
     [answer] = learned(example.input_ids, example.labels)
-    assert answer[-1] == tokenizer.eos_token_id  # a cut reply still ends its turn
+    assert tokenizer.eos_token_id not in answer  # a cut reply does not end there: no end of turn is taught
 
     turns = [{"role": "user", "content": f"question {i} " * 5} if i % 2 == 0 else
              {"role": "assistant", "content": f"answer {i} " * 5} for i in range(8)]
