@@ -39,7 +39,7 @@ import transformers
 from learners.base_model import resolve_base_model
 from learners.config import GateSettings, TrainSettings
 from replay.embed import SentenceEmbedder
-from service.updates import UpdateRecord
+from service.update_log import UpdateRecord
 from streams.datasets import load_tickets
 from streams.records import TicketRecord
 

@@ -33,9 +33,9 @@ import torch
 import transformers
 from peft import PeftModel
 
-from bench.suite import Loop, Preset, Stream, figures, make_stream, summary
+from bench.suite import Loop, Preset, Stream, figures, make_stream, method_settings, summary
 from learners.base_model import load_base, resolve_base_model
-from learners.config import PROMOTE_ALL, GateSettings, TrainSettings
+from learners.config import GateSettings, TrainSettings
 from learners.replies import MATCH_ROUGE, greedy_reply, rouge_l
 from replay.embed import SentenceEmbedder
 from streams.datasets import load_replies
@@ -73,10 +73,7 @@ def answer_windows(base_path: Path, adapter: Path | None, tests: dict[int, list[
 
 def run_method(method: str, stream: Stream, macros: dict[str, str], base_path: Path, embedder: SentenceEmbedder,
                train: TrainSettings, gate: GateSettings, log: Callable[[str], None]) -> dict[str, Any]:
-    if method == "naive":
-        train, gate = train.model_copy(update={"replay_ratio": 0.0}), PROMOTE_ALL
-    elif method == "joint":
-        gate = PROMOTE_ALL
+    train, gate = method_settings(method, train, gate)
     windows = [with_replies(rows, macros) for rows in stream.train]
     phases = [[r for w in windows for r in w]] if method == "joint" else windows
     matched: list[list[float | None]] = []

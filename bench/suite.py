@@ -57,7 +57,8 @@ from service.forgetting import AccuracyMatrix
 from service.live import LiveVersion, NothingServed
 from service.registry import AdapterRegistry
 from service.settings import RegistrySettings
-from service.updates import UpdateManager, UpdateRecord, ensure_initial_version
+from service.update_log import UpdateRecord
+from service.updates import UpdateManager, ensure_initial_version
 from streams.datasets import DATASETS, load_tickets, scramble
 from streams.records import TicketRecord
 
@@ -193,10 +194,7 @@ def accuracy(base_path: Path, adapter: Path | None, labels: Sequence[str],
 def run_method(method: str, stream: Stream, base_path: Path, embedder: SentenceEmbedder, train: TrainSettings,
                gate: GateSettings, poison: list[TicketRecord] | None, log: Any,
                keep: Path | None = None) -> dict[str, Any]:
-    if method == "naive":  # naive's figures show forgetting, not the gate's refusals
-        train, gate = train.model_copy(update={"replay_ratio": 0.0}), PROMOTE_ALL
-    elif method == "joint":  # an upper bound is measured, not gated
-        gate = PROMOTE_ALL
+    train, gate = method_settings(method, train, gate)
     phases = [[r for w in stream.train for r in w]] if method == "joint" else stream.train
     matrix: list[list[float | None]] = []
     model_matrix: list[list[float | None]] = []
@@ -239,6 +237,14 @@ def run_method(method: str, stream: Stream, base_path: Path, embedder: SentenceE
             **figures(matrix, None if known is None else [a.served[n] for n, a in enumerate(known, 1)]),
             "model_alone": {"matrix": model_matrix, **figures(
                 model_matrix, None if known is None else [a.model_alone[n] for n, a in enumerate(known, 1)])}}
+
+
+def method_settings(method: str, train: TrainSettings, gate: GateSettings) -> tuple[TrainSettings, GateSettings]:
+    """`naive` trains without replay rows and promotes every candidate (its figures show
+    forgetting, not the gate's refusals); `joint`, an upper bound, is measured, not gated."""
+    if method == "naive":
+        return train.model_copy(update={"replay_ratio": 0.0}), PROMOTE_ALL
+    return train, PROMOTE_ALL if method == "joint" else gate
 
 
 def among_known(base_path: Path, adapter: Path, stream: Stream, windows: int,

@@ -15,7 +15,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from service.updates import UpdateStatus
+from service.update_log import UpdateStatus
 
 if TYPE_CHECKING:
     from service.core import Service

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 
 from learners.reports import WindowScore
 from service.core import Service
-from service.updates import UpdateRecord
+from service.update_log import UpdateRecord
 
 Say = Callable[[str], None]
 

@@ -111,6 +111,10 @@ class RegistrySettings(BaseModel):
         10, ge=0, description="Other versions not live (once live, or accepted but never served) whose weights "
                               "are kept, the newest; rollback reaches back through these. The live version, "
                               "the one a rollback returns to and the first version are always kept besides.")
+    keep_updates: int = Field(
+        200, ge=1, description="Update records kept (`/v1/updates`), the newest, in memory and in `updates.jsonl` "
+                               "beside the registry, so they outlive a restart; a version's gate report stays in "
+                               "its own metadata.")
 
 
 class SchedulerSettings(BaseModel):

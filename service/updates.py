@@ -17,9 +17,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 from learners.config import GateSettings, TrainSettings
 from learners.messages import (
@@ -31,7 +29,7 @@ from learners.messages import (
     WorkerMessage,
 )
 from learners.probes import budgeted_probes
-from learners.reports import GateReport, TrainingProgress
+from learners.reports import TrainingProgress
 from learners.train import Cancelled
 from learners.update import initial_adapter
 from learners.worker import Job
@@ -41,14 +39,10 @@ from service.live import LiveVersion
 from service.registry import AdapterRegistry, VersionMetadata
 from service.settings import RegistrySettings
 from service.training import TrainingFailed, TrainingProcess, describe_exit
+from service.update_log import UpdateLog, UpdateRecord
 from streams.records import TicketRecord
 
 LOG = logging.getLogger(__name__)
-
-UpdateStatus = Literal["running", "promoted", "rejected", "skipped", "cancelled", "failed"]
-# preparing: snapshot, starting the training process, loading the model; gating: Fisher, save, gate.
-UpdateStage = Literal["preparing", "training", "gating", "finished"]
-
 
 class UpdateInProgress(Exception):
     """Another update is running; updates never overlap."""
@@ -56,23 +50,6 @@ class UpdateInProgress(Exception):
 
 class UpdateNotRunning(Exception):
     """The update asked to be cancelled has finished already."""
-
-
-@dataclass
-class UpdateRecord:
-    id: int
-    trigger: str
-    status: UpdateStatus = "running"
-    stage: UpdateStage = "preparing"
-    started_at: float = field(default_factory=time.time)
-    finished_at: float | None = None
-    version: str | None = None
-    reason: str | None = None
-    windows: list[int] = field(default_factory=list)  # the windows it learns, once snapshotted
-    new_records: int = 0  # their training rows
-    snapshot_seconds: float | None = None
-    progress: TrainingProgress | None = None  # as the training process last reported it
-    gate: GateReport | None = None
 
 
 def probe_neighbours(buffer: ReplayBuffer, probes: Mapping[int, Sequence[TicketRecord]], labels: Sequence[str],
@@ -105,7 +82,8 @@ def ensure_initial_version(registry: AdapterRegistry, base_path: Path, cfg: Trai
 
 
 class UpdateManager:
-    """Owns the update lifecycle and the history of updates of this process."""
+    """Owns the update lifecycle and the history of updates (the newest `retention.keep_updates`,
+    kept across restarts: `service.update_log`)."""
 
     def __init__(self, buffer: ReplayBuffer, live: LiveVersion, matrix: AccuracyMatrix,
                  base_path: Path, train: TrainSettings, gate: GateSettings, scratch_dir: Path,
@@ -125,8 +103,9 @@ class UpdateManager:
         self.train = train
         self.gate = gate
         self.retention = retention
-        self.history: list[UpdateRecord] = []
-        self._ids = itertools.count(1)
+        self._log = UpdateLog(self.registry.root / "updates.jsonl", retention.keep_updates)
+        self.history: list[UpdateRecord] = self._log.load(self.registry)
+        self._ids = itertools.count(max((r.id for r in self.history), default=0) + 1)
         self._running = threading.Lock()
         self._thread: threading.Thread | None = None
         # Guards the current update's cancel request and training process, set from API threads.
@@ -210,6 +189,11 @@ class UpdateManager:
             record.status, record.reason = "failed", f"{type(exc).__name__}: {exc}"
         finally:
             record.finished_at, record.stage = time.time(), "finished"
+            del self.history[:-max(self.retention.keep_updates, 1)]
+            try:
+                self._log.append(record, self.history)
+            except OSError:
+                LOG.exception("recording update %d in %s failed", record.id, self._log.path)
             self._running.release()
 
     def _update(self, record: UpdateRecord) -> None:

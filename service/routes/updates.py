@@ -10,7 +10,8 @@ from pydantic import BaseModel, Field
 from learners.reports import GateReport, GateSummary, TrainingProgress
 from service.deps import AdminDep, PrimaryDep, ServiceDep
 from service.errors import responses
-from service.updates import UpdateInProgress, UpdateNotRunning, UpdateRecord, UpdateStage
+from service.update_log import UpdateRecord, UpdateStage
+from service.updates import UpdateInProgress, UpdateNotRunning
 
 router = APIRouter(prefix="/v1", tags=["updates"])
 
@@ -66,7 +67,7 @@ def _summary(record: UpdateRecord) -> UpdateSummary:
 
 def _unknown(update_id: int) -> HTTPException:
     return HTTPException(status.HTTP_404_NOT_FOUND,
-                         f"no update {update_id} in this process (updates are numbered from 1 at each start)")
+                         f"no update {update_id} (the newest `registry.keep_updates` updates are kept)")
 
 
 @router.post("/updates", status_code=status.HTTP_202_ACCEPTED, responses=responses(401, 403, 409))
@@ -83,8 +84,9 @@ def list_updates(service: ServiceDep, limit: Annotated[int, Query(ge=1, le=200)]
                  before: Annotated[int | None, Query(ge=1, description="Only updates with a smaller id: the "
                                                                        "last id of the previous page.")] = None,
                  ) -> list[UpdateSummary]:
-    """Updates of this process, newest first, `limit` at a time (page on with `before`), each
-    with a summary of its gate report; `GET /v1/updates/{id}` serves one with the whole report."""
+    """Updates (the newest `registry.keep_updates`, kept across restarts), newest first, `limit`
+    at a time (page on with `before`), each with a summary of its gate report;
+    `GET /v1/updates/{id}` serves one with the whole report."""
     newest_first = (r for r in reversed(service.updates.history) if before is None or r.id < before)
     return [_summary(r) for r in itertools.islice(newest_first, limit)]
 

@@ -13,7 +13,7 @@ from pydantic import SecretStr
 from learners.config import GateSettings
 from learners.reports import Canary, Check, GateReport, WindowScore
 from service.settings import ApiKey, ApiSettings, Settings
-from service.updates import UpdateRecord
+from service.update_log import UpdateRecord
 from streams.broker import free_port
 from streams.records import TicketRecord
 from tests.conftest import LiveService, add_versions, tiny_settings

@@ -25,7 +25,7 @@ from service.cli import UPDATE_EXIT, app
 from service.core import Service
 from service.registry import ADAPTER_WEIGHTS, VersionMetadata
 from service.settings import DEV_ADMIN_KEY, RegistrySettings, Settings
-from service.updates import UpdateRecord
+from service.update_log import UpdateRecord
 from streams.records import TicketRecord
 from tests.conftest import TINY_TRAIN, LiveService, add_versions, gauge, is_alive, tiny_settings, wait_for
 
@@ -360,3 +360,30 @@ def test_an_update_prunes_the_registry_and_a_pruned_version_is_refused_clearly(
     assert gauge(metrics, "evergreen_registry_pruned_total") == 2
     assert gauge(metrics, "evergreen_registry_versions_on_disk") == 3
     assert client.post("/v1/rollback", headers=live.admin).json()["name"] == "v0000"
+
+
+def test_the_newest_updates_are_kept_bounded_across_a_restart(tiny_llama: Path, tmp_path: Path) -> None:
+    """A year-long service: the history may neither grow without end nor vanish with a restart."""
+    settings = tiny_settings(tmp_path, None, train=TRAIN, gate=PROMOTE_ALL, registry=RegistrySettings(keep_updates=3))
+    service = Service(settings)
+    try:
+        for _ in range(5):  # nothing to learn: each is skipped at once
+            run_update(service, "a skipped update")
+        add_window(service)
+        promoted = run_update(service, "the update")
+        assert promoted.status == "promoted" and promoted.gate is not None
+        assert [r.id for r in service.updates.history] == [4, 5, 6]  # bounded in memory
+    finally:
+        service.stop()
+    lines = (service.registry.root / "updates.jsonl").read_text().splitlines()
+    assert 3 <= len(lines) <= 6  # and on disk: rewritten with the newest once twice as long
+
+    again = Service(tiny_settings(tmp_path, None, registry=RegistrySettings(keep_updates=3)))
+    try:
+        history = again.updates.history
+        assert [(r.id, r.status) for r in history] == [(4, "skipped"), (5, "skipped"), (6, "promoted")]
+        assert history[-1].version == promoted.version and history[-1].gate == promoted.gate  # from the registry
+        assert history[-1].progress == promoted.progress and history[-1].windows == promoted.windows
+        assert run_update(again, "an update after the restart").id == 7  # ids go on
+    finally:
+        again.stop()
