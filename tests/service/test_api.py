@@ -217,7 +217,7 @@ def test_the_update_list_summarizes_gate_reports_and_an_update_serves_its_whole_
 
     refused = client.get("/v1/updates/3")
     assert refused.status_code == 404
-    assert refused.json()["detail"] == "no update 3 in this process (updates are numbered from 1 at each start)"
+    assert refused.json()["detail"] == "no update 3 (the newest `registry.keep_updates` updates are kept)"
 
 
 def test_a_rejected_version_is_never_served_unless_an_admin_overrides(
