@@ -113,7 +113,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     methods = [m for m in METHODS if m in result["methods"]]
-    fig, axes = plt.subplots(1, len(methods), figsize=(3.6 * len(methods), 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(methods), figsize=(max(3.6 * len(methods), 7.0), 3.4), squeeze=False)
     for ax, method in zip(axes[0], methods, strict=True):
         matrix = [[float("nan") if a is None else a for a in row] for row in result["methods"][method]["matched"]]
         ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis")
