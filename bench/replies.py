@@ -61,10 +61,11 @@ def answer_windows(base_path: Path, adapter: Path | None, tests: dict[int, list[
     model, tokenizer = load_base(base_path)
     if adapter is not None:
         model = PeftModel.from_pretrained(model, adapter)
+    model.eval()
     scores: Answered = {}
     with torch.no_grad():
         for window, rows in tests.items():
-            rouges = [rouge_l(greedy_reply(model.eval(), tokenizer, [{"role": "user", "content": r.text}],
+            rouges = [rouge_l(greedy_reply(model, tokenizer, [{"role": "user", "content": r.text}],
                                            train.system_prompt, max_tokens), macros[r.label or ""])
                       for r in rows]
             scores[window] = (sum(x >= MATCH_ROUGE for x in rouges) / len(rouges), fmean(rouges))

@@ -26,6 +26,7 @@ from learners.train import answer_loss, collate
 from streams.records import TicketRecord
 
 MATCH_ROUGE = 0.8  # an answer this close to the reference is the reference, reworded at most
+_ROUGE = RougeScorer(["rougeL"])
 
 
 def reply_probes(probes: Mapping[int, Sequence[TicketRecord]], new_windows: Sequence[int],
@@ -37,10 +38,10 @@ def reply_probes(probes: Mapping[int, Sequence[TicketRecord]], new_windows: Sequ
     >>> {w: [r.id for r in p] for w, p in reply_probes({1: rows, 2: rows}, [2], 10).items()}
     {1: ['1', '3', '5']}
     """
-    conversations = {w: [r for r in rows if r.conversation() is not None]
-                     for w, rows in probes.items() if w not in new_windows}
     if not budget:
         return {}
+    conversations = {w: [r for r in rows if r.conversation() is not None]
+                     for w, rows in probes.items() if w not in new_windows}
     return {w: rows for w, rows in budgeted_probes(conversations, [], budget).items() if rows}
 
 
@@ -50,7 +51,7 @@ def rouge_l(answer: str, reference: str) -> float:
     >>> round(rouge_l("Your card ships today", "your card is shipped today"), 3)
     0.667
     """
-    return float(RougeScorer(["rougeL"]).score(reference, answer)["rougeL"].fmeasure)
+    return float(_ROUGE.score(reference, answer)["rougeL"].fmeasure)
 
 
 def greedy_reply(model: nn.Module, tokenizer: PreTrainedTokenizerBase, messages: Sequence[Mapping[str, str]],
