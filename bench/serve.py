@@ -253,6 +253,19 @@ def swap_figures(service: Service, http: httpx.Client, labels: list[str], swaps:
             **{f"{k}_max": max(v) for k, v in figures.items()}}
 
 
+RESULTS = Path(__file__).parent / "results"
+
+
+def write_result(out: Path, args: argparse.Namespace, load_before: float, results: dict[str, object]) -> None:
+    """The run's options, machine, threads and load average beside its figures, as JSON."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    options = {name: str(value) if isinstance(value, Path) else value for name, value in vars(args).items()}
+    out.write_text(json.dumps({"args": options, "machine": platform.processor() or platform.machine(),
+                               "torch_threads": torch.get_num_threads(),
+                               "load_average": [load_before, os.getloadavg()[0]], **results}, indent=2))
+    print(f"wrote {out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tickets", type=int, default=16)
@@ -313,12 +326,7 @@ def main() -> None:
           f"{torch.get_num_threads()} threads, load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
     for name, figures, ratio, target, ok in rows:
         print(f"  {name:38s} {figures:44s} ratio {ratio:6.3f}  target {target:7s} {'ok' if ok else 'MISSED'}")
-    out = Path(__file__).parent / "results" / "serve.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "machine": platform.processor() or platform.machine(),
-                               "torch_threads": torch.get_num_threads(),
-                               "load_average": [load_before, os.getloadavg()[0]], **results}, indent=2))
-    print(f"wrote {out}")
+    write_result(RESULTS / "serve.json", args, load_before, results)
 
 
 if __name__ == "__main__":

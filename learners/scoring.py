@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from peft import PeftType
 from torch import nn
-from transformers import PreTrainedTokenizerBase
+from transformers import DynamicCache, PreTrainedTokenizerBase
 
 from learners.prompts import label_ids, prompt_ids
 
@@ -105,49 +105,36 @@ class LabelScorer:
         """Summed log-probability of every label (shape: labels); softmax of it is confidence."""
         return self.score_batch(model, [text])[0]
 
-    @torch.inference_mode()
     def score_batch(self, model: nn.Module, texts: Sequence[str]) -> torch.Tensor:
-        """`score` of several tickets in one batched pass (shape: texts × labels).
-
-        Row r is ticket r's prompt, left-padded so every prompt ends at the same column, then
-        the label trie. Explicit position ids keep each prompt's positions as if it ran alone,
-        as in training (see `collate`). On a CPU a small batch costs little more than one ticket:
-        the weights are read once per pass, not once per ticket. Logits are computed only where
-        they score a label token: the prompt's last position and the trie's nodes.
-        """
+        """`score` of several tickets in one batched pass (shape: texts × labels). On a CPU a
+        small batch costs little more than one ticket: the weights are read once per pass."""
         if not texts:
             return torch.zeros((0, len(self.labels)))
-        prompts = [prompt_ids(self.tokenizer, text, self.max_prompt_tokens) for text in texts]
-        b, width, trie = len(prompts), max(len(p) for p in prompts), self.trie
-        nodes = len(trie.tokens)
-        ids = torch.full((b, width + nodes), self.tokenizer.pad_token_id, dtype=torch.long)
-        real = torch.zeros((b, width), dtype=torch.bool)
-        for row, prompt in enumerate(prompts):
-            ids[row, width - len(prompt): width] = torch.tensor(prompt)
-            real[row, width - len(prompt):] = True
-        ids[:, width:] = trie.tokens
-        cache, virtual, runner = _virtual_tokens(model, b)
-        lengths = real.sum(dim=1, keepdim=True)
-        positions = virtual + torch.cat([(real.cumsum(dim=1) - 1).clamp(min=0), lengths + trie.depth - 1], dim=1)
-        logits = runner(input_ids=ids, attention_mask=self._attention(real, virtual), position_ids=positions,
-                        cache=cache, logits_to_keep=nodes + 1).logits  # sources: prompt end, then nodes
-        token_logp = logits.float().log_softmax(dim=-1)[:, trie.sources, trie.targets]  # b × label tokens
-        return torch.zeros((b, len(self.labels))).index_add_(1, trie.owners, token_logp)
+        prompts = PromptPass(model, self.tokenizer, texts, self.max_prompt_tokens)
+        prompts.advance()
+        return self.score_after(prompts)
 
-    def _attention(self, real: torch.Tensor, virtual: int) -> torch.Tensor:
-        """Who sees whom (b × 1 × queries × keys): prompts causally, nodes their prompt and ancestors.
+    @torch.inference_mode()
+    def score_after(self, prompts: PromptPass) -> torch.Tensor:
+        """Every label's log-likelihood after each of `prompts`, read (shape: texts × labels).
 
-        Every query sees the virtual tokens. A padding position sees only itself, so that no row
-        of the softmax is empty.
+        The trie's nodes run after the prompts' cached keys and values: every node attends to
+        its prompt and its ancestors. Logits are computed only where they score a label token:
+        the prompt's last position (kept by the prompt pass) and the trie's nodes. The cache is
+        cut back afterwards, so the same prompts can be scored against the next label chunk.
         """
-        b, width = real.shape
-        nodes = len(self.trie.tokens)
-        causal = torch.ones((width, width), dtype=torch.bool).tril()
-        prompt_rows = (causal & real[:, None, :]) | torch.eye(width, dtype=torch.bool)
-        node_rows = torch.cat([real[:, None, :].expand(b, nodes, width), self.trie.sees.expand(b, nodes, nodes)], dim=2)
-        sees = torch.cat([torch.cat([prompt_rows, torch.zeros((b, width, nodes), dtype=torch.bool)], dim=2),
-                          node_rows], dim=1)
-        return torch.cat([torch.ones((b, width + nodes, virtual), dtype=torch.bool), sees], dim=2)[:, None]
+        trie, b = self.trie, prompts.rows
+        nodes = len(trie.tokens)
+        sees = torch.cat([torch.ones((b, nodes, prompts.virtual), dtype=torch.bool),
+                          prompts.real[:, None, :].expand(b, nodes, prompts.width),
+                          trie.sees.expand(b, nodes, nodes)], dim=2)[:, None]
+        logits = prompts.runner(input_ids=trie.tokens.expand(b, nodes), attention_mask=sees,
+                                position_ids=prompts.virtual + prompts.lengths + trie.depth - 1,
+                                cache=prompts.cache).logits
+        prompts.cache.crop(-nodes)
+        logp = torch.cat([prompts.end_logp[:, None], logits.float().log_softmax(dim=-1)], dim=1)
+        token_logp = logp[:, trie.sources, trie.targets]  # b × label tokens
+        return torch.zeros((b, len(self.labels))).index_add_(1, trie.owners, token_logp)
 
     def score_many(self, model: nn.Module, texts: Sequence[str], batch: int = 8) -> torch.Tensor:
         """Scores of any number of tickets (shape: texts × labels), `batch` tickets per pass."""
@@ -179,6 +166,55 @@ class LabelScorer:
             for at, i in enumerate(rows):
                 scores[i, [self._index[label] for label in own[i]]] = chunk[at, [columns[label] for label in own[i]]]
         return scores
+
+
+class PromptPass:
+    """Tickets' prompts read by a model, a few columns at a time if asked, then scored against
+    any number of label sets (`LabelScorer.score_after`): a request with many labels reads its
+    ticket once, and neither step holds the model long (`service.batching`).
+
+    Row r is ticket r's prompt, left-padded so every prompt ends at the same column. Explicit
+    position ids keep each prompt's positions as if it ran alone, as in training (see `collate`).
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
+                 max_prompt_tokens: int = LabelScorer.MAX_PROMPT_TOKENS) -> None:
+        prompts = [prompt_ids(tokenizer, text, max_prompt_tokens) for text in texts]
+        self.rows, self.width = len(prompts), max(len(p) for p in prompts)
+        self.ids = torch.full((self.rows, self.width), tokenizer.pad_token_id, dtype=torch.long)
+        self.real = torch.zeros((self.rows, self.width), dtype=torch.bool)
+        for row, prompt in enumerate(prompts):
+            self.ids[row, self.width - len(prompt):] = torch.tensor(prompt)
+            self.real[row, self.width - len(prompt):] = True
+        cache, self.virtual, self.runner = _virtual_tokens(model, self.rows)
+        self.cache = cache if cache is not None else DynamicCache(config=self.runner.config)
+        self.lengths = self.real.sum(dim=1, keepdim=True)
+        self.positions = self.virtual + (self.real.cumsum(dim=1) - 1).clamp(min=0)
+        self.read = 0  # columns run so far
+        self.end_logp = torch.empty(0)  # log-probabilities after each prompt's last token, once read
+
+    @property
+    def ready(self) -> bool:
+        return self.read == self.width
+
+    @torch.inference_mode()
+    def advance(self, tokens: int | None = None) -> int:
+        """Run the next columns: about `tokens` prompt tokens over all rows (at least one column),
+        or all that is left. Returns the tokens run."""
+        start = self.read
+        end = self.width if tokens is None else min(self.width, start + max(1, tokens // self.rows))
+        # Prompts attend causally to their own tokens; a padding position sees only itself, so
+        # that no row of the softmax is empty. Every query sees the virtual tokens.
+        keys = torch.arange(end)
+        queries = torch.arange(start, end)[:, None]
+        sees = ((keys <= queries) & self.real[:, None, :end]) | (keys == queries)
+        sees = torch.cat([torch.ones((self.rows, end - start, self.virtual), dtype=torch.bool), sees], dim=2)
+        logits = self.runner(input_ids=self.ids[:, start:end], attention_mask=sees[:, None],
+                             position_ids=self.positions[:, start:end], cache=self.cache, logits_to_keep=1).logits
+        self.read = end
+        if self.ready:
+            self.end_logp = logits[:, -1].float().log_softmax(dim=-1)
+        return (end - start) * self.rows
 
 
 VOTE_FLOOR = 0.01  # a label no neighbour votes for is held back, not ruled out

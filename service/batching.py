@@ -8,11 +8,13 @@ that came during that batch, and waits up to `max_wait_ms` for them: a sequentia
 waits, and concurrent clients that first arrived out of step (one alone, seven behind it) fall
 into one full batch instead of alternating between a small and a large one.
 
-Fair share: a group's labels are scored `chunk_tokens` label tokens at a time, and the groups in
-progress take turns, one chunk each (round robin), with new requests joining the rotation as
-they arrive. A request with a thousand labels thus costs the small requests behind it at most
-one chunk per turn, not its whole run: softmax over the concatenated chunk scores gives the
-same answer as one pass over every label.
+Fair share: a group first reads its tickets' prompts, `turn_tokens` prompt tokens per turn, then
+scores its labels against them, `turn_tokens` label tokens per turn (the prompts are read once,
+`learners.scoring.PromptPass`). The groups in progress take turns (round robin), and new requests
+go ahead of the group that just had its turn. A request with a long ticket and hundreds of labels
+thus costs a small request behind it one turn, not its whole run: softmax over the concatenated
+chunk scores gives the same answer as one pass over every label. Generations take turns on the
+same model (`service.turns`).
 
 Shortlists: a request may carry the few candidates worth scoring for its ticket (see
 `replay.shortlist`). A group whose requests all carry one scores only the union of their
@@ -33,7 +35,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from learners.scoring import with_votes
+from learners.scoring import PromptPass, with_votes
 from service.runtime import LIVE, Classification, Loaded, ModelRuntime, rank
 
 LOG = logging.getLogger(__name__)
@@ -57,6 +59,7 @@ class _Job:
 
     requests: list[_Request]
     run: Loaded
+    prompts: PromptPass  # the requests' tickets, read a few columns per turn before any label
     scored: list[str]  # the candidates, or the union of the requests' shortlists
     shortlists: list[list[str]] | None  # per request, the labels it is ranked among; None: all
     chunks: deque[list[str]]  # label chunks still to score
@@ -84,12 +87,12 @@ class ClassifyBatcher:
     """Front of `ModelRuntime` that merges concurrent requests and shares the model fairly."""
 
     def __init__(self, runtime: ModelRuntime, max_batch: int, max_wait_ms: float = 50.0,
-                 chunk_tokens: int = 1024, vote_weight: float = 0.0) -> None:
+                 turn_tokens: int = 128, vote_weight: float = 0.0) -> None:
         self.runtime = runtime
         self.vote_weight = vote_weight
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1000
-        self.chunk_tokens = chunk_tokens
+        self.turn_tokens = turn_tokens
         self._last_size = 1
         self._last_end = 0.0  # when the last batch was answered (time.monotonic)
         self.batches = 0  # groups answered, and requests in them: their ratio is the mean batch size
@@ -115,10 +118,11 @@ class ClassifyBatcher:
 
     def _run(self) -> None:
         jobs: deque[_Job] = deque()
+        turned: _Job | None = None  # the job that just had its turn: it goes behind the newcomers
         stopping = False
-        while not (stopping and not jobs):
+        while not (stopping and not jobs and turned is None):
             if not stopping:
-                if jobs:  # work in progress: take what is queued now, wait for nothing
+                if jobs or turned:  # work in progress: take what is queued now, wait for nothing
                     taken, stopping = self._drain()
                 else:
                     first = self._queue.get()
@@ -127,11 +131,14 @@ class ClassifyBatcher:
                     taken, stopping = self._collect(first)
                     self._last_size = len(taken)
                 jobs.extend(self._start(taken))
-                self.in_progress = sum(len(j.requests) for j in jobs)
+            if turned is not None:
+                jobs.append(turned)
+                turned = None
+            self.in_progress = sum(len(j.requests) for j in jobs)
             if jobs:
                 job = jobs.popleft()
                 if self._step(job):
-                    jobs.append(job)  # its next chunk waits for every other group's turn
+                    turned = job
                 else:
                     self.in_progress -= len(job.requests)
 
@@ -179,19 +186,23 @@ class ClassifyBatcher:
                 shortlists = _within(candidates, [r.shortlist for r in group])
                 scored = (candidates if shortlists is None
                           else list(dict.fromkeys(label for own in shortlists for label in own)))
-                chunks = label_chunks(scored, self.runtime.label_tokens(scored), self.chunk_tokens)
+                chunks = label_chunks(scored, self.runtime.label_tokens(scored), self.turn_tokens)
             except Exception as exc:  # each caller gets the error (e.g. NoLabels → 409)
                 self._fail(group, exc)
                 continue
-            jobs.append(_Job(group, run, scored, shortlists, chunks))
+            jobs.append(_Job(group, run, self.runtime.read(run, [r.text for r in group]), scored, shortlists,
+                             chunks))
         return jobs
 
     def _step(self, job: _Job) -> bool:
-        """Score the job's next chunk; answer it after the last one. Whether chunks remain."""
+        """One turn of the job: `turn_tokens` of its prompts, or (once they are read, in the same
+        turn if that took less) its next label chunk; answers it after the last. Whether work is left."""
         try:
+            spent = 0 if job.prompts.ready else self.runtime.advance(job.prompts, self.turn_tokens)
+            if not job.prompts.ready or spent >= self.turn_tokens:
+                return True
             # A shortlist's trie is not kept: another ticket will hardly shortlist the same labels.
-            job.scores.append(self.runtime.score(job.run, [r.text for r in job.requests], job.chunks.popleft(),
-                                                 keep=job.shortlists is None))
+            job.scores.append(self.runtime.score(job.prompts, job.chunks.popleft(), keep=job.shortlists is None))
             if job.chunks:
                 return True
             answers = _answers(job, torch.cat(job.scores, dim=1), self.vote_weight)

@@ -3,7 +3,8 @@
 One code path serves plain and streaming answers: a worker thread pins a version (so the whole
 answer comes from the version it started on), runs `model.generate`, and hands text deltas to
 the caller through a queue. Text that could still become a stop string is held back until it
-cannot, so neither mode ever shows a stop string.
+cannot, so neither mode ever shows a stop string. A long answer does not hold the model: it steps
+aside for waiting requests after each token and each chunk of a long prompt (`service.turns`).
 """
 
 from __future__ import annotations
@@ -11,12 +12,12 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from transformers import PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
+from transformers import DynamicCache, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from service.runtime import LIVE, ModelRuntime
@@ -109,11 +110,18 @@ class _Decoder(BaseStreamer):  # type: ignore[misc]
 
 
 class _Halt(StoppingCriteria):  # type: ignore[misc]
-    def __init__(self, decoder: _Decoder) -> None:
+    """Ends the answer when the decoder stopped or the client left; between tokens, gives the
+    model to the requests waiting for it."""
+
+    def __init__(self, decoder: _Decoder, max_tokens: int, between_steps: Callable[[], None]) -> None:
         self.decoder = decoder
+        self.max_tokens = max_tokens
+        self.between_steps = between_steps
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         halt = self.decoder.stopped or self.decoder.cancel.is_set()
+        if not halt and self.decoder.usage.completion_tokens < self.max_tokens:  # none after the last
+            self.between_steps()
         return torch.full((input_ids.shape[0],), halt, dtype=torch.bool)
 
 
@@ -147,9 +155,10 @@ class Stream:
 class Generator:
     """Generates with the runtime's model; `start` returns once the answer's version is fixed."""
 
-    def __init__(self, runtime: ModelRuntime, max_prompt_tokens: int) -> None:
+    def __init__(self, runtime: ModelRuntime, max_prompt_tokens: int, turn_tokens: int = 128) -> None:
         self.runtime = runtime
         self.max_prompt_tokens = max_prompt_tokens
+        self.turn_tokens = turn_tokens  # prompt tokens read per turn: 2,048 take seconds on a CPU
 
     def start(self, prompt: list[int], sampling: Sampling, version: str = LIVE) -> Stream:
         """Begin generating; raises what pinning `version` raises (unknown or unsafe version)."""
@@ -182,13 +191,32 @@ class Generator:
                 ids = torch.tensor([prompt])
                 with torch.inference_mode():
                     run.model.generate(
-                        input_ids=ids, attention_mask=torch.ones_like(ids),
+                        input_ids=ids, attention_mask=torch.ones_like(ids), cache=self._prefill(run.model, ids),
                         max_new_tokens=sampling.max_tokens, do_sample=not greedy,
                         temperature=None if greedy else sampling.temperature,
                         top_p=None if greedy else sampling.top_p, top_k=None,
                         pad_token_id=tokenizer.pad_token_id, streamer=decoder,
-                        stopping_criteria=StoppingCriteriaList([_Halt(decoder)]))
+                        stopping_criteria=StoppingCriteriaList([_Halt(decoder, sampling.max_tokens, self._step_aside)]))
             out.put(("end", None))
         except Exception as exc:  # handed to the request thread, which answers with it
             LOG.debug("generation failed", exc_info=True)
             out.put(("error", exc))
+
+    def _prefill(self, model: torch.nn.Module, ids: torch.Tensor) -> DynamicCache | None:
+        """The cache of a long prompt but its last token (`generate` computes that one), built
+        `turn_tokens` at a time with a step aside between chunks; None for a short prompt."""
+        if ids.shape[1] <= self.turn_tokens:
+            return None
+        cache = DynamicCache(config=model.config)
+        for start in range(0, ids.shape[1] - 1, self.turn_tokens):
+            model(input_ids=ids[:, start:min(start + self.turn_tokens, ids.shape[1] - 1)], cache=cache,
+                  use_cache=True, logits_to_keep=1)
+            self._step_aside()
+        return cache
+
+    def _step_aside(self) -> None:
+        """Let the requests waiting for the model go first; this answer's random stream (a seeded
+        one included) continues afterwards as if nothing else had run."""
+        state = torch.get_rng_state()
+        if self.runtime.step_aside():
+            torch.set_rng_state(state)

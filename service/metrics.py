@@ -91,6 +91,9 @@ class ServiceCollector(Collector):
                                         "Classify requests being scored (taking turns for the model).")
         in_progress.add_metric([], s.batcher.in_progress)
         yield in_progress
+        yield CounterMetricFamily("evergreen_model_steps_aside", "Times a long request (a generation, a prompt "
+                                  "read in turns) let waiting requests use the model first.",
+                                  value=s.runtime.steps_aside)
         if s.runtime.last_swap_seconds is not None:
             swap = GaugeMetricFamily("evergreen_last_swap_seconds",
                                      "Duration of the last hot-swap (loading the version unless loaded before, "

@@ -26,9 +26,10 @@ from torch import nn
 
 from learners.base_model import load_base
 from learners.prompts import label_ids, prompt_ids
-from learners.scoring import LabelScorer
+from learners.scoring import LabelScorer, PromptPass
 from service.merge import UnsafeAdapter, build
 from service.registry import ADAPTER_WEIGHTS, AdapterRegistry
+from service.turns import TurnLock
 
 LOG = logging.getLogger(__name__)
 
@@ -88,8 +89,9 @@ class ModelRuntime:
         self._ids_lock = threading.Lock()
         self._state = threading.Lock()  # the live pointer and the cache; held for microseconds
         self._building = threading.Lock()  # one version built at a time: each holds ~430 MB
-        # One request computes at a time: on a few cores two would only slow each other down.
-        self._lock = threading.Lock()
+        # One request computes at a time (on a few cores two would only slow each other down),
+        # and long ones step aside between their steps (`step_aside`).
+        self._lock = TurnLock()
         self._live = self._build(version)
 
     @property
@@ -183,6 +185,16 @@ class ModelRuntime:
                 run = named
             yield run
 
+    def step_aside(self) -> bool:
+        """From inside `pinned`: let the requests waiting for the model now go first, then resume
+        (a long generation calls this between its steps). Returns whether any did."""
+        return self._lock.step_aside()
+
+    @property
+    def steps_aside(self) -> int:
+        """Times a long request let waiting ones use the model first."""
+        return self._lock.steps_aside
+
     def attached(self) -> list[str]:
         """Versions currently loaded, the live one first."""
         with self._state:
@@ -234,18 +246,29 @@ class ModelRuntime:
             raise NoLabels(f"adapter {run.version} has learned no labels yet; pass `labels`")
         return run, candidates
 
-    def score(self, run: Loaded, texts: Sequence[str], labels: Sequence[str], keep: bool = True) -> torch.Tensor:
-        """Log-likelihood of each label after each text (texts × labels), in one batched pass;
-        the label set's trie stays built for the next request unless `keep` is false."""
+    def read(self, run: Loaded, texts: Sequence[str]) -> PromptPass:
+        """Tickets' prompts on `run`'s model, to be read (`advance`) and then scored (`score`)."""
+        return PromptPass(run.model, self.tokenizer, texts)
+
+    def advance(self, prompts: PromptPass, tokens: int | None = None) -> int:
+        """Read about `tokens` more prompt tokens (all that is left when None); the tokens read."""
+        with self._lock:
+            return prompts.advance(tokens)
+
+    def score(self, prompts: PromptPass, labels: Sequence[str], keep: bool = True) -> torch.Tensor:
+        """Log-likelihood of each label after each read prompt (texts × labels), in one pass; the
+        label set's trie stays built for the next request unless `keep` is false."""
         scorer = self._scorer(labels, keep)
         with self._lock:
-            return scorer.score_batch(run.model, texts)
+            return scorer.score_after(prompts)
 
     def classify_batch(self, texts: Sequence[str], labels: Sequence[str] | None, top_ks: Sequence[int],
                        version: str = LIVE) -> list[Classification]:
         """Classify several tickets against one label set in one batched pass, on one version."""
         run, candidates = self.resolve(labels, version)
-        return rank(run.version, candidates, self.score(run, texts, candidates), top_ks)
+        prompts = self.read(run, texts)
+        self.advance(prompts)
+        return rank(run.version, candidates, self.score(prompts, candidates), top_ks)
 
 
 def rank(version: str, candidates: Sequence[str], scores: torch.Tensor, top_ks: Sequence[int]

@@ -66,10 +66,11 @@ class ServingSettings(BaseModel):
     max_classify_tokens: int = Field(
         4096, gt=0, description="Work one `/v1/classify` request may ask for: the tokens of its prompt plus "
                                 "those of the labels it names (413 beyond).")
-    classify_chunk_tokens: int = Field(
-        512, gt=0, description="Label tokens scored per pass: a request with more labels is scored a chunk "
-                               "at a time, taking turns with the other requests, so none waits for a whole "
-                               "large one.")
+    turn_tokens: int = Field(
+        128, gt=0, description="Tokens one request computes per turn at the model: a classify's prompt "
+                               "tokens, then its label tokens, a chunk at a time; a generation's prompt "
+                               "(then one token per turn). Requests in progress take turns, so a small "
+                               "one waits for one turn of a large one, not for all of it.")
     shortlist_labels: int = Field(
         12, ge=0, description="Labels scored per `/v1/classify` ticket when the serving version (or, zero-shot, "
                               "the buffer) knows more: those of the ticket's nearest labelled neighbours in "

@@ -56,7 +56,7 @@ def test_a_request_over_the_work_budget_is_refused_at_once(serve: Callable[[Sett
 def test_a_small_request_is_not_stuck_behind_a_large_one(serve: Callable[[Settings], LiveService],
                                                          tmp_path: Path) -> None:
     live = serve(tiny_settings(tmp_path, None, serving=ServingSettings(max_classify_tokens=10_000,
-                                                                       classify_chunk_tokens=256)))
+                                                                       turn_tokens=256)))
     done: dict[str, float] = {}
 
     def large() -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from learners.scoring import with_votes
+from learners.scoring import LabelScorer, with_votes
 from replay.config import ReplaySettings
 from replay.shortlist import vote_shares
 from service.settings import ServingSettings, Settings
@@ -46,7 +46,7 @@ def test_classify_answers_among_the_shortlist_with_full_scores(serve: Callable[[
     assert {t["label"] for t in answer["top"]} == set(answer["shortlist"])
     runtime = live.service.runtime
     run, _ = runtime.resolve(LABELS)
-    full = runtime.score(run, [TEXTS[0]], LABELS)[0]  # every label, one pass
+    full = LabelScorer(runtime.tokenizer, LABELS).score_batch(run.model, [TEXTS[0]])[0]  # every label, one pass
     expected = torch.softmax(full[[LABELS.index(label) for label in answer["shortlist"]]], dim=0)
     got = {t["label"]: t["confidence"] for t in answer["top"]}
     assert torch.allclose(torch.tensor([got[label] for label in answer["shortlist"]]), expected, atol=1e-4)
@@ -98,7 +98,7 @@ def test_the_buffers_vote_is_weighed_into_the_answer(serve: Callable[[Settings],
     run, _ = runtime.resolve(LABELS)
     for text in TEXTS:
         answer = client.post("/v1/classify", json={"text": text, "top_k": 4}).json()
-        model = runtime.score(run, [text], LABELS)
+        model = LabelScorer(runtime.tokenizer, LABELS).score_batch(run.model, [text])
         [near] = buffer.neighbour_labels([text], 16)
         shares = vote_shares(near, LABELS, 16)
         assert shares and max(shares.values()) < 1  # the neighbours split their vote
