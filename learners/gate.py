@@ -32,7 +32,7 @@ from torch import nn
 from learners.config import GateSettings
 from learners.reports import TEST_NAME, Canary, Check, GateReport, ReplyScore, WindowScore
 from learners.scoring import LabelScorer, with_votes
-from learners.stats import chance_agreement, paired_increase, paired_regression, permutation_tail
+from learners.stats import PairedTest, chance_agreement, paired_increase, paired_regression, permutation_tail
 from streams.records import TicketRecord
 
 # A version's log-likelihood of each label it was scored on, by probe id then label.
@@ -183,11 +183,9 @@ def judge(candidate: dict[int, WindowScore], live: dict[int, WindowScore], new_w
 
     def regression(name: str, before: Sequence[bool], after: Sequence[bool], observed: float,
                    threshold: float) -> Check:
-        """Fails when `observed` passes `threshold` and the paired records show a significant loss."""
         test = paired_regression(before, after)
-        return Check(name=name, passed=not (observed > threshold and test.p_value < policy.alpha),
-                     observed=observed, threshold=threshold, p_value=test.p_value,
-                     detail=f"{test.lost} probes lost, {test.gained} gained")
+        return significant_loss(name, observed, threshold, test, policy.alpha,
+                                f"{test.lost} probes lost, {test.gained} gained")
 
     for w in old:  # no earlier window may be forgotten, significantly, by more than max_drop
         (was, was_right), (now, now_right) = known(live[w]), known(candidate[w])
@@ -239,6 +237,14 @@ def judge(candidate: dict[int, WindowScore], live: dict[int, WindowScore], new_w
                       thresholds=policy, replies_candidate=replies[0], replies_live=replies[1])
 
 
+def significant_loss(name: str, observed: float, threshold: float, test: PairedTest, alpha: float,
+                     detail: str) -> Check:
+    """The gate's rule for every regression check: it fails only when the `observed` loss passes
+    its `threshold` and the paired `test` finds it significant, so noise alone fails no update."""
+    return Check(name=name, passed=not (observed > threshold and test.p_value < alpha), observed=observed,
+                 threshold=threshold, p_value=test.p_value, detail=detail)
+
+
 def reply_checks(candidate: Mapping[int, ReplyScore], live: Mapping[int, ReplyScore],
                  policy: GateSettings) -> list[Check]:
     """Earlier windows' replies, pooled: the answer loss may not rise, nor the greedy answers'
@@ -253,8 +259,6 @@ def reply_checks(candidate: Mapping[int, ReplyScore], live: Mapping[int, ReplySc
         if threshold is None or not before:
             continue
         test = paired_increase(before, after)
-        observed = (sum(after) - sum(before)) / len(before)
-        checks.append(Check(name=name, passed=not (observed > threshold and test.p_value < policy.alpha),
-                            observed=observed, threshold=threshold, p_value=test.p_value,
-                            detail=f"{test.lost} probes worse, {test.gained} better"))
+        checks.append(significant_loss(name, (sum(after) - sum(before)) / len(before), threshold, test,
+                                       policy.alpha, f"{test.lost} probes worse, {test.gained} better"))
     return checks
