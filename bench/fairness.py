@@ -9,9 +9,9 @@ Workload, on the default base model served by a real uvicorn server (in this pro
 Both clients are programs of their own (no GIL shared with the server). The baseline is the
 same small requests on the idle service, measured first in the same run; each phase's small
 p99 is printed as a ratio of that idle p50, and against the one-second target (issue 13).
-Writes bench/results/fairness-TURN_TOKENS.json.
+Writes bench/results/fairness-TURN_TOKENS-TURN_MSms.json.
 
-    nice -n 10 .venv/bin/python bench/fairness.py [--rounds 30] [--base smollm2-135m] [--turn-tokens 128]
+    nice -n 10 .venv/bin/python bench/fairness.py [--rounds 30] [--turn-tokens 128] [--turn-ms 250]
 """
 
 from __future__ import annotations
@@ -142,7 +142,10 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser.add_argument("--base", default=SMOLLM2)
     parser.add_argument("--turn-tokens", type=int, default=ServingSettings().turn_tokens,
                         help="`serving.turn_tokens`: tokens a request computes per turn at the model")
-    parser.add_argument("--out", type=Path, help="the JSON result (default: bench/results/fairness-TURN_TOKENS.json)")
+    parser.add_argument("--turn-ms", type=float, default=ServingSettings().turn_ms,
+                        help="`serving.turn_ms`: how long a generation's turn lasts")
+    parser.add_argument("--out", type=Path,
+                        help="the JSON result (default: bench/results/fairness-TURN_TOKENS-TURN_MSms.json)")
     args = parser.parse_args(argv)
 
     load_before = os.getloadavg()[0]
@@ -156,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         port = free_port()
         settings = Settings(data_dir=Path(data), model=ModelSettings(base=args.base),
                             scheduler=SchedulerSettings(enabled=False), api=ApiSettings(port=port),
-                            serving=ServingSettings(turn_tokens=args.turn_tokens))
+                            serving=ServingSettings(turn_tokens=args.turn_tokens, turn_ms=args.turn_ms))
         service = Service(settings)
         server = start_server(service, port)
         url = f"http://127.0.0.1:{port}"
@@ -195,7 +198,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                   f"{'ok' if small_row['p99_s'] < 1 else 'MISSED'} (p99 < 1 s)")
         if "large" in row:
             print(f"  {'':24s} large request: {row['large']['n']} answered, p50 {row['large']['p50_s']:.1f} s")
-    write_result(args.out or RESULTS / f"fairness-{args.turn_tokens}.json", args, load_before, results)
+    out = args.out or RESULTS / f"fairness-{args.turn_tokens}-{args.turn_ms:g}ms.json"
+    write_result(out, args, load_before, results)
     return results
 
 

@@ -60,7 +60,8 @@ class Service:
         self.updates = UpdateManager(self.buffer, self.live, self.matrix, self.base_path,
                                      settings.train, settings.gate, scratch_dir=data / "scratch",
                                      retention=settings.registry)
-        self.generator = Generator(self.runtime, settings.serving.max_prompt_tokens, settings.serving.turn_tokens)
+        self.generator = Generator(self.runtime, settings.serving.max_prompt_tokens, settings.serving.turn_tokens,
+                                   settings.serving.turn_ms)
         self.batcher = ClassifyBatcher(self.runtime, settings.serving.max_batch, settings.serving.batch_wait_ms,
                                        settings.serving.turn_tokens, settings.replay.vote_weight)
         # A replica neither ingests nor updates: it only follows the primary's promotions.

@@ -4,7 +4,8 @@ One code path serves plain and streaming answers: a worker thread pins a version
 answer comes from the version it started on), runs `model.generate`, and hands text deltas to
 the caller through a queue. Text that could still become a stop string is held back until it
 cannot, so neither mode ever shows a stop string. A long answer does not hold the model: it steps
-aside for waiting requests after each token and each chunk of a long prompt (`service.turns`).
+aside for waiting requests after each chunk of a long prompt, and between tokens once its turn
+has lasted `serving.turn_ms` (`service.turns`).
 """
 
 from __future__ import annotations
@@ -155,10 +156,14 @@ class Stream:
 class Generator:
     """Generates with the runtime's model; `start` returns once the answer's version is fixed."""
 
-    def __init__(self, runtime: ModelRuntime, max_prompt_tokens: int, turn_tokens: int = 128) -> None:
+    def __init__(self, runtime: ModelRuntime, max_prompt_tokens: int, turn_tokens: int = 128,
+                 turn_ms: float = 250.0) -> None:
         self.runtime = runtime
         self.max_prompt_tokens = max_prompt_tokens
         self.turn_tokens = turn_tokens  # prompt tokens read per turn: 2,048 take seconds on a CPU
+        # Tokens are generated for this long per turn: one token is a small share of a classify's
+        # turn, and a chat answer stepping aside after each would crawl behind a few classify clients.
+        self.turn_s = turn_ms / 1000
 
     def start(self, prompt: list[int], sampling: Sampling, version: str = LIVE) -> Stream:
         """Begin generating; raises what pinning `version` raises (unknown or unsafe version)."""
@@ -196,7 +201,8 @@ class Generator:
                         temperature=None if greedy else sampling.temperature,
                         top_p=None if greedy else sampling.top_p, top_k=None,
                         pad_token_id=tokenizer.pad_token_id, streamer=decoder,
-                        stopping_criteria=StoppingCriteriaList([_Halt(decoder, sampling.max_tokens, self._step_aside)]))
+                        stopping_criteria=StoppingCriteriaList([_Halt(decoder, sampling.max_tokens,
+                                                                      lambda: self._step_aside(self.turn_s))]))
             out.put(("end", None))
         except Exception as exc:  # handed to the request thread, which answers with it
             LOG.debug("generation failed", exc_info=True)
@@ -214,9 +220,9 @@ class Generator:
             self._step_aside()
         return cache
 
-    def _step_aside(self) -> None:
-        """Let the requests waiting for the model go first; this answer's random stream (a seeded
-        one included) continues afterwards as if nothing else had run."""
+    def _step_aside(self, after_s: float = 0.0) -> None:
+        """Once the turn has lasted `after_s`, let the requests waiting for the model go first;
+        this answer's random stream (a seeded one included) continues as if nothing else had run."""
         state = torch.get_rng_state()
-        if self.runtime.step_aside():
+        if self.runtime.step_aside(after_s):
             torch.set_rng_state(state)

@@ -185,10 +185,11 @@ class ModelRuntime:
                 run = named
             yield run
 
-    def step_aside(self) -> bool:
-        """From inside `pinned`: let the requests waiting for the model now go first, then resume
-        (a long generation calls this between its steps). Returns whether any did."""
-        return self._lock.step_aside()
+    def step_aside(self, after_s: float = 0.0) -> bool:
+        """From inside `pinned`, once the turn has lasted `after_s`: let the requests waiting for
+        the model now go first, then resume (a long generation calls this between its steps).
+        Returns whether any did."""
+        return self._lock.step_aside(after_s)
 
     @property
     def steps_aside(self) -> int:

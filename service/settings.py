@@ -71,6 +71,9 @@ class ServingSettings(BaseModel):
                                "tokens, then its label tokens, a chunk at a time; a generation's prompt "
                                "(then one token per turn). Requests in progress take turns, so a small "
                                "one waits for one turn of a large one, not for all of it.")
+    turn_ms: float = Field(
+        250.0, ge=0, description="How long a generation's turn at the model lasts, token by token, before "
+                                 "it lets waiting requests go first (0: after every token).")
     shortlist_labels: int = Field(
         12, ge=0, description="Labels scored per `/v1/classify` ticket when the serving version (or, zero-shot, "
                               "the buffer) knows more: those of the ticket's nearest labelled neighbours in "

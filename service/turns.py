@@ -2,8 +2,9 @@
 
 One request computes at a time (on a few cores two would only slow each other down), but a long
 request must not hold the model for its whole run: a generation steps aside after each token and
-each prefill chunk, a classify of many labels after each label chunk, so a small request waits
-for one step of a large one, not for all of it. `threading.Lock` cannot do that: it is not fair,
+each prefill chunk (or, token by token, once its turn has lasted `serving.turn_ms`), a classify
+of many labels after each label chunk, so a small request waits for one step of a large one, not
+for all of it. `threading.Lock` cannot do that: it is not fair,
 and a thread that releases and takes it again usually gets it back before any waiter wakes.
 
 >>> turns = TurnLock()
@@ -17,6 +18,7 @@ False
 from __future__ import annotations
 
 import threading
+import time
 from types import TracebackType
 
 
@@ -28,6 +30,7 @@ class TurnLock:
         self._next = 0  # the number the next arrival takes
         self._serving = 0  # the number that holds the lock (or may take it)
         self.steps_aside = 0  # times a holder let others go first
+        self._since = 0.0  # when the holder got its turn (time.monotonic)
 
     @property
     def waiting(self) -> int:
@@ -40,16 +43,17 @@ class TurnLock:
             ticket = self._next
             self._next += 1
             self._changed.wait_for(lambda: self._serving == ticket)
+        self._since = time.monotonic()
 
     def release(self) -> None:
         with self._changed:
             self._serving += 1
             self._changed.notify_all()
 
-    def step_aside(self) -> bool:
-        """Called by the holder: let every thread waiting now take its turn, then resume.
-        Returns whether anyone did."""
-        if not self.waiting:
+    def step_aside(self, after_s: float = 0.0) -> bool:
+        """Called by the holder: if it has had the lock for `after_s` seconds, let every thread
+        waiting now take its turn, then resume. Returns whether anyone did."""
+        if time.monotonic() - self._since < after_s or not self.waiting:
             return False
         self.steps_aside += 1
         self.release()

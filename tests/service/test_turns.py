@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import torch
 
-from service.settings import Settings
+from service.settings import ServingSettings, Settings
 from service.turns import TurnLock
 from tests.conftest import LiveService, gauge, tiny_settings, wait_for
 
@@ -33,6 +33,7 @@ def test_turns_are_granted_in_order_of_arrival_and_the_holder_can_step_aside() -
         waiters.append(threading.Thread(target=take, args=(name,)))
         waiters[-1].start()
         wait_for(lambda n=i + 1: turns.waiting == n, 10, f"{name} to queue")
+    assert not turns.step_aside(after_s=60) and order == []  # the turn has not lasted a minute
     assert turns.step_aside() and order == ["a", "b", "c"]  # all who waited went first
     assert not turns.step_aside()
     turns.release()
@@ -51,8 +52,8 @@ def chat(live: LiveService, content: str, **sampling: object) -> dict[str, objec
 def test_a_small_classify_waits_for_one_step_of_a_long_answer_not_all_of_it(
         serve: Callable[[Settings], LiveService], tmp_path: Path) -> None:
     """Issue 13: a small request waited 30 s behind a large one. A chat answer held the model for
-    its whole generation, prefill included."""
-    live = serve(tiny_settings(tmp_path, None))
+    its whole generation, prefill included. (Turns of 50 ms: the tiny model's whole answer takes one second.)"""
+    live = serve(tiny_settings(tmp_path, None, serving=ServingSettings(turn_ms=50)))
     runtime = live.service.runtime
     prompt = runtime.tokenizer(LONG_PROMPT)["input_ids"]
     assert len(prompt) > 1000
@@ -98,7 +99,7 @@ def steps_aside(live: LiveService) -> float:
 
 def test_seeded_answers_are_the_same_when_they_take_turns(serve: Callable[[Settings], LiveService],
                                                           tmp_path: Path) -> None:
-    live = serve(tiny_settings(tmp_path, None))
+    live = serve(tiny_settings(tmp_path, None, serving=ServingSettings(turn_ms=0)))  # a turn per token
     seeded = [dict(max_tokens=48, temperature=1.0, seed=seed) for seed in (3, 4)]
     alone = [chat(live, "hello there", **s)["choices"][0]["message"]["content"] for s in seeded]  # type: ignore[index]
     assert alone[0] != alone[1]  # premise: the seeds lead to different answers
