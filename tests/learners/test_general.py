@@ -13,7 +13,7 @@ from learners.general import GENERAL, GeneralText, drift_from_base, general_batc
 from learners.methods import warm_start
 from learners.prompts import classification_example
 from learners.train import run_round
-from learners.update import initial_adapter
+from learners.update_step import initial_adapter
 from tests.conftest import TINY_TRAIN
 
 

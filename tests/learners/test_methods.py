@@ -16,7 +16,7 @@ from learners.config import AdapterSettings, GateSettings
 from learners.methods import warm_start
 from learners.prompts import chat_ids
 from learners.scoring import LabelScorer
-from learners.update import EWC_FILE, initial_adapter, train_candidate
+from learners.update_step import EWC_FILE, initial_adapter, train_candidate
 from replay.buffer import Snapshot
 from service.registry import AdapterRegistry, VersionMetadata
 from service.runtime import ModelRuntime, UnsafeAdapter

@@ -8,7 +8,7 @@ import pytest
 
 from learners.base_model import SMOLLM2, load_base, resolve_base_model
 from learners.config import AdapterSettings
-from learners.update import initial_adapter
+from learners.update_step import initial_adapter
 from service.registry import AdapterRegistry, VersionMetadata
 from service.runtime import ModelRuntime
 from tests.conftest import MODEL_CACHE
