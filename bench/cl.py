@@ -76,7 +76,7 @@ PRESETS = {
     # Sized so that all five methods finish within 45 minutes on a 2-core CPU.
     "quick": Preset(windows=4, intents_per_window=3, train_per_intent=16, test_per_intent=None),
     "full": Preset(windows=7, intents_per_window=11, train_per_intent=None, test_per_intent=None),
-    # A smoke run of the whole pipeline on the tiny test model (tests/learners/test_cl_bench.py).
+    # A smoke run of the whole pipeline on the tiny test model (tests/bench/test_cl.py).
     "smoke": Preset(windows=2, intents_per_window=2, train_per_intent=6, test_per_intent=4),
 }
 

@@ -319,21 +319,6 @@ def test_a_restart_removes_the_job_folders_of_a_killed_service(tiny_llama: Path,
             shutil.rmtree(folder)
 
 
-def test_the_update_list_is_paged(serve: Callable[[Settings], LiveService], tmp_path: Path) -> None:
-    """Issue 13: `GET /v1/updates` returned every update since start."""
-    live = serve(tiny_settings(tmp_path, None))
-    client = live.client()
-    for _ in range(5):  # nothing to learn: each is skipped at once
-        assert client.post("/v1/updates", headers=live.admin).status_code == 202
-        live.service.updates.cancel_and_wait(30)
-    assert [u["id"] for u in client.get("/v1/updates").json()] == [5, 4, 3, 2, 1]
-    assert [u["id"] for u in client.get("/v1/updates", params={"limit": 2}).json()] == [5, 4]
-    assert [u["id"] for u in client.get("/v1/updates", params={"limit": 2, "before": 4}).json()] == [3, 2]
-    assert client.get("/v1/updates", params={"before": 1}).json() == []
-    for bad in ({"limit": 0}, {"limit": 201}, {"before": 0}):
-        assert client.get("/v1/updates", params=bad).status_code == 422, bad
-
-
 def test_an_update_prunes_the_registry_and_a_pruned_version_is_refused_clearly(
         serve: Callable[[Settings], LiveService], tmp_path: Path) -> None:
     live = serve(tiny_settings(tmp_path, None, train=TRAIN, gate=PROMOTE_ALL,
