@@ -241,12 +241,6 @@ class ModelRuntime:
         with self._lock:
             return scorer.score_batch(run.model, texts)
 
-    def classify_batch(self, texts: Sequence[str], labels: Sequence[str] | None, top_ks: Sequence[int],
-                       version: str = LIVE) -> list[Classification]:
-        """Classify several tickets against one label set in one batched pass, on one version."""
-        run, candidates = self.resolve(labels, version)
-        return rank(run.version, candidates, self.score(run, texts, candidates), top_ks)
-
 
 def rank(version: str, candidates: Sequence[str], scores: torch.Tensor, top_ks: Sequence[int]
          ) -> list[Classification]:

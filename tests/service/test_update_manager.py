@@ -72,7 +72,9 @@ def test_queries_are_answered_while_an_update_trains_in_its_own_process(
     seen: list[dict[str, float]] = []
     answers: list[int] = []
     scraped = ""
-    while (record := client.get(f"/v1/updates/{update_id}").json())["stage"] in ("preparing", "training"):
+    deadline = time.monotonic() + 120
+    while (record := client.get(f"/v1/updates/{update_id}").json())["stage"] in ("preparing", "training") \
+            and time.monotonic() < deadline:
         if record["stage"] == "training":
             seen.append(record["progress"])
             answers.append(client.post("/v1/classify", json={"text": "my card issue", "labels": LABELS}).status_code)
@@ -278,15 +280,14 @@ def test_a_rejected_window_is_quarantined_until_its_version_is_promoted(tiny_lla
 KILLED_SERVICE = """
 import sys, time
 from pathlib import Path
-from tests.conftest import TINY_TRAIN, tiny_settings
+from tests.conftest import TINY_TRAIN, tiny_settings, wait_for
 from service.core import Service
 from streams.records import TicketRecord
 service = Service(tiny_settings(Path(sys.argv[1]), None, train=TINY_TRAIN.model_copy(update={"epochs": 3000})))
 service.buffer.add_many([TicketRecord(id=f"t{i}", text=f"my card issue {i}", label="card_arrival") for i in range(20)])
 record = service.updates.start("manual")
-while record.stage != "training":
-    time.sleep(0.2)
-print("training", flush=True)
+wait_for(lambda: record.stage == "training" or record.finished_at is not None, 120, "training")
+print("training" if record.finished_at is None else f"finished: {record.status} {record.reason}", flush=True)
 time.sleep(600)
 """
 
