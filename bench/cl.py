@@ -17,7 +17,7 @@ The default, whose figures the targets check, is the method `TrainSettings()` am
 `replay`, as EWC is off by default (`train.ewc.enabled`).
 
 Every sequential method runs the product's own update step (`learners.train.run_round` and
-`learners.update.consolidate_window`) with `TrainSettings()` defaults, changing only what the
+`learners.update_step.consolidate_window`) with `TrainSettings()` defaults, changing only what the
 method switches off. Figures: the accuracy matrix per method, final average accuracy, average
 forgetting (Avalanche's definition: accuracy when a window was learned minus final accuracy;
 also from each window's best row, the stricter reading) and BWT, forgetting and BWT also
@@ -46,16 +46,16 @@ import torch
 from peft import PeftModel
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from learners.accuracy_matrix import Row, summarize
 from learners.avalanche_metrics import avalanche_stream
 from learners.base_model import load_base, resolve_base_model
 from learners.config import TrainSettings
 from learners.ewc import EwcPenalty
 from learners.gate import evaluate
-from learners.metrics import Row, summarize
 from learners.prompts import ticket_examples
 from learners.scoring import LabelScorer
 from learners.train import mixed_batches, run_round
-from learners.update import consolidate_window, initial_adapter
+from learners.update_step import consolidate_window, initial_adapter
 from replay.policy import balanced_sample, replay_rows
 from streams.datasets import load_tickets
 from streams.records import TicketRecord
@@ -76,7 +76,7 @@ PRESETS = {
     # Sized so that all five methods finish within 45 minutes on a 2-core CPU.
     "quick": Preset(windows=4, intents_per_window=3, train_per_intent=16, test_per_intent=None),
     "full": Preset(windows=7, intents_per_window=11, train_per_intent=None, test_per_intent=None),
-    # A smoke run of the whole pipeline on the tiny test model (tests/learners/test_cl_bench.py).
+    # A smoke run of the whole pipeline on the tiny test model (tests/bench/test_cl.py).
     "smoke": Preset(windows=2, intents_per_window=2, train_per_intent=6, test_per_intent=4),
 }
 

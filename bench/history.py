@@ -51,7 +51,7 @@ from service.core import Service
 from service.forgetting import AccuracyMatrix, best_before
 from service.registry import AdapterRegistry, VersionMetadata
 from service.settings import ApiSettings, ModelSettings, RegistrySettings, SchedulerSettings, Settings
-from service.updates import ensure_initial_version
+from service.update_manager import ensure_initial_version
 from streams.broker import free_port
 
 ROOT = Path(__file__).resolve().parents[1]

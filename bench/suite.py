@@ -58,7 +58,7 @@ from service.live import LiveVersion, NothingServed
 from service.registry import AdapterRegistry
 from service.settings import RegistrySettings
 from service.update_log import UpdateRecord
-from service.updates import UpdateManager, ensure_initial_version
+from service.update_manager import UpdateManager, ensure_initial_version
 from streams.datasets import DATASETS, load_tickets, scramble
 from streams.records import TicketRecord
 

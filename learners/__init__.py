@@ -17,7 +17,7 @@ _HOMES = {
     "learners.scoring": ("LabelScorer",),
     "learners.reports": ("Canary", "Check", "GateReport", "Progress", "RoundReport", "UpdateOutcome", "WindowScore"),
     "learners.train": ("Cancelled", "run_round"),
-    "learners.update": ("initial_adapter", "train_adapter", "train_candidate"),
+    "learners.update_step": ("initial_adapter", "train_adapter", "train_candidate"),
 }
 _MODULE_OF = {name: module for module, names in _HOMES.items() for name in names}
 __all__ = sorted(_MODULE_OF)

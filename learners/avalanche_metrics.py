@@ -1,6 +1,6 @@
 """Our accuracy rows fed to Avalanche's standalone `BWT` and `Forgetting` metrics.
 
-Used to cross-check `learners.metrics` (the conformance test and `bench/cl.py`). Avalanche
+Used to cross-check `learners.accuracy_matrix` (the conformance test and `bench/cl.py`). Avalanche
 (avalanche-lib, in the `dev` and `bench` extras) is imported here only, never by the service.
 Avalanche compares the first accuracy recorded after a window was learned (`initial`) with the
 latest one; our BWT is that definition exactly, our forgetting the max-based one, which equals
@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from avalanche.evaluation.metrics import BWT, Forgetting
 
-from learners.metrics import Row
+from learners.accuracy_matrix import Row
 
 
 def avalanche_stream(rows: Sequence[Row]) -> tuple[BWT, Forgetting]:

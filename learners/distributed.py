@@ -23,7 +23,7 @@ from torch import distributed as dist
 from learners.base_model import resolve_base_model
 from learners.config import TrainSettings
 from learners.ewc import trainable
-from learners.update import train_adapter
+from learners.update_step import train_adapter
 from streams.records import TicketRecord
 
 LOG = logging.getLogger(__name__)

@@ -54,12 +54,8 @@ GENERAL = (
 )
 
 
-def general_batch(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded token ids of general sentences, with their attention mask."""
-    return _padded([tokenizer(text).input_ids for text in texts], pad_id)
-
-
 def _padded(encoded: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded token ids, with their attention mask."""
     width = max(len(ids) for ids in encoded)
     input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
     attention = torch.zeros((len(encoded), width), dtype=torch.long)

@@ -1,9 +1,9 @@
 """One update's training and gating in a process of its own: `python -m learners.worker JOB`.
 
-The serving process writes a `Job` (the snapshot, the paths, the settings) as JSON and starts
-this module; it trains with its own torch thread budget, so queries keep being answered, and
-writes the candidate into `Job.out_dir`. It talks back with one JSON object per line on stdout:
-started, progress, then done, cancelled or failed (`learners.messages`).
+The serving process (`service.worker_process`) writes a `Job` (the snapshot, the paths, the
+settings) as JSON and starts this module; it trains with its own torch thread budget, so queries
+keep being answered, and writes the candidate into `Job.out_dir`. It talks back with one JSON
+object per line on stdout: started, progress, then done, cancelled or failed (`learners.messages`).
 
 Its stdin carries the other direction: a `cancel` line stops training at the next step. End of
 stdin means the serving process is gone: nobody will read the result, so the worker exits at once
@@ -34,7 +34,7 @@ from learners.messages import (
 )
 from learners.reports import Progress
 from learners.train import Cancelled
-from learners.update import train_candidate
+from learners.update_step import train_candidate
 from replay.buffer import Snapshot
 
 LOG = logging.getLogger(__name__)

@@ -222,11 +222,6 @@ class ReplayBuffer:
         with self._lock:
             return self._count
 
-    def contains(self, ticket_id: str) -> bool:
-        """Whether the id was seen: stored, or skipped as a near-duplicate or evicted."""
-        with self._lock:
-            return bool(self._store.seen([ticket_id]))
-
     def index_matches_rows(self) -> bool:
         """Whether every stored row is in the FAISS index (extra ids are tombstones)."""
         with self._lock:

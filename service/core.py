@@ -18,13 +18,13 @@ from service.batching import ClassifyBatcher
 from service.forgetting import AccuracyMatrix
 from service.generation import Generator
 from service.live import LiveVersion
-from service.metrics import make_registry
+from service.prometheus import make_registry
 from service.registry import AdapterRegistry
 from service.replicas import PromotionFollower, PromotionPublisher
 from service.runtime import ModelRuntime
 from service.scheduler import start_scheduler, stop_scheduler
 from service.settings import Settings
-from service.updates import UpdateManager, ensure_initial_version
+from service.update_manager import UpdateManager, ensure_initial_version
 from streams.ingest import Ingester
 from streams.produce import TicketProducer
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from service.core import Service
 from service.narrator import Narrator
 from service.settings import DemoSettings
-from service.updates import UpdateInProgress
+from service.update_manager import UpdateInProgress
 from streams.datasets import load_tickets, scramble, stream_order
 from streams.produce import TicketProducer, encode
 from streams.records import TicketRecord

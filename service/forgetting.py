@@ -17,7 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from learners.metrics import Prefix, Row, step
+from learners.accuracy_matrix import Prefix, Row, step
 from learners.reports import GateReport, ReplyScore, WindowScore
 from service.registry import AdapterRegistry, Entry, Signature, file_signature, fsync_write
 
@@ -115,7 +115,7 @@ def report(registry: AdapterRegistry, matrix: AccuracyMatrix, limit: int, window
     versions (created before `before`, if given), and the live one wherever it is; cells and
     per-window forgetting of the newest `window_limit` windows. Figures cover every window.
 
-    Each version's figures extend its parent's (`learners.metrics.step`), so the whole registry
+    Each version's figures extend its parent's (`learners.accuracy_matrix.step`), so the whole registry
     costs O(versions × windows), not a walk of every lineage from its root.
     """
     matrix.refresh()

@@ -263,14 +263,6 @@ class ModelRuntime:
         with self._lock:
             return scorer.score_after(prompts)
 
-    def classify_batch(self, texts: Sequence[str], labels: Sequence[str] | None, top_ks: Sequence[int],
-                       version: str = LIVE) -> list[Classification]:
-        """Classify several tickets against one label set in one batched pass, on one version."""
-        run, candidates = self.resolve(labels, version)
-        prompts = self.read(run, texts)
-        self.advance(prompts)
-        return rank(run.version, candidates, self.score(prompts, candidates), top_ks)
-
 
 def rank(version: str, candidates: Sequence[str], scores: torch.Tensor, top_ks: Sequence[int]
          ) -> list[Classification]:

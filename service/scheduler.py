@@ -27,7 +27,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 
 from replay.buffer import ReplayBuffer
 from service.settings import SchedulerSettings
-from service.updates import UpdateInProgress, UpdateManager
+from service.update_manager import UpdateInProgress, UpdateManager
 
 LOG = logging.getLogger(__name__)
 

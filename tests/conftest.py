@@ -26,8 +26,10 @@ from learners.config import GateSettings, TrainSettings
 from learners.reports import GateReport
 from replay.embed import SentenceEmbedder
 from service.app import create_app
+from service.batching import ClassifyBatcher
 from service.core import Service
 from service.registry import ADAPTER_WEIGHTS, AdapterRegistry, VersionMetadata
+from service.runtime import Classification, ModelRuntime
 from service.settings import DEV_ADMIN_KEY, ApiSettings, ModelSettings, SchedulerSettings, Settings
 from streams.broker import LocalBroker, free_port
 from streams.config import KafkaSettings
@@ -77,12 +79,13 @@ def freeze(pid: int) -> None:
     wait_for(lambda: process_state(pid) == "T", 10, f"process {pid} to stop")
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str, every: float = 0.2) -> None:
+    """Return once `predicate` holds (asked every `every` seconds); fail after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
             return
-        time.sleep(0.2)
+        time.sleep(every)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
@@ -172,6 +175,16 @@ def classify_concurrently(url: str, bodies: list[dict[str, object]], clients: in
     for thread in threads:
         thread.join(timeout=120)
     return answers
+
+
+def classify_served(runtime: ModelRuntime, texts: list[str], labels: list[str] | None, top_k: int
+                    ) -> list[Classification]:
+    """Each text's answer through the serving path: the batcher in front of `runtime`, as `/v1/classify` asks."""
+    batcher = ClassifyBatcher(runtime, max_batch=len(texts))
+    try:
+        return [batcher.classify(text, labels, top_k) for text in texts]
+    finally:
+        batcher.close()
 
 
 def add_versions(registry: AdapterRegistry, count: int, labels: list[str],

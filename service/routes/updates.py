@@ -11,7 +11,7 @@ from learners.reports import GateReport, GateSummary, TrainingProgress
 from service.deps import AdminDep, PrimaryDep, ServiceDep
 from service.errors import responses
 from service.update_log import UpdateRecord, UpdateStage
-from service.updates import UpdateInProgress, UpdateNotRunning
+from service.update_manager import UpdateInProgress, UpdateNotRunning
 
 router = APIRouter(prefix="/v1", tags=["updates"])
 

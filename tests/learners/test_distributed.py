@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from learners.base_model import TINY_LLAMA, load_base
 from learners.config import AdapterSettings
-from learners.update import initial_adapter
+from learners.update_step import initial_adapter
 from streams.records import TicketRecord
 from tests.conftest import MODEL_CACHE, TINY_TRAIN
 

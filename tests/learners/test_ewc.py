@@ -14,7 +14,7 @@ from learners.ewc import empirical_fisher
 from learners.methods import warm_start
 from learners.prompts import classification_example
 from learners.train import answer_loss, collate, run_round
-from learners.update import consolidate_window, initial_adapter
+from learners.update_step import consolidate_window, initial_adapter
 from tests.conftest import TINY_TRAIN
 
 

@@ -21,7 +21,7 @@ from learners.config import GateSettings, TrainSettings
 from learners.gate import ProbeMatrix, evaluate, finite_scores, judge, score_probes, window_score
 from learners.reports import Canary, WindowScore
 from learners.scoring import LabelScorer
-from learners.update import initial_adapter, train_candidate
+from learners.update_step import initial_adapter, train_candidate
 from replay.buffer import Snapshot
 from streams.records import TicketRecord
 from tests.conftest import TINY_TRAIN

@@ -9,11 +9,11 @@ import torch
 
 from learners.base_model import load_base
 from learners.canary import BUILTIN, canary_loss
-from learners.general import GENERAL, GeneralText, drift_from_base, general_batch
+from learners.general import GENERAL, GeneralText, drift_from_base
 from learners.methods import warm_start
 from learners.prompts import classification_example
 from learners.train import run_round
-from learners.update import initial_adapter
+from learners.update_step import initial_adapter
 from tests.conftest import TINY_TRAIN
 
 
@@ -35,7 +35,7 @@ def test_distillation_keeps_canary_loss_near_the_base(tiny_llama: Path, tmp_path
         with torch.no_grad(), model.disable_adapter():
             before = canary_loss(model, tokenizer, BUILTIN)
         with torch.no_grad():  # LoRA starts with B = 0: the adapted model is the base
-            assert drift_from_base(model, general_batch(tokenizer, GENERAL[:4], pad)).item() == 0.0
+            assert drift_from_base(model, GeneralText(tokenizer, pad, 4, seed=0).batch()).item() == 0.0
         run_round(model, window, [], cfg, pad, general=general)
         model.eval()
         drift[weight] = canary_loss(model, tokenizer, BUILTIN) - before

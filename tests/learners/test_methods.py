@@ -16,12 +16,12 @@ from learners.config import AdapterSettings, GateSettings
 from learners.methods import warm_start
 from learners.prompts import chat_ids
 from learners.scoring import LabelScorer
-from learners.update import EWC_FILE, initial_adapter, train_candidate
+from learners.update_step import EWC_FILE, initial_adapter, train_candidate
 from replay.buffer import Snapshot
 from service.registry import AdapterRegistry, VersionMetadata
 from service.runtime import ModelRuntime, UnsafeAdapter
 from streams.records import TicketRecord
-from tests.conftest import TINY_TRAIN
+from tests.conftest import TINY_TRAIN, classify_served
 
 METHODS = {"lora": AdapterSettings(rank=4), "ia3": AdapterSettings(method="ia3"),
            "prefix": AdapterSettings(method="prefix", virtual_tokens=4)}
@@ -74,7 +74,7 @@ def test_a_version_of_every_method_trains_serves_and_hot_swaps(tiny_llama: Path,
     runtime = ModelRuntime(tiny_llama, registry, v0)
     runtime.swap(v1)
     runtime.swap(v2)
-    served = runtime.classify_batch(["my card question", "my rate question"], None, [2, 2])
+    served = classify_served(runtime, ["my card question", "my rate question"], None, 2)
     assert {c.adapter_version for c in served} == {v2}
 
     # Serving attached exactly the saved weights: the hot-swapped model scores as a fresh load.
@@ -99,7 +99,7 @@ def test_the_server_swaps_between_versions_of_different_methods(tiny_llama: Path
     names = [initial_version(registry, tiny_llama, METHODS[method], 0) for method in ("lora", "prefix")]
     runtime = ModelRuntime(tiny_llama, registry, names[0])
     runtime.swap(names[1])
-    [answer] = runtime.classify_batch(["my card question"], None, [2])
+    [answer] = classify_served(runtime, ["my card question"], None, 2)
     assert runtime.version == names[1] and answer.adapter_version == names[1]
     fresh = PeftModel.from_pretrained(load_base(tiny_llama)[0], registry.path(names[1])).eval()
     expected = torch.softmax(LabelScorer(runtime.tokenizer, LABELS).score(fresh, "my card question"), dim=0)

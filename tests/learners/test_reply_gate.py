@@ -11,7 +11,7 @@ import pytest
 from learners.config import GateSettings
 from learners.gate import judge
 from learners.reports import ReplyScore
-from learners.update import initial_adapter, train_candidate
+from learners.update_step import initial_adapter, train_candidate
 from replay.buffer import Snapshot
 from streams.records import TicketRecord
 from tests.conftest import TINY_TRAIN

@@ -8,10 +8,10 @@ import pytest
 
 from learners.base_model import SMOLLM2, load_base, resolve_base_model
 from learners.config import AdapterSettings
-from learners.update import initial_adapter
+from learners.update_step import initial_adapter
 from service.registry import AdapterRegistry, VersionMetadata
 from service.runtime import ModelRuntime
-from tests.conftest import MODEL_CACHE
+from tests.conftest import MODEL_CACHE, classify_served
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +32,7 @@ def test_smollm2_classifies_zero_shot_through_the_serving_runtime(smollm2: Path,
     labels = ["lost_or_stolen_card", "exchange_rate", "top_up_failed"]
     cases = {"Someone stole my wallet with my card in it, please block it": "lost_or_stolen_card",
              "What exchange rate do you use when I pay in dollars?": "exchange_rate"}
-    for text, expected in cases.items():
-        answer = runtime.classify_batch([text], labels, [3])[0]
+    for answer, expected in zip(classify_served(runtime, list(cases), labels, 3), cases.values(), strict=True):
         assert answer.adapter_version == "v0000"
         assert answer.label == expected, answer
         assert sum(c for _, c in answer.top) == pytest.approx(1.0, abs=1e-4)

@@ -12,9 +12,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from learners.accuracy_matrix import Row, summarize
 from learners.config import GateSettings
 from learners.gate import judge
-from learners.metrics import Row, summarize
 from learners.reports import ReplyScore, WindowScore
 from service.forgetting import BASE, AccuracyMatrix
 from service.registry import AdapterRegistry

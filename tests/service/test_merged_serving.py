@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from learners.base_model import load_base
 from learners.config import AdapterSettings
 from learners.scoring import LabelScorer
-from learners.update import initial_adapter
+from learners.update_step import initial_adapter
 from service.live import LiveVersion
 from service.registry import ADAPTER_WEIGHTS, AdapterRegistry, VersionMetadata
 from service.runtime import ModelRuntime, UnsafeAdapter

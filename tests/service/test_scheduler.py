@@ -57,7 +57,7 @@ def time_now(service: Service) -> object:
 CRASHING_UPDATE = r"""
 import sys, time
 from pathlib import Path
-from tests.conftest import tiny_settings
+from tests.conftest import tiny_settings, wait_for
 from learners.config import TrainSettings
 from service.core import Service
 from streams.records import TicketRecord
@@ -65,8 +65,8 @@ service = Service(tiny_settings(Path(sys.argv[1]), None, train=TrainSettings(epo
 service.buffer.add_many([TicketRecord(id=f"t{i}", text=f"my {'card' if i % 2 else 'rate'} issue {i}",
                                       label="card_arrival" if i % 2 else "exchange_rate") for i in range(30)])
 record = service.updates.start("manual")
-while not record.progress and record.finished_at is None:  # tell the test once training is under way
-    time.sleep(0.01)
+# Tell the test once training is under way: asked often, since two epochs are soon over.
+wait_for(lambda: bool(record.progress) or record.finished_at is not None, 120, "training", every=0.01)
 sys.stdout.write(f"training {service.updates.worker_pid}\n" if record.finished_at is None
                  else f"finished: {record.status} {record.reason}\n")
 sys.stdout.flush()

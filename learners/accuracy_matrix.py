@@ -1,7 +1,8 @@
-"""Forgetting metrics over the accuracy matrix, with the standard definitions.
+"""The accuracy matrix's rows and the forgetting figures over them, with the standard definitions.
 
 Rows are adapter versions in the order they were live (the lineage), columns are windows;
-`R[k][j]` is version k's accuracy on window j's probe set. A version may learn several windows
+`R[k][j]` is version k's accuracy on window j's probe set. The service stores the matrix
+(`service.forgetting.AccuracyMatrix`); this module only computes over its rows. A version may learn several windows
 at once (after a rejected candidate), so "the version that learned j" is the first row whose
 `trained` set holds j.
 """

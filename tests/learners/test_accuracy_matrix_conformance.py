@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from learners.accuracy_matrix import Row, summarize
 from learners.avalanche_metrics import avalanche_stream
-from learners.metrics import Row, summarize
 
 accuracy = st.integers(0, 40).map(lambda right: right / 40)  # a 40-probe accuracy
 

@@ -1,7 +1,7 @@
 """Running updates: snapshot the buffer, train and gate a candidate, register it, promote it.
 
 The API's `POST /v1/updates` and the scheduler both call `UpdateManager.start`; only one update
-runs at a time. Training and gating run in a child process (`service.training`) whose progress
+runs at a time. Training and gating run in a child process (`service.worker_process`) whose progress
 lands in `UpdateRecord.progress`; `cancel` stops it. A crash or error anywhere leaves the live
 version untouched: the candidate directory is published only when complete, and the pointer
 moves only after the gate passes. Every update that registers a version ends by pruning the
@@ -31,15 +31,15 @@ from learners.messages import (
 from learners.probes import budgeted_probes
 from learners.reports import TrainingProgress
 from learners.train import Cancelled
-from learners.update import initial_adapter
+from learners.update_step import initial_adapter
 from learners.worker import Job
 from replay.buffer import ReplayBuffer
 from service.forgetting import AccuracyMatrix, best_before
 from service.live import LiveVersion
 from service.registry import AdapterRegistry, VersionMetadata
 from service.settings import RegistrySettings
-from service.training import TrainingFailed, TrainingProcess, describe_exit
 from service.update_log import UpdateLog, UpdateRecord
+from service.worker_process import TrainingFailed, TrainingProcess, describe_exit
 from streams.records import TicketRecord
 
 LOG = logging.getLogger(__name__)
