@@ -1,11 +1,11 @@
 """Turns at the model: a lock granted in order of arrival, whose holder can let others go first.
 
 One request computes at a time (on a few cores two would only slow each other down), but a long
-request must not hold the model for its whole run: a generation steps aside after each token and
-each prefill chunk (or, token by token, once its turn has lasted `serving.turn_ms`), a classify
-of many labels after each label chunk, so a small request waits for one step of a large one, not
-for all of it. `threading.Lock` cannot do that: it is not fair,
-and a thread that releases and takes it again usually gets it back before any waiter wakes.
+request must not hold the model for its whole run. A classify steps aside after each slice of its
+prompt and each chunk of its labels; a generation after each slice of a long prompt, then between
+tokens once its turn has lasted `serving.turn_ms`. A small request thus waits for one turn of a
+large one, not for all of it. `threading.Lock` cannot do that: it is not fair, and a thread that
+releases and takes it again usually gets it back before any waiter wakes.
 
 >>> turns = TurnLock()
 >>> with turns:
