@@ -110,29 +110,36 @@ class LabelScorer:
         small batch costs little more than one ticket: the weights are read once per pass."""
         if not texts:
             return torch.zeros((0, len(self.labels)))
-        prompts = PromptPass(model, self.tokenizer, texts, self.max_prompt_tokens)
-        prompts.advance()
-        return self.score_after(prompts)
+        return self.score_after(PromptPass(model, self.tokenizer, texts, self.max_prompt_tokens))
 
     @torch.inference_mode()
     def score_after(self, prompts: PromptPass) -> torch.Tensor:
-        """Every label's log-likelihood after each of `prompts`, read (shape: texts × labels).
+        """Every label's log-likelihood after each of `prompts` (shape: texts × labels), in one
+        pass that also reads what is left of the prompts.
 
-        The trie's nodes run after the prompts' cached keys and values: every node attends to
-        its prompt and its ancestors. Logits are computed only where they score a label token:
-        the prompt's last position (kept by the prompt pass) and the trie's nodes. The cache is
-        cut back afterwards, so the same prompts can be scored against the next label chunk.
+        The trie's nodes run in the same row after the prompt (or after its cached keys and
+        values): every node attends to its prompt and its ancestors. Logits are computed only
+        where they score a label token: the prompt's last position and the trie's nodes. The
+        nodes are cut from the cache afterwards, so the same prompts can be scored against the
+        next label chunk.
         """
-        trie, b = self.trie, prompts.rows
+        trie, b, start, width = self.trie, prompts.rows, prompts.read, prompts.width
         nodes = len(trie.tokens)
-        sees = torch.cat([torch.ones((b, nodes, prompts.virtual), dtype=torch.bool),
-                          prompts.real[:, None, :].expand(b, nodes, prompts.width),
-                          trie.sees.expand(b, nodes, nodes)], dim=2)[:, None]
-        logits = prompts.runner(input_ids=trie.tokens.expand(b, nodes), attention_mask=sees,
-                                position_ids=prompts.virtual + prompts.lengths + trie.depth - 1,
-                                cache=prompts.cache).logits
+        prompt_rows = torch.cat([prompts.sees(start, width), torch.zeros((b, width - start, nodes), dtype=torch.bool)],
+                                dim=2)
+        node_rows = torch.cat([torch.ones((b, nodes, prompts.virtual), dtype=torch.bool),
+                               prompts.real[:, None, :].expand(b, nodes, width), trie.sees.expand(b, nodes, nodes)],
+                              dim=2)
+        logits = prompts.runner(
+            input_ids=torch.cat([prompts.ids[:, start:], trie.tokens.expand(b, nodes)], dim=1),
+            attention_mask=torch.cat([prompt_rows, node_rows], dim=1)[:, None],
+            position_ids=torch.cat([prompts.positions[:, start:], prompts.virtual + prompts.lengths + trie.depth - 1],
+                                   dim=1),
+            cache=prompts.cache, logits_to_keep=nodes + 1).logits  # the prompt's end (if read now), then nodes
         prompts.cache.crop(-nodes)
-        logp = torch.cat([prompts.end_logp[:, None], logits.float().log_softmax(dim=-1)], dim=1)
+        if not prompts.ready:
+            prompts.read, prompts.end_logp = width, logits[:, 0].float().log_softmax(dim=-1)
+        logp = torch.cat([prompts.end_logp[:, None], logits[:, -nodes:].float().log_softmax(dim=-1)], dim=1)
         token_logp = logp[:, trie.sources, trie.targets]  # b × label tokens
         return torch.zeros((b, len(self.labels))).index_add_(1, trie.owners, token_logp)
 
@@ -169,9 +176,10 @@ class LabelScorer:
 
 
 class PromptPass:
-    """Tickets' prompts read by a model, a few columns at a time if asked, then scored against
-    any number of label sets (`LabelScorer.score_after`): a request with many labels reads its
-    ticket once, and neither step holds the model long (`service.batching`).
+    """Tickets' prompts read by a model, scored against any number of label sets in turn
+    (`LabelScorer.score_after`, which reads what is left of them in the same pass): a request
+    with many labels reads its ticket once, a long ticket a few columns per turn (`advance`), and
+    no step holds the model long (`service.batching`).
 
     Row r is ticket r's prompt, left-padded so every prompt ends at the same column. Explicit
     position ids keep each prompt's positions as if it ran alone, as in training (see `collate`).
@@ -197,19 +205,27 @@ class PromptPass:
     def ready(self) -> bool:
         return self.read == self.width
 
-    @torch.inference_mode()
-    def advance(self, tokens: int | None = None) -> int:
-        """Run the next columns: about `tokens` prompt tokens over all rows (at least one column),
-        or all that is left. Returns the tokens run."""
-        start = self.read
-        end = self.width if tokens is None else min(self.width, start + max(1, tokens // self.rows))
-        # Prompts attend causally to their own tokens; a padding position sees only itself, so
-        # that no row of the softmax is empty. Every query sees the virtual tokens.
+    @property
+    def unread(self) -> int:
+        """Prompt tokens (over all rows) not read yet."""
+        return (self.width - self.read) * self.rows
+
+    def sees(self, start: int, end: int) -> torch.Tensor:
+        """Whom prompt columns start..end attend to (rows × queries × virtual + `end` keys): every
+        virtual token, and their own prompt causally; a padding position sees only itself, so
+        that no row of the softmax is empty."""
         keys = torch.arange(end)
         queries = torch.arange(start, end)[:, None]
-        sees = ((keys <= queries) & self.real[:, None, :end]) | (keys == queries)
-        sees = torch.cat([torch.ones((self.rows, end - start, self.virtual), dtype=torch.bool), sees], dim=2)
-        logits = self.runner(input_ids=self.ids[:, start:end], attention_mask=sees[:, None],
+        own = ((keys <= queries) & self.real[:, None, :end]) | (keys == queries)
+        return torch.cat([torch.ones((self.rows, end - start, self.virtual), dtype=torch.bool), own], dim=2)
+
+    @torch.inference_mode()
+    def advance(self, tokens: int) -> int:
+        """Read the next columns, about `tokens` prompt tokens over all rows (at least one
+        column). Returns the tokens read."""
+        start = self.read
+        end = min(self.width, start + max(1, tokens // self.rows))
+        logits = self.runner(input_ids=self.ids[:, start:end], attention_mask=self.sees(start, end)[:, None],
                              position_ids=self.positions[:, start:end], cache=self.cache, logits_to_keep=1).logits
         self.read = end
         if self.ready:

@@ -195,11 +195,12 @@ class ClassifyBatcher:
         return jobs
 
     def _step(self, job: _Job) -> bool:
-        """One turn of the job: `turn_tokens` of its prompts, or (once they are read, in the same
-        turn if that took less) its next label chunk; answers it after the last. Whether work is left."""
+        """One turn of the job: `turn_tokens` of its prompts while more than that is left unread,
+        else its next label chunk (with what is left of the prompts, in one pass); answers it
+        after the last chunk. Whether work is left."""
         try:
-            spent = 0 if job.prompts.ready else self.runtime.advance(job.prompts, self.turn_tokens)
-            if not job.prompts.ready or spent >= self.turn_tokens:
+            if job.prompts.unread > self.turn_tokens:
+                self.runtime.advance(job.prompts, self.turn_tokens)
                 return True
             # A shortlist's trie is not kept: another ticket will hardly shortlist the same labels.
             job.scores.append(self.runtime.score(job.prompts, job.chunks.popleft(), keep=job.shortlists is None))

@@ -248,17 +248,18 @@ class ModelRuntime:
         return run, candidates
 
     def read(self, run: Loaded, texts: Sequence[str]) -> PromptPass:
-        """Tickets' prompts on `run`'s model, to be read (`advance`) and then scored (`score`)."""
+        """Tickets' prompts on `run`'s model, to be read (`advance`, for a long one) and scored (`score`)."""
         return PromptPass(run.model, self.tokenizer, texts)
 
-    def advance(self, prompts: PromptPass, tokens: int | None = None) -> int:
-        """Read about `tokens` more prompt tokens (all that is left when None); the tokens read."""
+    def advance(self, prompts: PromptPass, tokens: int) -> int:
+        """Read about `tokens` more prompt tokens; the tokens read."""
         with self._lock:
             return prompts.advance(tokens)
 
     def score(self, prompts: PromptPass, labels: Sequence[str], keep: bool = True) -> torch.Tensor:
-        """Log-likelihood of each label after each read prompt (texts × labels), in one pass; the
-        label set's trie stays built for the next request unless `keep` is false."""
+        """Log-likelihood of each label after each prompt (texts × labels), in one pass that reads
+        what is left of the prompts; the label set's trie stays built for the next request unless
+        `keep` is false."""
         scorer = self._scorer(labels, keep)
         with self._lock:
             return scorer.score_after(prompts)

@@ -10,7 +10,7 @@ from learners.base_model import load_base
 from learners.config import AdapterSettings
 from learners.methods import peft_config
 from learners.prompts import IGNORE, classification_example, label_ids
-from learners.scoring import LabelScorer
+from learners.scoring import LabelScorer, PromptPass
 
 LABELS = ["card_arrival", "card", "exchange_rate", "lost_or_stolen_card", "top_up_by_cash_or_cheque"]
 # Every method with weights away from its identity initialisation, so each one changes scores.
@@ -52,6 +52,22 @@ def test_cached_prefix_scores_equal_full_sequence_scores(tiny_llama: Path, text:
     assert len(set(scores.tolist())) == len(LABELS)  # prefix labels ("card") are told apart
     with model.disable_adapter():  # the base model through the same wrapper (the gate's baseline)
         assert not torch.allclose(LabelScorer(tokenizer, LABELS).score(model, text), scores, atol=1e-3)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_prompts_read_in_turns_and_labels_in_chunks_score_as_one_pass(tiny_llama: Path, method: str) -> None:
+    """How the batcher shares the model (`service.batching`): the prompts a few columns per turn,
+    then each label chunk against that one reading."""
+    model = adapted(tiny_llama, METHODS[method])
+    tokenizer = load_base(tiny_llama)[1]
+    texts = ["where is my card", "x " * 100 + "my exchange rate"]
+    whole = LabelScorer(tokenizer, LABELS).score_batch(model, texts)
+    prompts = PromptPass(model, tokenizer, texts)
+    while prompts.unread > 40:
+        prompts.advance(40)
+    chunks = [LabelScorer(tokenizer, LABELS[:2]), LabelScorer(tokenizer, LABELS[2:])]
+    turns = torch.cat([chunk.score_after(prompts) for chunk in chunks], dim=1)
+    assert prompts.ready and torch.allclose(turns, whole, atol=1e-4)
 
 
 @pytest.mark.parametrize("method", METHODS)
