@@ -187,11 +187,11 @@ class ClassifyBatcher:
                 scored = (candidates if shortlists is None
                           else list(dict.fromkeys(label for own in shortlists for label in own)))
                 chunks = label_chunks(scored, self.runtime.label_tokens(scored), self.turn_tokens)
+                prompts = self.runtime.read(run, [r.text for r in group])
             except Exception as exc:  # each caller gets the error (e.g. NoLabels → 409)
                 self._fail(group, exc)
                 continue
-            jobs.append(_Job(group, run, self.runtime.read(run, [r.text for r in group]), scored, shortlists,
-                             chunks))
+            jobs.append(_Job(group, run, prompts, scored, shortlists, chunks))
         return jobs
 
     def _step(self, job: _Job) -> bool:
