@@ -220,9 +220,8 @@ class PromptPass:
         return torch.cat([torch.ones((self.rows, end - start, self.virtual), dtype=torch.bool), own], dim=2)
 
     @torch.inference_mode()
-    def advance(self, tokens: int) -> int:
-        """Read the next columns, about `tokens` prompt tokens over all rows (at least one
-        column). Returns the tokens read."""
+    def advance(self, tokens: int) -> None:
+        """Read the next columns, about `tokens` prompt tokens over all rows (at least one column)."""
         start = self.read
         end = min(self.width, start + max(1, tokens // self.rows))
         logits = self.runner(input_ids=self.ids[:, start:end], attention_mask=self.sees(start, end)[:, None],
@@ -230,7 +229,6 @@ class PromptPass:
         self.read = end
         if self.ready:
             self.end_logp = logits[:, -1].float().log_softmax(dim=-1)
-        return (end - start) * self.rows
 
 
 VOTE_FLOOR = 0.01  # a label no neighbour votes for is held back, not ruled out

@@ -251,10 +251,10 @@ class ModelRuntime:
         """Tickets' prompts on `run`'s model, to be read (`advance`, for a long one) and scored (`score`)."""
         return PromptPass(run.model, self.tokenizer, texts)
 
-    def advance(self, prompts: PromptPass, tokens: int) -> int:
-        """Read about `tokens` more prompt tokens; the tokens read."""
+    def advance(self, prompts: PromptPass, tokens: int) -> None:
+        """Read about `tokens` more prompt tokens."""
         with self._lock:
-            return prompts.advance(tokens)
+            prompts.advance(tokens)
 
     def score(self, prompts: PromptPass, labels: Sequence[str], keep: bool = True) -> torch.Tensor:
         """Log-likelihood of each label after each prompt (texts × labels), in one pass that reads
