@@ -67,6 +67,10 @@ class ServiceCollector(Collector):
             reconnects = GaugeMetricFamily("evergreen_ingest_reconnects", "Reconnections after broker errors.")
             reconnects.add_metric([], stats.reconnects)
             yield reconnects
+            unanswered = GaugeMetricFamily("evergreen_ingest_unanswered_polls", "Polls that found the broker "
+                                           "not answering the consumer (each followed by an idle pause).")
+            unanswered.add_metric([], stats.unanswered_polls)
+            yield unanswered
             yield from _ingest_health(s)
         curation = GaugeMetricFamily("evergreen_buffer_curation", "Curation and eviction events by kind "
                                      "(redactions per PII kind, near-duplicates, suspects, evictions).",

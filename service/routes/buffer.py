@@ -33,6 +33,7 @@ class IngestPublic(BaseModel):
     total_lag: int
     paused: bool = Field(description="Fetching is paused because the buffer writer is behind.")
     reconnects: int
+    unanswered_polls: int = Field(description="Polls that found the broker not answering the consumer.")
     stalled: bool = Field(description="No offset committed for `kafka.stall_after_s` while records wait, or "
                                       "the broker could not be read (`GET /healthz/ingest` answers 503).")
     seconds_since_progress: float = Field(description="Since an offset was last committed or nothing was left "
@@ -75,7 +76,8 @@ def buffer_summary(service: ServiceDep) -> BufferPublic:
         s = ingester.stats
         lag = [PartitionLag(topic=t, partition=p, lag=n) for (t, p), n in sorted(s.lag.items())]
         ingest = IngestPublic(consumed=s.consumed, stored=s.stored, lag=lag, total_lag=sum(x.lag for x in lag),
-                              paused=s.paused, reconnects=s.reconnects, stalled=ingester.stalled,
+                              paused=s.paused, reconnects=s.reconnects,
+                              unanswered_polls=s.unanswered_polls, stalled=ingester.stalled,
                               seconds_since_progress=ingester.stalled_seconds,
                               dead_letters_lost=dict(s.dead_letters_lost))
     return BufferPublic(
