@@ -72,15 +72,16 @@ def open_study(journal: Path | None, hpo: HpoSettings, seed: int) -> optuna.Stud
                                pruner=pruner)
 
 
-def suggest(trial: optuna.Trial, hpo: HpoSettings, shape_searched: bool) -> dict[str, float]:
-    """A trial's settings, one per range set (and rank and alpha only when `shape_searched`)."""
+def suggest(trial: optuna.Trial, hpo: HpoSettings, shape_searched: bool, replaying: bool) -> dict[str, float]:
+    """A trial's settings, one per range set: rank and alpha only when `shape_searched`, the
+    replay share only when there are replay rows (`replaying`)."""
     params: dict[str, float] = {}
     if hpo.learning_rate is not None:
         params["learning_rate"] = trial.suggest_float("learning_rate", hpo.learning_rate.low,
                                                       hpo.learning_rate.high, log=True)
     if hpo.epochs is not None:
         params["epochs"] = trial.suggest_float("epochs", hpo.epochs.low, hpo.epochs.high)
-    if hpo.replay_share is not None:
+    if hpo.replay_share is not None and replaying:
         params["replay_share"] = trial.suggest_float("replay_share", hpo.replay_share.low, hpo.replay_share.high)
     if shape_searched and hpo.rank is not None:
         params["rank"] = trial.suggest_categorical("rank", hpo.rank)
@@ -178,7 +179,7 @@ class Search:
         return directory
 
     def _trial(self, trial: optuna.Trial, k: int, key: int) -> TrialReport:
-        params = suggest(trial, self.hpo, self.shape_searched)
+        params = suggest(trial, self.hpo, self.shape_searched, bool(self.split.replay))
         cfg = trial_settings(self.cfg, params)
         out = self.scratch / f"trial-{trial.number}"
         start = self._fresh_adapter(params, str(trial.number)) if reshaped(params) else self.live_dir

@@ -175,8 +175,9 @@ class TrialReport(Report):
     """One trial of an update's hyperparameter search (`learners.hpo`)."""
 
     number: int = Field(description="Its number in the service's study (over every update).")
-    params: dict[str, float] = Field(description="The settings it trained with (`learning_rate`, `epochs`, "
-                                                 "`replay_share`, and `rank`, `alpha` when searched).")
+    params: dict[str, int | float] = Field(description="The settings it trained with: `learning_rate`, `epochs`, "
+                                                       "`replay_share` (with replay rows), and while the live "
+                                                       "version is untrained `rank` and `alpha_ratio`.")
     value: float | None = Field(description="Its validation score, higher is better (the half-way score of a "
                                             "pruned trial; none if it failed).")
     loss: Loss = Field(description="Mean answer loss on the validation rows: ties of accuracy are broken by it.")
@@ -195,7 +196,7 @@ class SearchReport(Report):
                                     "probes) or, with no labelled validation row, `-answer_loss`.")
     validation_rows: int = Field(description="Training rows held out to score the trials (new and replay).")
     trials: list[TrialReport]
-    winner: dict[str, float] = Field(description="The winning trial's settings, which trained the candidate on "
+    winner: dict[str, int | float] = Field(description="The winning trial's settings, which trained the candidate on "
                                                  "every training row.")
     seconds: float = Field(description="Time the search took, before the candidate's own training.")
 

@@ -11,6 +11,7 @@ import json
 import os
 import signal
 from pathlib import Path
+from typing import Any
 
 import optuna
 from optuna.storages import JournalStorage
@@ -39,6 +40,11 @@ def study(data_dir: Path) -> optuna.Study:
     return optuna.load_study(study_name=STUDY_NAME, storage=storage)
 
 
+def trained_with(service: Service, version: str | None) -> dict[str, Any]:
+    """The settings a registry version was trained with."""
+    return json.loads((service.registry.path(version or "") / TRAIN_CONFIG_FILE).read_text())
+
+
 def test_each_update_searches_and_the_winner_trains_the_candidate(tiny_llama: Path, tmp_path: Path) -> None:
     service = Service(tiny_settings(tmp_path, None, train=TRAIN, gate=PROMOTE_ALL, hpo=HPO))
     try:
@@ -48,18 +54,17 @@ def test_each_update_searches_and_the_winner_trains_the_candidate(tiny_llama: Pa
         search = first.search
         assert [t.number for t in search.trials] == [0, 1, 2]
         assert all(t.steps > 0 and t.seconds > 0 and t.value is not None for t in search.trials)
-        # The first version is untrained: its rank may change, so it is searched.
-        assert all({"learning_rate", "epochs", "replay_share", "rank", "alpha_ratio"} == set(t.params)
-                   for t in search.trials)
+        # The first version is untrained: its rank may change, so it is searched; nothing to replay yet.
+        assert all({"learning_rate", "epochs", "rank", "alpha_ratio"} == set(t.params) for t in search.trials)
         winner = next(t for t in search.trials if t.winner)
         assert winner.params == search.winner and not winner.pruned
-        trained = json.loads((service.registry.path(first.version or "") / TRAIN_CONFIG_FILE).read_text())
+        trained = trained_with(service, first.version)
         assert trained["learning_rate"] == winner.params["learning_rate"]
         assert trained["epochs"] == winner.params["epochs"]
-        assert trained["replay_ratio"] == winner.params["replay_share"]
         assert trained["adapter"]["rank"] == winner.params["rank"]
+        assert trained["adapter"]["alpha"] == round(winner.params["alpha_ratio"] * winner.params["rank"])
         shape = json.loads((service.registry.path(first.version or "") / "adapter_config.json").read_text())
-        assert shape["r"] == winner.params["rank"]
+        assert (shape["r"], shape["lora_alpha"]) == (trained["adapter"]["rank"], trained["adapter"]["alpha"])
         # Served as the API serves it.
         public = UpdatePublic.model_validate(json.loads(UpdatePublic(**vars(first)).model_dump_json()))
         assert public.search == search
@@ -72,8 +77,11 @@ def test_each_update_searches_and_the_winner_trains_the_candidate(tiny_llama: Pa
         assert second.status == "promoted" and second.search is not None, second
         opening = second.search.trials[0]
         assert opening.enqueued and opening.number == 3
-        # The live version is trained now: the rank stays, only what may change is retried.
-        assert opening.params == {k: v for k, v in winner.params.items() if k not in ("rank", "alpha_ratio")}
+        # The live version is trained now: the rank stays, and what may change is retried.
+        assert set(opening.params) == {"learning_rate", "epochs", "replay_share"}
+        assert (opening.params["learning_rate"], opening.params["epochs"]) == (trained["learning_rate"],
+                                                                               trained["epochs"])
+        assert trained_with(service, second.version)["replay_ratio"] == second.search.winner["replay_share"]
         assert journal.stat().st_size > size
         assert len(study(tmp_path).trials) == 6
     finally:
