@@ -17,12 +17,14 @@ import optuna
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
+from rich.progress import Progress, TextColumn
 
 from learners.config import PROMOTE_ALL
 from learners.hpo import STUDY_NAME
 from learners.hpo_config import HpoSettings, PositiveRange
 from learners.update_step import TRAIN_CONFIG_FILE
 from learners.validation import ValidationSplit
+from service.cli import _show
 from service.core import Service
 from service.routes.updates import UpdatePublic
 from service.update_manager import STUDY_JOURNAL
@@ -112,6 +114,7 @@ def test_a_search_killed_mid_trial_leaves_a_study_the_next_update_goes_on_from(t
         add_window(service)
         killed = service.updates.start("manual")
         wait_for(lambda: killed.progress is not None and killed.progress.trial == 2, 120, "the second trial")
+        assert killed.stage == "searching" and killed.progress is not None and killed.progress.trials == 3
         worker = service.updates.worker_pid
         assert worker is not None
         os.kill(worker, signal.SIGKILL)
@@ -126,3 +129,11 @@ def test_a_search_killed_mid_trial_leaves_a_study_the_next_update_goes_on_from(t
         assert [t.number for t in again.search.trials] == [2, 3, 4]
     finally:
         service.stop()
+
+
+def test_the_progress_bar_says_which_trial_is_training() -> None:
+    bar = Progress(TextColumn("{task.description}"))
+    task = bar.add_task("preparing", total=None, id=1, loss="-", speed="-", eta="-")
+    progress = {"step": 3, "steps": 9, "loss": 1.5, "tokens_per_s": 800.0, "eta_s": 4.0, "trial": 2, "trials": 3}
+    _show(bar, task, {"stage": "searching", "progress": progress}, cancelling=False)
+    assert bar.tasks[0].description == "searching: trial 2/3" and bar.tasks[0].completed == 3
