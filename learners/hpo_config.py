@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class Range(BaseModel):
@@ -65,7 +65,7 @@ class HpoSettings(BaseModel):
     epochs: PositiveRange | None = Field(
         PositiveRange(low=1.5, high=4.0), description="Passes over the new rows tried (`train.epochs`); "
                                                       "`train.min_new_epochs` is lowered to a trial's epochs.")
-    rank: list[PositiveInt] | None = Field(
+    rank: list[int] | None = Field(
         [8, 16, 32], min_length=1, description="LoRA ranks tried. Searched only while the live version is the "
                                                "untrained first one: a trained adapter's rank is its shape, "
                                                "which a warm start keeps.")
@@ -86,6 +86,13 @@ class HpoSettings(BaseModel):
                                             "median of the same update's trials at that point.")
     journal: Path | None = Field(None, description="Optuna journal file of the study (unset: `hpo-study.journal` "
                                                    "in `data_dir`).")
+
+    @field_validator("rank")
+    @classmethod
+    def _positive_ranks(cls, ranks: list[int] | None) -> list[int] | None:
+        if ranks is not None and min(ranks) <= 0:
+            raise ValueError(f"every rank must be above 0, not {ranks}")
+        return ranks
 
     @property
     def searching(self) -> bool:

@@ -21,7 +21,7 @@ from tests.conftest import TINY_TRAIN
     ({"learning_rate": {"low": -1e-3, "high": 1e-3}}, "hpo.learning_rate", "`low` must be above 0"),
     ({"epochs": {"low": 0, "high": 2}}, "hpo.epochs", "`low` must be above 0"),
     ({"replay_share": {"low": 0.2, "high": 1.0}}, "hpo.replay_share", "below 1"),
-    ({"rank": [8, 0]}, "hpo.rank.1", "greater than 0"),
+    ({"rank": [8, 0]}, "hpo.rank", "every rank must be above 0"),
     ({"lerning_rate": {"low": 1e-4, "high": 1e-3}}, "hpo.lerning_rate", "Extra inputs are not permitted"),
     ({"epochs": {"low": 1, "high": 2, "step": 1}}, "hpo.epochs.step", "Extra inputs are not permitted"),
     ({"validation_share": 1.0}, "hpo.validation_share", "less than 1"),
