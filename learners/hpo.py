@@ -21,6 +21,7 @@ base model does, whatever its rank).
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import threading
 import time
@@ -36,7 +37,7 @@ from optuna.trial import TrialState
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from learners.base_model import load_base
+from learners.base_model import load_tokenizer
 from learners.config import TrainSettings
 from learners.hpo_config import HpoSettings
 from learners.reports import Progress, SearchReport, TrialReport
@@ -137,7 +138,7 @@ class Search:
         self.split = ValidationSplit.of(snapshot.new, snapshot.replay, hpo.validation_share, cfg.seed)
         # A seed per update: the same seed in every update would draw the same random trials.
         self.study = open_study(journal, hpo, cfg.seed + max(snapshot.new_windows, default=0))
-        self.tokenizer: PreTrainedTokenizerBase = load_base(base_path)[1]
+        self.tokenizer: PreTrainedTokenizerBase = load_tokenizer(base_path)
 
     def run(self) -> Winner | None:
         """The winning settings; None when the split leaves nothing to score or to train on."""
@@ -157,8 +158,12 @@ class Search:
             key = trial.number if key is None else key
             reports.append(self._trial(trial, k, key))
             LOG.info("trial %d/%d: %s", k, self.hpo.trials, reports[-1])
-        finished = [t for t in reports if not t.pruned and t.value is not None]
-        best = max(finished, key=lambda t: (t.value, -t.loss))  # the first trials are never pruned
+        # The first two trials are never pruned; a trial whose loss diverged has no finite score.
+        finished = [t for t in reports if not t.pruned and t.value is not None and math.isfinite(t.value)]
+        if not finished:
+            LOG.warning("no trial of the search finished with a finite score: training with the settings as they are")
+            return None
+        best = max(finished, key=lambda t: (t.value, -t.loss))
         self.study.set_user_attr(WINNER, best.params)
         reports = [t.model_copy(update={"winner": t is best}) for t in reports]
         start_dir = self._fresh_adapter(best.params, "winner") if reshaped(best.params) else None
@@ -168,10 +173,10 @@ class Search:
             seconds=time.perf_counter() - started))
 
     def _enqueue_last_winner(self) -> None:
-        last = self.study.user_attrs.get(WINNER)
+        last = within(self.study.user_attrs.get(WINNER, {}), self.hpo, self.shape_searched)
         waiting = self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
         if last and not waiting:  # one left waiting by a search killed before it ran is tried first anyway
-            self.study.enqueue_trial(within(last, self.hpo, self.shape_searched), user_attrs={"enqueued": True})
+            self.study.enqueue_trial(last, user_attrs={"enqueued": True})
 
     def _fresh_adapter(self, params: dict[str, float], name: str) -> Path:
         directory = self.scratch / f"fresh-{name}"
@@ -217,5 +222,7 @@ class Search:
             raise
         finally:
             shutil.rmtree(out, ignore_errors=True)
+            if start != self.live_dir:
+                shutil.rmtree(start, ignore_errors=True)
         self.study.tell(trial, value)
         return report(value, loss, pruned=False)
