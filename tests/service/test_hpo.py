@@ -26,6 +26,7 @@ from learners.update_step import TRAIN_CONFIG_FILE
 from learners.validation import ValidationSplit
 from service.cli import _show
 from service.core import Service
+from service.narrator import Narrator
 from service.routes.updates import UpdatePublic
 from service.update_manager import STUDY_JOURNAL
 from streams.records import TicketRecord
@@ -108,13 +109,16 @@ def test_trials_are_scored_on_training_rows_never_on_the_gates_probes(tiny_llama
 
 def test_a_search_killed_mid_trial_leaves_a_study_the_next_update_goes_on_from(tiny_llama: Path,
                                                                                tmp_path: Path) -> None:
-    long = HPO.model_copy(update={"epochs": PositiveRange(low=200.0, high=300.0)})
+    long = HPO.model_copy(update={"epochs": PositiveRange(low=40.0, high=60.0)})  # trials of seconds
     service = Service(tiny_settings(tmp_path, None, train=TRAIN, gate=PROMOTE_ALL, hpo=long))
     try:
         add_window(service)
         killed = service.updates.start("manual")
         wait_for(lambda: killed.progress is not None and killed.progress.trial == 2, 120, "the second trial")
         assert killed.stage == "searching" and killed.progress is not None and killed.progress.trials == 3
+        lines: list[str] = []
+        Narrator(service, lines.append).tick()  # what `evergreen up` tells on the terminal
+        assert lines[-1].endswith("update 1 searches window 1: 3 trials of its training settings"), lines
         worker = service.updates.worker_pid
         assert worker is not None
         os.kill(worker, signal.SIGKILL)
