@@ -17,6 +17,7 @@ import optuna
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
+from prometheus_client import generate_latest
 from rich.progress import Progress, TextColumn
 
 from learners.config import PROMOTE_ALL
@@ -30,7 +31,7 @@ from service.narrator import Narrator
 from service.routes.updates import UpdatePublic
 from service.update_manager import STUDY_JOURNAL
 from streams.records import TicketRecord
-from tests.conftest import TINY_TRAIN, tiny_settings, wait_for
+from tests.conftest import TINY_TRAIN, gauge, tiny_settings, wait_for
 from tests.service.test_update_manager import LABELS, add_window, run_update
 
 # Short trials: the tiny llama, a few steps each.
@@ -116,6 +117,7 @@ def test_a_search_killed_mid_trial_leaves_a_study_the_next_update_goes_on_from(t
         killed = service.updates.start("manual")
         wait_for(lambda: killed.progress is not None and killed.progress.trial == 2, 120, "the second trial")
         assert killed.stage == "searching" and killed.progress is not None and killed.progress.trials == 3
+        assert gauge(generate_latest(service.metrics_registry).decode(), "evergreen_update_trials") == 3
         lines: list[str] = []
         Narrator(service, lines.append).tick()  # what `evergreen up` tells on the terminal
         assert lines[-1].endswith("update 1 searches window 1: 3 trials of its training settings"), lines
