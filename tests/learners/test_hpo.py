@@ -1,5 +1,6 @@
 """A search prunes a trial whose half-way score is below the median of its own search's trials,
-and never compares one window's validation scores with another's.
+and never compares one window's validation scores with another's; a window of replies alone is
+scored by its answer loss.
 
 Real training of the tiny llama; only the validation scores are scripted, so which trial is
 hopeless is known in advance.
@@ -12,9 +13,11 @@ from pathlib import Path
 import pytest
 
 from learners import hpo
+from learners.base_model import load_base
 from learners.hpo import Search
 from learners.hpo_config import HpoSettings, PositiveRange
 from learners.update_step import initial_adapter
+from learners.validation import validation_score
 from replay.buffer import Snapshot
 from streams.records import TicketRecord
 from tests.conftest import TINY_TRAIN
@@ -55,3 +58,13 @@ def test_a_hopeless_trial_is_pruned_half_way_against_its_own_search_only(
     assert second is not None
     assert [t.pruned for t in second.report.trials] == [False, False, False]
     assert second.report.trials[0].enqueued and second.report.trials[0].params == trials[0].params
+
+
+def test_a_window_of_replies_alone_is_scored_by_its_answer_loss(tiny_llama: Path) -> None:
+    model, tokenizer = load_base(tiny_llama)
+    replies = [TicketRecord(id=f"r{i}", text=f"where is my card {i}", reply="It ships today.") for i in range(3)]
+    score, loss = validation_score(model, tokenizer, replies, LABELS, TINY_TRAIN)
+    assert loss > 0 and score == -loss  # higher is better, as with accuracy
+    labelled = [r.model_copy(update={"label": LABELS[0]}) for r in replies]
+    score, with_labels = validation_score(model, tokenizer, labelled, LABELS, TINY_TRAIN)
+    assert score in (0.0, 1 / 3, 2 / 3, 1.0) and with_labels > 0  # accuracy over the three labelled rows
