@@ -20,8 +20,11 @@ With `--poison`, a last window of new intents whose labels are scrambled across 
 streamed after the stream, and the default gate's verdict on it recorded (the gate must refuse
 it). Figures per stream: the accuracy matrix, each window's accuracy when learned against the
 base's zero-shot accuracy, final average accuracy × joint, forgetting (accuracy when learned
-minus final), canary drift of every candidate, verdicts with reasons, update times. A JSON
-document and a markdown table go to `bench/results/suite-<preset>.*`.
+minus final), canary drift of every candidate, verdicts with reasons, update times and the CPU
+seconds of each update's training process (training, any search, the gate). With
+`--hpo-trials N` the default method searches N trials per update (`hpo.trials`; one study per
+run); the trials are in each update's `search`. A JSON document and a markdown table go to
+`bench/results/suite-<preset>[-hpo<N>].*`.
 
     evergreen bench suite --preset quick                      # every stream, on 2 CPU cores
     evergreen bench suite --preset quick --streams mixed,mcid
@@ -32,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import resource
 import shutil
 import sys
 import tempfile
@@ -50,6 +54,7 @@ from peft import PeftModel
 from learners.base_model import load_base, resolve_base_model
 from learners.config import PROMOTE_ALL, GateSettings, TrainSettings
 from learners.gate import score_probes, window_scores
+from learners.hpo_config import HpoSettings
 from learners.scoring import LabelScorer
 from replay.buffer import ReplayBuffer
 from replay.embed import SentenceEmbedder
@@ -58,7 +63,7 @@ from service.live import LiveVersion, NothingServed
 from service.registry import AdapterRegistry
 from service.settings import RegistrySettings
 from service.update_log import UpdateRecord
-from service.update_manager import UpdateManager, ensure_initial_version
+from service.update_manager import STUDY_JOURNAL, UpdateManager, ensure_initial_version
 from streams.datasets import DATASETS, load_tickets, scramble
 from streams.records import TicketRecord
 
@@ -139,24 +144,27 @@ class Loop:
     """The product's update path without the HTTP server: buffer, updates, registry."""
 
     def __init__(self, root: Path, base_path: Path, embedder: SentenceEmbedder, train: TrainSettings,
-                 gate: GateSettings) -> None:
+                 gate: GateSettings, hpo: HpoSettings) -> None:
         self.buffer = ReplayBuffer(root / "buffer", embedder)
         self.registry = AdapterRegistry(root / "registry")
         ensure_initial_version(self.registry, base_path, train)
         self.updates = UpdateManager(self.buffer, LiveVersion(self.registry, NothingServed()),
                                      AccuracyMatrix(self.registry.root / "accuracy.json"), base_path, train, gate,
-                                     root / "scratch", RegistrySettings())
+                                     root / "scratch", RegistrySettings(), hpo, root / STUDY_JOURNAL)
 
     def add(self, rows: Sequence[TicketRecord]) -> None:
         self.buffer.add_many(rows)
 
-    def update(self) -> UpdateRecord:
+    def update(self) -> tuple[UpdateRecord, float]:
+        """The finished update, and the CPU seconds of its training process (reaped by then)."""
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         record = self.updates.start("bench")
         while record.finished_at is None:
             time.sleep(0.5)
-        return record
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return record, after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
 
-    def learn(self, rows: Sequence[TicketRecord]) -> UpdateRecord:
+    def learn(self, rows: Sequence[TicketRecord]) -> tuple[UpdateRecord, float]:
         self.add(rows)
         return self.update()
 
@@ -193,7 +201,7 @@ def accuracy(base_path: Path, adapter: Path | None, labels: Sequence[str],
 
 def run_method(method: str, stream: Stream, base_path: Path, embedder: SentenceEmbedder, train: TrainSettings,
                gate: GateSettings, poison: list[TicketRecord] | None, log: Any,
-               keep: Path | None = None) -> dict[str, Any]:
+               keep: Path | None = None, hpo: HpoSettings | None = None) -> dict[str, Any]:
     train, gate = method_settings(method, train, gate)
     phases = [[r for w in stream.train for r in w]] if method == "joint" else stream.train
     matrix: list[list[float | None]] = []
@@ -202,7 +210,7 @@ def run_method(method: str, stream: Stream, base_path: Path, embedder: SentenceE
     base_zero_shot: list[float] = []
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=f"bench-suite-{method}-") as scratch:
-        loop = Loop(Path(scratch), base_path, embedder, train, gate)
+        loop = Loop(Path(scratch), base_path, embedder, train, gate, hpo or HpoSettings())
         try:
             for phase, rows in enumerate(phases):
                 seen = len(stream.labels) if method == "joint" else phase + 1
@@ -212,14 +220,14 @@ def run_method(method: str, stream: Stream, base_path: Path, embedder: SentenceE
                 if method == "default":  # what a user gets before the update: the base, and the buffer's vote
                     zero_shot = accuracy(base_path, None, labels, {phase + 1: stream.test[phase]}, loop.buffer)
                     base_zero_shot.append(zero_shot.served[phase + 1])
-                record = loop.update()
-                updates.append(summary(record))
+                record, cpu = loop.update()
+                updates.append(summary(record, cpu))
                 live = loop.registry.live
                 assert live is not None
                 now = accuracy(base_path, loop.registry.path(live), labels, tests, loop.buffer)
                 matrix.append([now.served.get(w + 1) for w in range(len(stream.labels))])
                 model_matrix.append([now.model_alone.get(w + 1) for w in range(len(stream.labels))])
-                log(f"{stream.name:<9} {method:<7} window {seen}: {record.status} ({record.reason}); "
+                log(f"{stream.name:<9} {method:<7} window {seen}: {record.status} ({record.reason}, cpu {cpu:.0f} s); "
                     f"live {live}: " + " ".join(f"{a:.2f}" for a in now.served.values())
                     + " (model alone: " + " ".join(f"{a:.2f}" for a in now.model_alone.values()) + ")")
             known = None if method == "joint" else among_known(base_path, loop.registry.path(live), stream,
@@ -227,8 +235,8 @@ def run_method(method: str, stream: Stream, base_path: Path, embedder: SentenceE
             if keep is not None:  # the final live adapter, to study offline (the stream is reproducible)
                 shutil.copytree(loop.registry.path(live), keep, dirs_exist_ok=True)
             if poison is not None:
-                record = loop.learn(poison)
-                updates.append({**summary(record), "poisoned": True})
+                record, cpu = loop.learn(poison)
+                updates.append({**summary(record, cpu), "poisoned": True})
                 log(f"{stream.name:<9} {method:<7} scrambled window: {record.status} ({record.reason})")
         finally:
             loop.close()
@@ -255,10 +263,11 @@ def among_known(base_path: Path, adapter: Path, stream: Stream, windows: int,
                      {n: stream.test[n - 1]}, buffer) for n in range(1, windows)]
 
 
-def summary(record: UpdateRecord) -> dict[str, Any]:
+def summary(record: UpdateRecord, cpu_seconds: float) -> dict[str, Any]:
     gate = record.gate
     return {"status": record.status, "reason": record.reason, "windows": record.windows,
-            "seconds": (record.finished_at or 0) - record.started_at,
+            "seconds": (record.finished_at or 0) - record.started_at, "cpu_seconds": cpu_seconds,
+            "search": record.search.model_dump(mode="json") if record.search is not None else None,
             "steps": record.progress.steps if record.progress else None,
             "canary_drift": gate.canary.drift if gate is not None and gate.canary is not None else None,
             "checks": [c.model_dump(include={"name", "passed", "observed", "threshold", "p_value"})
@@ -309,8 +318,8 @@ def targets(result: dict[str, Any]) -> dict[str, bool]:
 def markdown(results: dict[str, dict[str, Any]]) -> str:
     lines = ["| stream | zero-shot base | when learned | naive final, forgetting | default final | × joint | "
              "forgetting | among the labels known then | model alone: final, forgetting | promoted | "
-             "scrambled window | minutes |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "scrambled window | minutes | default's update CPU minutes |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         d = r["default"]
         healthy = [u for u in d["updates"] if not u.get("poisoned")]
@@ -326,7 +335,8 @@ def markdown(results: dict[str, dict[str, Any]]) -> str:
             + f" | {d['model_alone']['final_accuracy']:.3f}, {d['model_alone']['forgetting']:+.3f}"
             + f" | {sum(u['status'] == 'promoted' for u in healthy)}/{len(healthy)} | "
             + (poisoned[0]["status"] if poisoned else "–")
-            + f" | {sum(m['seconds'] for k, m in r.items() if k in METHODS) / 60:.1f} |")
+            + f" | {sum(m['seconds'] for k, m in r.items() if k in METHODS) / 60:.1f}"
+            + f" | {sum(u['cpu_seconds'] for u in healthy) / 60:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -341,6 +351,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--base", default="smollm2-135m", help="base model (`model prepare` name or directory)")
     parser.add_argument("--train-json", default="{}", help="TrainSettings overrides as JSON (default: none)")
     parser.add_argument("--gate-json", default="{}", help="GateSettings overrides as JSON (default: none)")
+    parser.add_argument("--hpo-trials", type=int, default=0, help="hyperparameter search trials per update of the "
+                        "default method (`hpo.trials`; 0: none)")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--keep", action="store_true",
                         help="copy each run's final live adapter to OUT/adapters/<stream>-seed<seed>-<method>")
@@ -354,6 +366,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         preset = Preset(args.windows, preset.intents_per_window, preset.per_intent, preset.test_per_intent)
     train = TrainSettings.model_validate(json.loads(args.train_json))
     gate = GateSettings.model_validate(json.loads(args.gate_json))
+    hpo = HpoSettings(trials=args.hpo_trials)
     base_path = resolve_base_model(args.base, Path.home() / ".cache" / "evergreen" / "models")
     embedder = SentenceEmbedder()
     command = "evergreen bench suite " + " ".join(sys.argv[1:] if argv is None else argv)
@@ -370,15 +383,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                             poison if method == "default" else None,
                                             lambda line: print(line, flush=True),
                                             args.out / "adapters" / f"{name}-seed{seed}-{method}"
-                                            if args.keep else None)
+                                            if args.keep else None, hpo if method == "default" else None)
             if "default" in result:
                 result["targets_met"] = targets(result)
             results[f"{name} (seed {seed})" if len(args.seeds.split(",")) > 1 else name] = result
             # Written after every stream, so a long run that is stopped still leaves its figures.
             document = {"preset": args.preset, "preset_sizes": asdict(preset), "base": args.base,
                         "train": train.model_dump(mode="json"), "gate": gate.model_dump(mode="json"),
+                        "hpo": hpo.model_dump(mode="json"),
                         "command": command, "results": results}
-            stem = args.out / f"suite-{args.preset}"
+            stem = args.out / (f"suite-{args.preset}" + (f"-hpo{hpo.trials}" if hpo.searching else ""))
             stem.parent.mkdir(parents=True, exist_ok=True)
             stem.with_suffix(".json").write_text(json.dumps(document, indent=2) + "\n")
             if "default" in methods:

@@ -88,11 +88,17 @@ def _build_tiny_llama(tokenizer_dir: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def load_base(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The base model in fp32, in eval mode with every parameter frozen, and its tokenizer."""
+def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
+    """The base model's tokenizer, padding with its end-of-sequence token if it has no pad token."""
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The base model in fp32, in eval mode with every parameter frozen, and its tokenizer."""
+    tokenizer = load_tokenizer(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     model.eval()
     model.requires_grad_(False)

@@ -47,6 +47,9 @@ class Progress(Report):
     loss: Loss = Field(description="Answer loss of the step's batch (null if not finite).")
     penalty: Loss = Field(description="EWC penalty plus general-text drift of the step.")
     tokens_per_s: float = Field(description="Training throughput since the round started.")
+    trial: int | None = Field(default=None, description="The search's trial this round is, from 1 "
+                                                        "(`hpo.trials`); none for the candidate's own training.")
+    trials: int | None = Field(default=None, description="Trials of the search, when this round is one.")
 
 
 class TrainingProgress(Progress):
@@ -168,6 +171,36 @@ class GateSummary(GateVerdict):
                    checks_passed=len(report.checks) - failed, checks_failed=failed)
 
 
+class TrialReport(Report):
+    """One trial of an update's hyperparameter search (`learners.hpo`)."""
+
+    number: int = Field(description="Its number in the service's study (over every update).")
+    params: dict[str, int | float] = Field(description="The settings it trained with: `learning_rate`, `epochs`, "
+                                                       "`replay_share` (with replay rows), and while the live "
+                                                       "version is untrained `rank` and `alpha_ratio`.")
+    value: float | None = Field(description="Its validation score, higher is better (the half-way score of a "
+                                            "pruned trial; none if it failed).")
+    loss: Loss = Field(description="Mean answer loss on the validation rows: ties of accuracy are broken by it.")
+    steps: int = Field(description="Optimiser steps it ran.")
+    seconds: float
+    pruned: bool = Field(description="Stopped half-way: its score then was below the median of this update's "
+                                     "trials.")
+    winner: bool = False
+    enqueued: bool = Field(default=False, description="The previous update's winner, tried first.")
+
+
+class SearchReport(Report):
+    """An update's hyperparameter search: its trials, and which settings trained the candidate."""
+
+    metric: str = Field(description="`accuracy` (label accuracy on the validation rows, as the gate scores "
+                                    "probes) or, with no labelled validation row, `-answer_loss`.")
+    validation_rows: int = Field(description="Training rows held out to score the trials (new and replay).")
+    trials: list[TrialReport]
+    winner: dict[str, int | float] = Field(description="The winning trial's settings, which trained the candidate on "
+                                                 "every training row.")
+    seconds: float = Field(description="Time the search took, before the candidate's own training.")
+
+
 class UpdateOutcome(Report):
     """What one update produced: the gate's verdict on its candidate, the round's figures, and
     the labels the candidate knows."""
@@ -175,3 +208,5 @@ class UpdateOutcome(Report):
     gate: GateReport
     train: RoundReport
     labels: list[str]
+    search: SearchReport | None = Field(default=None, description="The hyperparameter search that chose the "
+                                                                  "candidate's settings (`hpo.trials` ≥ 2).")

@@ -134,9 +134,13 @@ def data_parallel(model: nn.Module) -> tuple[nn.Module, int, int]:
 def run_round(model: nn.Module, new: Sequence[Example], replay: Sequence[Example], cfg: TrainSettings,
               pad_id: int, ewc: EwcPenalty | None = None,
               on_progress: Callable[[Progress], None] | None = None,
-              cancel: threading.Event | None = None, general: GeneralText | None = None) -> RoundReport:
+              cancel: threading.Event | None = None, general: GeneralText | None = None,
+              midway: Callable[[nn.Module], None] | None = None) -> RoundReport:
     """Train the model's adapter on the new window plus replay, regularised by EWC and, with
     `general` text, by the KL drift from the base model on it (`learners.general`).
+
+    `midway` is called once, after half the steps, with the model in eval mode: a search scores
+    the trial there and may raise to stop it (`learners.hpo`).
 
     Under torchrun every rank draws the same batches (same seed) and trains on its share of
     each; gradients are averaged, so all ranks keep identical weights. `tokens` in the report
@@ -175,6 +179,10 @@ def run_round(model: nn.Module, new: Sequence[Example], replay: Sequence[Example
             elapsed = time.perf_counter() - started
             on_progress(Progress(step=step + 1, steps=len(batches), loss=loss_value, penalty=penalty.item(),
                                  tokens_per_s=tokens / elapsed))
+        if midway is not None and step + 1 == len(batches) // 2:
+            model.eval()
+            midway(model)
+            model.train()
     model.eval()
     return RoundReport(steps=len(batches), examples_new=len(new), examples_replay=len(replay),
                        final_loss=loss_value, tokens=tokens, seconds=time.perf_counter() - started,

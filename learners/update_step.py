@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from peft import PeftModel, get_peft_model
 from torch import distributed as dist
+from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from learners.base_model import load_base
@@ -34,6 +35,7 @@ from replay.buffer import Snapshot
 from streams.records import TicketRecord
 
 EWC_FILE = "ewc.safetensors"
+TRAIN_CONFIG_FILE = "train_config.json"  # the settings a version was trained with
 
 
 def initial_adapter(base_path: Path, out_dir: Path, cfg: AdapterSettings, seed: int) -> None:
@@ -48,6 +50,7 @@ def train_adapter(new_records: Sequence[TicketRecord], replay_records: Sequence[
                   base_path: Path, live_dir: Path, out_dir: Path, cfg: TrainSettings,
                   on_progress: Callable[[Progress], None] | None = None,
                   cancel: threading.Event | None = None,
+                  midway: Callable[[nn.Module], None] | None = None,
                   ) -> tuple[PeftModel, PreTrainedTokenizerBase, RoundReport]:
     """Warm-start from the live adapter (in its own method), train, consolidate EWC, save.
 
@@ -64,10 +67,12 @@ def train_adapter(new_records: Sequence[TicketRecord], replay_records: Sequence[
                 if cfg.ewc.enabled and (live_dir / EWC_FILE).exists() else None)
     general = (GeneralText(tokenizer, tokenizer.pad_token_id, cfg.general_rows, cfg.seed)
                if cfg.keep_general > 0 else None)
-    report = run_round(model, new, replay, cfg, tokenizer.pad_token_id, previous, on_progress, cancel, general)
+    report = run_round(model, new, replay, cfg, tokenizer.pad_token_id, previous, on_progress, cancel, general,
+                       midway)
     ewc = consolidate_window(model, new, previous, cfg, tokenizer.pad_token_id) if cfg.ewc.enabled else None
     if not dist.is_initialized() or dist.get_rank() == 0:
         model.save_pretrained(out_dir)
+        (out_dir / TRAIN_CONFIG_FILE).write_text(cfg.model_dump_json(indent=2))
         if ewc is not None:
             ewc.save(out_dir / EWC_FILE)
     return model, tokenizer, report
@@ -96,7 +101,8 @@ def train_candidate(snapshot: Snapshot, base_path: Path, live_dir: Path, out_dir
                     cancel: threading.Event | None = None,
                     best_before: Mapping[int, float] | None = None,
                     shortlists: Mapping[str, Sequence[str]] | None = None,
-                    votes: Votes | None = None, vote_weight: float = 0.0) -> UpdateOutcome:
+                    votes: Votes | None = None, vote_weight: float = 0.0,
+                    start_dir: Path | None = None) -> UpdateOutcome:
     """Train a candidate warm-started from the live adapter, save it to `out_dir`, gate it.
 
     The candidate's probe scores are saved with it (`learners.score_cache`); the live version's,
@@ -105,9 +111,11 @@ def train_candidate(snapshot: Snapshot, base_path: Path, live_dir: Path, out_dir
     `best_before`: each window's best accuracy under earlier live versions (see `judge`).
     `shortlists`: the labels each probe (by id) is judged among (see `score_probes`).
     `votes`, `vote_weight`: the buffer's vote on each probe and its weight in the answer (`window_score`).
+    `start_dir`: the adapter training starts from, when not the live one (a search's fresh adapter
+    of another rank, `learners.hpo`); the gate still judges against the live version.
     """
-    model, tokenizer, report = train_adapter(snapshot.new, snapshot.replay, base_path, live_dir, out_dir,
-                                             cfg, on_progress, cancel)
+    model, tokenizer, report = train_adapter(snapshot.new, snapshot.replay, base_path, start_dir or live_dir,
+                                             out_dir, cfg, on_progress, cancel)
 
     started = time.perf_counter()
     scorer = LabelScorer(tokenizer, snapshot.labels)

@@ -24,6 +24,8 @@ import torch
 from pydantic import BaseModel, Field
 
 from learners.config import GateSettings, TrainSettings
+from learners.hpo import Search
+from learners.hpo_config import HpoSettings
 from learners.messages import (
     CancelledMessage,
     DoneMessage,
@@ -60,6 +62,11 @@ class Job(BaseModel):
                                 "(`replay.shortlist.vote_shares`).")
     vote_weight: float = Field(default=0.0, ge=0, description="The vote's weight in an answer "
                                                               "(`replay.vote_weight`).")
+    hpo: HpoSettings = Field(default=HpoSettings(), description="The hyperparameter search before training.")
+    study_journal: Path | None = Field(default=None, description="The search's Optuna journal (None: a study "
+                                                                 "of this update's trials only).")
+    live_untrained: bool = Field(default=False, description="The live version has learned no window (the "
+                                                            "first version): the search may change the rank.")
 
 
 def thread_budget(cfg: TrainSettings) -> int:
@@ -73,7 +80,8 @@ class Reporter:
 
     def __init__(self, out: IO[str]) -> None:
         self.out = out
-        self._first: tuple[float, int] | None = None  # when the first reported step ended
+        self._first: tuple[float, int] | None = None  # when the first reported step of the round ended
+        self._round: int | None = None  # the search's trial the steps belong to (None: the candidate's)
 
     def send(self, message: WorkerMessage) -> None:
         try:
@@ -85,7 +93,8 @@ class Reporter:
 
     def progress(self, p: Progress) -> None:
         now, eta_s = time.monotonic(), None
-        if self._first is None:
+        if self._first is None or p.trial != self._round:
+            self._round = p.trial
             self._first = (now, p.step)
         elif p.step > self._first[1]:
             per_step = (now - self._first[0]) / (p.step - self._first[1])
@@ -114,9 +123,15 @@ def main(job_file: Path) -> int:
         threads = thread_budget(job.train)
         torch.set_num_threads(threads)
         reporter.send(StartedMessage(pid=os.getpid(), threads=threads))
-        outcome = train_candidate(job.snapshot, job.base_path, job.live_dir, job.out_dir, job.train, job.gate,
-                                  reporter.progress, cancel, job.best_before, job.shortlists,
-                                  job.votes, job.vote_weight)
+        winner = (Search(job.snapshot, job.base_path, job.live_dir, job.live_untrained, job.train, job.hpo,
+                         job.study_journal, job_file.parent / "hpo", reporter.progress, cancel).run()
+                  if job.hpo.searching else None)
+        outcome = train_candidate(job.snapshot, job.base_path, job.live_dir, job.out_dir,
+                                  winner.cfg if winner else job.train, job.gate, reporter.progress, cancel,
+                                  job.best_before, job.shortlists, job.votes, job.vote_weight,
+                                  winner.start_dir if winner else None)
+        if winner is not None:
+            outcome = outcome.model_copy(update={"search": winner.report})
     except Cancelled as exc:
         reporter.send(CancelledMessage(reason=str(exc)))
         return EXIT_CANCELLED

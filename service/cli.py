@@ -222,7 +222,10 @@ def _follow(client: httpx.Client, update_id: int, poll: float) -> dict[str, Any]
 def _show(bar: Progress, task: TaskID, record: dict[str, Any], cancelling: bool) -> None:
     p = record["progress"] or {}
     eta = p.get("eta_s")
-    bar.update(task, description="cancelling" if cancelling else record["stage"],
+    stage = record["stage"]
+    if stage == "searching" and p.get("trial"):
+        stage = f"searching: trial {p['trial']}/{p['trials']}"
+    bar.update(task, description="cancelling" if cancelling else stage,
                completed=p.get("step", 0), total=p.get("steps"),
                loss=f"{p['loss']:.4f}" if p.get("loss") is not None else "-",
                speed=f"{p['tokens_per_s']:,.0f}" if "tokens_per_s" in p else "-",

@@ -24,7 +24,7 @@ from service.replicas import PromotionFollower, PromotionPublisher
 from service.runtime import ModelRuntime
 from service.scheduler import start_scheduler, stop_scheduler
 from service.settings import Settings
-from service.update_manager import UpdateManager, ensure_initial_version
+from service.update_manager import STUDY_JOURNAL, UpdateManager, ensure_initial_version
 from streams.ingest import Ingester
 from streams.produce import TicketProducer
 
@@ -59,7 +59,8 @@ class Service:
         self.live = LiveVersion(self.registry, self.runtime)
         self.updates = UpdateManager(self.buffer, self.live, self.matrix, self.base_path,
                                      settings.train, settings.gate, scratch_dir=data / "scratch",
-                                     retention=settings.registry)
+                                     retention=settings.registry, hpo=settings.hpo,
+                                     study_journal=settings.hpo.journal or data / STUDY_JOURNAL)
         self.generator = Generator(self.runtime, settings.serving.max_prompt_tokens, settings.serving.turn_tokens,
                                    settings.serving.turn_ms)
         self.batcher = ClassifyBatcher(self.runtime, settings.serving.max_batch, settings.serving.batch_wait_ms,

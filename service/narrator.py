@@ -76,7 +76,11 @@ class Narrator:
         if "started" not in told:
             told.add("started")
             self.tell(f"update {record.id} started ({record.trigger}): the open window is closed")
-        if record.windows and record.stage != "preparing" and "learning" not in told:
+        if record.stage == "searching" and record.progress and "searching" not in told:
+            told.add("searching")
+            self.tell(f"update {record.id} searches window {', '.join(map(str, record.windows))}: "
+                      f"{record.progress.trials} trials of its training settings")
+        if record.windows and record.stage not in ("preparing", "searching") and "learning" not in told:
             told.add("learning")
             steps = record.progress.steps if record.progress else 0
             self.tell(f"update {record.id} learns window {', '.join(map(str, record.windows))}: "

@@ -132,6 +132,8 @@ PROGRESS_GAUGES = {
     "penalty": ("evergreen_update_penalty", "EWC penalty at the running update's last step."),
     "tokens_per_s": ("evergreen_update_tokens_per_second", "Training throughput of the running update."),
     "eta_s": ("evergreen_update_eta_seconds", "Estimated training seconds left (the gate comes after)."),
+    "trial": ("evergreen_update_trial", "The hyperparameter search's trial training now (absent outside a search)."),
+    "trials": ("evergreen_update_trials", "Trials of the running update's hyperparameter search."),
 }
 
 

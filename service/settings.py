@@ -22,6 +22,7 @@ from pydantic_settings import (
 )
 
 from learners.config import GateSettings, TrainSettings
+from learners.hpo_config import HpoSettings
 from replay.config import ReplaySettings
 from streams.config import KafkaSettings
 
@@ -195,6 +196,7 @@ class Settings(BaseSettings):
     replay: ReplaySettings = ReplaySettings()
     train: TrainSettings = TrainSettings()
     gate: GateSettings = GateSettings()
+    hpo: HpoSettings = HpoSettings()
     registry: RegistrySettings = RegistrySettings()
     scheduler: SchedulerSettings = SchedulerSettings()
     api: ApiSettings = ApiSettings()

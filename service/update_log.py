@@ -18,14 +18,15 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from learners.reports import GateReport, TrainingProgress
+from learners.reports import GateReport, SearchReport, TrainingProgress
 from service.registry import AdapterRegistry, RegistryError, fsync_write
 
 LOG = logging.getLogger(__name__)
 
 UpdateStatus = Literal["running", "promoted", "rejected", "skipped", "cancelled", "failed"]
-# preparing: snapshot, starting the training process, loading the model; gating: Fisher, save, gate.
-UpdateStage = Literal["preparing", "training", "gating", "finished"]
+# preparing: snapshot, starting the training process, loading the model; searching: the trials of
+# the hyperparameter search (`hpo.trials`); gating: Fisher, save, gate.
+UpdateStage = Literal["preparing", "searching", "training", "gating", "finished"]
 
 
 @dataclass
@@ -43,11 +44,13 @@ class UpdateRecord:
     snapshot_seconds: float | None = None
     progress: TrainingProgress | None = None  # as the training process last reported it
     gate: GateReport | None = None
+    search: SearchReport | None = None  # the hyperparameter search's trials, when it searched
 
     def to_json(self) -> dict[str, Any]:
         """The record without its gate report (the version's metadata holds that)."""
         values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "gate"}
         values["progress"] = None if self.progress is None else self.progress.model_dump(mode="json")
+        values["search"] = None if self.search is None else self.search.model_dump(mode="json")
         return values
 
 
@@ -67,9 +70,10 @@ class UpdateLog:
         for line in lines[-self.keep:] if self.keep else []:
             try:
                 values = json.loads(line)
-                progress = values.pop("progress")
+                progress, search = values.pop("progress"), values.pop("search", None)
                 record = UpdateRecord(**values, progress=None if progress is None
-                                      else TrainingProgress.model_validate(progress))
+                                      else TrainingProgress.model_validate(progress),
+                                      search=None if search is None else SearchReport.model_validate(search))
             except (ValueError, TypeError, ValidationError):
                 LOG.warning("skipping an unreadable line of %s", self.path)
                 continue

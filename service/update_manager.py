@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from learners.config import GateSettings, TrainSettings
+from learners.hpo_config import HpoSettings
 from learners.messages import (
     CancelledMessage,
     DoneMessage,
@@ -43,6 +44,8 @@ from service.worker_process import TrainingFailed, TrainingProcess, describe_exi
 from streams.records import TicketRecord
 
 LOG = logging.getLogger(__name__)
+STUDY_JOURNAL = "hpo-study.journal"  # the hyperparameter search's Optuna journal, in `data_dir`
+
 
 class UpdateInProgress(Exception):
     """Another update is running; updates never overlap."""
@@ -87,8 +90,13 @@ class UpdateManager:
 
     def __init__(self, buffer: ReplayBuffer, live: LiveVersion, matrix: AccuracyMatrix,
                  base_path: Path, train: TrainSettings, gate: GateSettings, scratch_dir: Path,
-                 retention: RegistrySettings) -> None:
+                 retention: RegistrySettings, hpo: HpoSettings | None = None,
+                 study_journal: Path | None = None) -> None:
         self.buffer = buffer
+        # The search before training (`hpo.trials` ≥ 2) and its study's journal; without a journal
+        # each update's search is a study of its own trials.
+        self.hpo = hpo or HpoSettings()
+        self.study_journal = study_journal
         # Job folders of the training processes. A process killed mid-update never removes its
         # own, so what is there at start belongs to no running update: removed.
         self.scratch_dir = scratch_dir
@@ -218,7 +226,8 @@ class UpdateManager:
             job = Job(snapshot=snapshot, base_path=self.base_path, live_dir=self.registry.path(live),
                       out_dir=draft.path, train=self.train, gate=self.gate,
                       best_before=best_before(self.registry, self.matrix, live), shortlists=shortlists,
-                      votes=votes, vote_weight=self.buffer.settings.vote_weight)
+                      votes=votes, vote_weight=self.buffer.settings.vote_weight, hpo=self.hpo,
+                      study_journal=self.study_journal, live_untrained=not live_info.windows_trained)
             outcome = self._train(record, job)
             info = self.registry.publish(draft, VersionMetadata(
                 parent=live, verdict="accepted" if outcome.gate.passed else "rejected",
@@ -226,6 +235,7 @@ class UpdateManager:
                 labels=outcome.labels, gate=outcome.gate, train=outcome.train))
         self.matrix.record_gate(info.name, live, outcome.gate)
         record.version, record.gate, record.reason = info.name, outcome.gate, outcome.gate.reason
+        record.search = outcome.search
         if info.verdict == "rejected":
             record.status = "rejected"
         else:
@@ -258,7 +268,8 @@ class UpdateManager:
                 for message in process.messages():
                     if isinstance(message, ProgressMessage):
                         record.progress = TrainingProgress.model_validate(message.model_dump(exclude={"event"}))
-                        record.stage = "training" if message.step < message.steps else "gating"
+                        record.stage = ("searching" if message.trial is not None
+                                        else "training" if message.step < message.steps else "gating")
                     elif not isinstance(message, StartedMessage):
                         last = message
             finally:

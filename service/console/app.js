@@ -258,7 +258,8 @@ function renderUpdates(updates) {
     const eta = running.stage === "gating" ? "evaluating probes"
       : typeof p.eta_s === "number" ? `${ago(p.eta_s)} of training` : "estimating";
     figures($("progress-figures"), [
-      ["stage", running.stage], ["step", p.steps ? `${p.step} / ${p.steps}` : "–"], ["loss", fixed(p.loss)],
+      ["stage", running.stage], ...(p.trial ? [["trial", `${p.trial} / ${p.trials}`]] : []),
+      ["step", p.steps ? `${p.step} / ${p.steps}` : "–"], ["loss", fixed(p.loss)],
       ["tokens/s", typeof p.tokens_per_s === "number" ? p.tokens_per_s.toFixed(0) : "–"], ["ETA", eta],
       ["running for", ago(now() - running.started_at)]]);
   }
@@ -268,6 +269,33 @@ function renderUpdates(updates) {
       h("td", {}, String(u.id)), h("td", {}, u.trigger), h("td", {}, h("span", { class: `pill ${u.status}` }, u.status)),
       h("td", {}, u.version || "–"), h("td", {}, u.finished_at ? ago(u.finished_at - u.started_at) : "…"),
       h("td", { class: "reason", title: u.reason || "" }, u.reason || ""))));
+  renderSearch(updates);
+}
+
+// The hyperparameter search (`hpo.trials`): the newest search's trials, and each search's winner.
+function renderSearch(updates) {
+  const searched = updates.filter((u) => u.search).reverse();  // oldest first
+  $("search").hidden = !searched.length;
+  if (!searched.length) return;
+  const last = searched[searched.length - 1].search;
+  const accuracy = last.metric === "accuracy";
+  const scale = (values) => {
+    const low = Math.min(0, ...values.filter((v) => typeof v === "number"));
+    return accuracy ? { yMin: 0, yMax: 1 } : { yMin: Math.floor(low), yMax: 0, step: Math.max(1, -Math.floor(low)) / 4,
+      format: (v) => v.toFixed(2) };
+  };
+  const winner = last.trials.find((t) => t.winner) || {};
+  const number = (v) => (Number.isInteger(v) ? String(v) : Math.abs(v) < 0.01 ? v.toExponential(1) : v.toPrecision(3));
+  const params = Object.entries(winner.params || {}).map(([k, v]) => `${k} ${number(v)}`).join(", ");
+  $("search-caption").textContent = `Update #${searched[searched.length - 1].id}: ${last.trials.length} trials, `
+    + `${last.metric} on ${last.validation_rows} held-out training rows (hollow: pruned); winner #${winner.number}: ${params}`;
+  const values = last.trials.map((t) => t.value);
+  Charts.lines($("search-trials"), last.trials.map((t) => `#${t.number}`),
+    [{ name: "validation score", colour: "#2e86c1", values, hollow: last.trials.map((t) => t.pruned) }],
+    { ...scale(values), height: 150 });
+  const winners = searched.map((u) => (u.search.trials.find((t) => t.winner) || {}).value);
+  Charts.lines($("search-winners"), searched.map((u) => `#${u.id}`),
+    [{ name: "winner's validation score", colour: "#1e8449", values: winners }], { ...scale(winners), height: 150 });
 }
 
 function figures(list, pairs) {

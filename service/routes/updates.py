@@ -7,7 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, HTTPException, Query, status
 from pydantic import BaseModel, Field
 
-from learners.reports import GateReport, GateSummary, TrainingProgress
+from learners.reports import GateReport, GateSummary, SearchReport, TrainingProgress
 from service.deps import AdminDep, PrimaryDep, ServiceDep
 from service.errors import responses
 from service.update_log import UpdateRecord, UpdateStage
@@ -22,8 +22,9 @@ class UpdateFields(BaseModel):
     id: int
     trigger: str
     status: str
-    stage: UpdateStage = Field(description="preparing (loading, snapshotting), training, gating (the gate's "
-                                           "evaluation after the last step), or finished.")
+    stage: UpdateStage = Field(description="preparing (loading, snapshotting), searching (the hyperparameter "
+                                           "search's trials), training, gating (the gate's evaluation after the "
+                                           "last step), or finished.")
     started_at: float
     finished_at: float | None
     version: str | None
@@ -35,6 +36,8 @@ class UpdateFields(BaseModel):
                                                        "and the version's metadata).")
     progress: TrainingProgress | None = Field(description="Training as its process last reported it (gating "
                                                           "follows the last step); none before the first step.")
+    search: SearchReport | None = Field(default=None, description="The hyperparameter search's trials and winner "
+                                                                  "(`hpo.trials` ≥ 2), once it finished.")
 
 
 class UpdatePublic(UpdateFields):

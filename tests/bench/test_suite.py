@@ -41,7 +41,20 @@ def test_suite_smoke_runs_the_product_path(tmp_path: Path, tiny_llama: Path) -> 
     # Every update reached the gate, and its verdict is what its checks say.
     assert all(u["checks"] and (u["status"] == "promoted") == all(c["passed"] for c in u["checks"])
                for u in default["updates"])
+    assert all(u["cpu_seconds"] > 0 and u["search"] is None for u in default["updates"])
     assert all(u["status"] == "promoted" for u in result["naive"]["updates"])  # naive's gate lets all through
     assert len(result["joint"]["matrix"]) == 1 and result["joint"]["updates"][0]["windows"] == [1]
     assert "poisoned_update_rejected" in result["targets_met"]
     assert "| mixed |" in (tmp_path / "suite-smoke.md").read_text()
+
+
+def test_suite_searches_with_hpo_trials_and_reports_each_updates_cpu(tmp_path: Path, tiny_llama: Path) -> None:
+    bench = load_bench("suite")
+    bench.main(["--preset", "smoke", "--base", str(tiny_llama), "--streams", "mcid", "--methods", "default",
+                "--hpo-trials", "2", "--train-json", '{"batch_size": 8}', "--out", str(tmp_path)])
+    written = json.loads((tmp_path / "suite-smoke-hpo2.json").read_text())
+    assert written["hpo"]["trials"] == 2
+    updates = written["results"]["mcid"]["default"]["updates"]
+    assert [len(u["search"]["trials"]) for u in updates] == [2, 2]
+    # The searches cost CPU beyond the candidate's training: the training process's, per update.
+    assert all(u["cpu_seconds"] > 0 for u in updates)

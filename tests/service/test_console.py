@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -18,9 +19,10 @@ from playwright.sync_api import Browser, ConsoleMessage, Page, expect, sync_play
 
 from learners.config import GateSettings
 from learners.gate import judge
-from learners.reports import ReplyScore, WindowScore
+from learners.reports import ReplyScore, SearchReport, TrialReport, WindowScore
 from replay.config import ReplaySettings
 from service.settings import DEV_ADMIN_KEY, Settings
+from service.update_log import UpdateRecord
 from streams.broker import LocalBroker
 from streams.produce import TicketProducer
 from tests.conftest import LiveService, add_versions, tiny_settings, wait_for
@@ -226,4 +228,29 @@ def test_a_gate_report_shows_the_earlier_windows_replies(serve: Callable[[Settin
     expect(rows).to_have_count(2)
     expect(rows.nth(1).locator("td")).to_have_text(["1", "0.400", "0.900", "0.812", "0.500", "6 / 8"])
     expect(page.locator("#gate .reason")).to_contain_text("reply ROUGE-L drop")
+    assert not errors, errors
+
+
+def test_the_updates_card_charts_the_search_trials_and_winners(serve: Callable[[Settings], LiveService],
+                                                               browser: Browser, tmp_path: Path) -> None:
+    """Issue 15: each update's search, its trials (a pruned one hollow) and its winner, in the console."""
+    live = serve(tiny_settings(tmp_path, None))
+    for update, values in enumerate([(0.5, 0.75, 0.25), (0.6, 0.9, 0.8)], 1):
+        trials = [TrialReport(number=3 * (update - 1) + n, params={"learning_rate": 1e-3, "rank": 8}, value=v,
+                              loss=1.0, steps=8, seconds=1.0, pruned=n == 2, winner=n == 1)
+                  for n, v in enumerate(values)]
+        live.service.updates.history.append(UpdateRecord(
+            id=update, trigger="manual", status="promoted", stage="finished", finished_at=time.time(),
+            search=SearchReport(metric="accuracy", validation_rows=12, trials=trials, winner=trials[1].params,
+                                seconds=3.0)))
+    errors: list[str] = []
+    page = open_console(browser, live.url, errors)
+    expect(page.locator("#search-caption")).to_have_text(
+        "Update #2: 3 trials, accuracy on 12 held-out training rows (hollow: pruned); "
+        "winner #4: learning_rate 1.0e-3, rank 8")
+    expect(page.locator("#search-trials circle")).to_have_count(3)
+    expect(page.locator('#search-trials circle[fill="#fff"]')).to_have_count(1)  # the pruned trial
+    expect(page.locator("#search-winners circle title")).to_have_text(
+        ["winner's validation score at #1: 75%", "winner's validation score at #2: 90%"])
+    page.locator("#update").screenshot(path=str(SHOTS / "console-search.tmp.png"))
     assert not errors, errors
