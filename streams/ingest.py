@@ -188,8 +188,8 @@ class Ingester:
         polled = consumer.poll(timeout_ms=timeout_ms)
         spun = not polled and time.thread_time() - cpu > SPIN_CPU_SHARE * (time.monotonic() - started)
         if spun != self._unanswered:
-            LOG.log(logging.WARNING if spun else logging.INFO, "the broker %s the consumer's requests",
-                    "leaves unanswered" if spun else "answers again")
+            LOG.log(logging.WARNING if spun else logging.INFO, "%s", "the broker does not answer the consumer: "
+                    "pausing between short polls" if spun else "the broker answers the consumer again")
         self._unanswered = spun
         if spun:
             self.stats.unanswered_polls += 1
