@@ -111,7 +111,7 @@ def run_stream(stream: Stream, recur: list[list[TicketRecord]], base_path: Path,
         try:
             for index, window in enumerate([*stream.train, *recur]):
                 seen = min(index + 1, len(stream.train))
-                record = loop.learn(window)
+                record, _ = loop.learn(window)
                 live = loop.registry.live
                 assert live is not None
                 labels = [label for w in stream.labels[:seen] for label in w]
@@ -150,7 +150,7 @@ def run_joint(stream: Stream, recur: list[list[TicketRecord]], base_path: Path, 
             epochs = steps * train.batch_size / trained
             loop.updates.train = train.model_copy(update={"epochs": epochs})
             started = time.perf_counter()
-            record = loop.learn([])
+            record, _ = loop.learn([])
             live = loop.registry.live
             assert live is not None
             labels = [label for w in stream.labels for label in w]

@@ -91,8 +91,8 @@ def run_method(method: str, stream: Stream, macros: dict[str, str], base_path: P
                 if method == "default":  # what not updating gives: the base model's answers
                     base.append(answer_windows(base_path, None, {seen: stream.test[phase]}, macros, train,
                                                gate.reply_max_tokens)[seen][0])
-                record = loop.learn(rows)
-                updates.append(summary(record))
+                record, cpu = loop.learn(rows)
+                updates.append(summary(record, cpu))
                 live = loop.registry.live
                 assert live is not None
                 now = answer_windows(base_path, loop.registry.path(live), tests, macros, train, gate.reply_max_tokens)

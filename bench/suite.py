@@ -144,13 +144,14 @@ class Loop:
     """The product's update path without the HTTP server: buffer, updates, registry."""
 
     def __init__(self, root: Path, base_path: Path, embedder: SentenceEmbedder, train: TrainSettings,
-                 gate: GateSettings, hpo: HpoSettings) -> None:
+                 gate: GateSettings, hpo: HpoSettings | None = None) -> None:
         self.buffer = ReplayBuffer(root / "buffer", embedder)
         self.registry = AdapterRegistry(root / "registry")
         ensure_initial_version(self.registry, base_path, train)
         self.updates = UpdateManager(self.buffer, LiveVersion(self.registry, NothingServed()),
                                      AccuracyMatrix(self.registry.root / "accuracy.json"), base_path, train, gate,
-                                     root / "scratch", RegistrySettings(), hpo, root / STUDY_JOURNAL)
+                                     root / "scratch", RegistrySettings(), hpo or HpoSettings(),
+                                     root / STUDY_JOURNAL)
 
     def add(self, rows: Sequence[TicketRecord]) -> None:
         self.buffer.add_many(rows)
@@ -210,7 +211,7 @@ def run_method(method: str, stream: Stream, base_path: Path, embedder: SentenceE
     base_zero_shot: list[float] = []
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=f"bench-suite-{method}-") as scratch:
-        loop = Loop(Path(scratch), base_path, embedder, train, gate, hpo or HpoSettings())
+        loop = Loop(Path(scratch), base_path, embedder, train, gate, hpo)
         try:
             for phase, rows in enumerate(phases):
                 seen = len(stream.labels) if method == "joint" else phase + 1
