@@ -58,15 +58,17 @@ def test_broker_paused_for_20_s_then_resumes_from_committed_offsets(
         wait_for(lambda: sum(ingester.stats.committed.values()) == 40, 10, "their offsets committed")
         freeze(broker.pid)
         try:
-            cpu = time.process_time()
+            poll_thread = time.pthread_getcpuclockid(thread.ident)  # other tests' threads share the process
+            cpu = time.clock_gettime(poll_thread)
             time.sleep(20)
-            busy = time.process_time() - cpu
+            busy = time.clock_gettime(poll_thread) - cpu
             assert thread.is_alive()  # no crash while the broker does not answer
         finally:
             os.kill(broker.pid, signal.SIGCONT)
-        # kafka-python busy-waits while its heartbeat goes unanswered (10-16 s of CPU in these 20 s
-        # before the ingester backed off from it); the wait is counted where operators see it.
-        assert busy < 4, f"{busy:.1f} s of CPU in a 20 s broker stop"
+        # kafka-python busy-waits in the polling thread while its heartbeat goes unanswered (6.8 s of
+        # that thread's CPU in these 20 s before the ingester backed off from it, 1.6 s after); the
+        # wait is counted where operators see it.
+        assert busy < 3.5, f"{busy:.1f} s of the polling thread's CPU in a 20 s broker stop"
         assert ingester.stats.unanswered_polls > 0
         producer.send_all(values("after", 40))
         wait_for(lambda: len(sink.buffer) == 80, 60, "the tickets sent after the pause")
