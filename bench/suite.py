@@ -150,8 +150,7 @@ class Loop:
         ensure_initial_version(self.registry, base_path, train)
         self.updates = UpdateManager(self.buffer, LiveVersion(self.registry, NothingServed()),
                                      AccuracyMatrix(self.registry.root / "accuracy.json"), base_path, train, gate,
-                                     root / "scratch", RegistrySettings(), hpo or HpoSettings(),
-                                     root / STUDY_JOURNAL)
+                                     root / "scratch", RegistrySettings(), hpo, root / STUDY_JOURNAL)
 
     def add(self, rows: Sequence[TicketRecord]) -> None:
         self.buffer.add_many(rows)
