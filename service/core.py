@@ -15,6 +15,7 @@ from learners.base_model import resolve_base_model
 from replay.buffer import ReplayBuffer
 from replay.embed import SentenceEmbedder
 from service.batching import ClassifyBatcher
+from service.export import Exporter, base_gguf
 from service.forgetting import AccuracyMatrix
 from service.generation import Generator
 from service.live import LiveVersion
@@ -57,6 +58,7 @@ class Service:
         self.runtime = ModelRuntime(self.base_path, self.registry, self._first_version(),
                                     max_cached=settings.serving.cached_versions)
         self.live = LiveVersion(self.registry, self.runtime)
+        self.exporter = Exporter(self.registry, lambda: self.runtime.base, self.base_path, base_gguf(settings.model))
         self.updates = UpdateManager(self.buffer, self.live, self.matrix, self.base_path,
                                      settings.train, settings.gate, scratch_dir=data / "scratch",
                                      retention=settings.registry, hpo=settings.hpo,

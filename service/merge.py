@@ -20,10 +20,14 @@ import re
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file
 from torch import nn
+
+from service.registry import ADAPTER_WEIGHTS
 
 _LORA_KEY = re.compile(r"base_model\.model\.(.+)\.lora_([AB])\.weight")
 
@@ -46,7 +50,7 @@ def share(base: nn.Module, replace: Mapping[str, torch.Tensor]) -> nn.Module:
     return copy.deepcopy(base, memo)
 
 
-def _plain_lora(config: PeftConfig) -> bool:
+def plain_lora(config: PeftConfig) -> bool:
     """LoRA whose merge is exactly W + (alpha / r)·B·A on linear weights (rsLoRA: alpha / √r)."""
     return (isinstance(config, LoraConfig) and not config.use_dora and not config.rank_pattern
             and not config.alpha_pattern and not config.fan_in_fan_out and config.bias == "none"
@@ -54,19 +58,45 @@ def _plain_lora(config: PeftConfig) -> bool:
             and not config.layer_replication)
 
 
-def lora_merged_weights(base: nn.Module, config: PeftConfig,
-                        weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
-    """The adapted weights of a plain LoRA version, merged; None when the direct merge does not
-    apply (another method, or a layout this function does not know), so PEFT must do it."""
-    if not _plain_lora(config):
-        return None
-    assert isinstance(config, LoraConfig)
+def lora_scale(config: LoraConfig) -> float:
+    """What B·A is multiplied by in the merged weight (rsLoRA: alpha / √r)."""
+    return float(config.lora_alpha / (math.sqrt(config.r) if config.use_rslora else config.r))
+
+
+def lora_pairs(weights: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]] | None:
+    """A LoRA state dict as {adapted module: {"A": A, "B": B}}; None when a key is not a plain
+    LoRA weight (embedding LoRA, DoRA magnitudes, saved modules) or a module lacks A or B."""
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in weights.items():
         match = _LORA_KEY.fullmatch(key)
         if match is None:
             return None
         pairs.setdefault(match.group(1), {})[match.group(2)] = tensor
+    return pairs if all(set(pair) == {"A", "B"} for pair in pairs.values()) else None
+
+
+def read_adapter(path: Path, name: str) -> tuple[PeftConfig, dict[str, torch.Tensor]]:
+    """A version directory's PEFT config and weights: safetensors only (nothing unpickled), every
+    weight finite (UnsafeAdapter otherwise)."""
+    weights = load_file(str(path / ADAPTER_WEIGHTS))
+    bad = [key for key, tensor in weights.items() if not torch.isfinite(tensor).all()]
+    if bad:
+        raise UnsafeAdapter(f"version {name} has non-finite weights in {bad[0]}")
+    config = PeftConfig.from_pretrained(str(path))
+    config.inference_mode = True
+    return config, weights
+
+
+def lora_merged_weights(base: nn.Module, config: PeftConfig,
+                        weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """The adapted weights of a plain LoRA version, merged; None when the direct merge does not
+    apply (another method, or a layout this function does not know), so PEFT must do it."""
+    if not plain_lora(config):
+        return None
+    assert isinstance(config, LoraConfig)
+    pairs = lora_pairs(weights)
+    if pairs is None:
+        return None
     params = dict(base.named_parameters())
     # A weight reached under two names is tied (embeddings and lm_head): merging into it would
     # change both, where PEFT changes only the adapted module.
@@ -74,12 +104,12 @@ def lora_merged_weights(base: nn.Module, config: PeftConfig,
     groups: dict[torch.Size, list[str]] = {}  # weights of one shape merge in one batched product
     for module, pair in pairs.items():
         target = params.get(f"{module}.weight")
-        if target is None or target.dim() != 2 or uses[id(target)] > 1 or set(pair) != {"A", "B"}:
+        if target is None or target.dim() != 2 or uses[id(target)] > 1:
             return None
         if pair["A"].shape != (config.r, target.shape[1]) or pair["B"].shape != (target.shape[0], config.r):
             raise UnsafeAdapter(f"the LoRA weights of {module} do not fit the base model")
         groups.setdefault(target.shape, []).append(module)
-    scale = config.lora_alpha / (math.sqrt(config.r) if config.use_rslora else config.r)
+    scale = lora_scale(config)
     merged = {}
     # A handful of large operations rather than two per layer: on a CPU shared with other work
     # each operation's thread start-up, not its arithmetic, dominates (210 layers of SmolLM2).

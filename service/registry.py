@@ -6,6 +6,8 @@ Layout under `root`::
     versions/v0003/adapter_model.safetensors
     versions/v0003/ewc.safetensors            Fisher and anchor for the next warm start (EWC on)
     versions/v0003/evergreen.json             metadata: parent, windows, labels, gate report
+    versions/v0003/exports/model-q8_0.gguf    GGUF exports made so far (`service/export.py`), each
+    versions/v0003/exports/model-q8_0.gguf.sha256   with its sha256; pruned with the version
     live.json                                 {"live": "v0003", "history": ["v0000", ...], "since": t}
 
 Every write is a temporary file or directory, fsynced, then renamed: a crash at any moment
@@ -42,6 +44,7 @@ Verdict = Literal["accepted", "rejected"]
 _NAME = re.compile(r"^v\d{4,}$")
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 METADATA = "evergreen.json"
+EXPORTS = "exports"
 
 
 def _number(name: str) -> int:
@@ -139,7 +142,7 @@ def fsync_write(path: Path, data: bytes) -> None:
     tmp.replace(path)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -242,6 +245,13 @@ class AdapterRegistry:
             raise RegistryError(f"version {name!r} has no {ADAPTER_WEIGHTS}: only safetensors load")
         return directory
 
+    def exports(self, name: str) -> Path:
+        """The folder of a loadable version's GGUF exports (derived from its weights, which never
+        change, so an export made once stays valid; deleted with its weights by `prune`)."""
+        folder = self.path(name) / EXPORTS
+        folder.mkdir(exist_ok=True)
+        return folder
+
     def _pointer(self) -> dict[str, Any]:
         path = self.root / "live.json"
         return json.loads(path.read_text()) if path.exists() else {"live": None, "history": []}
@@ -287,7 +297,7 @@ class AdapterRegistry:
             with file.open("rb") as handle:
                 os.fsync(handle.fileno())
         draft.path.replace(self.versions_dir / draft.name)
-        _fsync_dir(self.versions_dir)
+        fsync_dir(self.versions_dir)
         return info
 
     def record(self, info: VersionInfo) -> None:

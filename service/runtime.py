@@ -20,15 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft import PeftConfig
-from safetensors.torch import load_file
 from torch import nn
 
 from learners.base_model import load_base
 from learners.prompts import label_ids, prompt_ids
 from learners.scoring import LabelScorer, PromptPass
-from service.merge import UnsafeAdapter, build
-from service.registry import ADAPTER_WEIGHTS, AdapterRegistry
+from service.merge import UnsafeAdapter, build, read_adapter
+from service.registry import AdapterRegistry
 from service.turns import TurnLock
 
 LOG = logging.getLogger(__name__)
@@ -111,13 +109,8 @@ class ModelRuntime:
     def _build(self, version: str) -> Loaded:
         """Read, check and build a registry version; raises RegistryError or UnsafeAdapter."""
         started = time.perf_counter()
-        path = self.registry.path(version)  # registry names only, never a caller's path
-        weights = load_file(str(path / ADAPTER_WEIGHTS))  # safetensors only: nothing unpickled
-        bad = [name for name, tensor in weights.items() if not torch.isfinite(tensor).all()]
-        if bad:
-            raise UnsafeAdapter(f"version {version} has non-finite weights in {bad[0]}")
-        config = PeftConfig.from_pretrained(str(path))
-        config.inference_mode = True
+        # Registry names only, never a caller's path.
+        config, weights = read_adapter(self.registry.path(version), version)
         built = build(self.base, version, config, weights)
         LOG.info("loaded adapter %s (%s) in %.3f s", version, "merged" if built.merged else "unmerged",
                  time.perf_counter() - started)

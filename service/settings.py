@@ -103,6 +103,10 @@ class ModelSettings(BaseModel):
     cache_dir: Path = Field(Path.home() / ".cache" / "evergreen" / "models",
                             description="Where converted base models are kept.")
     threads: int = Field(0, ge=0, description="Torch CPU threads (0: torch's default).")
+    gguf: Path | None = Field(
+        None, description="The base model's own GGUF file, whose metadata and tokenizer GGUF exports copy "
+                          "(`evergreen export`). Unset: the packaged file for `smollm2-135m`; for other bases "
+                          "they are written from the Hugging Face config and tokenizer.json.")
 
 
 class RegistrySettings(BaseModel):

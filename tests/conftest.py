@@ -22,8 +22,9 @@ import uvicorn
 from safetensors.torch import load_file, save_file
 
 from learners.base_model import TINY_LLAMA, resolve_base_model
-from learners.config import GateSettings, TrainSettings
+from learners.config import AdapterSettings, GateSettings, TrainSettings
 from learners.reports import GateReport
+from learners.update_step import initial_adapter
 from replay.embed import SentenceEmbedder
 from service.app import create_app
 from service.batching import ClassifyBatcher
@@ -203,3 +204,11 @@ def add_versions(registry: AdapterRegistry, count: int, labels: list[str],
                                        labels=labels, gate=gate)
             names.append(registry.publish(draft, metadata).name)
     return names
+
+
+def add_version_of(registry: AdapterRegistry, base_path: Path, adapter: AdapterSettings, labels: list[str]) -> str:
+    """A registry version holding a fresh untrained adapter of another method (prefix tuning, IA3)."""
+    with registry.draft() as draft:
+        initial_adapter(base_path, draft.path, adapter, seed=0)
+        return registry.publish(draft, VersionMetadata(parent=registry.live, verdict="accepted", windows_trained=[],
+                                                       labels=labels)).name

@@ -1,19 +1,24 @@
 from __future__ import annotations
 
 import time
+from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, status
+from fastapi import APIRouter, HTTPException, Query, status
+from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field
 
 from learners.reports import GateReport, GateSummary
 from service.core import Service
-from service.deps import AdminDep, PrimaryDep, ServiceDep
+from service.deps import VERSION_HEADER, AdminDep, PrimaryDep, ServiceDep
 from service.errors import responses
+from service.export import ExportError, UnsupportedExport
+from service.export_config import ExportFormat, Quant
 from service.registry import Entry, Override, RegistryError, VersionInfo
 from service.routes import DEFAULT_ROWS, Before, Limit
 from service.runtime import UnsafeAdapter
 
 router = APIRouter(prefix="/v1", tags=["adapters"])
+SHA256_HEADER = "X-Evergreen-Sha256"  # on an export: the file's sha256, hex
 
 
 class AdapterRecord(BaseModel):
@@ -109,6 +114,36 @@ def load(*, service: ServiceDep, _admin: AdminDep, version: str) -> AdapterPubli
     except (RegistryError, UnsafeAdapter) as exc:  # it exists, but cannot be loaded (pruned, unsafe)
         raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
     return _public(info, service.registry.live)
+
+
+@router.get("/adapters/{version}/export", response_class=FileResponse,
+            responses={200: {"content": {"application/octet-stream": {}},
+                             "description": f"The GGUF file, its sha256 in `{SHA256_HEADER}`."},
+                       **responses(400, 401, 403, 404, 409)})
+def export(
+        *, service: ServiceDep, _admin: AdminDep, version: str,
+        file_format: Annotated[ExportFormat, Query(alias="format", description="File format.")] = "gguf",
+        quant: Annotated[Quant, Query(description="Weight type: `f16`, `q8_0` or `q4_0` (an adapter: `f16` or "
+                                                  "`q8_0`); vectors stay f32.")] = "q8_0",
+        adapter_only: Annotated[bool, Query(description="The LoRA adapter alone, for llama.cpp's `--lora` on the "
+                                                        "base model's GGUF, instead of the merged model.")] = False,
+) -> FileResponse:
+    """`version` (or `live`) as a GGUF file for llama.cpp and ollama: merged into the base weights as
+    it is served, or its LoRA adapter alone. Made once per version and quantization, then served from
+    the registry (409: the version was pruned, or cannot be exported so; 400: no adapter in 4 bits)."""
+    try:
+        name = service.exporter.resolve(version)
+    except RegistryError as exc:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from exc
+    _info(service, name)
+    try:
+        exported = service.exporter.export(name, quant, adapter_only)
+    except UnsupportedExport as exc:
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, str(exc)) from exc
+    except (RegistryError, ExportError, UnsafeAdapter) as exc:
+        raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
+    return FileResponse(exported.path, media_type="application/octet-stream", filename=exported.filename,
+                        headers={SHA256_HEADER: exported.sha256, VERSION_HEADER: exported.version})
 
 
 @router.post("/adapters/{version}/promote", responses=responses(401, 403, 404, 409))

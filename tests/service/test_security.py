@@ -23,6 +23,7 @@ ROUTES = [
     ("GET", "/v1/models", None, "query"),
     ("GET", "/v1/models/live", None, "query"),
     ("POST", "/v1/adapters/v0000/promote", None, "admin"),
+    ("GET", "/v1/adapters/v0000/export?quant=f16&adapter_only=true", None, "admin"),
     ("POST", "/v1/rollback", None, "admin"),
     ("POST", "/v1/updates", None, "admin"),
 ]

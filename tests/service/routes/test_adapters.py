@@ -1,17 +1,22 @@
 """`/v1/adapters`: listings that summarize gate reports, one version's whole report, figures JSON
-cannot hold, and the admin's override of a rejected version (real uvicorn server)."""
+cannot hold, the admin's override of a rejected version, GGUF exports (real uvicorn server)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Callable
 from pathlib import Path
 
-from learners.config import GateSettings
+from gguf import GGUFReader
+
+from learners.config import AdapterSettings, GateSettings
 from learners.reports import Canary, Check, GateReport, WindowScore
+from service.deps import VERSION_HEADER
+from service.routes.adapters import SHA256_HEADER
 from service.settings import Settings
-from tests.conftest import LiveService, add_versions, tiny_settings
+from tests.conftest import LiveService, add_version_of, add_versions, tiny_settings
 from tests.service.routes.conftest import FIVE_WINDOW_SUMMARY, five_window_rejection
 
 
@@ -91,3 +96,51 @@ def test_a_rejected_version_is_never_served_unless_an_admin_overrides(
     assert answer["adapter_version"] == rejected
     no_broker = client.post("/v1/tickets", json={"id": "t1", "text": "hi"}, headers=live.admin)
     assert no_broker.status_code == 409 and "kafka.bootstrap" in no_broker.json()["detail"]
+
+
+def test_an_export_is_streamed_to_admins_with_its_sha256_and_refused_with_reasons(
+        serve: Callable[[Settings], LiveService], tmp_path: Path, tiny_llama: Path) -> None:
+    live = serve(tiny_settings(tmp_path, None))
+    registry = live.service.registry
+    [version] = add_versions(registry, 1, ["a", "b"])
+    prefix = add_version_of(registry, tiny_llama, AdapterSettings(method="prefix", virtual_tokens=4), ["a"])
+    client = live.client()
+    url = f"/v1/adapters/{version}/export"
+    assert client.get(url, params={"quant": "q8_0"}).status_code == 401
+
+    got = client.get(url, params={"format": "gguf", "quant": "q8_0"}, headers=live.admin)
+    assert got.status_code == 200, got.text
+    assert got.headers[SHA256_HEADER] == hashlib.sha256(got.content).hexdigest()
+    assert got.headers[VERSION_HEADER] == version and got.content[:4] == b"GGUF"
+    assert got.headers["content-disposition"] == f'attachment; filename="evergreen-{version}-q8_0.gguf"'
+    cached = registry.exports(version) / "model-q8_0.gguf"
+    assert cached.read_bytes() == got.content
+    made = cached.stat().st_mtime_ns
+    again = client.get(url, params={"quant": "q8_0"}, headers=live.admin)  # served from the registry
+    assert again.content == got.content and cached.stat().st_mtime_ns == made
+
+    adapter = client.get("/v1/adapters/live/export", params={"quant": "f16", "adapter_only": True},
+                         headers=live.admin)
+    assert adapter.status_code == 200 and adapter.headers[VERSION_HEADER] == "v0000"
+    (tmp_path / "lora.gguf").write_bytes(adapter.content)
+    assert GGUFReader(tmp_path / "lora.gguf").get_field("adapter.type").contents() == "lora"
+
+    refusals = {
+        ("v0999", "q8_0", False): (404, "unknown adapter version 'v0999'"),
+        (version, "q4_0", True): (400, "f16 or q8_0, not q4_0"),
+        (prefix, "f16", False): (409, "prefix_tuning, prompt learning: its virtual tokens cannot be merged"),
+        (prefix, "f16", True): (409, "prefix_tuning, prompt learning"),
+    }
+    for (name, quant, adapter_only), (code, reason) in refusals.items():
+        refused = client.get(f"/v1/adapters/{name}/export", params={"quant": quant, "adapter_only": adapter_only},
+                             headers=live.admin)
+        assert refused.status_code == code and reason in refused.json()["detail"], refused.text
+    for bad in ({"quant": "q5_1"}, {"format": "safetensors"}):
+        assert client.get(url, params=bad, headers=live.admin).status_code == 422
+    assert not list(registry.exports(prefix).iterdir())
+
+    # Retention deletes a version's exports with its weights; its record stays, its export is refused.
+    assert registry.prune(keep_rejected=0, keep_superseded=0) == [version, prefix]
+    pruned = client.get(url, params={"quant": "q8_0"}, headers=live.admin)
+    assert pruned.status_code == 409 and "pruned" in pruned.json()["detail"]
+    assert not cached.exists()
