@@ -10,11 +10,12 @@ candidate can keep its loss yet answer worse. `learners.gate.judge` compares the
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from itertools import zip_longest
+from typing import TYPE_CHECKING
 
 import torch
-from rouge_score.rouge_scorer import RougeScorer
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
@@ -25,8 +26,10 @@ from learners.reports import ReplyScore
 from learners.train import answer_loss, collate
 from streams.records import TicketRecord
 
+if TYPE_CHECKING:
+    from rouge_score.rouge_scorer import RougeScorer
+
 MATCH_ROUGE = 0.8  # an answer this close to the reference is the reference, reworded at most
-_ROUGE = RougeScorer(["rougeL"])
 
 
 def reply_probes(probes: Mapping[int, Sequence[TicketRecord]], new_windows: Sequence[int],
@@ -51,7 +54,16 @@ def rouge_l(answer: str, reference: str) -> float:
     >>> round(rouge_l("Your card ships today", "your card is shipped today"), 3)
     0.667
     """
-    return float(_ROUGE.score(reference, answer)["rougeL"].fmeasure)
+    return float(_rouge_scorer().score(reference, answer)["rougeL"].fmeasure)
+
+
+@functools.cache
+def _rouge_scorer() -> RougeScorer:
+    # Imported on first use: rouge-score imports nltk (1.1 s here), which every training process and
+    # the server would otherwise pay at start though most streams carry no replies.
+    from rouge_score.rouge_scorer import RougeScorer
+
+    return RougeScorer(["rougeL"])
 
 
 def greedy_reply(model: nn.Module, tokenizer: PreTrainedTokenizerBase, messages: Sequence[Mapping[str, str]],
