@@ -85,14 +85,17 @@ def test_without_a_broker_the_first_ticket_is_a_503_within_the_produce_timeout(
     live = serve(settings)
     client = live.client()
     ticket = {"id": "early", "text": "my card was declined"}
-    broker.stop()
-    started = time.monotonic()
-    refused = client.post("/v1/tickets", json=ticket, headers=live.admin)
-    took = time.monotonic() - started
-    assert refused.status_code == 503 and took < 3.5, took
-    assert "may still be stored" in refused.json()["detail"] and refused.headers["retry-after"] == "5"
-
-    broker.start()  # same port, empty storage: the resent ticket is stored once
+    # Frozen rather than stopped: a restarted in-memory broker recreates the topic, a case of its
+    # own for kafka-python's consumer (once, in one full run of five, it fetched nothing for 60 s).
+    freeze(broker.pid)
+    try:
+        started = time.monotonic()
+        refused = client.post("/v1/tickets", json=ticket, headers=live.admin)
+        took = time.monotonic() - started
+        assert refused.status_code == 503 and took < 3.5, took
+        assert "may still be stored" in refused.json()["detail"] and refused.headers["retry-after"] == "5"
+    finally:
+        os.kill(broker.pid, signal.SIGCONT)  # the refused ticket may arrive too: stored once all the same
     wait_for(lambda: client.post("/v1/tickets", json=ticket, headers=live.admin).status_code == 202, 30,
              "the broker back")
     wait_for(lambda: client.get("/v1/buffer").json()["records"] == 1, 60, "the ticket stored")
