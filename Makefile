@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 SETUP_STAMP := $(VENV)/.setup-done
+EDGE_STAMP := $(VENV)/.edge-done
 
-.PHONY: setup run test lint clean
+.PHONY: setup run test test-edge lint clean
 
 CHROMIUM := /usr/bin/chromium
 
@@ -31,6 +32,15 @@ run: $(SETUP_STAMP)  # the service needs no browser
 
 test: setup
 	$(BIN)/python -m pytest
+
+# llama-cpp-python (the `edge` extra) compiles from source, ~25 minutes on 2 cores: installed only
+# here. Its tests (tests/edge) load the GGUF exports in llama.cpp; `make test` skips them without it.
+$(EDGE_STAMP): $(SETUP_STAMP)
+	$(BIN)/pip install --quiet -c requirements/constraints.txt -e '.[dev,edge]'
+	touch $@
+
+test-edge: $(EDGE_STAMP)
+	$(BIN)/python -m pytest tests/edge
 
 lint: setup
 	$(BIN)/ruff check .
