@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 SETUP_STAMP := $(VENV)/.setup-done
 EDGE_STAMP := $(VENV)/.edge-done
 
-.PHONY: setup run test test-edge lint clean
+.PHONY: setup run test test-gpu test-edge lint clean
 
 CHROMIUM := /usr/bin/chromium
 
@@ -32,6 +32,11 @@ run: $(SETUP_STAMP)  # the service needs no browser
 
 test: setup
 	$(BIN)/python -m pytest
+
+# On a machine with CUDA (and a CUDA build of torch): training, scoring, hot-swap and generation on
+# the GPU, a few minutes. `make test` runs them too where CUDA is; elsewhere they are skipped.
+test-gpu: setup
+	$(BIN)/python -m pytest -m gpu tests/gpu
 
 # llama-cpp-python (the `edge` extra) compiles from source, ~25 minutes on 2 cores: installed only
 # here. Its tests (tests/edge) load the GGUF exports in llama.cpp; `make test` skips them without it.

@@ -26,6 +26,7 @@ heatmap per method under `bench/results/`.
 
     evergreen bench cl --preset quick     # SmolLM2-135M, 4 windows x 3 intents, on 2 CPU cores
     evergreen bench cl --preset full      # all 77 intents, 7 windows of 11 (for a GPU)
+    evergreen bench cl -- --device cuda --precision bfloat16 --methods replay,naive   # on a GPU
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from learners.base_model import load_base, resolve_base_model
 from learners.config import TrainSettings
 from learners.ewc import EwcPenalty
 from learners.gate import evaluate
+from learners.placement import CPU, Placement, place
 from learners.prompts import ticket_examples
 from learners.scoring import LabelScorer
 from learners.train import mixed_batches, run_round
@@ -120,10 +122,11 @@ def settings_for(method: str, base: TrainSettings) -> TrainSettings:
     return base.model_copy(update={"ewc": base.ewc.model_copy(update={"enabled": ewc})})
 
 
-def fresh_adapter(base_path: Path, cfg: TrainSettings, scratch: Path) -> tuple[PeftModel, object]:
+def fresh_adapter(base_path: Path, cfg: TrainSettings, scratch: Path,
+                  placement: Placement = CPU) -> tuple[PeftModel, object]:
     """A new untrained adapter, made and warm-started exactly as the service's first version."""
-    initial_adapter(base_path, scratch, cfg.adapter, cfg.seed)
-    model, tokenizer = load_base(base_path)
+    initial_adapter(base_path, scratch, cfg.adapter, cfg.seed, placement)
+    model, tokenizer = load_base(base_path, placement)
     return PeftModel.from_pretrained(model, scratch, is_trainable=True), tokenizer
 
 
@@ -146,11 +149,11 @@ def default_steps(stream: Stream, tokenizer: object, base_cfg: TrainSettings) ->
 
 
 def run_method(method: str, stream: Stream, base_path: Path, base_cfg: TrainSettings,
-               advance: Callable[[str, str], None]) -> dict[str, object]:
-    """Train one method along the stream; its accuracy rows and timing."""
+               advance: Callable[[str, str], None], placement: Placement = CPU) -> dict[str, object]:
+    """Train one method along the stream; its accuracy rows and timing (each window's too)."""
     cfg = settings_for(method, base_cfg)
     with tempfile.TemporaryDirectory() as scratch:
-        model, tokenizer = fresh_adapter(base_path, cfg, Path(scratch))
+        model, tokenizer = fresh_adapter(base_path, cfg, Path(scratch), placement)
     pad = tokenizer.pad_token_id  # type: ignore[attr-defined]
 
     started = time.perf_counter()
@@ -262,8 +265,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train-json", default="{}", help="TrainSettings overrides as JSON (default: none)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (`model.device`)")
+    parser.add_argument("--precision", default="float32", help="float32, bfloat16 or float16 (`model.precision`)")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args(argv)
+    placement = place(args.device, args.precision, "--device", "--precision")
     methods = [m for m in args.methods.split(",") if m]
     if unknown := set(methods) - set(METHODS):
         parser.error(f"unknown methods: {', '.join(sorted(unknown))}")
@@ -286,11 +292,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
                 bar.console.print(f"{m:<11} {line}")  # a log line too: the bar is not kept off a terminal
                 bar.advance(tasks[m])
 
-            run = run_method(method, stream, base_path, base_cfg, advance)
+            run = run_method(method, stream, base_path, base_cfg, advance, placement)
             results[method] = {**figures(run["rows"]), "seconds": run["seconds"], "steps": run["steps"]}  # type: ignore[arg-type]
             # Written after every method, so a long run that is stopped still leaves its figures.
             document = write(args.out / f"cl-{args.preset}", results, {
                 "preset": args.preset, "preset_sizes": asdict(preset), "base": args.base, "seed": args.seed,
+                "placement": placement.model_dump(),
                 "windows": stream.labels, "train": base_cfg.model_dump(mode="json"), "command": command,
                 "complete": len(results) == len(methods)})
     print(markdown(results))

@@ -13,6 +13,7 @@ Baselines, measured in the same run on the same weights:
 Prints each figure with its ratio and target; writes bench/results/serve.json.
 
     nice -n 10 .venv/bin/python bench/serve.py [--tickets 16] [--labels 12] [--threads 0] [--base smollm2-135m]
+    python bench/serve.py --device cuda --precision bfloat16 --tickets 64   # the GPU preset: serve-gpu.json
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
 from learners.base_model import SMOLLM2
+from learners.placement import device_of
 from learners.prompts import chat_ids
 from learners.scoring import LabelScorer
 from service.app import create_app
@@ -54,9 +56,16 @@ CHAT_PROMPTS = ["My new card still has not arrived, what should I do?",
                 "How do I change my PIN?"]
 
 
+def synchronize() -> None:
+    """Wait for a GPU's queued work, so a reading covers it (scores come back to the host anyway)."""
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def timed(call: Callable[[], object]) -> float:
     started = time.perf_counter()
     call()
+    synchronize()
     return time.perf_counter() - started
 
 
@@ -165,10 +174,11 @@ def classify_figures(service: Service, http: httpx.Client, texts: list[str], lab
 @torch.inference_mode()
 def generate_one(model: torch.nn.Module, tokenizer: object, prompt: list[int], max_tokens: int) -> tuple[int, float]:
     """Greedy `model.generate` of one prompt: tokens generated and seconds taken."""
-    ids = torch.tensor([prompt])
+    ids = torch.tensor([prompt], device=device_of(model))
     started = time.perf_counter()
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
                          do_sample=False, pad_token_id=tokenizer.pad_token_id)  # type: ignore[attr-defined]
+    synchronize()
     return out.shape[1] - ids.shape[1], time.perf_counter() - started
 
 
@@ -275,6 +285,8 @@ def main() -> None:
     parser.add_argument("--swaps", type=int, default=3)
     parser.add_argument("--base", default=SMOLLM2)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (`model.device`)")
+    parser.add_argument("--precision", default="float32", help="float32, bfloat16 or float16 (`model.precision`)")
     args = parser.parse_args()
 
     load_before = os.getloadavg()[0]  # other work on the machine: the ratios cancel most of it
@@ -283,7 +295,8 @@ def main() -> None:
     texts = [t.text for t in test[: args.tickets]]
     with tempfile.TemporaryDirectory() as data:
         port = free_port()
-        settings = Settings(data_dir=Path(data), model=ModelSettings(base=args.base, threads=args.threads),
+        settings = Settings(data_dir=Path(data), model=ModelSettings(base=args.base, threads=args.threads,
+                                                                     device=args.device, precision=args.precision),
                             scheduler=SchedulerSettings(enabled=False), api=ApiSettings(port=port),
                             serving=ServingSettings(max_tokens=max(args.max_tokens, 64)))
         service = Service(settings)
@@ -322,11 +335,13 @@ def main() -> None:
         ("swap: promote cold → first answer", f"{s['cold_s_p50']:.3f} s (max {s['cold_s_max']:.3f} s)",
          s["cold_s_p50"], "report", True),
     ]
-    print(f"base {args.base}, {args.tickets} tickets × {len(labels)} labels, {args.max_tokens} tokens, "
-          f"{torch.get_num_threads()} threads, load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_initialized() else None
+    print(f"base {args.base} on {gpu or 'the CPU'} ({args.precision}), {args.tickets} tickets × {len(labels)} labels, "
+          f"{args.max_tokens} tokens, {torch.get_num_threads()} threads, "
+          f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
     for name, figures, ratio, target, ok in rows:
         print(f"  {name:38s} {figures:44s} ratio {ratio:6.3f}  target {target:7s} {'ok' if ok else 'MISSED'}")
-    write_result(RESULTS / "serve.json", args, load_before, results)
+    write_result(RESULTS / ("serve-gpu.json" if gpu else "serve.json"), args, load_before, {"gpu": gpu, **results})
 
 
 if __name__ == "__main__":

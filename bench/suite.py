@@ -55,6 +55,7 @@ from learners.base_model import load_base, resolve_base_model
 from learners.config import PROMOTE_ALL, GateSettings, TrainSettings
 from learners.gate import score_probes, window_scores
 from learners.hpo_config import HpoSettings
+from learners.placement import CPU, Placement, place
 from learners.scoring import LabelScorer
 from replay.buffer import ReplayBuffer
 from replay.embed import SentenceEmbedder
@@ -144,13 +145,13 @@ class Loop:
     """The product's update path without the HTTP server: buffer, updates, registry."""
 
     def __init__(self, root: Path, base_path: Path, embedder: SentenceEmbedder, train: TrainSettings,
-                 gate: GateSettings, hpo: HpoSettings | None = None) -> None:
+                 gate: GateSettings, hpo: HpoSettings | None = None, placement: Placement = CPU) -> None:
         self.buffer = ReplayBuffer(root / "buffer", embedder)
         self.registry = AdapterRegistry(root / "registry")
-        ensure_initial_version(self.registry, base_path, train)
+        ensure_initial_version(self.registry, base_path, train, placement)
         self.updates = UpdateManager(self.buffer, LiveVersion(self.registry, NothingServed()),
                                      AccuracyMatrix(self.registry.root / "accuracy.json"), base_path, train, gate,
-                                     root / "scratch", RegistrySettings(), hpo, root / STUDY_JOURNAL)
+                                     root / "scratch", RegistrySettings(), hpo, root / STUDY_JOURNAL, placement)
 
     def add(self, rows: Sequence[TicketRecord]) -> None:
         self.buffer.add_many(rows)
@@ -182,10 +183,10 @@ class Accuracy:
 
 
 def accuracy(base_path: Path, adapter: Path | None, labels: Sequence[str],
-             windows: dict[int, list[TicketRecord]], buffer: ReplayBuffer) -> Accuracy:
+             windows: dict[int, list[TicketRecord]], buffer: ReplayBuffer, placement: Placement = CPU) -> Accuracy:
     """Accuracy per window among `labels`: the adapter's, or the base model's (None), with the
     vote of `buffer`'s nearest labelled tickets as serving takes it (every stored row votes)."""
-    model, tokenizer = load_base(base_path)
+    model, tokenizer = load_base(base_path, placement)
     if adapter is not None:
         model = PeftModel.from_pretrained(model, adapter)
     scorer = LabelScorer(tokenizer, sorted(labels))
@@ -201,7 +202,8 @@ def accuracy(base_path: Path, adapter: Path | None, labels: Sequence[str],
 
 def run_method(method: str, stream: Stream, base_path: Path, embedder: SentenceEmbedder, train: TrainSettings,
                gate: GateSettings, poison: list[TicketRecord] | None, log: Any,
-               keep: Path | None = None, hpo: HpoSettings | None = None) -> dict[str, Any]:
+               keep: Path | None = None, hpo: HpoSettings | None = None,
+               placement: Placement = CPU) -> dict[str, Any]:
     train, gate = method_settings(method, train, gate)
     phases = [[r for w in stream.train for r in w]] if method == "joint" else stream.train
     matrix: list[list[float | None]] = []
@@ -210,7 +212,7 @@ def run_method(method: str, stream: Stream, base_path: Path, embedder: SentenceE
     base_zero_shot: list[float] = []
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=f"bench-suite-{method}-") as scratch:
-        loop = Loop(Path(scratch), base_path, embedder, train, gate, hpo)
+        loop = Loop(Path(scratch), base_path, embedder, train, gate, hpo, placement)
         try:
             for phase, rows in enumerate(phases):
                 seen = len(stream.labels) if method == "joint" else phase + 1
@@ -218,20 +220,21 @@ def run_method(method: str, stream: Stream, base_path: Path, embedder: SentenceE
                 tests = {w + 1: stream.test[w] for w in range(seen)}
                 loop.add(rows)
                 if method == "default":  # what a user gets before the update: the base, and the buffer's vote
-                    zero_shot = accuracy(base_path, None, labels, {phase + 1: stream.test[phase]}, loop.buffer)
+                    zero_shot = accuracy(base_path, None, labels, {phase + 1: stream.test[phase]}, loop.buffer,
+                                         placement)
                     base_zero_shot.append(zero_shot.served[phase + 1])
                 record, cpu = loop.update()
                 updates.append(summary(record, cpu))
                 live = loop.registry.live
                 assert live is not None
-                now = accuracy(base_path, loop.registry.path(live), labels, tests, loop.buffer)
+                now = accuracy(base_path, loop.registry.path(live), labels, tests, loop.buffer, placement)
                 matrix.append([now.served.get(w + 1) for w in range(len(stream.labels))])
                 model_matrix.append([now.model_alone.get(w + 1) for w in range(len(stream.labels))])
                 log(f"{stream.name:<9} {method:<7} window {seen}: {record.status} ({record.reason}, cpu {cpu:.0f} s); "
                     f"live {live}: " + " ".join(f"{a:.2f}" for a in now.served.values())
                     + " (model alone: " + " ".join(f"{a:.2f}" for a in now.model_alone.values()) + ")")
             known = None if method == "joint" else among_known(base_path, loop.registry.path(live), stream,
-                                                                len(phases), loop.buffer)
+                                                                len(phases), loop.buffer, placement)
             if keep is not None:  # the final live adapter, to study offline (the stream is reproducible)
                 shutil.copytree(loop.registry.path(live), keep, dirs_exist_ok=True)
             if poison is not None:
@@ -256,11 +259,11 @@ def method_settings(method: str, train: TrainSettings, gate: GateSettings) -> tu
 
 
 def among_known(base_path: Path, adapter: Path, stream: Stream, windows: int,
-                buffer: ReplayBuffer) -> list[Accuracy]:
+                buffer: ReplayBuffer, placement: Placement = CPU) -> list[Accuracy]:
     """Each window before the last of `windows` scored among the labels there were when it was
     learned (the last one was learned among them all: its figure is in the matrix already)."""
     return [accuracy(base_path, adapter, [label for w in stream.labels[:n] for label in w],
-                     {n: stream.test[n - 1]}, buffer) for n in range(1, windows)]
+                     {n: stream.test[n - 1]}, buffer, placement) for n in range(1, windows)]
 
 
 def summary(record: UpdateRecord, cpu_seconds: float) -> dict[str, Any]:
@@ -353,6 +356,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--gate-json", default="{}", help="GateSettings overrides as JSON (default: none)")
     parser.add_argument("--hpo-trials", type=int, default=0, help="hyperparameter search trials per update of the "
                         "default method (`hpo.trials`; 0: none)")
+    parser.add_argument("--device", default="cpu", help="where updates train and are scored: cpu, cuda, cuda:N "
+                                                        "or auto (`model.device`)")
+    parser.add_argument("--precision", default="float32", help="float32, bfloat16 or float16 (`model.precision`)")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--keep", action="store_true",
                         help="copy each run's final live adapter to OUT/adapters/<stream>-seed<seed>-<method>")
@@ -368,6 +374,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     gate = GateSettings.model_validate(json.loads(args.gate_json))
     hpo = HpoSettings(trials=args.hpo_trials)
     base_path = resolve_base_model(args.base, Path.home() / ".cache" / "evergreen" / "models")
+    placement = place(args.device, args.precision, "--device", "--precision")
     embedder = SentenceEmbedder()
     command = "evergreen bench suite " + " ".join(sys.argv[1:] if argv is None else argv)
     results: dict[str, dict[str, Any]] = {}
@@ -383,12 +390,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                             poison if method == "default" else None,
                                             lambda line: print(line, flush=True),
                                             args.out / "adapters" / f"{name}-seed{seed}-{method}"
-                                            if args.keep else None, hpo if method == "default" else None)
+                                            if args.keep else None, hpo if method == "default" else None,
+                                            placement)
             if "default" in result:
                 result["targets_met"] = targets(result)
             results[f"{name} (seed {seed})" if len(args.seeds.split(",")) > 1 else name] = result
             # Written after every stream, so a long run that is stopped still leaves its figures.
             document = {"preset": args.preset, "preset_sizes": asdict(preset), "base": args.base,
+                        "placement": placement.model_dump(),
                         "train": train.model_dump(mode="json"), "gate": gate.model_dump(mode="json"),
                         "hpo": hpo.model_dump(mode="json"),
                         "command": command, "results": results}

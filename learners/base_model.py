@@ -23,6 +23,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from learners.placement import CPU, Placement
+
 LOG = logging.getLogger(__name__)
 
 SMOLLM2 = "smollm2-135m"
@@ -112,10 +114,11 @@ def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_base(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The base model in fp32, in eval mode with every parameter frozen, and its tokenizer."""
+def load_base(path: Path, placement: Placement = CPU) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The base model on the placement's device, its weights in the placement's precision, in
+    eval mode with every parameter frozen, and its tokenizer."""
     tokenizer = load_tokenizer(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=placement.dtype).to(placement.torch_device)
     model.eval()
     model.requires_grad_(False)
     return model, tokenizer

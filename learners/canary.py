@@ -13,6 +13,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from learners.placement import device_of
+
 BUILTIN = (
     "The capital of France is Paris, and the capital of Japan is Tokyo.",
     "Water boils at one hundred degrees Celsius at sea level.",
@@ -43,11 +45,12 @@ def load_canary(path: Path | None) -> list[str]:
 def canary_loss(model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> float:
     """Mean negative log-likelihood per predicted token over all texts."""
     total, tokens = 0.0, 0
+    device = device_of(model)
     for text in texts:
-        ids = torch.tensor([tokenizer(text).input_ids])
+        ids = torch.tensor([tokenizer(text).input_ids], device=device)
         if ids.shape[1] < 2:
             continue
-        logits = model(input_ids=ids).logits[0, :-1]
+        logits = model(input_ids=ids).logits[0, :-1].float()
         total += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
         tokens += ids.shape[1] - 1
     return total / max(tokens, 1)

@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
+Precision = Literal["float32", "bfloat16", "float16"]  # `model.precision`; see `learners.placement`
+
 
 class AdapterSettings(BaseModel):
     """The PEFT adapter trained on top of the frozen base model (see `learners.methods`)."""
@@ -102,6 +104,10 @@ class TrainSettings(BaseModel):
     seed: int = Field(0, description="Seed of sampling, shuffling and adapter initialisation.")
     threads: int = Field(0, ge=0, description="Torch CPU threads of the training process (0: half the "
                                               "cores, at least 1); serving keeps its own (`model.threads`).")
+    device: str | None = Field(
+        None, pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+        description="Where updates train, when not where the model is served (`model.device`): say `cuda:1` "
+                    "beside a server on `cuda:0`, or `cuda` while the CPU serves. Checked at start-up.")
     cancel_grace_seconds: float = Field(
         10.0, gt=0, description="After a cancel, how long the training process may take to stop before it is "
                                 "terminated.")

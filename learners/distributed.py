@@ -4,7 +4,8 @@
         --live registry/versions/v0003 --records window.jsonl --out candidate/
 
 Each rank loads the base and the live adapter, draws the same batches and trains on its share
-of each; DDP averages the gradients (gloo: the model runs on the CPU here). Rank 0 writes the
+of each; DDP averages the gradients (over NCCL with one GPU per rank, `--device cuda`; over gloo on
+the CPU). `--device auto` picks CUDA when there is a GPU. Rank 0 writes the
 candidate in the usual PEFT layout, so it is a registry version like any other. Without
 torchrun the same command trains in one process. Gating stays with the service.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from torch import distributed as dist
 from learners.base_model import resolve_base_model
 from learners.config import TrainSettings
 from learners.ewc import trainable
+from learners.placement import place
 from learners.update_step import train_adapter
 from streams.records import TicketRecord
 
@@ -58,18 +61,25 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--settings", type=Path, help="JSON of the `train` settings section.")
     parser.add_argument("--out", type=Path, required=True, help="Directory the candidate is written to.")
     parser.add_argument("--report", type=Path, help="Where rank 0 writes the round report (JSON).")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda (each rank takes the GPU of its "
+                                                         "LOCAL_RANK).")
+    parser.add_argument("--precision", default="float32", choices=["float32", "bfloat16", "float16"])
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
     launched = dist.is_torchelastic_launched()
-    if launched:
-        dist.init_process_group("gloo")  # torchrun's environment names the rank and the rendezvous
+    placement = place(args.device, args.precision, "--device", "--precision")
+    if launched and placement.torch_device.type == "cuda":  # one GPU per rank
+        placement = place(f"cuda:{os.environ.get('LOCAL_RANK', '0')}", args.precision, "--device", "--precision")
+        torch.cuda.set_device(placement.torch_device)
+    if launched:  # torchrun's environment names the rank and the rendezvous
+        dist.init_process_group("nccl" if placement.torch_device.type == "cuda" else "gloo")
     try:
         cfg = (TrainSettings.model_validate_json(args.settings.read_text(encoding="utf-8"))
                if args.settings else TrainSettings())
         base_path = resolve_base_model(args.base, args.cache_dir)
         model, _, report = train_adapter(read_records(args.records), read_records(args.replay), base_path,
-                                         args.live, args.out, cfg)
+                                         args.live, args.out, cfg, placement=placement)
         # Identical weights on every rank is what makes rank 0's copy the model all ranks trained.
         spread = rank_spread(model)
         rank, world = (dist.get_rank(), dist.get_world_size()) if launched else (0, 1)

@@ -14,6 +14,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from learners.placement import device_of
+
 _FISHER = "fisher::"
 _ANCHOR = "anchor::"
 
@@ -50,7 +52,7 @@ class EwcPenalty:
         params = trainable(model)
         names = [name for name in params if name in self.fisher]
         if not names:
-            return torch.zeros(())
+            return torch.zeros((), device=device_of(model))
         # LoRA on every linear layer is hundreds of small tensors: one multi-tensor op per step
         # of the formula, rather than five ops per tensor, cuts the per-op overhead (measured
         # ~35 % less time, forward and backward, for 420 tensors).
@@ -59,13 +61,13 @@ class EwcPenalty:
         return 0.5 * self.strength * torch.stack([w.sum() for w in weighted]).sum()
 
     def save(self, path: Path) -> None:
-        tensors = {_FISHER + n: t.contiguous() for n, t in self.fisher.items()}
-        tensors.update({_ANCHOR + n: t.contiguous() for n, t in self.anchor.items()})
+        tensors = {_FISHER + n: t.cpu().contiguous() for n, t in self.fisher.items()}
+        tensors.update({_ANCHOR + n: t.cpu().contiguous() for n, t in self.anchor.items()})
         save_file(tensors, str(path))
 
     @classmethod
-    def load(cls, path: Path, strength: float) -> EwcPenalty:
-        tensors = load_file(str(path))
+    def load(cls, path: Path, strength: float, device: torch.device | str = "cpu") -> EwcPenalty:
+        tensors = load_file(str(path), device=str(device))
         return cls({k[len(_FISHER):]: v for k, v in tensors.items() if k.startswith(_FISHER)},
                    {k[len(_ANCHOR):]: v for k, v in tensors.items() if k.startswith(_ANCHOR)}, strength)
 

@@ -18,6 +18,8 @@ from peft import PeftModel
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from learners.placement import device_of, to_device
+
 GENERAL = (
     "The museum opens at nine in the morning and closes at five in the evening.",
     "Most plants need light, water and air to grow well.",
@@ -73,6 +75,7 @@ def drift_from_base(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.T
     """
     if not isinstance(model, PeftModel):
         raise TypeError("distillation from the base needs a PEFT model (its adapter is switched off for the base)")
+    batch = to_device(batch, device_of(model))
     with torch.no_grad(), model.disable_adapter():
         base = torch.log_softmax(model(**batch).logits.float(), dim=-1)
     adapted = torch.log_softmax(model(**batch).logits.float(), dim=-1)

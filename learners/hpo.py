@@ -40,6 +40,7 @@ from transformers import PreTrainedTokenizerBase
 from learners.base_model import load_tokenizer
 from learners.config import TrainSettings
 from learners.hpo_config import HpoSettings
+from learners.placement import CPU, Placement
 from learners.reports import Progress, SearchReport, TrialReport
 from learners.update_step import initial_adapter, train_adapter
 from learners.validation import ValidationSplit, validation_score
@@ -130,8 +131,9 @@ class Search:
     def __init__(self, snapshot: Snapshot, base_path: Path, live_dir: Path, live_untrained: bool,
                  cfg: TrainSettings, hpo: HpoSettings, journal: Path | None, scratch: Path,
                  on_progress: Callable[[Progress], None] | None = None,
-                 cancel: threading.Event | None = None) -> None:
+                 cancel: threading.Event | None = None, placement: Placement = CPU) -> None:
         self.snapshot, self.base_path, self.live_dir = snapshot, base_path, live_dir
+        self.placement = placement
         self.cfg, self.hpo, self.scratch = cfg, hpo, scratch
         self.on_progress, self.cancel = on_progress, cancel
         self.shape_searched = live_untrained and cfg.adapter.method == "lora"
@@ -180,7 +182,8 @@ class Search:
 
     def _fresh_adapter(self, params: dict[str, float], name: str) -> Path:
         directory = self.scratch / f"fresh-{name}"
-        initial_adapter(self.base_path, directory, trial_settings(self.cfg, params).adapter, self.cfg.seed)
+        initial_adapter(self.base_path, directory, trial_settings(self.cfg, params).adapter, self.cfg.seed,
+                        self.placement)
         return directory
 
     def _trial(self, trial: optuna.Trial, k: int, key: int) -> TrialReport:
@@ -212,7 +215,7 @@ class Search:
 
         try:
             model, _, _ = train_adapter(self.split.new, self.split.replay, self.base_path, start, out, cfg,
-                                        progress, self.cancel, midway)
+                                        progress, self.cancel, midway, self.placement)
             value, loss = validation_score(model, self.tokenizer, self.split.held, self.snapshot.labels, cfg)
         except optuna.TrialPruned:
             self.study.tell(trial, state=TrialState.PRUNED)

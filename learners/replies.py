@@ -20,6 +20,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from learners.config import TrainSettings
+from learners.placement import device_of
 from learners.probes import budgeted_probes
 from learners.prompts import chat_ids, conversation_example
 from learners.reports import ReplyScore
@@ -69,7 +70,7 @@ def _rouge_scorer() -> RougeScorer:
 def greedy_reply(model: nn.Module, tokenizer: PreTrainedTokenizerBase, messages: Sequence[Mapping[str, str]],
                  system: str | None, max_tokens: int) -> str:
     """The model's greedy answer to a conversation, as the chat endpoint would give it."""
-    prompt = torch.tensor([chat_ids(tokenizer, messages, system)])
+    prompt = torch.tensor([chat_ids(tokenizer, messages, system)], device=device_of(model))
     out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=max_tokens,
                          do_sample=False, pad_token_id=tokenizer.pad_token_id)
     return str(tokenizer.decode(out[0, prompt.shape[1]:], skip_special_tokens=True)).strip()

@@ -66,6 +66,9 @@ class RoundReport(Report):
     tokens: int = Field(description="Tokens trained on (this rank's share under torchrun).")
     seconds: float
     threads: int | None = Field(default=None, description="Torch threads it trained with (unknown for old versions).")
+    device: str | None = Field(default=None, description="Where it trained, `cpu` or `cuda:N` (unknown for old "
+                                                         "versions).")
+    precision: str | None = Field(default=None, description="The base model's weights' precision while it trained.")
 
 
 class WindowScore(Report):

@@ -9,6 +9,7 @@ the prompt runs once per ticket and a shared label prefix once per ticket, not o
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 
@@ -17,6 +18,7 @@ from peft import PeftType
 from torch import nn
 from transformers import DynamicCache, PreTrainedTokenizerBase
 
+from learners.placement import device_of
 from learners.prompts import label_ids, prompt_ids
 
 
@@ -62,6 +64,19 @@ class LabelTrie:
         for node, parent in enumerate(parents):  # parents come before their children
             if parent >= 0:
                 self.sees[node] |= self.sees[parent]
+        self._placed: dict[torch.device, LabelTrie] = {}
+
+    def on(self, device: torch.device) -> LabelTrie:
+        """This trie with its tensors on `device`, copied there once and kept (a served label
+        set is scored on the device again and again)."""
+        if device.type == "cpu":
+            return self
+        if device not in self._placed:
+            placed = copy.copy(self)
+            for name in ("tokens", "depth", "sources", "targets", "owners", "sees"):
+                setattr(placed, name, getattr(self, name).to(device))
+            self._placed[device] = placed
+        return self._placed[device]
 
 
 class LabelScorer:
@@ -121,13 +136,14 @@ class LabelScorer:
         values): every node attends to its prompt and its ancestors. Logits are computed only
         where they score a label token: the prompt's last position and the trie's nodes. The
         nodes are cut from the cache afterwards, so the same prompts can be scored against the
-        next label chunk.
+        next label chunk. The scores come back to the host: they are read there.
         """
-        trie, b, start, width = self.trie, prompts.rows, prompts.read, prompts.width
+        device = prompts.ids.device
+        trie, b, start, width = self.trie.on(device), prompts.rows, prompts.read, prompts.width
         nodes = len(trie.tokens)
-        prompt_rows = torch.cat([prompts.sees(start, width), torch.zeros((b, width - start, nodes), dtype=torch.bool)],
-                                dim=2)
-        node_rows = torch.cat([torch.ones((b, nodes, prompts.virtual), dtype=torch.bool),
+        prompt_rows = torch.cat([prompts.sees(start, width),
+                                 torch.zeros((b, width - start, nodes), dtype=torch.bool, device=device)], dim=2)
+        node_rows = torch.cat([torch.ones((b, nodes, prompts.virtual), dtype=torch.bool, device=device),
                                prompts.real[:, None, :].expand(b, nodes, width), trie.sees.expand(b, nodes, nodes)],
                               dim=2)
         logits = prompts.runner(
@@ -141,7 +157,7 @@ class LabelScorer:
             prompts.read, prompts.end_logp = width, logits[:, 0].float().log_softmax(dim=-1)
         logp = torch.cat([prompts.end_logp[:, None], logits[:, -nodes:].float().log_softmax(dim=-1)], dim=1)
         token_logp = logp[:, trie.sources, trie.targets]  # b × label tokens
-        return torch.zeros((b, len(self.labels))).index_add_(1, trie.owners, token_logp)
+        return torch.zeros((b, len(self.labels)), device=device).index_add_(1, trie.owners, token_logp).cpu()
 
     def score_many(self, model: nn.Module, texts: Sequence[str], batch: int = 8) -> torch.Tensor:
         """Scores of any number of tickets (shape: texts × labels), `batch` tickets per pass."""
@@ -194,6 +210,8 @@ class PromptPass:
         for row, prompt in enumerate(prompts):
             self.ids[row, self.width - len(prompt):] = torch.tensor(prompt)
             self.real[row, self.width - len(prompt):] = True
+        device = device_of(model)
+        self.ids, self.real = self.ids.to(device), self.real.to(device)
         cache, self.virtual, self.runner = _virtual_tokens(model, self.rows)
         self.cache = cache if cache is not None else DynamicCache(config=self.runner.config)
         self.lengths = self.real.sum(dim=1, keepdim=True)
@@ -214,10 +232,12 @@ class PromptPass:
         """Whom prompt columns start..end attend to (rows × queries × virtual + `end` keys): every
         virtual token, and their own prompt causally; a padding position sees only itself, so
         that no row of the softmax is empty."""
-        keys = torch.arange(end)
-        queries = torch.arange(start, end)[:, None]
+        device = self.real.device
+        keys = torch.arange(end, device=device)
+        queries = torch.arange(start, end, device=device)[:, None]
         own = ((keys <= queries) & self.real[:, None, :end]) | (keys == queries)
-        return torch.cat([torch.ones((self.rows, end - start, self.virtual), dtype=torch.bool), own], dim=2)
+        return torch.cat([torch.ones((self.rows, end - start, self.virtual), dtype=torch.bool, device=device), own],
+                         dim=2)
 
     @torch.inference_mode()
     def advance(self, tokens: int) -> None:

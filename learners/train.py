@@ -16,6 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 from learners.config import TrainSettings
 from learners.ewc import EwcPenalty, trainable
 from learners.general import GeneralText, drift_from_base
+from learners.placement import base_dtype, device_of, grad_scaler, to_device
 from learners.prompts import IGNORE, Example
 from learners.reports import Progress, RoundReport
 
@@ -50,10 +51,11 @@ def answer_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tenso
 
     The vocabulary projection is the largest matrix product of a small model; computing logits
     only for the positions that predict answer tokens (the last few, thanks to left padding)
-    skips it for the whole prompt.
+    skips it for the whole prompt. The batch is moved to the model's device here.
     """
+    answer_start = int((batch["labels"] != IGNORE).int().argmax(dim=1).min())  # read before the move: no sync
+    batch = to_device(batch, device_of(model))
     labels = batch["labels"]
-    answer_start = int((labels != IGNORE).int().argmax(dim=1).min())
     keep = labels.shape[1] - answer_start + 1  # the position before the answer predicts its first token
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                    position_ids=batch["position_ids"], logits_to_keep=keep).logits
@@ -156,6 +158,7 @@ def run_round(model: nn.Module, new: Sequence[Example], replay: Sequence[Example
     batches = mixed_batches(new, replay, cfg, rng)
     params = list(trainable(model).values())
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    device, scaler = device_of(model), grad_scaler(model)
     model.train()
     started, tokens, loss_value = time.perf_counter(), 0, float("nan")
     for step, examples in enumerate(batches):
@@ -165,12 +168,14 @@ def run_round(model: nn.Module, new: Sequence[Example], replay: Sequence[Example
             group["lr"] = lr_at(step, len(batches), cfg)
         batch = collate(examples[rank::world], pad_id)
         loss = answer_loss(net, batch)
-        penalty = ewc.penalty(model) if ewc is not None else torch.zeros(())
+        penalty = ewc.penalty(model) if ewc is not None else torch.zeros((), device=device)
         if general is not None:  # the same sentences on every rank, so DDP's average is unchanged
             penalty = penalty + cfg.keep_general * drift_from_base(model, general.batch())
-        (loss + penalty).backward()
+        scaler.scale(loss + penalty).backward()
+        scaler.unscale_(optimizer)  # clipping sees the true gradients
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
         # .item() syncs with the device once per step; the figures feed the progress bar.
         loss_value = loss.item()
@@ -186,4 +191,4 @@ def run_round(model: nn.Module, new: Sequence[Example], replay: Sequence[Example
     model.eval()
     return RoundReport(steps=len(batches), examples_new=len(new), examples_replay=len(replay),
                        final_loss=loss_value, tokens=tokens, seconds=time.perf_counter() - started,
-                       threads=torch.get_num_threads())
+                       threads=torch.get_num_threads(), device=str(device), precision=base_dtype(model))

@@ -24,6 +24,7 @@ from learners.ewc import EwcPenalty, consolidate, empirical_fisher
 from learners.gate import Votes, evaluate, finite_scores, judge, score_probes, window_scores
 from learners.general import GeneralText
 from learners.methods import peft_config, warm_start
+from learners.placement import CPU, Placement
 from learners.probes import budgeted_probes
 from learners.prompts import Example, ticket_examples
 from learners.replies import reply_probes, score_replies
@@ -38,10 +39,11 @@ EWC_FILE = "ewc.safetensors"
 TRAIN_CONFIG_FILE = "train_config.json"  # the settings a version was trained with
 
 
-def initial_adapter(base_path: Path, out_dir: Path, cfg: AdapterSettings, seed: int) -> None:
+def initial_adapter(base_path: Path, out_dir: Path, cfg: AdapterSettings, seed: int,
+                    placement: Placement = CPU) -> None:
     """The first version, untrained. LoRA (B = 0) and IA3 (scales of 1) answer exactly as the
     base does; prefix tuning starts from random virtual tokens, which shift answers slightly."""
-    base, _ = load_base(base_path)
+    base, _ = load_base(base_path, placement)
     torch.manual_seed(seed)
     get_peft_model(base, peft_config(cfg)).save_pretrained(out_dir)
 
@@ -50,7 +52,7 @@ def train_adapter(new_records: Sequence[TicketRecord], replay_records: Sequence[
                   base_path: Path, live_dir: Path, out_dir: Path, cfg: TrainSettings,
                   on_progress: Callable[[Progress], None] | None = None,
                   cancel: threading.Event | None = None,
-                  midway: Callable[[nn.Module], None] | None = None,
+                  midway: Callable[[nn.Module], None] | None = None, placement: Placement = CPU,
                   ) -> tuple[PeftModel, PreTrainedTokenizerBase, RoundReport]:
     """Warm-start from the live adapter (in its own method), train, consolidate EWC, save.
 
@@ -59,11 +61,11 @@ def train_adapter(new_records: Sequence[TicketRecord], replay_records: Sequence[
     Under torchrun every rank runs this whole function (`run_round` shards the batches);
     only rank 0 writes `out_dir`.
     """
-    base, tokenizer = load_base(base_path)
+    base, tokenizer = load_base(base_path, placement)
     model = warm_start(base, live_dir)
     new = ticket_examples(tokenizer, new_records, cfg.max_length, cfg.system_prompt)
     replay = ticket_examples(tokenizer, replay_records, cfg.max_length, cfg.system_prompt)
-    previous = (EwcPenalty.load(live_dir / EWC_FILE, cfg.ewc.strength)
+    previous = (EwcPenalty.load(live_dir / EWC_FILE, cfg.ewc.strength, placement.torch_device)
                 if cfg.ewc.enabled and (live_dir / EWC_FILE).exists() else None)
     general = (GeneralText(tokenizer, tokenizer.pad_token_id, cfg.general_rows, cfg.seed)
                if cfg.keep_general > 0 else None)
@@ -102,7 +104,7 @@ def train_candidate(snapshot: Snapshot, base_path: Path, live_dir: Path, out_dir
                     best_before: Mapping[int, float] | None = None,
                     shortlists: Mapping[str, Sequence[str]] | None = None,
                     votes: Votes | None = None, vote_weight: float = 0.0,
-                    start_dir: Path | None = None) -> UpdateOutcome:
+                    start_dir: Path | None = None, placement: Placement = CPU) -> UpdateOutcome:
     """Train a candidate warm-started from the live adapter, save it to `out_dir`, gate it.
 
     The candidate's probe scores are saved with it (`learners.score_cache`); the live version's,
@@ -113,9 +115,10 @@ def train_candidate(snapshot: Snapshot, base_path: Path, live_dir: Path, out_dir
     `votes`, `vote_weight`: the buffer's vote on each probe and its weight in the answer (`window_score`).
     `start_dir`: the adapter training starts from, when not the live one (a search's fresh adapter
     of another rank, `learners.hpo`); the gate still judges against the live version.
+    `placement`: where training and the gate run, in what precision (`learners.placement`).
     """
     model, tokenizer, report = train_adapter(snapshot.new, snapshot.replay, base_path, start_dir or live_dir,
-                                             out_dir, cfg, on_progress, cancel)
+                                             out_dir, cfg, on_progress, cancel, placement=placement)
 
     started = time.perf_counter()
     scorer = LabelScorer(tokenizer, snapshot.labels)
@@ -129,7 +132,7 @@ def train_candidate(snapshot: Snapshot, base_path: Path, live_dir: Path, out_dir
     candidate_replies = score_replies(model, tokenizer, replying, cfg, policy.reply_generations,
                                       policy.reply_max_tokens)
     del model
-    live_model = PeftModel.from_pretrained(load_base(base_path)[0], live_dir)
+    live_model = PeftModel.from_pretrained(load_base(base_path, placement)[0], live_dir)
     live = score_probes(live_model, scorer, probes, shortlists, read_probe_scores(live_dir))
     live_canary = canary_loss(live_model, tokenizer, canary)
     live_replies = score_replies(live_model, tokenizer, replying, cfg, policy.reply_generations,

@@ -34,6 +34,7 @@ from learners.messages import (
     StartedMessage,
     WorkerMessage,
 )
+from learners.placement import CPU, Placement
 from learners.reports import Progress
 from learners.train import Cancelled
 from learners.update_step import train_candidate
@@ -54,6 +55,8 @@ class Job(BaseModel):
     out_dir: Path = Field(description="Where the candidate is written (the registry's draft directory).")
     train: TrainSettings
     gate: GateSettings
+    placement: Placement = Field(default=CPU, description="Device and precision of training and gating "
+                                                          "(`train.device`, `model.precision`), checked at start-up.")
     best_before: dict[int, float] = Field(description="Each window's best accuracy under earlier live versions.")
     shortlists: dict[str, list[str]] = Field(default={}, description="The labels each probe (by id) is judged "
                                                                      "among; a probe without one: every label.")
@@ -124,12 +127,12 @@ def main(job_file: Path) -> int:
         torch.set_num_threads(threads)
         reporter.send(StartedMessage(pid=os.getpid(), threads=threads))
         winner = (Search(job.snapshot, job.base_path, job.live_dir, job.live_untrained, job.train, job.hpo,
-                         job.study_journal, job_file.parent / "hpo", reporter.progress, cancel).run()
+                         job.study_journal, job_file.parent / "hpo", reporter.progress, cancel, job.placement).run()
                   if job.hpo.searching else None)
         outcome = train_candidate(job.snapshot, job.base_path, job.live_dir, job.out_dir,
                                   winner.cfg if winner else job.train, job.gate, reporter.progress, cancel,
                                   job.best_before, job.shortlists, job.votes, job.vote_weight,
-                                  winner.start_dir if winner else None)
+                                  winner.start_dir if winner else None, job.placement)
         if winner is not None:
             outcome = outcome.model_copy(update={"search": winner.report})
     except Cancelled as exc:

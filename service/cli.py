@@ -91,6 +91,7 @@ def serve(replica: Annotated[bool, typer.Option(
     settings = Settings()
     if replica:
         settings.replicas.role = "replica"
+    _check_placement(settings)
     _banner(settings)
     service = Service(settings)
     run_server(service, Narrator(service, _say))
@@ -103,8 +104,23 @@ def up() -> None:
 
     started = time.monotonic()
     settings = Settings()
+    _check_placement(settings)
     _banner(settings)
     run_up(settings, _say, started)
+
+
+def _check_placement(settings: Settings) -> None:
+    """Refuse to start, naming the setting, on a machine without the device or precision asked for."""
+    from learners.placement import PlacementError
+    from service.core import placements
+
+    try:
+        serving, training = placements(settings)
+    except PlacementError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    console.print(f"model {settings.model.base} served on {serving.device} in {serving.precision}"
+                  + ("" if training == serving else f", trained on {training.device}"))
 
 
 @app.command()

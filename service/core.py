@@ -12,6 +12,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from kafka.errors import KafkaTimeoutError
 
 from learners.base_model import resolve_base_model
+from learners.placement import Placement, place
 from replay.buffer import ReplayBuffer
 from replay.embed import SentenceEmbedder
 from service.batching import ClassifyBatcher
@@ -32,6 +33,15 @@ from streams.produce import TicketProducer
 LOG = logging.getLogger(__name__)
 
 
+def placements(settings: Settings) -> tuple[Placement, Placement]:
+    """Where the model is served and where updates train; raises PlacementError, naming the
+    setting, when this machine lacks the device or the precision (`learners.placement`)."""
+    serving = place(settings.model.device, settings.model.precision)
+    if settings.train.device is None:
+        return serving, serving
+    return serving, place(settings.train.device, settings.model.precision, "train.device")
+
+
 class NoBroker(Exception):
     """The instance runs without Kafka, so it cannot produce tickets."""
 
@@ -50,19 +60,21 @@ class Service:
         if settings.model.threads:
             torch.set_num_threads(settings.model.threads)
         data = settings.data_dir
+        self.placement, self.train_placement = placements(settings)  # before anything loads
         self.base_path = resolve_base_model(settings.model.base, settings.model.cache_dir)
         embedder = SentenceEmbedder(settings.replay.embedding_model, settings.replay.embed_batch_size)
         self.buffer = ReplayBuffer(data / "buffer", embedder, settings=settings.replay)
         self.registry = AdapterRegistry(settings.registry_dir or data / "registry", writer=not self.replica)
         self.matrix = AccuracyMatrix(self.registry.root / "accuracy.json")
         self.runtime = ModelRuntime(self.base_path, self.registry, self._first_version(),
-                                    max_cached=settings.serving.cached_versions)
+                                    max_cached=settings.serving.cached_versions, placement=self.placement)
         self.live = LiveVersion(self.registry, self.runtime)
         self.exporter = Exporter(self.registry, lambda: self.runtime.base, self.base_path, base_gguf(settings.model))
         self.updates = UpdateManager(self.buffer, self.live, self.matrix, self.base_path,
                                      settings.train, settings.gate, scratch_dir=data / "scratch",
                                      retention=settings.registry, hpo=settings.hpo,
-                                     study_journal=settings.hpo.journal or data / STUDY_JOURNAL)
+                                     study_journal=settings.hpo.journal or data / STUDY_JOURNAL,
+                                     placement=self.train_placement)
         self.generator = Generator(self.runtime, settings.serving.max_prompt_tokens, settings.serving.turn_tokens,
                                    settings.serving.turn_ms)
         self.batcher = ClassifyBatcher(self.runtime, settings.serving.max_batch, settings.serving.batch_wait_ms,
@@ -86,7 +98,7 @@ class Service:
 
     def _first_version(self) -> str:
         if not self.replica:
-            return ensure_initial_version(self.registry, self.base_path, self.settings.train)
+            return ensure_initial_version(self.registry, self.base_path, self.settings.train, self.placement)
         live = self.registry.live
         if live is None:
             raise RuntimeError(f"the registry at {self.registry.root} has no live version yet: "

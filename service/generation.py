@@ -123,7 +123,7 @@ class _Halt(StoppingCriteria):  # type: ignore[misc]
         halt = self.decoder.stopped or self.decoder.cancel.is_set()
         if not halt and self.decoder.usage.completion_tokens < self.max_tokens:  # none after the last
             self.between_steps()
-        return torch.full((input_ids.shape[0],), halt, dtype=torch.bool)
+        return torch.full((input_ids.shape[0],), halt, dtype=torch.bool, device=input_ids.device)
 
 
 class Stream:
@@ -193,7 +193,7 @@ class Generator:
                 if sampling.seed is not None:
                     torch.manual_seed(sampling.seed)  # under the inference lock: no other sampler
                 greedy = sampling.temperature == 0
-                ids = torch.tensor([prompt])
+                ids = torch.tensor([prompt], device=self.runtime.device)
                 with torch.inference_mode():
                     run.model.generate(
                         input_ids=ids, attention_mask=torch.ones_like(ids), cache=self._prefill(run.model, ids),
@@ -223,6 +223,9 @@ class Generator:
     def _step_aside(self, after_s: float = 0.0) -> None:
         """Once the turn has lasted `after_s`, let the requests waiting for the model go first;
         this answer's random stream (a seeded one included) continues as if nothing else had run."""
-        state = torch.get_rng_state()
+        device = self.runtime.device
+        state = torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
         if self.runtime.step_aside(after_s):
-            torch.set_rng_state(state)
+            torch.set_rng_state(state[0])
+            if state[1] is not None:  # sampling on a GPU draws from the device's generator
+                torch.cuda.set_rng_state(state[1], device)

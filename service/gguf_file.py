@@ -318,7 +318,7 @@ def _write(path: Path, tensors: list[_Tensor], metadata: Callable[[GGUFWriter], 
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for tensor in tensors:
-            values = tensor.data.to(torch.float32).contiguous().numpy()
+            values = tensor.data.to("cpu", torch.float32).contiguous().numpy()
             writer.write_tensor_data(gguf.quants.quantize(values, tensor.qtype))
     finally:
         writer.close()

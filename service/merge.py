@@ -116,9 +116,10 @@ def lora_merged_weights(base: nn.Module, config: PeftConfig,
     for modules in groups.values():
         weights_of = [params[f"{m}.weight"].data for m in modules]
         stacked = torch.stack(weights_of)  # the copy that becomes this version's weights
-        b = torch.stack([pairs[m]["B"] for m in modules]).to(stacked.dtype)
-        a = torch.stack([pairs[m]["A"] for m in modules]).to(stacked.dtype)
-        stacked.baddbmm_(b, a, alpha=scale)
+        b = torch.stack([pairs[m]["B"] for m in modules]).to(stacked.device, torch.float32)
+        a = torch.stack([pairs[m]["A"] for m in modules]).to(stacked.device, torch.float32)
+        # Summed in fp32 and rounded once to a bf16/fp16 base's precision (in place for fp32).
+        stacked = stacked.float().baddbmm_(b, a, alpha=scale).to(stacked.dtype)
         if not torch.isfinite(stacked).all():  # what PEFT's merge(safe_merge=True) refuses
             raise UnsafeAdapter(f"merging the adapter gives non-finite weights in one of {', '.join(modules)}")
         merged.update({f"{m}.weight": w for m, w in zip(modules, stacked.unbind(), strict=True)})
@@ -126,7 +127,9 @@ def lora_merged_weights(base: nn.Module, config: PeftConfig,
 
 
 def build(base: nn.Module, name: str, config: PeftConfig, weights: Mapping[str, torch.Tensor]) -> Built:
-    """The model serving one version; `base` is never modified."""
+    """The model serving one version, on the base's device; `base` is never modified."""
+    device = next(base.parameters()).device
+    weights = {key: tensor.to(device) for key, tensor in weights.items()}
     merged = lora_merged_weights(base, config, weights)
     if merged is not None:
         return Built(share(base, merged).eval(), merged=True)

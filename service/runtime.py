@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from learners.base_model import load_base
+from learners.placement import CPU, Placement
 from learners.prompts import label_ids, prompt_ids
 from learners.scoring import LabelScorer, PromptPass
 from service.merge import UnsafeAdapter, build, read_adapter
@@ -76,10 +77,12 @@ class ModelRuntime:
         rollback, and prepared ahead of their promotion; the least recently used goes beyond that.
     """
 
-    def __init__(self, base_path: Path, registry: AdapterRegistry, version: str, max_cached: int = 2) -> None:
+    def __init__(self, base_path: Path, registry: AdapterRegistry, version: str, max_cached: int = 2,
+                 placement: Placement = CPU) -> None:
         self.registry = registry
         self.max_cached = max_cached
-        self.base, self.tokenizer = load_base(base_path)  # pristine: never served, never written
+        self.placement = placement
+        self.base, self.tokenizer = load_base(base_path, placement)  # pristine: never served, never written
         self.last_swap_seconds: float | None = None
         self._cached: OrderedDict[str, Loaded] = OrderedDict()  # non-live loaded versions
         self._scorers: OrderedDict[tuple[str, ...], LabelScorer] = OrderedDict()  # label set → its trie
@@ -95,6 +98,11 @@ class ModelRuntime:
     @property
     def version(self) -> str:
         return self._live.version
+
+    @property
+    def device(self) -> torch.device:
+        """Where the served models run (requests' tensors go there)."""
+        return self.placement.torch_device
 
     @property
     def labels(self) -> list[str]:

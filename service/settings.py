@@ -21,7 +21,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from learners.config import GateSettings, TrainSettings
+from learners.config import GateSettings, Precision, TrainSettings
 from learners.hpo_config import HpoSettings
 from replay.config import ReplaySettings
 from streams.config import KafkaSettings
@@ -103,6 +103,14 @@ class ModelSettings(BaseModel):
     cache_dir: Path = Field(Path.home() / ".cache" / "evergreen" / "models",
                             description="Where converted base models are kept.")
     threads: int = Field(0, ge=0, description="Torch CPU threads (0: torch's default).")
+    device: str = Field(
+        "auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+        description="Where the served model runs: `auto` (CUDA when there is a GPU, else the CPU), `cpu`, `cuda` "
+                    "or `cuda:N`. Checked at start-up. Also where updates train unless `train.device` says.")
+    precision: Precision = Field(
+        "float32", description="Precision of the base model's weights, serving and training alike: `float32`, "
+                               "`bfloat16` (half the memory; CPUs and GPUs from Ampere on) or `float16` (CUDA "
+                               "only; training scales the loss). Adapter weights and losses stay fp32.")
     gguf: Path | None = Field(
         None, description="The base model's own GGUF file, whose metadata and tokenizer GGUF exports copy "
                           "(`evergreen export`). Unset: the packaged file for `smollm2-135m`; for other bases "

@@ -29,6 +29,7 @@ from learners.messages import (
     StartedMessage,
     WorkerMessage,
 )
+from learners.placement import CPU, Placement
 from learners.probes import budgeted_probes
 from learners.reports import TrainingProgress
 from learners.train import Cancelled
@@ -67,7 +68,8 @@ def probe_neighbours(buffer: ReplayBuffer, probes: Mapping[int, Sequence[TicketR
             {r.id: a.votes for r, a in zip(rows, advice, strict=True) if a.votes})
 
 
-def ensure_initial_version(registry: AdapterRegistry, base_path: Path, cfg: TrainSettings) -> str:
+def ensure_initial_version(registry: AdapterRegistry, base_path: Path, cfg: TrainSettings,
+                           placement: Placement = CPU) -> str:
     """The registry's first version (an untrained adapter) when it has none; the live name.
 
     It is promoted without a runtime to load it into: none can exist before there is a live
@@ -75,7 +77,7 @@ def ensure_initial_version(registry: AdapterRegistry, base_path: Path, cfg: Trai
     """
     if registry.live is None:
         with registry.draft() as draft:
-            initial_adapter(base_path, draft.path, cfg.adapter, cfg.seed)
+            initial_adapter(base_path, draft.path, cfg.adapter, cfg.seed, placement)
             info = registry.publish(draft, VersionMetadata(parent=None, verdict="accepted", windows_trained=[],
                                                            labels=[]))
         registry.promote(info.name)
@@ -91,8 +93,9 @@ class UpdateManager:
     def __init__(self, buffer: ReplayBuffer, live: LiveVersion, matrix: AccuracyMatrix,
                  base_path: Path, train: TrainSettings, gate: GateSettings, scratch_dir: Path,
                  retention: RegistrySettings, hpo: HpoSettings | None = None,
-                 study_journal: Path | None = None) -> None:
+                 study_journal: Path | None = None, placement: Placement = CPU) -> None:
         self.buffer = buffer
+        self.placement = placement  # of the training process
         # The search before training (`hpo.trials` ≥ 2) and its study's journal; without a journal
         # each update's search is a study of its own trials.
         self.hpo = hpo or HpoSettings()
@@ -224,7 +227,7 @@ class UpdateManager:
 
         with self.registry.draft() as draft:
             job = Job(snapshot=snapshot, base_path=self.base_path, live_dir=self.registry.path(live),
-                      out_dir=draft.path, train=self.train, gate=self.gate,
+                      out_dir=draft.path, train=self.train, gate=self.gate, placement=self.placement,
                       best_before=best_before(self.registry, self.matrix, live), shortlists=shortlists,
                       votes=votes, vote_weight=self.buffer.settings.vote_weight, hpo=self.hpo,
                       study_journal=self.study_journal, live_untrained=not live_info.windows_trained)
