@@ -38,6 +38,7 @@ import transformers
 
 from learners.base_model import resolve_base_model
 from learners.config import GateSettings, TrainSettings
+from learners.placement import CPU, Placement, place
 from replay.embed import SentenceEmbedder
 from service.update_log import UpdateRecord
 from streams.datasets import load_tickets
@@ -101,13 +102,14 @@ def costs(record: UpdateRecord, loop: Loop) -> dict[str, Any]:
 
 
 def run_stream(stream: Stream, recur: list[list[TicketRecord]], base_path: Path, embedder: SentenceEmbedder,
-               train: TrainSettings, gate: GateSettings, log: Any, rows: list[dict[str, Any]]) -> None:
+               train: TrainSettings, gate: GateSettings, log: Any, rows: list[dict[str, Any]],
+               placement: Placement = CPU) -> None:
     """The class windows, then the recurring ones; a row of figures per update, appended to
     `rows` as each update ends (`log` is called after it)."""
     learned: dict[int, float] = {}  # each class window's accuracy when it was learned
     tests = {w + 1: stream.test[w] for w in range(len(stream.train))}
     with tempfile.TemporaryDirectory(prefix="bench-long-") as scratch:
-        loop = Loop(Path(scratch), base_path, embedder, train, gate)
+        loop = Loop(Path(scratch), base_path, embedder, train, gate, placement=placement)
         try:
             for index, window in enumerate([*stream.train, *recur]):
                 seen = min(index + 1, len(stream.train))
@@ -116,7 +118,7 @@ def run_stream(stream: Stream, recur: list[list[TicketRecord]], base_path: Path,
                 assert live is not None
                 labels = [label for w in stream.labels[:seen] for label in w]
                 scored = accuracy(base_path, loop.registry.path(live), labels,
-                                  {w: tests[w] for w in range(1, seen + 1)}, loop.buffer)
+                                  {w: tests[w] for w in range(1, seen + 1)}, loop.buffer, placement)
                 now = scored.served
                 if index < len(stream.train):
                     learned[seen] = now[seen]
@@ -137,13 +139,13 @@ def run_stream(stream: Stream, recur: list[list[TicketRecord]], base_path: Path,
 
 
 def run_joint(stream: Stream, recur: list[list[TicketRecord]], base_path: Path, embedder: SentenceEmbedder,
-              train: TrainSettings, steps: int) -> dict[str, Any]:
+              train: TrainSettings, steps: int, placement: Placement = CPU) -> dict[str, Any]:
     """One update over every ticket, with `steps` optimiser steps (the stream's total)."""
     everything = [r for window in [*stream.train, *recur] for r in window]
     # An update of new rows only takes ceil(rows * epochs / batch) steps; the epochs are set
     # from the rows the buffer trains on (its probe split holds the rest out).
     with tempfile.TemporaryDirectory(prefix="bench-long-joint-") as scratch:
-        loop = Loop(Path(scratch), base_path, embedder, train, GateSettings())
+        loop = Loop(Path(scratch), base_path, embedder, train, GateSettings(), placement=placement)
         try:
             loop.buffer.add_many(everything)
             trained = len(loop.buffer.records([w.id for w in loop.buffer.windows()], probe=False))
@@ -155,7 +157,7 @@ def run_joint(stream: Stream, recur: list[list[TicketRecord]], base_path: Path, 
             assert live is not None
             labels = [label for w in stream.labels for label in w]
             scored = accuracy(base_path, loop.registry.path(live), labels,
-                              {w + 1: stream.test[w] for w in range(len(stream.train))}, loop.buffer)
+                              {w + 1: stream.test[w] for w in range(len(stream.train))}, loop.buffer, placement)
             now = scored.served
             return {"status": record.status, "epochs": epochs, "steps": costs(record, loop)["steps"],
                     "seconds": time.perf_counter() - started, "accuracy": now,
@@ -220,6 +222,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--train-json", default="{}", help="TrainSettings overrides as JSON")
     parser.add_argument("--gate-json", default="{}", help="GateSettings overrides as JSON")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (`model.device`)")
+    parser.add_argument("--precision", default="float32", help="float32, bfloat16 or float16 (`model.precision`)")
     parser.add_argument("--plot", type=Path, help="PNG path (default: docs/img/long-<preset>.png)")
     args = parser.parse_args(argv)
     transformers.utils.logging.disable_progress_bar()
@@ -227,6 +231,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     train = TrainSettings.model_validate(json.loads(args.train_json))
     gate = GateSettings.model_validate(json.loads(args.gate_json))
     base_path = resolve_base_model(args.base, Path.home() / ".cache" / "evergreen" / "models")
+    placement = place(args.device, args.precision, "--device", "--precision")
     embedder = SentenceEmbedder()
     stream = make_stream("banking77", preset.stream, args.seed)
     recur = recurring_windows(stream, preset, args.seed)
@@ -234,7 +239,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result: dict[str, Any] = {"preset": args.preset, "sizes": asdict(preset), "base": args.base,
                               "command": "evergreen bench long " + " ".join(sys.argv[1:] if argv is None else argv),
                               "train": train.model_dump(mode="json"), "gate": gate.model_dump(mode="json"),
-                              "updates": updates}
+                              "placement": placement.model_dump(), "updates": updates}
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"long-{args.preset}.json"
 
@@ -242,10 +247,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(line, flush=True)
         path.write_text(json.dumps(result, indent=2) + "\n")
 
-    run_stream(stream, recur, base_path, embedder, train, gate, log, updates)
+    run_stream(stream, recur, base_path, embedder, train, gate, log, updates, placement)
     if not args.no_joint:
         steps = sum(u["steps"] or 0 for u in result["updates"])
-        result["joint"] = run_joint(stream, recur, base_path, embedder, train, steps)
+        result["joint"] = run_joint(stream, recur, base_path, embedder, train, steps, placement)
         log(f"joint: {result['joint']['steps']} steps, accuracy {result['joint']['average_accuracy']:.3f}")
     result["cost_ratio_last_to_window_2"] = updates[-1]["seconds"] / updates[1]["seconds"]
     result["targets_met"] = targets(result)
