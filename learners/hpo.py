@@ -42,6 +42,7 @@ from learners.config import TrainSettings
 from learners.hpo_config import HpoSettings
 from learners.placement import CPU, Placement
 from learners.reports import Progress, SearchReport, TrialReport
+from learners.train import Diverged
 from learners.update_step import initial_adapter, train_adapter
 from learners.validation import ValidationSplit, validation_score
 from replay.buffer import Snapshot
@@ -220,6 +221,9 @@ class Search:
         except optuna.TrialPruned:
             self.study.tell(trial, state=TrialState.PRUNED)
             return report(halfway, float("nan"), pruned=True)
+        except Diverged:  # its settings learned nothing: a failed trial, not a failed search
+            self.study.tell(trial, state=TrialState.FAIL)
+            return report(None, float("nan"), pruned=False)
         except BaseException:
             self.study.tell(trial, state=TrialState.FAIL)
             raise

@@ -60,6 +60,8 @@ class TrainingProgress(Progress):
 
 class RoundReport(Report):
     steps: int
+    skipped_steps: int = Field(default=0, description="Steps whose gradient was not finite, skipped (the "
+                                                      "weights left as they were).")
     examples_new: int
     examples_replay: int
     final_loss: Loss

@@ -25,6 +25,10 @@ class Cancelled(Exception):
     """The round was asked to stop; nothing it produced may be used."""
 
 
+class Diverged(Exception):
+    """Every step's gradient was infinite or NaN: the adapter did not move."""
+
+
 def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
     """Left-pad a batch, so every answer sits in the last few positions (see `answer_loss`).
 
@@ -160,7 +164,7 @@ def run_round(model: nn.Module, new: Sequence[Example], replay: Sequence[Example
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     device, scaler = device_of(model), grad_scaler(model)
     model.train()
-    started, tokens, loss_value = time.perf_counter(), 0, float("nan")
+    started, tokens, loss_value, skipped = time.perf_counter(), 0, float("nan"), 0
     for step, examples in enumerate(batches):
         if cancel is not None and cancel.is_set():
             raise Cancelled(f"cancelled at step {step} of {len(batches)}")
@@ -173,8 +177,13 @@ def run_round(model: nn.Module, new: Sequence[Example], replay: Sequence[Example
             penalty = penalty + cfg.keep_general * drift_from_base(model, general.batch())
         scaler.scale(loss + penalty).backward()
         scaler.unscale_(optimizer)  # clipping sees the true gradients
-        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        scaler.step(optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        # A step with a non-finite gradient (an fp16 overflow, which the scaler then scales down
+        # from, or a NaN in any precision) is skipped: one bad batch must not poison the weights.
+        if bool(torch.isfinite(norm)):
+            scaler.step(optimizer)
+        else:
+            skipped += 1
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         # .item() syncs with the device once per step; the figures feed the progress bar.
@@ -189,6 +198,9 @@ def run_round(model: nn.Module, new: Sequence[Example], replay: Sequence[Example
             midway(model)
             model.train()
     model.eval()
-    return RoundReport(steps=len(batches), examples_new=len(new), examples_replay=len(replay),
+    if skipped == len(batches):
+        raise Diverged(f"every one of the {skipped} steps had a non-finite gradient (base weights in "
+                       f"{base_dtype(model)}): nothing was learned")
+    return RoundReport(steps=len(batches), skipped_steps=skipped, examples_new=len(new), examples_replay=len(replay),
                        final_loss=loss_value, tokens=tokens, seconds=time.perf_counter() - started,
                        threads=torch.get_num_threads(), device=str(device), precision=base_dtype(model))

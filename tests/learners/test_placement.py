@@ -1,21 +1,27 @@
-"""Device and precision settings: refused at start-up where the machine cannot honour them, and
-bfloat16 carried through training, merging and serving (on the CPU here; tests/gpu on CUDA)."""
+"""Device and precision settings: refused at start-up where the machine cannot honour them,
+bfloat16 carried through training, merging and serving (on the CPU here; tests/gpu on CUDA), and
+a non-finite gradient never reaching the weights."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
 import torch
-from peft import PeftModel
+from peft import PeftModel, get_peft_model
 from pydantic import ValidationError
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from learners.base_model import load_base
 from learners.config import AdapterSettings
+from learners.ewc import EwcPenalty, trainable
+from learners.methods import peft_config
 from learners.placement import Placement, PlacementError, base_dtype, place
+from learners.prompts import ticket_examples
 from learners.scoring import LabelScorer
+from learners.train import Diverged, run_round
 from learners.update_step import initial_adapter, train_adapter
 from learners.worker import Job
 from service.cli import app
@@ -93,3 +99,21 @@ def test_bfloat16_trains_an_fp32_adapter_and_serves_it_merged_into_bf16_weights(
     # bf16 keeps 8 bits of mantissa: log-probabilities agree to a few hundredths, answers exactly.
     assert torch.allclose(served, exact, atol=0.1), (served - exact).abs().max()
     assert served.argmax(dim=1).tolist() == exact.argmax(dim=1).tolist() == [1, 0]
+
+
+def test_steps_with_a_non_finite_gradient_are_skipped_and_a_round_of_only_those_fails(tiny_llama: Path) -> None:
+    base, tokenizer = load_base(tiny_llama)
+    torch.manual_seed(0)
+    model = get_peft_model(base, peft_config(AdapterSettings()))
+    before = {n: p.detach().clone() for n, p in trainable(model).items()}
+    # A Fisher with a NaN makes the penalty, and so every gradient, NaN (as an fp16 overflow or a
+    # NaN from a kernel would make one batch's).
+    poisoned = EwcPenalty.anchored_at(model, {n: torch.full_like(p, math.nan) for n, p in trainable(model).items()},
+                                      1.0)
+    examples = ticket_examples(tokenizer, RECORDS[:16], 64, None)
+    cfg = TINY_TRAIN.model_copy(update={"epochs": 1})
+    with pytest.raises(Diverged, match="every one of the 2 steps had a non-finite gradient"):
+        run_round(model, examples, [], cfg, tokenizer.pad_token_id, poisoned)
+    assert all(torch.equal(p, before[n]) for n, p in trainable(model).items())  # no step touched the adapter
+    report = run_round(model, examples, [], cfg, tokenizer.pad_token_id)
+    assert report.skipped_steps == 0 and math.isfinite(report.final_loss)
