@@ -126,3 +126,28 @@ def test_a_slow_buffer_pauses_fetching_instead_of_queueing_without_bound(
     assert max(queued) <= 2  # the queue bound held
     assert paused_lag and max(paused_lag) > 0  # fetching paused while records were waiting
     assert max(sink.writes) > settings.batch_size  # the writer merged batches into one write
+
+
+def test_a_broker_that_comes_back_empty_is_read_from_its_start(tmp_path: Path, embedder: SentenceEmbedder) -> None:
+    """Tansu keeps its log in memory: restarted, the topic is new and its offsets start at 0 again.
+    The new log grows past where the ingester had read (5): had it kept that position, the new
+    log's first 5 tickets would be skipped. It rejoins the group, which the new broker does not
+    know, and reads from the start (measured: stored within 3 s)."""
+    first = LocalBroker()
+    first.start()
+    settings = kafka_settings(first.bootstrap)
+    ensure_topics(first.bootstrap, settings)
+    sink = CountingSink(ReplayBuffer(tmp_path, embedder))
+    with ingesting(settings, sink) as (ingester, _):
+        producer = TicketProducer(first.bootstrap, settings.topic)
+        producer.send_all(values("before", 5))
+        producer.close()
+        wait_for(lambda: sum(ingester.stats.committed.values()) == 5, 30, "the first tickets committed")
+        first.stop()
+        with LocalBroker(first.port) as second:
+            ensure_topics(second.bootstrap, settings)
+            producer = TicketProducer(second.bootstrap, settings.topic)
+            producer.send_all(values("after", 30))
+            producer.close()
+            wait_for(lambda: len(sink.buffer) == 35, 60, "the tickets sent to the new log")
+    assert stored_ids(sink.buffer) == {f"before-{i}" for i in range(5)} | {f"after-{i}" for i in range(30)}
