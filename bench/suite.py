@@ -152,6 +152,7 @@ class Loop:
         self.updates = UpdateManager(self.buffer, LiveVersion(self.registry, NothingServed()),
                                      AccuracyMatrix(self.registry.root / "accuracy.json"), base_path, train, gate,
                                      root / "scratch", RegistrySettings(), hpo, root / STUDY_JOURNAL, placement)
+        self.updates.warm()  # as the service does when it starts
 
     def add(self, rows: Sequence[TicketRecord]) -> None:
         self.buffer.add_many(rows)
@@ -170,6 +171,7 @@ class Loop:
         return self.update()
 
     def close(self) -> None:
+        self.updates.close()
         self.buffer.close()
 
 

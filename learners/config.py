@@ -108,6 +108,10 @@ class TrainSettings(BaseModel):
         None, pattern=r"^(auto|cpu|cuda(:\d+)?)$",
         description="Where updates train, when not where the model is served (`model.device`): say `cuda:1` "
                     "beside a server on `cuda:0`, or `cuda` while the CPU serves. Checked at start-up.")
+    warm_worker: bool = Field(
+        True, description="Keep the next update's training process started, its imports done (10-14 s on 2 cores), "
+                          "waiting for its job: an update starts training at once, for the memory of one idle "
+                          "Python process with torch and transformers loaded.")
     cancel_grace_seconds: float = Field(
         10.0, gt=0, description="After a cancel, how long the training process may take to stop before it is "
                                 "terminated.")

@@ -8,6 +8,9 @@ object per line on stdout: started, progress, then done, cancelled or failed (`l
 Its stdin carries the other direction: a `cancel` line stops training at the next step. End of
 stdin means the serving process is gone: nobody will read the result, so the worker exits at once
 rather than keep writing into a draft directory a restarted service is about to remove.
+
+`python -m learners.worker --wait` is a spare, started while no update runs: it imports torch,
+transformers and PEFT, then waits for the first line on stdin, the path of its job file.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from replay.buffer import Snapshot
 
 LOG = logging.getLogger(__name__)
 CANCEL = "cancel"
+SPARE_FLAG = "--wait"
 EXIT_CANCELLED = 3
 EXIT_ORPHANED = 4
 
@@ -146,6 +150,15 @@ def main(job_file: Path) -> int:
     return 0
 
 
+def wait_for_job() -> Path | None:
+    """A spare's job file, sent on stdin once an update starts; None when the service closes
+    stdin first (it is stopping, or discarded the spare)."""
+    line = sys.stdin.readline().strip()
+    return Path(line) if line else None
+
+
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s[worker]: %(message)s")
-    sys.exit(main(Path(sys.argv[1])))
+    # `--wait`: a spare started ahead of the next update, its imports (10-14 s on 2 cores) done.
+    job = wait_for_job() if sys.argv[1:] == [SPARE_FLAG] else Path(sys.argv[1])
+    sys.exit(main(job) if job is not None else 0)

@@ -115,6 +115,8 @@ class Service:
             self._spawn("ingest", self.ingester.run)
         if self.follower is not None:
             self._spawn("follow-promotions", self.follower.run)
+        if not self.replica:
+            self.updates.warm()
         if self.settings.scheduler.enabled and not self.replica:
             self.scheduler = start_scheduler(self.settings.scheduler, self.buffer, self.updates,
                                              self.jobstore)
@@ -150,6 +152,7 @@ class Service:
         for thread in self._threads:
             thread.join(timeout=10)
         self.updates.cancel_and_wait(timeout=60)
+        self.updates.close()
         if self.publisher is not None:
             self.publisher.close()
         self.batcher.close()

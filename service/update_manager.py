@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import logging
 import shutil
+import subprocess
 import tempfile
 import threading
 import time
@@ -41,7 +42,7 @@ from service.live import LiveVersion
 from service.registry import AdapterRegistry, VersionMetadata
 from service.settings import RegistrySettings
 from service.update_log import UpdateLog, UpdateRecord
-from service.worker_process import TrainingFailed, TrainingProcess, describe_exit
+from service.worker_process import TrainingFailed, TrainingProcess, describe_exit, discard, spawn_spare
 from streams.records import TicketRecord
 
 LOG = logging.getLogger(__name__)
@@ -123,6 +124,8 @@ class UpdateManager:
         self._control = threading.Lock()
         self._cancelled: str | None = None  # why the running update was asked to stop
         self._process: TrainingProcess | None = None
+        self._spare: subprocess.Popen[str] | None = None  # the next update's training process, imported
+        self._closed = False
 
     def quarantined(self) -> set[int]:
         """Windows a rejected candidate was the first to learn, and no live version has learned
@@ -186,6 +189,30 @@ class UpdateManager:
         if self._thread is not None:
             self._thread.join(timeout)
 
+    @property
+    def spare_pid(self) -> int | None:
+        """Process id of the training process waiting for the next update, if any."""
+        with self._control:
+            return self._spare.pid if self._spare is not None else None
+
+    def warm(self) -> None:
+        """Start the next update's training process now (`train.warm_worker`), so that the update
+        does not wait for its imports; nothing when one is waiting already."""
+        with self._control:
+            if not self.train.warm_worker or self._closed or (self._spare is not None and self._spare.poll() is None):
+                return
+            dead, self._spare = self._spare, spawn_spare()
+        if dead is not None:
+            discard(dead)
+
+    def close(self) -> None:
+        """End the waiting training process, if any (at shutdown, after `cancel_and_wait`)."""
+        with self._control:
+            self._closed = True
+            spare, self._spare = self._spare, None
+        if spare is not None:
+            discard(spare)
+
     def get(self, update_id: int) -> UpdateRecord | None:
         return next((r for r in self.history if r.id == update_id), None)
 
@@ -205,6 +232,7 @@ class UpdateManager:
                 self._log.append(record, self.history)
             except OSError:
                 LOG.exception("recording update %d in %s failed", record.id, self._log.path)
+            self.warm()
             self._running.release()
 
     def _update(self, record: UpdateRecord) -> None:
@@ -264,8 +292,9 @@ class UpdateManager:
             with self._control:
                 if self._cancelled is not None:
                     raise Cancelled(self._cancelled)
+                spare, self._spare = self._spare, None
                 process = self._process = TrainingProcess(job, Path(scratch) / "job.json",
-                                                          self.train.cancel_grace_seconds)
+                                                          self.train.cancel_grace_seconds, spare)
             last: WorkerMessage | None = None  # the message that ended the run, if any
             try:
                 for message in process.messages():

@@ -2,6 +2,8 @@
 
 Training runs in a child process so that it has its own torch thread pool and memory and the
 serving process keeps answering; a crash of the child cannot take the service down with it.
+The child is started ahead of its update, as a spare (`spawn_spare`), so that an update does not
+wait for its imports.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from learners.messages import WorkerMessage, parse_message
-from learners.worker import CANCEL, Job
+from learners.worker import CANCEL, SPARE_FLAG, Job
 
 LOG = logging.getLogger(__name__)
 
@@ -26,20 +28,62 @@ class TrainingFailed(Exception):
     """The training process failed or died before reporting an outcome."""
 
 
-class TrainingProcess:
-    """One `python -m learners.worker` child; its stdout messages are read by one thread.
+def spawn_spare() -> subprocess.Popen[str]:
+    """A `python -m learners.worker --wait` child: it imports everything, then waits for a job.
 
-    The child inherits the environment (so `PYTHONPATH` and the settings variables) and stderr
-    (so its log lines appear in the service's log).
+    It inherits the environment (so `PYTHONPATH` and the settings variables) and stderr (so its
+    log lines appear in the service's log).
+    """
+    return subprocess.Popen([sys.executable, "-m", "learners.worker", SPARE_FLAG],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+
+def discard(spare: subprocess.Popen[str]) -> None:
+    """End a spare that never got a job: closing its stdin makes it exit; killed if it lingers."""
+    assert spare.stdin is not None and spare.stdout is not None
+    try:
+        spare.stdin.close()
+    except OSError:
+        pass
+    try:
+        spare.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        spare.kill()
+        spare.wait()
+    spare.stdout.close()
+
+
+class TrainingProcess:
+    """A training child running one job; its stdout messages are read by one thread.
+
+    `spare`: a child from `spawn_spare` to hand the job to; a fresh one is started when there is
+    none or it has died.
     """
 
-    def __init__(self, job: Job, job_file: Path, grace_seconds: float) -> None:
+    def __init__(self, job: Job, job_file: Path, grace_seconds: float,
+                 spare: subprocess.Popen[str] | None = None) -> None:
         job_file.write_text(job.model_dump_json())
         self.grace_seconds = grace_seconds
-        self._proc = subprocess.Popen([sys.executable, "-m", "learners.worker", str(job_file)],
-                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self._proc = self._handed(spare, job_file) if spare is not None else None
+        if self._proc is None:
+            self._proc = self._handed(spawn_spare(), job_file)
+            if self._proc is None:
+                raise TrainingFailed("the training process exited before it could be given its job")
         self._stop_timer: threading.Timer | None = None
         self._lock = threading.Lock()
+
+    @staticmethod
+    def _handed(child: subprocess.Popen[str], job_file: Path) -> subprocess.Popen[str] | None:
+        """`child`, given the job; None if it has died (a spare killed while it waited)."""
+        assert child.stdin is not None
+        try:
+            child.stdin.write(f"{job_file}\n")
+            child.stdin.flush()
+        except OSError:
+            LOG.warning("spare training process %d is gone (%s): starting another", child.pid, child.poll())
+            discard(child)
+            return None
+        return child
 
     @property
     def pid(self) -> int:

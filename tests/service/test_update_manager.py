@@ -373,3 +373,33 @@ def test_the_newest_updates_are_kept_bounded_across_a_restart(tiny_llama: Path, 
         assert run_update(again, "an update after the restart").id == 7  # ids go on
     finally:
         again.stop()
+
+
+def test_the_next_training_process_waits_imported_and_a_dead_one_is_replaced(
+        serve: Callable[[Settings], LiveService], tmp_path: Path) -> None:
+    live = serve(tiny_settings(tmp_path, None, train=TRAIN, gate=PROMOTE_ALL))
+    updates = live.service.updates
+    spare = updates.spare_pid
+    assert spare is not None and is_alive(spare)  # started with the service, before any update
+    add_window(live.service)
+    record = updates.start("manual")
+    wait_for(lambda: updates.worker_pid is not None, 30, "the training process")
+    assert updates.worker_pid == spare  # the update took the waiting process
+    wait_for(lambda: record.finished_at is not None, 180, "the update")
+    assert record.status == "promoted", record
+    after = updates.spare_pid
+    assert after is not None and after != spare and is_alive(after)  # the next one waits already
+
+    os.kill(after, signal.SIGKILL)  # a spare that died while it waited is replaced, not used
+    wait_for(lambda: not is_alive(after), 10, "the killed spare")
+    live.service.buffer.add_many([TicketRecord(id=f"u{i}", text=f"the {'card' if i % 2 else 'rate'} again {i}",
+                                               label=LABELS[i % 2]) for i in range(40)])
+    second = updates.start("manual")
+    wait_for(lambda: second.finished_at is not None, 180, "the second update")
+    assert second.status == "promoted", second
+
+    last = updates.spare_pid
+    assert last is not None
+    updates.close()  # at shutdown the waiting process ends with the service
+    wait_for(lambda: not is_alive(last), 10, "the spare after close")
+    assert updates.spare_pid is None
