@@ -152,7 +152,6 @@ class Loop:
         self.updates = UpdateManager(self.buffer, LiveVersion(self.registry, NothingServed()),
                                      AccuracyMatrix(self.registry.root / "accuracy.json"), base_path, train, gate,
                                      root / "scratch", RegistrySettings(), hpo, root / STUDY_JOURNAL, placement)
-        self.updates.warm()  # as the service does when it starts
 
     def add(self, rows: Sequence[TicketRecord]) -> None:
         self.buffer.add_many(rows)

@@ -115,8 +115,6 @@ class Service:
             self._spawn("ingest", self.ingester.run)
         if self.follower is not None:
             self._spawn("follow-promotions", self.follower.run)
-        if not self.replica:
-            self.updates.warm()
         if self.settings.scheduler.enabled and not self.replica:
             self.scheduler = start_scheduler(self.settings.scheduler, self.buffer, self.updates,
                                              self.jobstore)

@@ -66,6 +66,8 @@ def update_if_due(buffer: ReplayBuffer, updates: UpdateManager, settings: Schedu
     reason = due(buffer, settings)
     if reason is not None:
         _start(updates, reason)
+    elif buffer.pending():
+        updates.warm()  # an update will come: its training process imported by then
 
 
 def _start(updates: UpdateManager, trigger: str) -> None:

@@ -197,7 +197,9 @@ class UpdateManager:
 
     def warm(self) -> None:
         """Start the next update's training process now (`train.warm_worker`), so that the update
-        does not wait for its imports; nothing when one is waiting already."""
+        does not wait for its imports; nothing when one is waiting already. Called once records
+        wait to be learned (the scheduler's check) and after each update, not at start: a service
+        that never updates never pays for one."""
         with self._control:
             if not self.train.warm_worker or self._closed or (self._spare is not None and self._spare.poll() is None):
                 return

@@ -24,7 +24,7 @@ from learners.score_cache import PROBE_SCORES_FILE
 from service.cli import UPDATE_EXIT, app
 from service.core import Service
 from service.registry import ADAPTER_WEIGHTS, VersionMetadata
-from service.settings import DEV_ADMIN_KEY, RegistrySettings, Settings
+from service.settings import DEV_ADMIN_KEY, RegistrySettings, SchedulerSettings, Settings
 from service.update_log import UpdateRecord
 from streams.records import TicketRecord
 from tests.conftest import TINY_TRAIN, LiveService, add_versions, gauge, is_alive, tiny_settings, wait_for
@@ -379,27 +379,42 @@ def test_the_next_training_process_waits_imported_and_a_dead_one_is_replaced(
         serve: Callable[[Settings], LiveService], tmp_path: Path) -> None:
     live = serve(tiny_settings(tmp_path, None, train=TRAIN, gate=PROMOTE_ALL))
     updates = live.service.updates
+    assert updates.spare_pid is None  # nothing waits to be learned: no process is kept for it
+
+    def update(prefix: str) -> int | None:
+        """Run a promoted update on a fresh window; the process id that trained it."""
+        live.service.buffer.add_many([TicketRecord(id=f"{prefix}{i}", text=f"my {'card' if i % 2 else 'rate'} "
+                                                   f"{prefix} {i}", label=LABELS[i % 2]) for i in range(40)])
+        record = updates.start("manual")
+        wait_for(lambda: updates.worker_pid is not None or record.finished_at is not None, 30, "the worker")
+        worker = updates.worker_pid
+        wait_for(lambda: record.finished_at is not None, 180, "the update")
+        assert record.status == "promoted", record
+        return worker
+
+    update("a")
     spare = updates.spare_pid
-    assert spare is not None and is_alive(spare)  # started with the service, before any update
-    add_window(live.service)
-    record = updates.start("manual")
-    wait_for(lambda: updates.worker_pid is not None, 30, "the training process")
-    assert updates.worker_pid == spare  # the update took the waiting process
-    wait_for(lambda: record.finished_at is not None, 180, "the update")
-    assert record.status == "promoted", record
+    assert spare is not None and is_alive(spare)  # started after the update, for the next one
+    assert update("b") == spare  # the next update took the waiting process
     after = updates.spare_pid
-    assert after is not None and after != spare and is_alive(after)  # the next one waits already
+    assert after is not None and after != spare and is_alive(after)
 
     os.kill(after, signal.SIGKILL)  # a spare that died while it waited is replaced, not used
     wait_for(lambda: not is_alive(after), 10, "the killed spare")
-    live.service.buffer.add_many([TicketRecord(id=f"u{i}", text=f"the {'card' if i % 2 else 'rate'} again {i}",
-                                               label=LABELS[i % 2]) for i in range(40)])
-    second = updates.start("manual")
-    wait_for(lambda: second.finished_at is not None, 180, "the second update")
-    assert second.status == "promoted", second
+    assert update("c") not in (after, None)
 
     last = updates.spare_pid
     assert last is not None
     updates.close()  # at shutdown the waiting process ends with the service
     wait_for(lambda: not is_alive(last), 10, "the spare after close")
     assert updates.spare_pid is None
+
+
+def test_records_waiting_to_be_learned_start_the_training_process_ahead(
+        serve: Callable[[Settings], LiveService], tmp_path: Path) -> None:
+    live = serve(tiny_settings(tmp_path, None, train=TRAIN, scheduler=SchedulerSettings(
+        enabled=True, check_seconds=0.2, min_new_records=1000, max_wait_seconds=None)))
+    assert live.service.updates.spare_pid is None
+    add_window(live.service, n=4)  # far below the update threshold
+    wait_for(lambda: live.service.updates.spare_pid is not None, 10, "the spare training process")
+    assert live.service.updates.current is None  # no update started: the process only waits
