@@ -198,8 +198,8 @@ class UpdateManager:
     def warm(self) -> None:
         """Start the next update's training process now (`train.warm_worker`), so that the update
         does not wait for its imports; nothing when one is waiting already. Called once records
-        wait to be learned (the scheduler's check) and after each update, not at start: a service
-        that never updates never pays for one."""
+        wait to be learned (the scheduler's check), as each update starts and after it, not at
+        start-up: a service that never updates never pays for one."""
         with self._control:
             if not self.train.warm_worker or self._closed or (self._spare is not None and self._spare.poll() is None):
                 return
@@ -297,6 +297,7 @@ class UpdateManager:
                 spare, self._spare = self._spare, None
                 process = self._process = TrainingProcess(job, Path(scratch) / "job.json",
                                                           self.train.cancel_grace_seconds, spare)
+            self.warm()  # the next update's, importing while this one trains: updates may come back to back
             last: WorkerMessage | None = None  # the message that ended the run, if any
             try:
                 for message in process.messages():
