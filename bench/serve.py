@@ -40,7 +40,7 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
 from learners.base_model import SMOLLM2
-from learners.placement import device_of
+from learners.placement import device_of, synchronize
 from learners.prompts import chat_ids
 from learners.scoring import LabelScorer
 from service.app import create_app
@@ -56,16 +56,10 @@ CHAT_PROMPTS = ["My new card still has not arrived, what should I do?",
                 "How do I change my PIN?"]
 
 
-def synchronize() -> None:
-    """Wait for a GPU's queued work, so a reading covers it (scores come back to the host anyway)."""
-    if torch.cuda.is_initialized():
-        torch.cuda.synchronize()
-
-
 def timed(call: Callable[[], object]) -> float:
+    """Seconds of one call (label scores come back to the host, which waits for the GPU)."""
     started = time.perf_counter()
     call()
-    synchronize()
     return time.perf_counter() - started
 
 
@@ -178,7 +172,7 @@ def generate_one(model: torch.nn.Module, tokenizer: object, prompt: list[int], m
     started = time.perf_counter()
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
                          do_sample=False, pad_token_id=tokenizer.pad_token_id)  # type: ignore[attr-defined]
-    synchronize()
+    synchronize(ids.device)
     return out.shape[1] - ids.shape[1], time.perf_counter() - started
 
 

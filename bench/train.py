@@ -36,7 +36,7 @@ from learners.base_model import SMOLLM2, load_base, resolve_base_model
 from learners.config import AdapterSettings, EwcSettings, TrainSettings
 from learners.ewc import EwcPenalty, empirical_fisher, trainable
 from learners.methods import peft_config
-from learners.placement import device_of, place, to_device
+from learners.placement import device_of, place, synchronize, to_device
 from learners.prompts import Example, classification_example
 from learners.train import answer_loss, collate, mixed_batches, run_round
 from service.settings import ModelSettings
@@ -63,13 +63,12 @@ def plain_loop(model: PeftModel, batches: Sequence[Sequence[Example]], cfg: Trai
     return tokens
 
 
-def timed(run: Callable[[], int]) -> tuple[float, float]:
+def timed(run: Callable[[], int], device: torch.device) -> tuple[float, float]:
     """Tokens per CPU second and per wall-clock second of one run (a GPU's queue drained first)."""
-    sync = torch.cuda.synchronize if torch.cuda.is_initialized() else (lambda: None)
-    sync()
+    synchronize(device)
     cpu, wall = time.process_time(), time.perf_counter()
     tokens = run()
-    sync()
+    synchronize(device)
     return tokens / (time.process_time() - cpu), tokens / (time.perf_counter() - wall)
 
 
@@ -88,7 +87,7 @@ def compare(model: PeftModel, new: list[Example], replay: list[Example], cfg: Tr
     for repeat in range(repeats):
         order = [("update_loop", ours), ("plain_peft", plain)]
         for name, run in order if repeat % 2 == 0 else order[::-1]:
-            runs[name].append(timed(run))
+            runs[name].append(timed(run, device_of(model)))
     cpu = {k: statistics.median(r[0] for r in v) for k, v in runs.items()}
     wall = {k: statistics.median(r[1] for r in v) for k, v in runs.items()}
     return {"steps": len(batches), "update_loop_tokens_per_cpu_s": cpu["update_loop"],

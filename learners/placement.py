@@ -104,6 +104,12 @@ def grad_scaler(model: nn.Module) -> torch.amp.GradScaler:
     return torch.amp.GradScaler(device_of(model).type, enabled=base_dtype(model) == "float16")
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on a GPU, so that a timing covers it (nothing on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def to_device(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     """A batch of tensors on `device`, copied without blocking the host where it can be."""
     return {name: tensor.to(device, non_blocking=True) for name, tensor in batch.items()}

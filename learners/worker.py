@@ -1,16 +1,15 @@
-"""One update's training and gating in a process of its own: `python -m learners.worker JOB`.
+"""One update's training and gating in a process of its own: `python -m learners.worker`.
 
-The serving process (`service.worker_process`) writes a `Job` (the snapshot, the paths, the
-settings) as JSON and starts this module; it trains with its own torch thread budget, so queries
+The serving process (`service.worker_process`) starts this module ahead of an update, so that
+its imports of torch, transformers and PEFT (10-14 s on 2 cores) are done when the update
+starts; it then writes a `Job` (the snapshot, the paths, the settings) as a JSON file and sends
+the file's path as the first line on stdin; it trains with its own torch thread budget, so queries
 keep being answered, and writes the candidate into `Job.out_dir`. It talks back with one JSON
 object per line on stdout: started, progress, then done, cancelled or failed (`learners.messages`).
 
 Its stdin carries the other direction: a `cancel` line stops training at the next step. End of
 stdin means the serving process is gone: nobody will read the result, so the worker exits at once
 rather than keep writing into a draft directory a restarted service is about to remove.
-
-`python -m learners.worker --wait` is a spare, started while no update runs: it imports torch,
-transformers and PEFT, then waits for the first line on stdin, the path of its job file.
 """
 
 from __future__ import annotations
@@ -45,7 +44,6 @@ from replay.buffer import Snapshot
 
 LOG = logging.getLogger(__name__)
 CANCEL = "cancel"
-SPARE_FLAG = "--wait"
 EXIT_CANCELLED = 3
 EXIT_ORPHANED = 4
 
@@ -151,14 +149,13 @@ def main(job_file: Path) -> int:
 
 
 def wait_for_job() -> Path | None:
-    """A spare's job file, sent on stdin once an update starts; None when the service closes
-    stdin first (it is stopping, or discarded the spare)."""
+    """The job file, sent on stdin once an update starts; None when the service closes stdin
+    first (it is stopping, or discarded this process)."""
     line = sys.stdin.readline().strip()
     return Path(line) if line else None
 
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s[worker]: %(message)s")
-    # `--wait`: a spare started ahead of the next update, its imports (10-14 s on 2 cores) done.
-    job = wait_for_job() if sys.argv[1:] == [SPARE_FLAG] else Path(sys.argv[1])
+    job = wait_for_job()
     sys.exit(main(job) if job is not None else 0)

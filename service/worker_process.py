@@ -19,7 +19,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from learners.messages import WorkerMessage, parse_message
-from learners.worker import CANCEL, SPARE_FLAG, Job
+from learners.worker import CANCEL, Job
 
 LOG = logging.getLogger(__name__)
 
@@ -29,12 +29,12 @@ class TrainingFailed(Exception):
 
 
 def spawn_spare() -> subprocess.Popen[str]:
-    """A `python -m learners.worker --wait` child: it imports everything, then waits for a job.
+    """A `python -m learners.worker` child: it imports everything, then waits for a job.
 
     It inherits the environment (so `PYTHONPATH` and the settings variables) and stderr (so its
     log lines appear in the service's log).
     """
-    return subprocess.Popen([sys.executable, "-m", "learners.worker", SPARE_FLAG],
+    return subprocess.Popen([sys.executable, "-m", "learners.worker"],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
 
