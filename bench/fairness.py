@@ -11,7 +11,7 @@ same small requests on the idle service, measured first in the same run; each ph
 p99 is printed as a ratio of that idle p50, and against the one-second target (issue 13).
 Writes bench/results/fairness-TURN_TOKENS-TURN_MSms.json.
 
-    nice -n 10 .venv/bin/python bench/fairness.py [--rounds 30] [--turn-tokens 128] [--turn-ms 250]
+    PYTHONPATH=. nice -n 10 .venv/bin/python bench/fairness.py [--rounds 30] [--turn-tokens 128] [--turn-ms 250]
 """
 
 from __future__ import annotations

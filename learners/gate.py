@@ -13,10 +13,10 @@ answers everything with the newest labels.
 
 Probes are answered as `/v1/classify` answers, the model's scores weighed with the buffer's vote,
 so the gate judges what users get; except whether the new windows were learned at all, which is
-judged on the model's own answers. The vote echoes whatever labels the buffer holds, a broken
-join's too: a scrambled window's tickets each carry another intent than their own, as their
-neighbours do, so the vote agrees with a probe's wrong label more often than chance (the demo's
-scrambled window: 0.35 with the vote against 0.16 by chance, p = 0.03).
+judged on the model's own answers. The vote echoes whatever labels the buffer holds, wrong ones
+too: when every ticket of a window carries another intent than its own (the demo's scrambled
+window once did), its neighbours do as well, so the vote agrees with a probe's wrong label more
+often than chance (0.35 with the vote against 0.16 by chance, p = 0.03).
 """
 
 from __future__ import annotations

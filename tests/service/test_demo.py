@@ -26,9 +26,10 @@ def test_windows_bring_new_intents_and_one_is_scrambled() -> None:
     for w in windows:
         assert len(w.tickets) == 16 and {t.label for t in w.tickets} <= set(w.intents)
     healthy = demo_windows(SMALL.model_copy(update={"scrambled_window": None}))[1]
-    # Same tickets, every label wrong: nothing left to learn.
+    # Same tickets, the same labels shuffled among them: nothing left to learn.
     assert [t.id for t in healthy.tickets] == [t.id for t in windows[1].tickets]
-    assert all(a.label != b.label for a, b in zip(healthy.tickets, windows[1].tickets, strict=True))
+    assert sorted(t.label or "" for t in healthy.tickets) == sorted(t.label or "" for t in windows[1].tickets)
+    assert sum(a.label != b.label for a, b in zip(healthy.tickets, windows[1].tickets, strict=True)) >= 4
 
 
 def test_the_demo_tells_each_event_on_one_line(broker: LocalBroker, serve: Callable[[Settings], LiveService],
