@@ -365,6 +365,7 @@ def service_env(args: argparse.Namespace, tmp: Path, bootstrap: str, port: int, 
                 "EVERGREEN_SCHEDULER_MIN_NEW_RECORDS": str(every), "EVERGREEN_SCHEDULER_CHECK_SECONDS": "2"})
     if Path(args.base).name == TINY_LLAMA:  # its general-text distillation costs more than the rest of a step
         env["EVERGREEN_TRAIN_KEEP_GENERAL"] = "0"
+    env.update(item.split("=", 1) for item in args.env)
     return env
 
 
@@ -535,8 +536,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--sample-s", type=float, default=5.0, help="seconds between monitor rounds")
     parser.add_argument("--start-timeout", type=float, default=300.0)
     parser.add_argument("--drain-s", type=float, default=300.0)
+    parser.add_argument("--env", action="append", default=[], metavar="EVERGREEN_NAME=VALUE",
+                        help="a service setting for this run, repeatable (e.g. EVERGREEN_SERVING_CACHED_VERSIONS=0)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "soak.json")
     args = parser.parse_args(argv)
+    if bad := [item for item in args.env if not item.startswith("EVERGREEN_") or "=" not in item]:
+        parser.error(f"--env takes EVERGREEN_NAME=VALUE, not {', '.join(bad)}")
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("kafka").setLevel(logging.CRITICAL)  # the broker stop makes it loud on purpose
     args.out.parent.mkdir(parents=True, exist_ok=True)
