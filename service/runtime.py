@@ -26,6 +26,7 @@ from learners.base_model import load_base
 from learners.placement import CPU, Placement
 from learners.prompts import label_ids, prompt_ids
 from learners.scoring import LabelScorer, PromptPass
+from service.heap import release_free_memory
 from service.merge import UnsafeAdapter, build, read_adapter
 from service.registry import AdapterRegistry
 from service.turns import TurnLock
@@ -167,6 +168,7 @@ class ModelRuntime:
             self._live = loaded
             self._cached[old.version] = old  # keeps rollback instant
             self._trim_cache()
+        release_free_memory()  # what the build left free, and an evicted version if nothing holds it
         self.last_swap_seconds = time.perf_counter() - started
         LOG.info("now serving adapter %s (was %s; swap %.3f s)", version, old.version, self.last_swap_seconds)
 

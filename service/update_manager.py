@@ -38,6 +38,7 @@ from learners.update_step import initial_adapter
 from learners.worker import Job
 from replay.buffer import ReplayBuffer
 from service.forgetting import AccuracyMatrix, best_before
+from service.heap import release_free_memory
 from service.live import LiveVersion
 from service.registry import AdapterRegistry, VersionMetadata
 from service.settings import RegistrySettings
@@ -234,6 +235,7 @@ class UpdateManager:
                 self._log.append(record, self.history)
             except OSError:
                 LOG.exception("recording update %d in %s failed", record.id, self._log.path)
+            release_free_memory()  # the snapshot's and the probes' neighbours' working memory
             self.warm()
             self._running.release()
 
