@@ -5,7 +5,7 @@ these from its heap once it has freed a larger block (its mmap threshold rises p
 the pages when they are freed again. So every promotion left the serving process ~110-210 MB
 larger in the soak, flat between events, although the replaced version was released.
 `malloc_trim(0)` hands the free pages back: eight promotions of SmolLM2-135M with
-`serving.cached_versions` 0 went 1,753 → 1,850-1,917 MB without it, 1,678 → 1,642 MB with it.
+`serving.cached_versions` 0 went 1,753 → 1,850-1,917 MB without it, 1,680 → 1,671 MB with it.
 Elsewhere than glibc (musl, macOS) there is no such call, and nothing is done.
 """
 
