@@ -78,7 +78,7 @@ class ModelRuntime:
         rollback, and prepared ahead of their promotion; the least recently used goes beyond that.
     """
 
-    def __init__(self, base_path: Path, registry: AdapterRegistry, version: str, max_cached: int = 1,
+    def __init__(self, base_path: Path, registry: AdapterRegistry, version: str, max_cached: int = 0,
                  placement: Placement = CPU) -> None:
         self.registry = registry
         self.max_cached = max_cached

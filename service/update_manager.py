@@ -48,6 +48,7 @@ from streams.records import TicketRecord
 
 LOG = logging.getLogger(__name__)
 STUDY_JOURNAL = "hpo-study.journal"  # the hyperparameter search's Optuna journal, in `data_dir`
+FINISHING_WAIT_S = 10.0  # longest wait for a finished update to tidy up before the next may start
 
 
 class UpdateInProgress(Exception):
@@ -154,7 +155,10 @@ class UpdateManager:
 
     def start(self, trigger: str) -> UpdateRecord:
         """Start an update in the background; raises UpdateInProgress if one is running."""
-        if not self._running.acquire(blocking=False):
+        # One whose verdict is out may still be tidying up (its log line, freed memory): a client
+        # that saw it finish must be able to start the next, so that wait is not a refusal.
+        if not self._running.acquire(blocking=False) and (
+                self.current is not None or not self._running.acquire(timeout=FINISHING_WAIT_S)):
             raise UpdateInProgress("an update is already running")
         with self._control:
             self._cancelled, self._process = None, None

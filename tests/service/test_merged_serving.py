@@ -20,7 +20,7 @@ from learners.update_step import initial_adapter
 from service.live import LiveVersion
 from service.registry import ADAPTER_WEIGHTS, AdapterRegistry, VersionMetadata
 from service.runtime import ModelRuntime, UnsafeAdapter
-from service.settings import Settings
+from service.settings import ServingSettings, Settings
 from tests.conftest import LiveService, add_versions, tiny_settings
 
 LABELS = ["card arrival", "exchange rate", "top up failed", "lost or stolen card"]
@@ -111,7 +111,7 @@ def test_finite_weights_whose_merge_overflows_are_refused(tiny_llama: Path, regi
 
 def test_a_loaded_version_is_promoted_by_moving_the_pointer(serve: Callable[[Settings], LiveService],
                                                            tmp_path: Path) -> None:
-    live = serve(tiny_settings(tmp_path, None))
+    live = serve(tiny_settings(tmp_path, None, serving=ServingSettings(cached_versions=1)))
     [version] = add_versions(live.service.registry, 1, LABELS)
     runtime = live.service.runtime
     with live.client() as client:

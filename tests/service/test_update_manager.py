@@ -17,10 +17,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from learners.config import PROMOTE_ALL, GateSettings
 from learners.score_cache import PROBE_SCORES_FILE
+from service import update_manager
 from service.cli import UPDATE_EXIT, app
 from service.core import Service
 from service.registry import ADAPTER_WEIGHTS, VersionMetadata
@@ -281,6 +283,7 @@ KILLED_SERVICE = """
 import sys, time
 from pathlib import Path
 from tests.conftest import TINY_TRAIN, tiny_settings, wait_for
+from service import update_manager
 from service.core import Service
 from streams.records import TicketRecord
 service = Service(tiny_settings(Path(sys.argv[1]), None, train=TINY_TRAIN.model_copy(update={"epochs": 3000})))
@@ -418,3 +421,21 @@ def test_records_waiting_to_be_learned_start_the_training_process_ahead(
     add_window(live.service, n=4)  # far below the update threshold
     wait_for(lambda: live.service.updates.spare_pid is not None, 10, "the spare training process")
     assert live.service.updates.current is None  # no update started: the process only waits
+
+
+def test_the_next_update_starts_as_soon_as_the_last_one_is_seen_finished(
+        tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An update tidies up (log, freed memory) after its verdict is out; a client that saw the
+    verdict and asks for the next update waits for that, and is not told one is running."""
+    tidy = update_manager.release_free_memory
+    monkeypatch.setattr(update_manager, "release_free_memory", lambda: (time.sleep(1.0), tidy()))
+    service = Service(tiny_settings(tmp_path, None, train=TRAIN, gate=PROMOTE_ALL))
+    try:
+        first = service.updates.start("manual")
+        wait_for(lambda: first.finished_at is not None, 60, "the first update")
+        assert service.updates.busy  # still tidying up
+        second = service.updates.start("manual")
+        wait_for(lambda: second.finished_at is not None, 60, "the second update")
+        assert (first.status, second.status) == ("skipped", "skipped")
+    finally:
+        service.stop()
