@@ -172,7 +172,10 @@ class Soak:
         self.calls: list[tuple[str, float, float, bool, str]] = []  # route, start, end, ok, why not
         self.samples: list[dict[str, float]] = []
         self.events: dict[str, float] = {}
-        self.updates: dict[tuple[int, int], str] = {}  # (instance, update id) → status
+        # (update id, start time) → (the last instance that listed it, its status): a restarted
+        # instance lists the updates of the one before (from the update log), and reuses the id
+        # of one that was killed.
+        self.updates: dict[tuple[int, float], tuple[int, str]] = {}
         self.instance = 1
         self.stalled_polls = 0
         self.kafka_resends = 0
@@ -289,7 +292,8 @@ def monitor(soak: Soak, every: float) -> None:
             health = soak.call(client, "GET", "/healthz/ingest", ok=(200, 503))  # 503 is its answer, not a failure
             soak.stalled_polls += health is not None and health.status_code == 503
             if (updates := soak.call(client, "GET", "/v1/updates")) is not None:
-                soak.updates.update({(soak.instance, u["id"]): u["status"] for u in updates.json()})
+                soak.updates.update({(u["id"], u["started_at"]): (soak.instance, u["status"])
+                                     for u in updates.json()})
 
 
 def idle_baseline(soak: Soak, texts: list[str], labels: list[str], max_tokens: int) -> dict[str, float]:
@@ -480,7 +484,7 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                    "max_fds": max(s["fds"] for s in soak.samples)},
         # An update still running when its instance was killed, or when the run ended (the graceful stop cancels it).
         "updates": dict(Counter(status if status != "running" else "killed" if instance < soak.instance
-                                else "running at the end" for (instance, _), status in soak.updates.items())),
+                                else "running at the end" for instance, status in soak.updates.values())),
         "update_every_records": every, "graceful_stop_s": graceful_stop_s, "events": soak.events,
         "samples": soak.samples,
         "service_log_errors": [line for line in log if " ERROR " in line or "Traceback" in line][:20],

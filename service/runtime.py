@@ -148,9 +148,10 @@ class ModelRuntime:
             loaded = self._lookup(version)  # another caller may have built it meanwhile
             if loaded is None:
                 loaded = self._build(version)
-                with self._state:
-                    self._cached[version] = loaded
-                    self._trim_cache()
+                if self.max_cached:  # else it is only built: served by `swap`, or checked
+                    with self._state:
+                        self._cached[version] = loaded
+                        self._trim_cache()
         return loaded
 
     def swap(self, version: str) -> None:

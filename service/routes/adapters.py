@@ -107,7 +107,8 @@ def get_adapter(service: ServiceDep, version: str) -> AdapterPublic:
 @router.post("/adapters/{version}/load", responses=responses(401, 403, 404, 409))
 def load(*, service: ServiceDep, _admin: AdminDep, version: str) -> AdapterPublic:
     """Load and check `version` without serving it, so that promoting it later only moves the
-    live pointer. It is kept among the `serving.cached_versions` until used or evicted."""
+    live pointer. It is kept among the `serving.cached_versions` until used or evicted (with
+    none cached, the default, it is only checked)."""
     info = _info(service, version)
     try:
         service.runtime.prepare(version)
