@@ -167,7 +167,7 @@ class ModelRuntime:
                 return
             self._cached.pop(version, None)
             self._live = loaded
-            self._cached[old.version] = old  # keeps rollback instant
+            self._cached[old.version] = old  # an instant rollback, while `max_cached` leaves room
             self._trim_cache()
         release_free_memory()  # what the build left free, and an evicted version if nothing holds it
         self.last_swap_seconds = time.perf_counter() - started

@@ -283,7 +283,6 @@ KILLED_SERVICE = """
 import sys, time
 from pathlib import Path
 from tests.conftest import TINY_TRAIN, tiny_settings, wait_for
-from service import update_manager
 from service.core import Service
 from streams.records import TicketRecord
 service = Service(tiny_settings(Path(sys.argv[1]), None, train=TINY_TRAIN.model_copy(update={"epochs": 3000})))
