@@ -97,6 +97,8 @@ def costs(record: UpdateRecord, loop: Loop) -> dict[str, Any]:
                  for s in side.values()) if record.gate else 0
     return {"status": record.status, "reason": record.reason, "windows": record.windows,
             "steps": info.train.steps if info and info.train else None, "probes_scored": probes,
+            "live_scores_reused": record.gate.live_scores_reused if record.gate else 0,
+            "live_scores_computed": record.gate.live_scores_computed if record.gate else 0,
             "seconds": total, "snapshot_s": snapshot, "train_s": train, "gate_s": gate,
             "other_s": total - snapshot - train - gate}
 
@@ -219,6 +221,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--base", default="smollm2-135m", help="base model (`model prepare` name or directory)")
     parser.add_argument("--no-joint", action="store_true", help="skip the joint baseline")
+    parser.add_argument("--joint-only", action="store_true",
+                        help="only the joint baseline, for the stream run whose result is in --out (its steps)")
     parser.add_argument("--train-json", default="{}", help="TrainSettings overrides as JSON")
     parser.add_argument("--gate-json", default="{}", help="GateSettings overrides as JSON")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
@@ -243,11 +247,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"long-{args.preset}.json"
 
+    if args.joint_only:  # the stream's figures, settings and command are the earlier run's
+        result = json.loads(path.read_text())
+        updates = result["updates"]
+        if (result["preset"], result["base"]) != (args.preset, args.base):
+            parser.error(f"{path} is a run of {result['preset']} on {result['base']}")
+
     def log(line: str) -> None:  # and keep the figures so far, so a run that is stopped leaves them
         print(line, flush=True)
         path.write_text(json.dumps(result, indent=2) + "\n")
 
-    run_stream(stream, recur, base_path, embedder, train, gate, log, updates, placement)
+    if not args.joint_only:
+        run_stream(stream, recur, base_path, embedder, train, gate, log, updates, placement)
     if not args.no_joint:
         steps = sum(u["steps"] or 0 for u in result["updates"])
         result["joint"] = run_joint(stream, recur, base_path, embedder, train, steps, placement)

@@ -147,9 +147,15 @@ class GateSettings(BaseModel):
     )
     alpha: float = Field(0.05, gt=0, lt=1, description="Significance level of the gate's exact tests.")
     retry_rejected_windows: bool = Field(
-        False, description="Train a rejected update's windows again with the next window. Off: they are "
+        False, description="Train every rejected update's windows again with the next window. Off: they are "
                            "quarantined (neither learned nor probed) until their version is promoted by hand, "
-                           "so a bad batch is not trained in with the next good one.")
+                           "so a bad batch is not trained in with the next good one, except as "
+                           "`retries_after_forgetting` allows.")
+    retries_after_forgetting: int = Field(
+        1, ge=0, description="Further updates that may learn a window whose candidate learned it but was rejected "
+                             "only for what it did to earlier windows (a drop, forgetting, interference, replies): "
+                             "its tickets are not at fault, and another update, with other batches, may learn them "
+                             "without the harm. Then it is quarantined like any rejected window.")
     max_canary_increase: float | None = Field(
         0.2, ge=0, description="Largest rise of mean canary loss (nats/token) over the base model; "
                                "unset: no canary check. Chosen by measurement: healthy updates that keep "

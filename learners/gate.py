@@ -203,6 +203,7 @@ def judge(candidate: dict[int, WindowScore], live: dict[int, WindowScore], new_w
                                  [c for w in old for c in live[w].correct],
                                  [c for w in old for c in candidate[w].correct], interference,
                                  policy.max_interference))
+    on_earlier_windows = len(checks)
     if new:  # the new windows must be learned: no significant loss against live, and beyond chance
         gain = sum(candidate[w].accuracy - live[w].accuracy for w in new) / len(new)
         checks.append(regression("new windows worse than live", [c for w in new for c in live[w].correct],
@@ -217,7 +218,11 @@ def judge(candidate: dict[int, WindowScore], live: dict[int, WindowScore], new_w
                                 threshold=chance_agreement(truth, answers), p_value=p_value,
                                 detail="the model's own answers, without the buffer's vote; chance: the same "
                                        "answers, independent of the labels"))
-    checks += reply_checks(*replies, policy)
+    replying = reply_checks(*replies, policy)
+    checks += replying
+    # What the candidate did to earlier windows, as opposed to how it learned its own windows or
+    # kept general ability: a rejection for these alone says nothing against the new tickets.
+    harm_to_earlier = {id(c) for c in checks[:on_earlier_windows] + replying}
     if canary is not None and policy.max_canary_increase is not None:
         checks.append(Check(name="canary loss increase over the base model",
                             passed=canary.drift <= policy.max_canary_increase, observed=canary.drift,
@@ -232,7 +237,9 @@ def judge(candidate: dict[int, WindowScore], live: dict[int, WindowScore], new_w
         reason = f"{failed.name}: {failed.observed:.3f} against threshold {failed.threshold:.3f}{p}"
         if failed.detail:
             reason += f" ({failed.detail})"
+    retryable = failed is not None and all(c.passed or id(c) in harm_to_earlier for c in checks)
     return GateReport(passed=failed is None, reason=reason, test=TEST_NAME, new_windows=tuple(new_windows),
+                      retryable=retryable,
                       candidate=candidate, live=live, base=base or {}, checks=checks, canary=canary,
                       thresholds=policy, replies_candidate=replies[0], replies_live=replies[1])
 

@@ -141,6 +141,10 @@ class GateVerdict(Report):
     new_windows: tuple[int, ...] = Field(description="The windows the candidate learned.")
     canary: Canary | None = None
     thresholds: GateSettings = Field(description="The gate settings it was judged by.")
+    retryable: bool = Field(default=False, description="Rejected only for what it did to earlier windows (their "
+                                                       "forgetting, interference, replies), its own windows learned: "
+                                                       "their tickets may be tried again "
+                                                       "(`gate.retries_after_forgetting`).")
     seconds: float | None = Field(default=None, description="Time spent scoring and judging (unknown for old "
                                                             "versions).")
     live_scores_reused: int = Field(default=0, description="(Probe, label) scores of the live version read back "

@@ -17,6 +17,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -130,13 +131,24 @@ class UpdateManager:
         self._closed = False
 
     def quarantined(self) -> set[int]:
-        """Windows a rejected candidate was the first to learn, and no live version has learned
-        since: left out of later updates, so a bad batch is not trained in with the next good
-        one. Promoting the rejected version (an override) accepts them."""
+        """Windows a rejected candidate learned and no live version has learned since: left out
+        of later updates, so a bad batch is not trained in with the next good one. Promoting the
+        rejected version (an override) accepts them.
+
+        A window whose candidates were rejected only for harm to earlier windows, their own
+        windows learned (`GateVerdict.retryable`), is tried again, by up to
+        `gate.retries_after_forgetting` further updates."""
         live = self.registry.live
         learned = set(self.registry.entry(live).windows_trained) if live is not None else set()
-        return {w for entry in self.registry.entries()
-                if entry.verdict == "rejected" for w in entry.windows_trained} - learned
+        tries: Counter[int] = Counter()
+        blocked: set[int] = set()
+        for entry in self.registry.entries():
+            if entry.verdict == "rejected":
+                unlearned = set(entry.windows_trained) - learned
+                tries.update(unlearned)
+                if entry.gate is None or not entry.gate.retryable:
+                    blocked |= unlearned
+        return blocked | {w for w, n in tries.items() if n > self.gate.retries_after_forgetting}
 
     @property
     def busy(self) -> bool:

@@ -52,6 +52,8 @@ def test_a_significant_drop_is_rejected_and_a_noisy_one_is_not() -> None:
     report = judge(forgot, live, [2], POLICY)
     assert not report.passed and report.reason.startswith("drop on window 1")
     assert report.checks[0].p_value is not None and report.checks[0].p_value < 0.001
+    assert report.retryable  # window 2 was learned: its tickets are not what failed
+    assert not judge({**forgot, 2: score([False] * 20)}, live, [2], POLICY).retryable  # nor learned window 2
     noisy = {1: score([True] * 19 + [False]), 2: score([True] * 20)}  # one probe: not significant
     assert judge(noisy, live, [2], POLICY).passed
 
@@ -60,7 +62,7 @@ def test_new_windows_must_be_learned_beyond_chance() -> None:
     live = {1: answered("aaaaaaaaaaabbbbbbbbb", "c" * 20)}
     one_label = {1: answered("aaaaaaaaaaabbbbbbbbb", "a" * 20)}  # 11 of 20 right, learned nothing
     report = judge(one_label, live, [1], POLICY)
-    assert not report.passed and "beyond chance" in report.reason
+    assert not report.passed and "beyond chance" in report.reason and not report.retryable
     shuffled = {1: answered("abababababababababab", "baabbaabbaabbaababab")}  # the label shares, at random
     assert not judge(shuffled, live, [1], POLICY).passed
     assert judge({1: score([True] * 18 + [False] * 2)}, live, [1], POLICY).passed
@@ -122,7 +124,7 @@ def test_canary_drift_over_the_bound_is_rejected() -> None:
     policy = GateSettings(max_canary_increase=0.1)
     assert judge(candidate, live, [1], policy, canary=Canary(candidate=3.05, live=3.0, base=3.0)).passed
     report = judge(candidate, live, [1], policy, canary=Canary(candidate=3.5, live=3.0, base=3.0))
-    assert not report.passed and report.reason.startswith("canary")
+    assert not report.passed and report.reason.startswith("canary") and not report.retryable
     assert report.model_dump(mode="json")["canary"]["drift"] == pytest.approx(0.5)
 
 

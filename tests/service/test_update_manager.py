@@ -21,6 +21,7 @@ import pytest
 from typer.testing import CliRunner
 
 from learners.config import PROMOTE_ALL, GateSettings
+from learners.reports import GateReport
 from learners.score_cache import PROBE_SCORES_FILE
 from service import update_manager
 from service.cli import UPDATE_EXIT, app
@@ -257,17 +258,21 @@ def test_ctrl_c_cancels_the_update(serve: Callable[[Settings], LiveService], tmp
 
 def test_a_rejected_window_is_quarantined_until_its_version_is_promoted(tiny_llama: Path, tmp_path: Path) -> None:
     service = Service(tiny_settings(tmp_path, None))
+
+    def reject(window: int, gate: GateReport | None) -> str:
+        source = service.registry.path("v0000")
+        with service.registry.draft() as draft:
+            for name in ("adapter_config.json", ADAPTER_WEIGHTS):
+                shutil.copy(source / name, draft.path / name)
+            return service.registry.publish(draft, VersionMetadata(parent="v0000", verdict="rejected", gate=gate,
+                                                                   windows_trained=[window], labels=LABELS)).name
+
     try:
         for window, labels in ((1, LABELS), (2, ["pin_blocked"])):
             service.buffer.add_many([TicketRecord(id=f"w{window}-{i}", text=f"ticket {i}",
                                                   label=labels[i % len(labels)]) for i in range(20)])
             assert service.buffer.close_window() == window
-        source = service.registry.path("v0000")
-        with service.registry.draft() as draft:
-            for name in ("adapter_config.json", ADAPTER_WEIGHTS):
-                shutil.copy(source / name, draft.path / name)
-            rejected = service.registry.publish(draft, VersionMetadata(parent="v0000", verdict="rejected",
-                                                                       windows_trained=[1], labels=LABELS)).name
+        rejected = reject(1, None)
         assert service.updates.quarantined() == {1}
         snapshot = service.buffer.snapshot([], seed=0, skip=service.updates.quarantined())
         assert snapshot.new_windows == (2,) and set(snapshot.probes) == {2}
@@ -275,6 +280,14 @@ def test_a_rejected_window_is_quarantined_until_its_version_is_promoted(tiny_lla
 
         service.live.promote(rejected)  # an admin's override accepts the window it learned
         assert service.updates.quarantined() == set()
+
+        # Rejected only for what it did to earlier windows: tried once more, then quarantined.
+        forgot = GateReport(passed=False, reason="drop on window 1", new_windows=(2,), thresholds=GateSettings(),
+                            candidate={}, live={}, retryable=True)
+        reject(2, forgot)
+        assert service.updates.quarantined() == set()
+        reject(2, forgot)
+        assert service.updates.quarantined() == {2}
     finally:
         service.stop()
 
