@@ -15,8 +15,16 @@ accuracy on `--per-intent` CLINC150 test tickets per intent (zero-shot: the base
 scoring every label against the shortlist, and the shortlist's recall (the true label in it),
 at several sizes. Writes bench/results/shortlist.json.
 
+Workload `among`: the gate's shortlisted scoring (`LabelScorer.score_among`) of `--tickets`
+BANKING77 test tickets, each among the `--size` labels its nearest neighbours in a buffer of
+`--train-per-intent` training tickets per intent vote for, 8 tickets a pass: each ticket with
+its own labels' trie (the scorer's way) against, measured in the same run, the union of the
+batch's shortlists in one shared trie (its way before). Checks both give the same scores;
+writes bench/results/among.json.
+
     .venv/bin/python bench/scoring.py [--tickets 10] [--base smollm2-135m]
     nice -n 10 .venv/bin/python bench/scoring.py shortlist [--per-intent 4] [--size 12] [--neighbours 32]
+    .venv/bin/python bench/scoring.py among [--tickets 64] [--train-per-intent 16]
 """
 
 from __future__ import annotations
@@ -41,6 +49,8 @@ from learners.base_model import SMOLLM2, load_base, resolve_base_model
 from learners.prompts import IGNORE, classification_example
 from learners.scoring import LabelScorer
 from learners.train import collate
+from replay.buffer import ReplayBuffer
+from replay.embed import SentenceEmbedder
 from replay.shortlist import shortlist
 from service.core import Service
 from service.registry import ADAPTER_WEIGHTS, VersionMetadata
@@ -242,19 +252,79 @@ def shortlist_figures(args: argparse.Namespace) -> None:
     write(result, "shortlist.json")
 
 
+def union_scores(scorer: LabelScorer, model: torch.nn.Module, texts: list[str], shortlists: list[list[str]],
+                 batch: int = 8) -> tuple[torch.Tensor, float]:
+    """The way before: each batch scored among the union of its tickets' shortlists (batched by
+    first label); the scores and the mean union size."""
+    scores, unions = torch.full((len(texts), len(scorer.labels)), float("-inf")), []
+    order = sorted(range(len(texts)), key=lambda i: scorer.labels.index(shortlists[i][0]))
+    for start in range(0, len(order), batch):
+        rows = order[start: start + batch]
+        union = sorted({label for i in rows for label in shortlists[i]}, key=scorer.labels.index)
+        unions.append(len(union))
+        chunk = scorer.subset(union).score_batch(model, [texts[i] for i in rows])
+        for at, i in enumerate(rows):
+            scores[i, [scorer.labels.index(label) for label in shortlists[i]]] = \
+                chunk[at, [union.index(label) for label in shortlists[i]]]
+    return scores, statistics.fmean(unions)
+
+
+def among_figures(args: argparse.Namespace) -> None:
+    model, tokenizer = load_base(resolve_base_model(args.base, ModelSettings().cache_dir))
+    by_label: dict[str, list[TicketRecord]] = {}
+    for r in load_tickets("banking77", "train"):
+        by_label.setdefault(r.label or "", []).append(r)
+    labels = sorted(by_label)
+    per_intent = args.train_per_intent or 16
+    test = random.Random(0).sample(load_tickets("banking77", "test"), args.tickets)
+    texts = [t.text for t in test]
+    with tempfile.TemporaryDirectory() as scratch:
+        buffer = ReplayBuffer(Path(scratch), SentenceEmbedder())
+        try:
+            buffer.add_many([r for label in labels for r in by_label[label][:per_intent]])
+            near = buffer.neighbour_labels(texts, args.neighbours)
+        finally:
+            buffer.close()
+    shortlists = [shortlist(v, labels, args.size) for v in near]
+    scorer = LabelScorer(tokenizer, labels)
+    scorer.score_among(model, texts[:8], shortlists[:8])  # warm-up
+    started = time.perf_counter()
+    own = scorer.score_among(model, texts, shortlists)
+    own_s = time.perf_counter() - started
+    started = time.perf_counter()
+    union, union_size = union_scores(scorer, model, texts, shortlists)
+    union_s = time.perf_counter() - started
+    finite = torch.isfinite(union)
+    result = {
+        "benchmark": "shortlisted-scoring", "base": args.base, "tickets": len(texts), "labels": len(labels),
+        "shortlist": args.size, "neighbours": args.neighbours, "buffer_per_intent": per_intent,
+        "threads": torch.get_num_threads(), "machine": platform.machine(), "mean_union_labels": union_size,
+        "own_trie_seconds_per_ticket": own_s / len(texts), "union_seconds_per_ticket": union_s / len(texts),
+        "speedup_own_vs_union": union_s / own_s,
+        "same_labels_scored": bool(torch.equal(finite, torch.isfinite(own))),
+        "max_abs_score_difference": float((own[finite] - union[finite]).abs().max()),
+    }
+    write(result, "among.json")
+    print(f"{len(texts)} tickets, each among {args.size} of {len(labels)} labels: its own trie "
+          f"{result['own_trie_seconds_per_ticket']:.3f} s a ticket, the batch's union "
+          f"({union_size:.1f} labels) {result['union_seconds_per_ticket']:.3f} s: "
+          f"{result['speedup_own_vs_union']:.2f}x (max score difference {result['max_abs_score_difference']:.2e})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("workload", nargs="?", choices=("trie", "shortlist"), default="trie")
-    parser.add_argument("--tickets", type=int, default=10, help="trie: BANKING77 test tickets")
+    parser.add_argument("workload", nargs="?", choices=("trie", "shortlist", "among"), default="trie")
+    parser.add_argument("--tickets", type=int, default=10, help="trie, among: BANKING77 test tickets")
     parser.add_argument("--base", default=SMOLLM2)
     parser.add_argument("--per-intent", type=int, default=4, help="shortlist: CLINC150 test tickets per intent")
     parser.add_argument("--size", type=int, default=ServingSettings().shortlist_labels)
     parser.add_argument("--neighbours", type=int, default=ServingSettings().shortlist_neighbours)
-    parser.add_argument("--train-per-intent", type=int, default=0, help="shortlist: buffer rows per intent (0: all)")
+    parser.add_argument("--train-per-intent", type=int, default=0,
+                        help="shortlist: buffer rows per intent (0: all); among: (0: 16)")
     parser.add_argument("--latency-tickets", type=int, default=48, help="shortlist: answers timed per case")
     parser.add_argument("--blocks", type=int, default=4, help="shortlist: alternating blocks per case")
     args = parser.parse_args()
-    (shortlist_figures if args.workload == "shortlist" else trie_figures)(args)
+    {"trie": trie_figures, "shortlist": shortlist_figures, "among": among_figures}[args.workload](args)
 
 
 if __name__ == "__main__":
