@@ -9,7 +9,9 @@ time split into snapshot, training, gate and the rest (worker start, model loads
 candidate); optimiser steps; probes scored; the live version's accuracy on the held-out test
 tickets (the data set's test split) of every intent seen so far, among all of them, as `/v1/classify`
 answers them (with the buffer's vote; the model alone beside it); forgetting
-(each class window's accuracy when learned minus now); the gate's verdict.
+(each class window's accuracy when a promoted update first learned it, minus now; a window no
+promoted update has learned yet is not counted, its accuracy shows in the average); the gate's
+verdict.
 
 Then `joint`: one update over every ticket of the stream at once, given the same total number
 of optimiser steps as the whole stream took (the baseline the final accuracy is held to).
@@ -103,12 +105,23 @@ def costs(record: UpdateRecord, loop: Loop) -> dict[str, Any]:
             "other_s": total - snapshot - train - gate}
 
 
+def forgetting_since_learned(learned: dict[int, float], now: dict[int, float], promoted: bool,
+                             trained: list[int]) -> float:
+    """The mean drop of the class windows learned before this update, from their accuracy when
+    learned to `now`; records in `learned` those this update learned, if it was promoted (a
+    refused window is learned by the later update that retries it, and counts from there)."""
+    drops = [learned[w] - now[w] for w in learned]
+    if promoted:
+        learned |= {w: now[w] for w in trained if w not in learned}
+    return fmean(drops) if drops else 0.0
+
+
 def run_stream(stream: Stream, recur: list[list[TicketRecord]], base_path: Path, embedder: SentenceEmbedder,
                train: TrainSettings, gate: GateSettings, log: Any, rows: list[dict[str, Any]],
                placement: Placement = CPU) -> None:
     """The class windows, then the recurring ones; a row of figures per update, appended to
     `rows` as each update ends (`log` is called after it)."""
-    learned: dict[int, float] = {}  # each class window's accuracy when it was learned
+    learned: dict[int, float] = {}  # each class window's accuracy when a promoted update learned it
     tests = {w + 1: stream.test[w] for w in range(len(stream.train))}
     with tempfile.TemporaryDirectory(prefix="bench-long-") as scratch:
         loop = Loop(Path(scratch), base_path, embedder, train, gate, placement=placement)
@@ -122,13 +135,12 @@ def run_stream(stream: Stream, recur: list[list[TicketRecord]], base_path: Path,
                 scored = accuracy(base_path, loop.registry.path(live), labels,
                                   {w: tests[w] for w in range(1, seen + 1)}, loop.buffer, placement)
                 now = scored.served
-                if index < len(stream.train):
-                    learned[seen] = now[seen]
-                forgetting = [learned[w] - now[w] for w in range(1, seen)]
+                forgetting = forgetting_since_learned(learned, now, record.status == "promoted",
+                                                      [w for w in record.windows if w in tests])
                 row = {"window": index + 1, "recurring": index >= len(stream.train), **costs(record, loop),
                        "accuracy": now, "average_accuracy": fmean(now.values()),
                        "average_model_alone": fmean(scored.model_alone.values()),
-                       "forgetting": fmean(forgetting) if forgetting else 0.0}
+                       "forgetting": forgetting}
                 rows.append(row)
                 log(f"window {index + 1:>2}{' (recurring)' if row['recurring'] else ''}: {record.status}, "
                     f"{row['seconds']:.0f} s (snapshot {row['snapshot_s']:.1f}, train {row['train_s']:.0f}, "

@@ -23,6 +23,18 @@ def test_recurring_windows_bring_earlier_intents_in_new_tickets() -> None:
                for window in recur)
 
 
+def test_a_refused_window_counts_as_learned_from_the_update_that_retries_it() -> None:
+    forgetting_since_learned = load_bench("long").forgetting_since_learned
+    learned = {1: 1.0}
+    # Window 2's update is refused: its 0.25 is not what it learned, so it never counts as forgotten.
+    assert forgetting_since_learned(learned, {1: 0.75, 2: 0.25}, promoted=False, trained=[2]) == 0.25
+    assert learned == {1: 1.0}
+    # The next update retries it with window 3 and is promoted: both count from here.
+    assert forgetting_since_learned(learned, {1: 0.75, 2: 0.875, 3: 0.5}, promoted=True, trained=[2, 3]) == 0.25
+    assert learned == {1: 1.0, 2: 0.875, 3: 0.5}
+    assert forgetting_since_learned(learned, {1: 1.0, 2: 0.625, 3: 0.5}, promoted=True, trained=[]) == 0.25 / 3
+
+
 def test_long_smoke_splits_each_update_and_gives_joint_the_same_steps(tmp_path: Path, tiny_llama: Path) -> None:
     bench = load_bench("long")
     bench.main(["--preset", "smoke", "--base", str(tiny_llama), "--out", str(tmp_path),
