@@ -176,14 +176,22 @@ def recall(labels: list[str], tickets: list[TicketRecord], near: list[list[tuple
     return hits / len(tickets)
 
 
+def first_per_intent(records: list[TicketRecord], labels: list[str], n: int) -> list[TicketRecord]:
+    """The first `n` records of each label, label by label."""
+    by_label: dict[str, list[TicketRecord]] = {}
+    for r in records:
+        by_label.setdefault(r.label or "", []).append(r)
+    return [r for label in labels for r in by_label.get(label, [])[:n]]
+
+
 def shortlist_figures(args: argparse.Namespace) -> None:
     load_before = os.getloadavg()[0]
     train, test = load_tickets("clinc150", "train"), load_tickets("clinc150", "test")
     labels = sorted({t.label for t in train if t.label})
     if args.train_per_intent:  # a quick run
-        train = [t for label in labels for t in [r for r in train if r.label == label][: args.train_per_intent]]
+        train = first_per_intent(train, labels, args.train_per_intent)
     few = sorted(random.Random(0).sample(labels, 12))
-    tickets = [t for label in labels for t in [r for r in test if r.label == label][: args.per_intent]]
+    tickets = first_per_intent(test, labels, args.per_intent)
     random.Random(1).shuffle(tickets)  # the latency blocks see every kind of ticket
     texts = [t.text for t in tickets]
     port = free_port()
@@ -271,17 +279,15 @@ def union_scores(scorer: LabelScorer, model: torch.nn.Module, texts: list[str], 
 
 def among_figures(args: argparse.Namespace) -> None:
     model, tokenizer = load_base(resolve_base_model(args.base, ModelSettings().cache_dir))
-    by_label: dict[str, list[TicketRecord]] = {}
-    for r in load_tickets("banking77", "train"):
-        by_label.setdefault(r.label or "", []).append(r)
-    labels = sorted(by_label)
+    train = load_tickets("banking77", "train")
+    labels = sorted({t.label for t in train if t.label})
     per_intent = args.train_per_intent or 16
     test = random.Random(0).sample(load_tickets("banking77", "test"), args.tickets)
     texts = [t.text for t in test]
     with tempfile.TemporaryDirectory() as scratch:
         buffer = ReplayBuffer(Path(scratch), SentenceEmbedder())
         try:
-            buffer.add_many([r for label in labels for r in by_label[label][:per_intent]])
+            buffer.add_many(first_per_intent(train, labels, per_intent))
             near = buffer.neighbour_labels(texts, args.neighbours)
         finally:
             buffer.close()
