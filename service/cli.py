@@ -307,4 +307,6 @@ def bench(ctx: typer.Context,
         known = ", ".join(sorted(p.stem for p in BENCHMARKS.glob("*.py"))) or "none (not a checkout)"
         raise typer.BadParameter(f"no benchmark {name!r}; known: {known}")
     sys.argv = [str(script), *ctx.args]
+    # As `python bench/NAME.py` run in the checkout finds them: sibling scripts, then `bench.*` modules.
+    sys.path[:0] = [str(BENCHMARKS), str(BENCHMARKS.parent)]
     runpy.run_path(str(script), run_name="__main__")
