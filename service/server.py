@@ -4,6 +4,7 @@ and the demo producer. Ctrl-C stops everything it started."""
 from __future__ import annotations
 
 import contextlib
+import signal
 import threading
 from collections.abc import Iterator
 
@@ -29,10 +30,33 @@ def run_server(service: Service, narrator: Narrator | None = None) -> None:
     if narrator is not None:
         threading.Thread(target=narrator.run, args=(stop,), name="narrator", daemon=True).start()
     try:
-        server.run()
+        with terminate_unwinds():
+            server.run()
     finally:
         stop.set()
         service.stop()
+
+
+@contextlib.contextmanager
+def terminate_unwinds() -> Iterator[None]:
+    """SIGTERM (`docker stop`, systemd, `kill`) ends the process as Ctrl-C does: through every `finally`.
+
+    uvicorn answers SIGTERM with its orderly shutdown, then raises the signal again under the
+    handler it found; Python's default one ends the process there, before the service is stopped
+    and with `up`'s local broker left running (holding port 9092, so the next `up` took another).
+    """
+    if threading.current_thread() is not threading.main_thread():  # only the main thread gets signals
+        yield
+        return
+
+    def exit_on_terminate(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)  # the shell's convention for "ended by signal N"
+
+    previous = signal.signal(signal.SIGTERM, exit_on_terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 LOCAL_BROKER_PORT = 9092  # Kafka's own default, so `evergreen produce` finds it as the README says
@@ -52,7 +76,7 @@ def broker_for(settings: Settings) -> Iterator[str]:
 def run_up(settings: Settings, say: Say, started: float | None = None) -> None:
     """`evergreen up`: broker (local unless configured), service, API, the demo stream, and the
     loop's events told through `say`, timed from `started` (a `time.monotonic()` reading)."""
-    with broker_for(settings) as bootstrap:
+    with terminate_unwinds(), broker_for(settings) as bootstrap:
         say(f"Kafka: {bootstrap}" + ("" if settings.kafka.bootstrap else " (a local broker, in memory: "
                                      f"EVERGREEN_KAFKA_BOOTSTRAP={bootstrap} evergreen produce FILE sends to it)"))
         service = Service(settings, bootstrap=bootstrap)

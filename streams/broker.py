@@ -6,13 +6,17 @@ Production runs Apache Kafka; Tansu speaks the same protocol and ships as a stat
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import logging
 import os
+import signal
 import socket
 import stat
 import subprocess
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
@@ -48,8 +52,29 @@ def free_port() -> int:
         return port
 
 
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def ended_with_this_thread() -> Callable[[], None] | None:
+    """A `preexec_fn` that has the kernel SIGTERM the child once the thread starting it ends, so a
+    parent killed with SIGKILL leaves no broker holding its port (None where Linux's prctl is missing)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork: the child only calls it
+    parent = os.getpid()
+
+    def ask() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died before the request: nobody is left to stop us
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return ask
+
+
 class LocalBroker:
     """Runs `tansu broker` on a loopback port; storage is in memory and dies with the process.
+
+    The broker ends with the thread that starts it, however that thread's process ends.
 
     Examples
     --------
@@ -78,7 +103,8 @@ class LocalBroker:
         if self.schema_registry is not None:
             # Tansu reads a file URL's path relative to its working directory: run it from `/`.
             command += ["--schema-registry", f"file://{self.schema_registry.resolve()}/"]
-        self._process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd="/")
+        self._process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd="/",
+                                         preexec_fn=ended_with_this_thread())
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
