@@ -43,11 +43,10 @@ from learners.config import GateSettings, TrainSettings
 from learners.placement import CPU, Placement, place
 from replay.embed import SentenceEmbedder
 from service.update_log import UpdateRecord
-from streams.datasets import load_tickets
 from streams.records import TicketRecord
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is a folder of scripts, not a package
-from suite import Loop, Preset, Stream, accuracy, make_stream  # noqa: E402
+from suite import Loop, Preset, Stream, accuracy, make_stream, unstreamed  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,11 +70,7 @@ PRESETS = {
 def recurring_windows(stream: Stream, preset: LongPreset, seed: int) -> list[list[TicketRecord]]:
     """Windows of earlier intents, each ticket new to the stream."""
     rng = random.Random(f"recur-{seed}")
-    streamed = {r.id for window in stream.train for r in window}
-    pool: dict[str, list[TicketRecord]] = {}
-    for r in load_tickets("banking77", "train"):
-        if r.id not in streamed:
-            pool.setdefault(r.label or "", []).append(r)
+    pool = unstreamed(stream)
     seen = sorted(label for window in stream.labels for label in window)
     windows = []
     for _ in range(preset.recur_windows):

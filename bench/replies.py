@@ -11,7 +11,11 @@ temperature 0): per window, the share answered with their intent's macro (ROUGE-
 the mean ROUGE-L. Methods as in the suite: `default`, `naive` (no replay, every update
 promoted), `joint` (one update over every window). The base model's share before each update is
 recorded too. Figures: the matrices, final share × joint, forgetting (share when learned minus
-final). JSON to `bench/results/replies-<preset>.json`, a heatmap to `docs/img/replies-<preset>.png`.
+final). `--recurring` ends the default's stream with two windows of every streamed intent in
+tickets it never carried: one with their macros (a healthy update), then one whose macros are
+shifted by one intent (a macro export off by a row: the poisoned update the reply checks are
+for); their gate checks are what the reply thresholds are chosen from. JSON to
+`bench/results/replies-<preset>.json`, a heatmap to `docs/img/replies-<preset>.png`.
 
     evergreen bench replies -- --preset quick
 """
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import sys
 import tempfile
 import time
@@ -33,7 +38,7 @@ import torch
 import transformers
 from peft import PeftModel
 
-from bench.suite import Loop, Preset, Stream, figures, make_stream, method_settings, summary
+from bench.suite import Loop, Preset, Stream, figures, make_stream, method_settings, summary, unstreamed
 from learners.base_model import load_base, resolve_base_model
 from learners.config import GateSettings, TrainSettings
 from learners.replies import MATCH_ROUGE, greedy_reply, rouge_l
@@ -55,6 +60,22 @@ def with_replies(rows: Sequence[TicketRecord], macros: dict[str, str]) -> list[T
     return [r.model_copy(update={"reply": macros[r.label or ""]}) for r in rows]
 
 
+def recurring_windows(stream: Stream, macros: dict[str, str], per_intent: int, seed: int
+                      ) -> dict[str, list[TicketRecord]]:
+    """Every streamed intent again in new tickets: `healthy` with its macro, `shifted` with the next
+    intent's."""
+    pool, rng = unstreamed(stream), random.Random(f"replies-recurring-{seed}")
+    seen = [label for window in stream.labels for label in window]
+    shifted = {label: macros[seen[(i + 1) % len(seen)]] for i, label in enumerate(seen)}
+    windows = {"healthy": [r.model_copy(update={"reply": macros[label]})
+                           for label in seen for r in pool[label][:per_intent]],
+               "shifted": [r.model_copy(update={"reply": shifted[label]})
+                           for label in seen for r in pool[label][per_intent:2 * per_intent]]}
+    for rows in windows.values():
+        rng.shuffle(rows)
+    return windows
+
+
 def answer_windows(base_path: Path, adapter: Path | None, tests: dict[int, list[TicketRecord]],
                    macros: dict[str, str], train: TrainSettings, max_tokens: int) -> Answered:
     """Each window's test tickets answered greedily by the adapter (None: the base model)."""
@@ -73,7 +94,8 @@ def answer_windows(base_path: Path, adapter: Path | None, tests: dict[int, list[
 
 
 def run_method(method: str, stream: Stream, macros: dict[str, str], base_path: Path, embedder: SentenceEmbedder,
-               train: TrainSettings, gate: GateSettings, log: Callable[[str], None]) -> dict[str, Any]:
+               train: TrainSettings, gate: GateSettings, log: Callable[[str], None],
+               recurring: dict[str, list[TicketRecord]] | None = None) -> dict[str, Any]:
     train, gate = method_settings(method, train, gate)
     windows = [with_replies(rows, macros) for rows in stream.train]
     phases = [[r for w in windows for r in w]] if method == "joint" else windows
@@ -101,9 +123,16 @@ def run_method(method: str, stream: Stream, macros: dict[str, str], base_path: P
                 log(f"replies {method:<7} window {seen}: {record.status} ({record.reason}); live {live}: matched "
                     + " ".join(f"{now[w][0]:.2f}" for w in now) + ", ROUGE-L "
                     + " ".join(f"{now[w][1]:.2f}" for w in now))
+            after = {}
+            for name, rows in (recurring or {}).items():  # healthy first: the shifted one is judged against it
+                record, cpu = loop.learn(rows)
+                after[name] = summary(record, cpu)
+                replies = "; ".join(f"{c['name']} {c['observed']:.3f} (p {c['p_value']})"
+                                    for c in after[name]["checks"] if c["name"].startswith("reply"))
+                log(f"replies {method:<7} recurring, {name} macros: {record.status} ({record.reason}); {replies}")
         finally:
             loop.close()
-    return {"matched": matched, "rouge_l": rouge, "base_matched": base, "updates": updates,
+    return {"matched": matched, "rouge_l": rouge, "base_matched": base, "updates": updates, "recurring": after,
             "seconds": time.perf_counter() - started, **figures(matched),
             "final_rouge_l": fmean(a for a in rouge[-1] if a is not None)}
 
@@ -141,6 +170,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--base", default="smollm2-135m", help="base model (`model prepare` name or directory)")
     parser.add_argument("--train-json", default="{}", help="TrainSettings overrides as JSON (default: none)")
     parser.add_argument("--gate-json", default="{}", help="GateSettings overrides as JSON (default: none)")
+    parser.add_argument("--recurring", action="store_true",
+                        help="end the default's stream with every intent again, with its macro, then shifted")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--plot", type=Path, help="PNG path (default: docs/img/replies-<preset>.png)")
     args = parser.parse_args(argv)
@@ -162,8 +193,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     path.parent.mkdir(parents=True, exist_ok=True)
     embedder = SentenceEmbedder()
     for method in methods:
+        recurring = (recurring_windows(stream, macros, preset.per_intent // 2, args.seed)
+                     if args.recurring and method == "default" else None)
         result["methods"][method] = run_method(method, stream, macros, base_path, embedder, train, gate,
-                                               lambda line: print(line, flush=True))
+                                               lambda line: print(line, flush=True), recurring)
         path.write_text(json.dumps(result, indent=2) + "\n")  # after each method: a stopped run keeps its figures
     if "default" in methods and "joint" in methods:
         default, joint = result["methods"]["default"], result["methods"]["joint"]

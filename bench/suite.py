@@ -130,6 +130,13 @@ def make_stream(name: str, preset: Preset, seed: int) -> Stream:
     return Stream(name, labels, train, test)
 
 
+def unstreamed(stream: Stream) -> dict[str, list[TicketRecord]]:
+    """The data set's training tickets the stream never carried, by intent (a one-data-set stream)."""
+    streamed = {r.id for window in stream.train for r in window}
+    pool = _by_label(stream.name, "train", "")
+    return {label: [r for r in rows if r.id not in streamed] for label, rows in pool.items()}
+
+
 def poison_window(stream: Stream, preset: Preset, seed: int) -> list[TicketRecord]:
     """A window of intents the stream never had, labels scrambled."""
     source = stream.name if stream.name != "mixed" else "banking77"
