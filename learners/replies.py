@@ -11,6 +11,7 @@ candidate can keep its loss yet answer worse. `learners.gate.judge` compares the
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Mapping, Sequence
 from itertools import zip_longest
 from typing import TYPE_CHECKING
@@ -24,6 +25,7 @@ from learners.placement import device_of
 from learners.probes import budgeted_probes
 from learners.prompts import chat_ids, conversation_example
 from learners.reports import ReplyScore
+from learners.score_cache import ReplyCell
 from learners.train import answer_loss, collate
 from streams.records import TicketRecord
 
@@ -76,27 +78,55 @@ def greedy_reply(model: nn.Module, tokenizer: PreTrainedTokenizerBase, messages:
     return str(tokenizer.decode(out[0, prompt.shape[1]:], skip_special_tokens=True)).strip()
 
 
+def reply_conditions(cfg: TrainSettings, max_tokens: int) -> str:
+    """What a version's reply figures depend on besides its weights and the probe (the prompt's
+    system message and cut, the answer's length): figures cached under other conditions are not reused.
+
+    >>> reply_conditions(TrainSettings(), 96) == reply_conditions(TrainSettings(system_prompt="Be brief."), 96)
+    False
+    """
+    return json.dumps([cfg.system_prompt, cfg.max_length, max_tokens])
+
+
 def score_replies(model: nn.Module, tokenizer: PreTrainedTokenizerBase,
                   probes: Mapping[int, Sequence[TicketRecord]], cfg: TrainSettings, generations: int,
-                  max_tokens: int) -> dict[int, ReplyScore]:
+                  max_tokens: int, cached: Mapping[str, ReplyCell] | None = None,
+                  ) -> tuple[dict[int, ReplyScore], dict[str, ReplyCell]]:
     """Each window's reply probes: every probe's answer loss, and the greedy answers of the first
-    `generations` probes taken one window after another (so every window gets its turn)."""
+    `generations` probes taken one window after another (so every window gets its turn).
+
+    A figure found in `cached` (this version's own, from when it was the candidate, under the same
+    `reply_conditions`) is taken from there, not from the model: a probe's conversation is fixed by
+    its id, a version's weights once published, and greedy answers are deterministic. The second
+    value holds every probe's figures, for the version's cache.
+    """
     rounds = zip_longest(*[[(w, r.id) for r in rows] for w, rows in sorted(probes.items())])
     answered = set([pair for turn in rounds for pair in turn if pair is not None][:generations])
-    scores = {}
+    cached = cached or {}
+    scores, cells = {}, {}
     with torch.no_grad():
         for window, rows in sorted(probes.items()):
-            losses, rouges = [], []
+            losses, rouges, reused = [], [], 0
             for record in rows:
-                turns = record.conversation() or []
-                example = conversation_example(tokenizer, turns, cfg.max_length, cfg.system_prompt)
-                losses.append(float(answer_loss(model, collate([example], tokenizer.pad_token_id))))
+                turns, have = record.conversation() or [], cached.get(record.id)
+                if have is not None:
+                    loss, reused = have.loss, reused + 1
+                else:
+                    example = conversation_example(tokenizer, turns, cfg.max_length, cfg.system_prompt)
+                    loss = float(answer_loss(model, collate([example], tokenizer.pad_token_id)))
+                rouge = have.rouge_l if have is not None else None
                 if (window, record.id) in answered:
-                    answer = greedy_reply(model, tokenizer, turns[:-1], cfg.system_prompt, max_tokens)
-                    rouges.append(rouge_l(answer, turns[-1]["content"]))
+                    if rouge is None:
+                        rouge = rouge_l(greedy_reply(model, tokenizer, turns[:-1], cfg.system_prompt, max_tokens),
+                                        turns[-1]["content"])
+                    else:
+                        reused += 1
+                    rouges.append(rouge)
+                losses.append(loss)
+                cells[record.id] = ReplyCell(loss=loss, rouge_l=rouge)
             scores[window] = ReplyScore(
                 n=len(losses), loss=sum(losses) / len(losses), answered=len(rouges),
                 rouge_l=sum(rouges) / len(rouges) if rouges else None,
                 matched=sum(r >= MATCH_ROUGE for r in rouges) / len(rouges) if rouges else None,
-                losses=tuple(losses), rouges=tuple(rouges))
-    return scores
+                losses=tuple(losses), rouges=tuple(rouges), reused=reused)
+    return scores, cells

@@ -106,6 +106,7 @@ class ReplyScore(Report):
     matched: float | None = Field(default=None, description="Share of the answered with ROUGE-L ≥ 0.8.")
     losses: tuple[float, ...] = Field(default=(), exclude=True, repr=False)
     rouges: tuple[float, ...] = Field(default=(), exclude=True, repr=False)  # of the answered, in probe order
+    reused: int = Field(default=0, exclude=True, repr=False)  # losses and answers read from the version's cache
 
 
 class Check(Report):
@@ -151,6 +152,8 @@ class GateVerdict(Report):
                                                            "from when it was itself the candidate, not scored again.")
     live_scores_computed: int | None = Field(default=None, description="(Probe, label) scores the live version "
                                                                        "was run for (unknown for old versions).")
+    live_replies_reused: int = Field(default=0, description="Reply figures (answer losses and greedy answers) of "
+                                                            "the live version read back, not computed again.")
 
 
 class GateReport(GateVerdict):

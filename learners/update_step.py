@@ -27,7 +27,7 @@ from learners.methods import peft_config, warm_start
 from learners.placement import CPU, Placement
 from learners.probes import budgeted_probes
 from learners.prompts import Example, ticket_examples
-from learners.replies import reply_probes, score_replies
+from learners.replies import reply_conditions, reply_probes, score_replies
 from learners.reports import Canary, Progress, RoundReport, UpdateOutcome
 from learners.score_cache import read_probe_scores, write_probe_scores
 from learners.scoring import LabelScorer
@@ -126,17 +126,19 @@ def train_candidate(snapshot: Snapshot, base_path: Path, live_dir: Path, out_dir
     known = known_labels(snapshot)
     probes = budgeted_probes(snapshot.probes, snapshot.new_windows, policy.probe_budget)
     candidate = score_probes(model, scorer, probes, shortlists)
-    write_probe_scores(out_dir, finite_scores(candidate, scorer.labels))
     candidate_canary = canary_loss(model, tokenizer, canary)
     replying = reply_probes(snapshot.probes, snapshot.new_windows, policy.reply_probe_budget)
-    candidate_replies = score_replies(model, tokenizer, replying, cfg, policy.reply_generations,
-                                      policy.reply_max_tokens)
+    conditions = reply_conditions(cfg, policy.reply_max_tokens)
+    candidate_replies, reply_cells = score_replies(model, tokenizer, replying, cfg, policy.reply_generations,
+                                                   policy.reply_max_tokens)
+    write_probe_scores(out_dir, finite_scores(candidate, scorer.labels), reply_cells, conditions)
     del model
     live_model = PeftModel.from_pretrained(load_base(base_path, placement)[0], live_dir)
-    live = score_probes(live_model, scorer, probes, shortlists, read_probe_scores(live_dir))
+    cached = read_probe_scores(live_dir)
+    live = score_probes(live_model, scorer, probes, shortlists, cached.scores)
     live_canary = canary_loss(live_model, tokenizer, canary)
-    live_replies = score_replies(live_model, tokenizer, replying, cfg, policy.reply_generations,
-                                 policy.reply_max_tokens)
+    live_replies, _ = score_replies(live_model, tokenizer, replying, cfg, policy.reply_generations,
+                                    policy.reply_max_tokens, cached.replies_if(conditions))
     with live_model.disable_adapter():  # the base model, for forward transfer and canary drift
         base_scores = evaluate(live_model, scorer, {w: probes[w] for w in snapshot.new_windows if w in probes},
                                shortlists=shortlists, votes=votes, vote_weight=vote_weight)
@@ -148,5 +150,6 @@ def train_candidate(snapshot: Snapshot, base_path: Path, live_dir: Path, out_dir
                  replies=(candidate_replies, live_replies))
     gate = gate.model_copy(update={"seconds": time.perf_counter() - started,
                                    "live_scores_reused": sum(m.reused for m in live.values()),
-                                   "live_scores_computed": sum(m.computed for m in live.values())})
+                                   "live_scores_computed": sum(m.computed for m in live.values()),
+                                   "live_replies_reused": sum(s.reused for s in live_replies.values())})
     return UpdateOutcome(gate=gate, train=report, labels=list(snapshot.labels))

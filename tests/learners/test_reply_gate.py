@@ -41,7 +41,7 @@ def test_a_candidate_that_swaps_replies_across_intents_is_rejected(tiny_llama: P
 
     labels = list(REPLIES)
     swapped = {label: REPLIES[labels[(i + 1) % 3]] for i, label in enumerate(labels)}  # each gets another's
-    verdicts = {}
+    verdicts, window_2 = {}, tickets(1, 12, "w2")
     for name, replies in (("healthy", REPLIES), ("swapped", swapped)):
         snapshot = Snapshot((2,), tickets(1, 24, "w2", replies), rows, {1: probes, 2: tickets(1, 9, "p2", replies)},
                             tuple(REPLIES))
@@ -59,6 +59,17 @@ def test_a_candidate_that_swaps_replies_across_intents_is_rejected(tiny_llama: P
     report = poisoned.model_dump(mode="json")
     assert report["replies_candidate"]["1"]["rouge_l"] == pytest.approx(candidate.rouge_l)
     assert "losses" not in report["replies_candidate"]["1"]
+    assert first.gate.live_replies_reused == healthy.live_replies_reused == 0  # v1 was judged on no reply probes
+
+    # The next update judges against the healthy version: its figures on window 1, computed when it was
+    # the candidate, are read back (every loss, and the 6 answers of 12 now given to window 1), not computed.
+    third = train_candidate(Snapshot((3,), tickets(2, 6, "w3"), window_2,
+                                     {1: probes, 2: tickets(1, 9, "p2"), 3: tickets(2, 9, "p3")}, tuple(REPLIES)),
+                            tiny_llama, tmp_path / "healthy", tmp_path / "v3", TRAIN, POLICY).gate
+    assert third.live_replies_reused == 18 + 6
+    assert third.replies_live[1].losses == healthy.replies_candidate[1].losses
+    assert third.replies_live[1].rouges == healthy.replies_candidate[1].rouges[:6]
+    assert third.replies_live[2].answered == 6 and third.replies_live[2].reused == 0
 
 
 def reply(losses: list[float], rouges: list[float]) -> ReplyScore:
