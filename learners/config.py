@@ -61,6 +61,13 @@ class TrainSettings(BaseModel):
     warmup_fraction: float = Field(0.1, ge=0, lt=1, description="Share of steps spent warming up.")
     epochs: float = Field(3.0, gt=0, description="Passes over the new window's training rows.")
     batch_size: int = Field(16, gt=0, description="Examples per optimiser step.")
+    max_batch_tokens: int = Field(
+        1024, gt=0, description="Most tokens (rows x the longest row) in one forward pass. A larger batch is split "
+                                "into passes whose gradients add up to the batch's: the same step, in less memory, "
+                                "as a pass's activations grow with its tokens (SmolLM2-135M in float32, two steps "
+                                "of 16 replies of 84-108 tokens: peak +8.6 GB in one pass, +4.0 GB at 1024, +2.7 GB "
+                                "at 512, and no slower). 1024 keeps a batch of label prompts (up to 64 tokens) in "
+                                "one pass.")
     step_budget: float = Field(
         2.0, ge=1, description="Most optimiser steps of an update, as a multiple of the steps its new rows alone "
                                "take at `epochs`: replay shares the budget, so an update's cost does not grow with "

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import Literal
 
 import torch
 from torch import distributed as dist
@@ -50,8 +52,9 @@ def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention, "position_ids": positions}
 
 
-def answer_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean cross-entropy over the answer tokens.
+def answer_loss(model: nn.Module, batch: dict[str, torch.Tensor],
+                reduction: Literal["mean", "sum"] = "mean") -> torch.Tensor:
+    """Mean (or summed) cross-entropy over the answer tokens.
 
     The vocabulary projection is the largest matrix product of a small model; computing logits
     only for the positions that predict answer tokens (the last few, thanks to left padding)
@@ -65,7 +68,30 @@ def answer_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tenso
                    position_ids=batch["position_ids"], logits_to_keep=keep).logits
     targets = labels[:, labels.shape[1] - keep + 1:]
     return nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                                       targets.reshape(-1), ignore_index=IGNORE)
+                                       targets.reshape(-1), ignore_index=IGNORE, reduction=reduction)
+
+
+def answer_tokens(example: Example) -> int:
+    """The tokens `answer_loss` averages over: the answer's (the first token predicts nothing)."""
+    return sum(label != IGNORE for label in example.labels[1:])
+
+
+def forward_passes(examples: Sequence[Example], max_tokens: int) -> list[Sequence[Example]]:
+    """A batch as one forward pass if its padded size (rows x the longest row) is within
+    `max_tokens`; otherwise split into passes that are, the shortest rows together (less padding).
+
+    >>> def rows(*lengths): return [Example([1] * n, [1] * n) for n in lengths]
+    >>> [len(p) for p in forward_passes(rows(5, 1, 4, 2), 20)], [len(p) for p in forward_passes(rows(5, 1, 4, 2), 10)]
+    ([4], [2, 2])
+    """
+    if len(examples) * max(len(e.input_ids) for e in examples) <= max_tokens:
+        return [examples]
+    passes: list[list[Example]] = [[]]
+    for example in sorted(examples, key=lambda e: len(e.input_ids)):
+        if passes[-1] and (len(passes[-1]) + 1) * len(example.input_ids) > max_tokens:
+            passes.append([])
+        passes[-1].append(example)
+    return passes
 
 
 def lr_at(step: int, steps: int, cfg: TrainSettings) -> float:
@@ -170,12 +196,23 @@ def run_round(model: nn.Module, new: Sequence[Example], replay: Sequence[Example
             raise Cancelled(f"cancelled at step {step} of {len(batches)}")
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, len(batches), cfg)
-        batch = collate(examples[rank::world], pad_id)
-        loss = answer_loss(net, batch)
+        rows = examples[rank::world]
+        passes = forward_passes(rows, cfg.max_batch_tokens)
+        loss, answers = torch.zeros((), device=device), sum(answer_tokens(e) for e in rows)
+        for at, part in enumerate(passes):  # each pass's activations are freed by its backward
+            last = at == len(passes) - 1
+            # Gradients add up over the passes; DDP averages them across ranks after the last one.
+            with net.no_sync() if not last and isinstance(net, DistributedDataParallel) else contextlib.nullcontext():
+                batch = collate(part, pad_id)
+                tokens += int(batch["attention_mask"].sum())
+                share = answer_loss(net, batch) if len(passes) == 1 else answer_loss(net, batch, "sum") / answers
+                loss = loss + share.detach()
+                if not last:
+                    scaler.scale(share).backward()
         penalty = ewc.penalty(model) if ewc is not None else torch.zeros((), device=device)
         if general is not None:  # the same sentences on every rank, so DDP's average is unchanged
             penalty = penalty + cfg.keep_general * drift_from_base(model, general.batch())
-        scaler.scale(loss + penalty).backward()
+        scaler.scale(share + penalty).backward()
         scaler.unscale_(optimizer)  # clipping sees the true gradients
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         # A step with a non-finite gradient (an fp16 overflow, which the scaler then scales down
@@ -188,7 +225,6 @@ def run_round(model: nn.Module, new: Sequence[Example], replay: Sequence[Example
         optimizer.zero_grad(set_to_none=True)
         # .item() syncs with the device once per step; the figures feed the progress bar.
         loss_value = loss.item()
-        tokens += int(batch["attention_mask"].sum())
         if on_progress is not None:
             elapsed = time.perf_counter() - started
             on_progress(Progress(step=step + 1, steps=len(batches), loss=loss_value, penalty=penalty.item(),

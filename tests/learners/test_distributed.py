@@ -30,7 +30,8 @@ def run(command: list[str], out: Path, tmp: Path) -> dict[str, object]:
 
 
 def test_two_ranks_write_the_single_process_format_and_stay_in_sync(tiny_llama: Path, tmp_path: Path) -> None:
-    cfg = TINY_TRAIN.model_copy(update={"epochs": 2, "adapter": AdapterSettings(rank=4)})
+    # One row a forward pass (`max_batch_tokens` 1): each rank sums its passes before DDP averages the ranks.
+    cfg = TINY_TRAIN.model_copy(update={"epochs": 2, "adapter": AdapterSettings(rank=4), "max_batch_tokens": 1})
     initial_adapter(tiny_llama, tmp_path / "live", cfg.adapter, cfg.seed)
     (tmp_path / "train.json").write_text(cfg.model_dump_json())
     (tmp_path / "window.jsonl").write_text("\n".join(
