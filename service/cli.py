@@ -134,17 +134,20 @@ def produce(
     seed: Annotated[int, typer.Option(help="Seed of the order.")] = 0,
 ) -> None:
     """Stream tickets to the `kafka.topic` topic."""
+    from streams.broker import announced_broker
     from streams.produce import TicketProducer, source_values
 
     settings = Settings()
-    if not settings.kafka.bootstrap:
-        raise typer.BadParameter("set EVERGREEN_KAFKA_BOOTSTRAP (or kafka.bootstrap) to produce")
+    bootstrap = settings.kafka.bootstrap or announced_broker(settings.data_dir)
+    if bootstrap is None:
+        raise typer.BadParameter("no broker: set EVERGREEN_KAFKA_BOOTSTRAP (or kafka.bootstrap), or start "
+                                 "`evergreen up` with the same data directory, whose local broker is found")
     try:
         values = source_values(source, order=order, windows=windows,  # type: ignore[arg-type]
                                intents_per_window=intents_per_window, per_intent=per_intent, seed=seed)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
-    producer = TicketProducer(settings.kafka.bootstrap, settings.kafka.topic)
+    producer = TicketProducer(bootstrap, settings.kafka.topic)
     with Progress(TextColumn("producing"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=console) as bar:
         task = bar.add_task("produce", total=len(values))
@@ -152,7 +155,7 @@ def produce(
             producer.send_all(values[chunk:chunk + 100], rate=rate)
             bar.update(task, advance=len(values[chunk:chunk + 100]))
     producer.close()
-    console.print(f"sent {len(values)} tickets to {settings.kafka.topic}")
+    console.print(f"sent {len(values)} tickets to {settings.kafka.topic} on {bootstrap}")
 
 
 # Exit status of `evergreen update` by the update's outcome.

@@ -15,7 +15,7 @@ from service.core import Service
 from service.demo import run_demo
 from service.narrator import Narrator, Say
 from service.settings import Settings
-from streams.broker import LocalBroker, port_is_free
+from streams.broker import LocalBroker, announced, port_is_free
 from streams.ingest import ensure_topics
 
 
@@ -65,11 +65,12 @@ LOCAL_BROKER_PORT = 9092  # Kafka's own default, so `evergreen produce` finds it
 @contextlib.contextmanager
 def broker_for(settings: Settings) -> Iterator[str]:
     """The configured Kafka bootstrap, or a local Tansu broker started for the duration (on
-    port 9092 when it is free)."""
+    port 9092 when it is free), announced in the data directory for `evergreen produce`."""
     if settings.kafka.bootstrap:
         yield settings.kafka.bootstrap
         return
-    with LocalBroker(LOCAL_BROKER_PORT if port_is_free(LOCAL_BROKER_PORT) else None) as broker:
+    with (LocalBroker(LOCAL_BROKER_PORT if port_is_free(LOCAL_BROKER_PORT) else None) as broker,
+          announced(broker.bootstrap, settings.data_dir)):
         yield broker.bootstrap
 
 
@@ -78,7 +79,7 @@ def run_up(settings: Settings, say: Say, started: float | None = None) -> None:
     loop's events told through `say`, timed from `started` (a `time.monotonic()` reading)."""
     with terminate_unwinds(), broker_for(settings) as bootstrap:
         say(f"Kafka: {bootstrap}" + ("" if settings.kafka.bootstrap else " (a local broker, in memory: "
-                                     f"EVERGREEN_KAFKA_BOOTSTRAP={bootstrap} evergreen produce FILE sends to it)"))
+                                     "`evergreen produce FILE` from this directory sends to it)"))
         service = Service(settings, bootstrap=bootstrap)
         narrator = Narrator(service, say, started)
         stop = threading.Event()

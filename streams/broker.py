@@ -6,6 +6,7 @@ Production runs Apache Kafka; Tansu speaks the same protocol and ships as a stat
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import importlib.util
 import logging
@@ -16,7 +17,7 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 
@@ -137,3 +138,32 @@ class LocalBroker:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+
+# Where `evergreen up` tells other commands of the same data directory its local broker's address.
+ANNOUNCEMENT = "local-broker"
+
+
+@contextlib.contextmanager
+def announced(bootstrap: str, data_dir: Path) -> Iterator[None]:
+    """Records `bootstrap` in `data_dir` while the block runs, so `evergreen produce` beside
+    `evergreen up` finds the local broker without being told (it may be on any free port)."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    note = data_dir / ANNOUNCEMENT
+    note.write_text(bootstrap + "\n", encoding="utf-8")
+    try:
+        yield
+    finally:
+        note.unlink(missing_ok=True)
+
+
+def announced_broker(data_dir: Path) -> str | None:
+    """The local broker announced in `data_dir`, if one is there and still accepts connections (a
+    note left by a killed `evergreen up` names a port nobody listens on)."""
+    try:
+        bootstrap = (data_dir / ANNOUNCEMENT).read_text(encoding="utf-8").strip()
+        host, _, port = bootstrap.rpartition(":")
+        socket.create_connection((host, int(port)), timeout=1).close()
+    except (OSError, ValueError):
+        return None
+    return bootstrap

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from service.settings import Settings
-from streams.broker import LocalBroker
+from streams.broker import LocalBroker, announced
 from tests.conftest import LiveService, tiny_settings, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,6 +61,11 @@ def test_readme_commands_answer_at_every_moment(broker: LocalBroker, serve: Call
     blocks = readme_blocks()
     assert {"Try it", "Use it on your own tickets"} <= set(blocks), blocks.keys()
     live = serve(tiny_settings(tmp_path / "data", broker.bootstrap))
+    with announced(broker.bootstrap, tmp_path / "data"):  # as `evergreen up` announces its local broker
+        walk_through(blocks, live, broker, tmp_path)
+
+
+def walk_through(blocks: dict[str, list[str]], live: LiveService, broker: LocalBroker, tmp_path: Path) -> None:
     try_it = blocks["Try it"]
 
     # Before any ticket: classify explains why it cannot answer; the other reads work.
