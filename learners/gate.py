@@ -32,7 +32,7 @@ from torch import nn
 from learners.config import GateSettings
 from learners.reports import TEST_NAME, Canary, Check, GateReport, ReplyScore, WindowScore
 from learners.scoring import LabelScorer, with_votes
-from learners.stats import PairedTest, chance_agreement, paired_increase, paired_regression, permutation_tail
+from learners.stats import LabelDependence, PairedTest, label_dependence, paired_increase, paired_regression
 from streams.records import TicketRecord
 
 # A version's log-likelihood of each label it was scored on, by probe id then label.
@@ -135,6 +135,8 @@ def window_score(matrix: ProbeMatrix, labels: Sequence[str], known: Collection[s
         truth=tuple(r.label or "" for r in records),
         answers=tuple(labels[i] for i in answer.argmax(dim=1).tolist()),
         model_answers=tuple(labels[i] for i in scores.argmax(dim=1).tolist()),
+        model_scores=tuple(map(tuple, torch.log_softmax(scores, dim=1).tolist())),
+        labels=tuple(labels),
         loss=float(-picked[scored].mean()) if scored.any() else math.nan,
         n=len(records),
         correct=tuple(correct),
@@ -156,6 +158,18 @@ def evaluate(model: nn.Module, scorer: LabelScorer, probes: Mapping[int, Sequenc
              votes: Votes | None = None, vote_weight: float = 0.0) -> dict[int, WindowScore]:
     """Score every window's probes (`score_probes`) and judge them (`window_score`)."""
     return window_scores(score_probes(model, scorer, probes, shortlists), scorer.labels, known, votes, vote_weight)
+
+
+def learning_test(windows: Sequence[WindowScore]) -> LabelDependence:
+    """Whether the model's own scores on these windows' probes depend on the probes' labels: the
+    probability of each probe's label among the labels the probes carry (`label_dependence`)."""
+    truth = [label for score in windows for label in score.truth]
+    carried = sorted(set(truth))
+    rows = [[row[score.labels.index(label)] for label in carried] for score in windows for row in score.model_scores]
+    probabilities = torch.softmax(torch.tensor(rows, dtype=torch.float64).reshape(len(truth), len(carried)), dim=1)
+    # A probe none of whose labels was on its shortlist: no preference (a row of -inf is NaN).
+    probabilities = probabilities.nan_to_num(1 / max(len(carried), 1)).numpy()
+    return label_dependence(probabilities, [carried.index(label) for label in truth])
 
 
 def judge(candidate: dict[int, WindowScore], live: dict[int, WindowScore], new_windows: Sequence[int],
@@ -208,16 +222,13 @@ def judge(candidate: dict[int, WindowScore], live: dict[int, WindowScore], new_w
         gain = sum(candidate[w].accuracy - live[w].accuracy for w in new) / len(new)
         checks.append(regression("new windows worse than live", [c for w in new for c in live[w].correct],
                                  [c for w in new for c in candidate[w].correct], -gain, -policy.min_gain))
-        if policy.require_learning:  # by the model's own answers: the buffer's vote echoes any labels it holds
-            truth = [label for w in new for label in candidate[w].truth]
-            answers = [label for w in new for label in candidate[w].model_answers or candidate[w].answers]
-            right = sum(t == a for t, a in zip(truth, answers, strict=True))
-            p_value = permutation_tail(truth, answers)
-            checks.append(Check(name="new windows learned beyond chance", passed=p_value < policy.alpha,
-                                observed=right / len(truth) if truth else 0.0,
-                                threshold=chance_agreement(truth, answers), p_value=p_value,
-                                detail="the model's own answers, without the buffer's vote; chance: the same "
-                                       "answers, independent of the labels"))
+        if policy.require_learning:  # by the model's own scores: the buffer's vote echoes any labels it holds
+            test = learning_test([candidate[w] for w in new])
+            checks.append(Check(name="new windows learned beyond chance", passed=test.p_value < policy.alpha,
+                                observed=test.observed, threshold=test.chance, p_value=test.p_value,
+                                detail="the model's own probability of each probe's label among the new windows' "
+                                       "labels, without the buffer's vote; chance: the same probabilities, the "
+                                       "labels dealt to the probes at random"))
     replying = reply_checks(*replies, policy)
     checks += replying
     # What the candidate did to earlier windows, as opposed to how it learned its own windows or

@@ -86,6 +86,9 @@ class WindowScore(Report):
     answers: tuple[str, ...] = Field(default=(), exclude=True, repr=False)  # and the label it was given
     # The model's own answers, without the buffer's vote (`with_votes`); empty: the same as `answers`.
     model_answers: tuple[str, ...] = Field(default=(), exclude=True, repr=False)
+    # The model's own log-probability of each label of `labels`, per probe (-inf: not on its shortlist).
+    model_scores: tuple[tuple[float, ...], ...] = Field(default=(), exclude=True, repr=False)
+    labels: tuple[str, ...] = Field(default=(), exclude=True, repr=False)
     majority_rate: float = Field(default=0.0, description="Accuracy of always answering the window's commonest label.")
     known_accuracy: float | None = Field(
         default=None, description="Accuracy among the labels the live version knew, on the probes of one of them.")
