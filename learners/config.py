@@ -149,8 +149,9 @@ class GateSettings(BaseModel):
                                       "only when the paired test finds the candidate significantly worse."
     )
     require_learning: bool = Field(
-        True, description="New windows must be learned significantly beyond chance: the same answers, given "
-                          "independently of the labels (permutation test)."
+        True, description="New windows must be learned significantly beyond chance: the model's probability of "
+                          "each probe's label against the same probabilities with the labels dealt to the probes "
+                          "at random (permutation test)."
     )
     alpha: float = Field(0.05, gt=0, lt=1, description="Significance level of the gate's exact tests.")
     retry_rejected_windows: bool = Field(

@@ -26,6 +26,7 @@ from collections import Counter
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -160,12 +161,22 @@ def evaluate(model: nn.Module, scorer: LabelScorer, probes: Mapping[int, Sequenc
     return window_scores(score_probes(model, scorer, probes, shortlists), scorer.labels, known, votes, vote_weight)
 
 
-def learning_test(windows: Sequence[WindowScore]) -> LabelDependence:
-    """Whether the model's own scores on these windows' probes depend on the probes' labels: the
-    probability of each probe's label among the labels the probes carry (`label_dependence`)."""
-    truth = [label for score in windows for label in score.truth]
+def learning_test(new: Sequence[WindowScore], earlier: Sequence[WindowScore] = ()) -> LabelDependence:
+    """Whether the model's own scores on the new windows' probes depend on the probes' labels: the
+    probability of each probe's label among the labels the probes carry (`label_dependence`).
+
+    Probes that all carry one label leave nothing to deal among themselves (a window of one new
+    intent): then that label's probability on its probes is set against its probability on the
+    earlier windows' probes, the probes dealt at random between the two.
+    """
+    truth = [label for score in new for label in score.truth]
     carried = sorted(set(truth))
-    rows = [[row[score.labels.index(label)] for label in carried] for score in windows for row in score.model_scores]
+    if len(carried) == 1 and any(score.truth for score in earlier):
+        label, scores = carried[0], [*new, *earlier]
+        given = np.exp([row[score.labels.index(label)] for score in scores for row in score.model_scores])
+        test = label_dependence(np.column_stack([given, 1 - given]), [0] * len(truth) + [1] * (len(given) - len(truth)))
+        return LabelDependence(float(given[:len(truth)].mean()), float(given.mean()), test.p_value)
+    rows = [[row[score.labels.index(label)] for label in carried] for score in new for row in score.model_scores]
     probabilities = torch.softmax(torch.tensor(rows, dtype=torch.float64).reshape(len(truth), len(carried)), dim=1)
     # A probe none of whose labels was on its shortlist: no preference (a row of -inf is NaN).
     probabilities = probabilities.nan_to_num(1 / max(len(carried), 1)).numpy()
@@ -223,12 +234,12 @@ def judge(candidate: dict[int, WindowScore], live: dict[int, WindowScore], new_w
         checks.append(regression("new windows worse than live", [c for w in new for c in live[w].correct],
                                  [c for w in new for c in candidate[w].correct], -gain, -policy.min_gain))
         if policy.require_learning:  # by the model's own scores: the buffer's vote echoes any labels it holds
-            test = learning_test([candidate[w] for w in new])
+            test = learning_test([candidate[w] for w in new], [candidate[w] for w in old])
             checks.append(Check(name="new windows learned beyond chance", passed=test.p_value < policy.alpha,
                                 observed=test.observed, threshold=test.chance, p_value=test.p_value,
-                                detail="the model's own probability of each probe's label among the new windows' "
-                                       "labels, without the buffer's vote; chance: the same probabilities, the "
-                                       "labels dealt to the probes at random"))
+                                detail="the model's own probability of each probe's label among the labels the "
+                                       "new probes carry (one label: on its probes against earlier windows'), "
+                                       "without the buffer's vote; chance: the labels dealt to the probes at random"))
     replying = reply_checks(*replies, policy)
     checks += replying
     # What the candidate did to earlier windows, as opposed to how it learned its own windows or

@@ -33,11 +33,12 @@ LOG = logging.getLogger(__name__)
 LEARNING_RATE = 5e-3
 
 
-def answered(truth: str, answers: str, model: str | None = None) -> WindowScore:
+def answered(truth: str, answers: str, model: str | None = None, among: str = "") -> WindowScore:
     """Probes of labels `truth` (one letter each) given `answers`; the model's own answers are
-    `model` (default: the same), each scored e^3 times likelier than every other label."""
+    `model` (default: the same), each scored e^3 times likelier than every other label (those
+    named, and `among`)."""
     correct = [t == a for t, a in zip(truth, answers, strict=True)]
-    labels = tuple(sorted({*truth, *answers, *(model or "")}))
+    labels = tuple(sorted({*truth, *answers, *(model or ""), *among}))
     scores = tuple(tuple(0.0 if label == a else -3.0 for label in labels) for a in model or answers)
     return WindowScore(accuracy=sum(correct) / len(correct), loss=0.0, n=len(correct), correct=tuple(correct),
                        truth=tuple(truth), answers=tuple(answers), model_answers=tuple(model or answers),
@@ -100,6 +101,21 @@ def test_wrong_answers_that_still_favour_the_truth_count_as_learning() -> None:
     assert learned.p_value == pytest.approx(0.017, abs=0.01)
     uninformed = window.model_copy(update={"model_scores": ((math.log(0.7), math.log(0.3)),) * 8})
     assert not judge({1: uninformed}, {1: answered(truth, "P" * 8)}, [1], POLICY).passed  # the same for all
+
+
+def test_a_window_of_one_new_intent_is_judged_against_the_earlier_windows_probes() -> None:
+    # Every new probe carries label c: nothing to deal among them. Learned: the model favours c on
+    # c's probes and not on the earlier windows' (a, b); not learned: it favours c everywhere.
+    earlier = answered("ab" * 10, "ab" * 10, among="c")
+    live = {1: earlier, 2: answered("c" * 6, "a" * 6, among="abc")}
+    learned = {1: earlier, 2: answered("c" * 6, "c" * 6, among="abc")}
+    report = judge(learned, live, [2], POLICY)
+    assert report.passed, report.reason
+    check = next(c for c in report.checks if c.name == "new windows learned beyond chance")
+    assert check.observed > 0.8 > 0.3 > check.threshold and check.p_value < 0.001
+    everywhere = {1: answered("ab" * 10, "ab" * 10, model="c" * 20), 2: answered("c" * 6, "c" * 6, among="abc")}
+    report = judge(everywhere, live, [2], POLICY)
+    assert not report.passed and "beyond chance" in report.reason, report.reason
 
 
 def test_learning_is_judged_on_the_models_own_answers_not_the_buffers_echo() -> None:
