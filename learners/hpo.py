@@ -171,7 +171,7 @@ class Search:
         reports = [t.model_copy(update={"winner": t is best}) for t in reports]
         start_dir = self._fresh_adapter(best.params, "winner") if reshaped(best.params) else None
         return Winner(trial_settings(self.cfg, best.params), start_dir, SearchReport(
-            metric="accuracy" if any(r.label for r in self.split.held) else "-answer_loss",
+            metric="label_probability" if any(r.label for r in self.split.held) else "-answer_loss",
             validation_rows=len(self.split.held), trials=reports, winner=best.params,
             seconds=time.perf_counter() - started))
 

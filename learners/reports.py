@@ -207,8 +207,9 @@ class TrialReport(Report):
 class SearchReport(Report):
     """An update's hyperparameter search: its trials, and which settings trained the candidate."""
 
-    metric: str = Field(description="`accuracy` (label accuracy on the validation rows, as the gate scores "
-                                    "probes) or, with no labelled validation row, `-answer_loss`.")
+    metric: str = Field(description="`label_probability` (the mean probability of each validation row's label "
+                                    "among every label, as the gate scores probes) or, with no labelled validation "
+                                    "row, `-answer_loss`.")
     validation_rows: int = Field(description="Training rows held out to score the trials (new and replay).")
     trials: list[TrialReport]
     winner: dict[str, int | float] = Field(description="The winning trial's settings, which trained the candidate on "

@@ -278,7 +278,7 @@ function renderSearch(updates) {
   $("search").hidden = !searched.length;
   if (!searched.length) return;
   const last = searched[searched.length - 1].search;
-  const accuracy = last.metric === "accuracy";
+  const accuracy = last.metric === "label_probability";  // between 0 and 1, like an accuracy
   const scale = (values) => {
     const low = Math.min(0, ...values.filter((v) => typeof v === "number"));
     return accuracy ? { yMin: 0, yMax: 1 } : { yMin: Math.floor(low), yMax: 0, step: Math.max(1, -Math.floor(low)) / 4,
@@ -288,7 +288,7 @@ function renderSearch(updates) {
   const number = (v) => (Number.isInteger(v) ? String(v) : Math.abs(v) < 0.01 ? v.toExponential(1) : v.toPrecision(3));
   const params = Object.entries(winner.params || {}).map(([k, v]) => `${k} ${number(v)}`).join(", ");
   $("search-caption").textContent = `Update #${searched[searched.length - 1].id}: ${last.trials.length} trials, `
-    + `${last.metric} on ${last.validation_rows} held-out training rows (hollow: pruned); winner #${winner.number}: ${params}`;
+    + `${accuracy ? "mean label probability" : "minus answer loss"} on ${last.validation_rows} held-out training rows (hollow: pruned); winner #${winner.number}: ${params}`;
   const values = last.trials.map((t) => t.value);
   Charts.lines($("search-trials"), last.trials.map((t) => `#${t.number}`),
     [{ name: "validation score", colour: "#2e86c1", values, hollow: last.trials.map((t) => t.pruned) }],

@@ -241,12 +241,12 @@ def test_the_updates_card_charts_the_search_trials_and_winners(serve: Callable[[
                   for n, v in enumerate(values)]
         live.service.updates.history.append(UpdateRecord(
             id=update, trigger="manual", status="promoted", stage="finished", finished_at=time.time(),
-            search=SearchReport(metric="accuracy", validation_rows=12, trials=trials, winner=trials[1].params,
+            search=SearchReport(metric="label_probability", validation_rows=12, trials=trials, winner=trials[1].params,
                                 seconds=3.0)))
     errors: list[str] = []
     page = open_console(browser, live.url, errors)
     expect(page.locator("#search-caption")).to_have_text(
-        "Update #2: 3 trials, accuracy on 12 held-out training rows (hollow: pruned); "
+        "Update #2: 3 trials, mean label probability on 12 held-out training rows (hollow: pruned); "
         "winner #4: learning_rate 1.0e-3, rank 8")
     expect(page.locator("#search-trials circle")).to_have_count(3)
     expect(page.locator('#search-trials circle[fill="#fff"]')).to_have_count(1)  # the pruned trial
