@@ -150,7 +150,7 @@ class Search:
                         100 * self.hpo.validation_share)
             return None
         started = time.perf_counter()
-        self._enqueue_last_winner()
+        self._enqueue_opening()
         reports: list[TrialReport] = []
         key: int | None = None  # the step this search reports at (below)
         for k in range(1, self.hpo.trials + 1):
@@ -175,11 +175,23 @@ class Search:
             validation_rows=len(self.split.held), trials=reports, winner=best.params,
             seconds=time.perf_counter() - started))
 
-    def _enqueue_last_winner(self) -> None:
-        last = within(self.study.user_attrs.get(WINNER, {}), self.hpo, self.shape_searched)
+    def _enqueue_opening(self) -> None:
+        """The previous update's winner is tried first, and before there is one the settings as
+        configured: a search then trades them only for settings that validate better. Without
+        that opening, a first search of four trials never tried the fixed default and trained an
+        MCID window with worse settings than it (0.71 against 0.85 on its test tickets)."""
+        opening = within(self.study.user_attrs.get(WINNER) or self._configured(), self.hpo, self.shape_searched)
         waiting = self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
-        if last and not waiting:  # one left waiting by a search killed before it ran is tried first anyway
-            self.study.enqueue_trial(last, user_attrs={"enqueued": True})
+        if opening and not waiting:  # one left waiting by a search killed before it ran is tried first anyway
+            self.study.enqueue_trial(opening, user_attrs={"enqueued": True})
+
+    def _configured(self) -> dict[str, float]:
+        cfg = self.cfg
+        params = {"learning_rate": cfg.learning_rate, "epochs": cfg.epochs, "rank": cfg.adapter.rank,
+                  "alpha_ratio": cfg.adapter.alpha / cfg.adapter.rank}
+        if cfg.replay_ratio != "balanced":
+            params["replay_share"] = cfg.replay_ratio
+        return params
 
     def _fresh_adapter(self, params: dict[str, float], name: str) -> Path:
         directory = self.scratch / f"fresh-{name}"

@@ -201,7 +201,8 @@ class TrialReport(Report):
     pruned: bool = Field(description="Stopped half-way: its score then was below the median of this update's "
                                      "trials.")
     winner: bool = False
-    enqueued: bool = Field(default=False, description="The previous update's winner, tried first.")
+    enqueued: bool = Field(default=False, description="Tried first: the previous update's winner, or in the "
+                                                     "study's first search the settings as configured.")
 
 
 class SearchReport(Report):

@@ -58,6 +58,11 @@ def test_each_update_searches_and_the_winner_trains_the_candidate(tiny_llama: Pa
         search = first.search
         assert [t.number for t in search.trials] == [0, 1, 2]
         assert all(t.steps > 0 and t.seconds > 0 and t.value is not None for t in search.trials)
+        # The study's first search opens with the settings as configured, where the ranges hold them
+        # (the tiny model's 30 epochs and rank 16 are outside this search's, so those are drawn).
+        assert [t.enqueued for t in search.trials] == [True, False, False]
+        assert search.trials[0].params["learning_rate"] == TRAIN.learning_rate
+        assert search.trials[0].params["epochs"] != TRAIN.epochs
         # The first version is untrained: its rank may change, so it is searched; nothing to replay yet.
         assert all({"learning_rate", "epochs", "rank", "alpha_ratio"} == set(t.params) for t in search.trials)
         winner = next(t for t in search.trials if t.winner)
