@@ -33,7 +33,8 @@ from torch import nn
 from learners.config import GateSettings
 from learners.reports import TEST_NAME, Canary, Check, GateReport, ReplyScore, WindowScore
 from learners.scoring import LabelScorer, with_votes
-from learners.stats import LabelDependence, PairedTest, label_dependence, paired_increase, paired_regression
+from learners.stats import (LabelDependence, PairedTest, label_dependence, paired_increase, paired_regression,
+                            smallest_p_value)
 from streams.records import TicketRecord
 
 # A version's log-likelihood of each label it was scored on, by probe id then label.
@@ -161,19 +162,25 @@ def evaluate(model: nn.Module, scorer: LabelScorer, probes: Mapping[int, Sequenc
     return window_scores(score_probes(model, scorer, probes, shortlists), scorer.labels, known, votes, vote_weight)
 
 
-def learning_test(new: Sequence[WindowScore], earlier: Sequence[WindowScore] = ()) -> LabelDependence:
+def learning_test(new: Sequence[WindowScore], earlier: Sequence[WindowScore] = (),
+                  alpha: float = 0.05) -> LabelDependence | None:
     """Whether the model's own scores on the new windows' probes depend on the probes' labels: the
     probability of each probe's label among the labels the probes carry (`label_dependence`).
 
-    Probes that all carry one label leave nothing to deal among themselves (a window of one new
-    intent): then that label's probability on its probes is set against its probability on the
-    earlier windows' probes, the probes dealt at random between the two.
+    Where no answers could pass that test at `alpha` (`smallest_p_value`: probes of one label, a
+    window of one new intent; or one probe of a rare intent beside four of a common one), the new
+    labels' probability on the new probes is set against theirs on the earlier windows' probes,
+    the probes dealt at random between the two. With no earlier probes either (a stream's first
+    window, of one intent), or no new probe, there is nothing to judge: None.
     """
     truth = [label for score in new for label in score.truth]
     carried = sorted(set(truth))
-    if len(carried) == 1 and any(score.truth for score in earlier):
-        label, scores = carried[0], [*new, *earlier]
-        given = np.exp([row[score.labels.index(label)] for score in scores for row in score.model_scores])
+    if smallest_p_value(truth) >= alpha:
+        if not truth or not any(score.truth for score in earlier):
+            return None
+        scores = [*new, *earlier]
+        given = np.array([sum(math.exp(row[score.labels.index(label)]) for label in carried if label in score.labels)
+                          for score in scores for row in score.model_scores]).clip(0, 1)
         test = label_dependence(np.column_stack([given, 1 - given]), [0] * len(truth) + [1] * (len(given) - len(truth)))
         return LabelDependence(float(given[:len(truth)].mean()), float(given.mean()), test.p_value)
     rows = [[row[score.labels.index(label)] for label in carried] for score in new for row in score.model_scores]
@@ -234,12 +241,18 @@ def judge(candidate: dict[int, WindowScore], live: dict[int, WindowScore], new_w
         checks.append(regression("new windows worse than live", [c for w in new for c in live[w].correct],
                                  [c for w in new for c in candidate[w].correct], -gain, -policy.min_gain))
         if policy.require_learning:  # by the model's own scores: the buffer's vote echoes any labels it holds
-            test = learning_test([candidate[w] for w in new], [candidate[w] for w in old])
-            checks.append(Check(name="new windows learned beyond chance", passed=test.p_value < policy.alpha,
-                                observed=test.observed, threshold=test.chance, p_value=test.p_value,
-                                detail="the model's own probability of each probe's label among the labels the "
-                                       "new probes carry (one label: on its probes against earlier windows'), "
-                                       "without the buffer's vote; chance: the labels dealt to the probes at random"))
+            test = learning_test([candidate[w] for w in new], [candidate[w] for w in old], policy.alpha)
+            if test is None:  # a classifier of one label gives it every probe, learned or not
+                checks.append(Check(name="new windows learned beyond chance", passed=True, observed=1.0,
+                                    threshold=1.0, detail="not judged: the new probes are too few, or of "
+                                                          "one label, and no earlier window has probes"))
+            else:
+                checks.append(Check(name="new windows learned beyond chance", passed=test.p_value < policy.alpha,
+                                    observed=test.observed, threshold=test.chance, p_value=test.p_value,
+                                    detail="the model's own probability of each probe's label among the labels "
+                                           "the new probes carry (too few probes of a second label: of the new "
+                                           "labels, on the new probes against earlier windows'), without the "
+                                           "buffer's vote; chance: the labels dealt to the probes at random"))
     replying = reply_checks(*replies, policy)
     checks += replying
     # What the candidate did to earlier windows, as opposed to how it learned its own windows or

@@ -7,7 +7,8 @@ has, where normal approximations do not.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -122,3 +123,17 @@ def label_dependence(probabilities: np.ndarray, truth: Sequence[int], rounds: in
     as_high = int((probabilities[rows, shuffled].sum(axis=1) >= observed - 1e-9).sum())
     chance = float(probabilities[:, truth].sum() / n)  # the permutations' exact mean: each row meets every label
     return LabelDependence(observed / n, chance / n, (1 + as_high) / (1 + rounds))
+
+
+def smallest_p_value(truth: Sequence[Hashable]) -> float:
+    """The p-value `label_dependence` gives a model that puts all the probability on every
+    record's own label: the chance that the labels, dealt at random, land as they are
+    (prod(c!) / n! for label counts c). At or above alpha, no answers could pass the test.
+
+    >>> round(smallest_p_value("aaaab"), 6)  # one record of a rare label among five: 1 in 5
+    0.2
+    >>> round(smallest_p_value("aabbcc"), 6)
+    0.011111
+    """
+    counts = Counter(truth).values()
+    return math.exp(sum(math.lgamma(c + 1) for c in counts) - math.lgamma(len(truth) + 1))

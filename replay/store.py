@@ -130,6 +130,9 @@ class RowStore:
     def flag_suspects(self, rows: Iterable[int]) -> None:
         self.db.executemany("UPDATE records SET suspect = 1 WHERE row = ?", [(row,) for row in rows])
 
+    def set_probe(self, rows: Iterable[int], probe: bool) -> None:
+        self.db.executemany("UPDATE records SET probe = ? WHERE row = ?", [(int(probe), row) for row in rows])
+
     def close_window(self, window: int) -> None:
         """Close `window` and open the next."""
         self.db.execute("UPDATE windows SET closed_at = ? WHERE id = ?", (time.time(), window))
@@ -193,9 +196,9 @@ class RowStore:
                             f"{'' if suspects else ' AND r.suspect = 0'} ORDER BY r.row",
                             (int(probe), *wanted), embeddings=embeddings)
 
-    def labelled(self, window: int) -> list[StoredRow]:
-        """The labelled rows of `window`, both sides, with their embeddings."""
-        return self._select("WHERE r.window = ? AND r.label IS NOT NULL", (window,), embeddings=True)
+    def labelled(self, window: int, *, embeddings: bool = True) -> list[StoredRow]:
+        """The labelled rows of `window`, both sides."""
+        return self._select("WHERE r.window = ? AND r.label IS NOT NULL", (window,), embeddings=embeddings)
 
     def evictable(self) -> list[StoredRow]:
         """Closed windows' training rows, with their embeddings, in arrival order."""

@@ -116,6 +116,18 @@ def test_a_window_of_one_new_intent_is_judged_against_the_earlier_windows_probes
     everywhere = {1: answered("ab" * 10, "ab" * 10, model="c" * 20), 2: answered("c" * 6, "c" * 6, among="abc")}
     report = judge(everywhere, live, [2], POLICY)
     assert not report.passed and "beyond chance" in report.reason, report.reason
+    # One probe of a rare intent beside four of a common one: no answers could be significant among
+    # them (p >= 1/5), so the new labels are judged against the earlier windows' probes.
+    rare = {1: earlier, 2: answered("ccccd", "ccccc", among="abcd")}  # learned c, not d (a measured case)
+    live = {1: earlier, 2: answered("ccccd", "aaaaa", among="abcd")}
+    report = judge(rare, live, [2], POLICY)
+    assert report.passed, report.reason
+    everywhere = {1: answered("ab" * 10, "ab" * 10, model="c" * 20), 2: answered("ccccd", "ccccc", among="abcd")}
+    assert not judge(everywhere, live, [2], POLICY).passed  # c on the earlier probes too: nothing learned
+    # A stream's first window, of one intent: no other label to set it against, nothing to judge.
+    report = judge({1: answered("c" * 6, "c" * 6)}, {1: answered("c" * 6, "x" * 6)}, [1], POLICY)
+    check = next(c for c in report.checks if c.name == "new windows learned beyond chance")
+    assert report.passed and check.p_value is None and check.detail.startswith("not judged"), report.reason
 
 
 def test_learning_is_judged_on_the_models_own_answers_not_the_buffers_echo() -> None:
