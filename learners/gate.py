@@ -33,8 +33,14 @@ from torch import nn
 from learners.config import GateSettings
 from learners.reports import TEST_NAME, Canary, Check, GateReport, ReplyScore, WindowScore
 from learners.scoring import LabelScorer, with_votes
-from learners.stats import (LabelDependence, PairedTest, label_dependence, paired_increase, paired_regression,
-                            smallest_p_value)
+from learners.stats import (
+    LabelDependence,
+    PairedTest,
+    label_dependence,
+    paired_increase,
+    paired_regression,
+    smallest_p_value,
+)
 from streams.records import TicketRecord
 
 # A version's log-likelihood of each label it was scored on, by probe id then label.
@@ -178,9 +184,7 @@ def learning_test(new: Sequence[WindowScore], earlier: Sequence[WindowScore] = (
     if smallest_p_value(truth) >= alpha:
         if not truth or not any(score.truth for score in earlier):
             return None
-        scores = [*new, *earlier]
-        given = np.array([sum(math.exp(row[score.labels.index(label)]) for label in carried if label in score.labels)
-                          for score in scores for row in score.model_scores]).clip(0, 1)
+        given = np.array([p for score in [*new, *earlier] for p in score.probabilities(carried)])
         test = label_dependence(np.column_stack([given, 1 - given]), [0] * len(truth) + [1] * (len(given) - len(truth)))
         return LabelDependence(float(given[:len(truth)].mean()), float(given.mean()), test.p_value)
     rows = [[row[score.labels.index(label)] for label in carried] for score in new for row in score.model_scores]

@@ -11,6 +11,7 @@ This module imports neither torch nor transformers: the service's registry reads
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from typing import Annotated
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, computed_field
@@ -95,6 +96,14 @@ class WindowScore(Report):
     known_correct: tuple[bool, ...] = Field(default=(), exclude=True, repr=False)
     shortlisted: int = Field(default=0, description="Probes judged among their shortlist of labels "
                                                     "(`gate.shortlist_labels`) rather than every label.")
+
+    def probabilities(self, labels: Collection[str] | None = None) -> list[float]:
+        """The model's own probability, per probe, of any of `labels` (default: the probe's own)."""
+        if labels is None:
+            return [math.exp(row[self.labels.index(label)])
+                    for row, label in zip(self.model_scores, self.truth, strict=True)]
+        columns = [i for i, label in enumerate(self.labels) if label in labels]
+        return [min(1.0, sum(math.exp(row[i]) for i in columns)) for row in self.model_scores]
 
 
 class ReplyScore(Report):

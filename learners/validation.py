@@ -7,7 +7,6 @@ held-out test of it.
 
 from __future__ import annotations
 
-import math
 import random
 from collections import defaultdict
 from collections.abc import Sequence
@@ -93,6 +92,5 @@ def validation_score(model: nn.Module, tokenizer: PreTrainedTokenizerBase, held:
     if not labelled:
         return -loss, loss
     score = evaluate(model, LabelScorer(tokenizer, labels), {0: labelled})[0]
-    given = [math.exp(row[score.labels.index(label)])
-             for row, label in zip(score.model_scores, score.truth, strict=True)]
+    given = score.probabilities()
     return sum(given) / len(given), loss

@@ -27,8 +27,16 @@ from replay.config import ReplaySettings, SamplePolicy
 from replay.curate import disagreement, near_duplicates, redact
 from replay.embed import Embedder
 from replay.index import IndexState, kind_for
-from replay.policy import (choose_victims, eviction_groups, eviction_key, is_probe, probe_draw, probe_floor,
-                           replay_rows, sample_positions)
+from replay.policy import (
+    choose_victims,
+    eviction_groups,
+    eviction_key,
+    is_probe,
+    probe_draw,
+    probe_floor,
+    replay_rows,
+    sample_positions,
+)
 from replay.rebuild import build_index, open_index
 from replay.shortlist import Advice, advise
 from replay.store import RowStore, WindowInfo, chunks

@@ -42,7 +42,8 @@ def probe_draw(ticket_id: str) -> float:
     return int.from_bytes(digest[:8], "big") % 100 + int.from_bytes(digest[8:16], "big") / 2**64
 
 
-def probe_floor(labels: Sequence[str | None], probe: Sequence[bool], draws: Sequence[float]) -> tuple[list[int], list[int]]:
+def probe_floor(labels: Sequence[str | None], probe: Sequence[bool],
+                draws: Sequence[float]) -> tuple[list[int], list[int]]:
     """Positions to move to the probe side and to the training side so that every label with
     two rows or more keeps at least one of each: a rare intent is judged by the gate, and
     learned. The row moved is the one whose draw came nearest to the other side.

@@ -4,8 +4,8 @@ from collections import Counter
 from pathlib import Path
 
 from replay.buffer import ReplayBuffer, is_probe
-from replay.policy import probe_draw
 from replay.embed import SentenceEmbedder
+from replay.policy import probe_draw
 from streams.records import TicketRecord
 
 
