@@ -42,32 +42,22 @@ def probe_draw(ticket_id: str) -> float:
     return int.from_bytes(digest[:8], "big") % 100 + int.from_bytes(digest[8:16], "big") / 2**64
 
 
-def probe_floor(labels: Sequence[str | None], probe: Sequence[bool],
-                draws: Sequence[float]) -> tuple[list[int], list[int]]:
-    """Positions to move to the probe side and to the training side so that every label with
-    two rows or more keeps at least one of each: a rare intent is judged by the gate, and
-    learned. The row moved is the one whose draw came nearest to the other side.
+def unlearnable(labels: Sequence[str | None], probe: Sequence[bool], draws: Sequence[float]) -> list[int]:
+    """Positions to move to the training side so that every label keeps a training row: a label
+    whose every ticket the hash held out would be judged and never learned. The row moved is the
+    one whose draw came nearest the line.
 
     Examples
     --------
-    >>> probe_floor(["a", "a", "a", "b", "b", None], [False, False, False, True, True, False],
-    ...             [0.5, 0.3, 0.9, 0.1, 0.15, 0.7])
-    ([1], [4])
+    >>> unlearnable(["a", "a", "b", "b", "c", None], [False, True, True, True, True, True], [5, 3, 1, 15, 2, 7])
+    [3, 4]
     """
     rows: dict[str, list[int]] = defaultdict(list)
     for position, label in enumerate(labels):
         if label is not None:
             rows[label].append(position)
-    to_probe, to_train = [], []
-    for positions in rows.values():
-        if len(positions) < 2:
-            continue
-        sides = {probe[p] for p in positions}
-        if sides == {False}:
-            to_probe.append(min(positions, key=lambda p: draws[p]))
-        elif sides == {True}:
-            to_train.append(max(positions, key=lambda p: draws[p]))
-    return sorted(to_probe), sorted(to_train)
+    return sorted(max(positions, key=lambda p: draws[p]) for positions in rows.values()
+                  if all(probe[p] for p in positions))
 
 
 def eviction_key(ticket_id: str) -> float:

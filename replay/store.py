@@ -130,8 +130,8 @@ class RowStore:
     def flag_suspects(self, rows: Iterable[int]) -> None:
         self.db.executemany("UPDATE records SET suspect = 1 WHERE row = ?", [(row,) for row in rows])
 
-    def set_probe(self, rows: Iterable[int], probe: bool) -> None:
-        self.db.executemany("UPDATE records SET probe = ? WHERE row = ?", [(int(probe), row) for row in rows])
+    def move_to_training(self, rows: Iterable[int]) -> None:
+        self.db.executemany("UPDATE records SET probe = 0 WHERE row = ?", [(row,) for row in rows])
 
     def close_window(self, window: int) -> None:
         """Close `window` and open the next."""

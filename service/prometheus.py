@@ -73,8 +73,8 @@ class ServiceCollector(Collector):
             yield unanswered
             yield from _ingest_health(s)
         curation = GaugeMetricFamily("evergreen_buffer_curation", "Curation and eviction events by kind "
-                                     "(redactions per PII kind, near-duplicates, suspects, evictions, rows moved "
-                                     "across the probe split so every label keeps both sides).",
+                                     "(redactions per PII kind, near-duplicates, suspects, evictions, probe rows "
+                                     "moved to training so that every label is learned).",
                                      labels=["kind"])
         for kind, count in sorted(s.buffer.stats.items()):
             curation.add_metric([kind], count)
