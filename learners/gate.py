@@ -169,7 +169,7 @@ def evaluate(model: nn.Module, scorer: LabelScorer, probes: Mapping[int, Sequenc
 
 
 def learning_test(new: Sequence[WindowScore], earlier: Sequence[WindowScore] = (),
-                  alpha: float = 0.05) -> LabelDependence | None:
+                  alpha: float = 0.05) -> tuple[LabelDependence, str] | None:
     """Whether the model's own scores on the new windows' probes depend on the probes' labels: the
     probability of each probe's label among the labels the probes carry (`label_dependence`).
 
@@ -177,7 +177,8 @@ def learning_test(new: Sequence[WindowScore], earlier: Sequence[WindowScore] = (
     window of one new intent; or one probe of a rare intent beside four of a common one), the new
     labels' probability on the new probes is set against theirs on the earlier windows' probes,
     the probes dealt at random between the two. With no earlier probes either (a stream's first
-    window, of one intent), or no new probe, there is nothing to judge: None.
+    window, of one intent), or no new probe, there is nothing to judge: None. Else the test and
+    what it compared, for the report.
     """
     truth = [label for score in new for label in score.truth]
     carried = sorted(set(truth))
@@ -186,12 +187,15 @@ def learning_test(new: Sequence[WindowScore], earlier: Sequence[WindowScore] = (
             return None
         given = np.array([p for score in [*new, *earlier] for p in score.probabilities(carried)])
         test = label_dependence(np.column_stack([given, 1 - given]), [0] * len(truth) + [1] * (len(given) - len(truth)))
-        return LabelDependence(float(given[:len(truth)].mean()), float(given.mean()), test.p_value)
+        return (LabelDependence(float(given[:len(truth)].mean()), float(given.mean()), test.p_value),
+                "too few probes of a second label to judge among them: the model's own probability of the new "
+                "labels on the new probes against on earlier windows' probes")
     rows = [[row[score.labels.index(label)] for label in carried] for score in new for row in score.model_scores]
     probabilities = torch.softmax(torch.tensor(rows, dtype=torch.float64).reshape(len(truth), len(carried)), dim=1)
     # A probe none of whose labels was on its shortlist: no preference (a row of -inf is NaN).
     probabilities = probabilities.nan_to_num(1 / max(len(carried), 1)).numpy()
-    return label_dependence(probabilities, [carried.index(label) for label in truth])
+    return (label_dependence(probabilities, [carried.index(label) for label in truth]),
+            "the model's own probability of each probe's label among the labels the new probes carry")
 
 
 def judge(candidate: dict[int, WindowScore], live: dict[int, WindowScore], new_windows: Sequence[int],
@@ -245,18 +249,17 @@ def judge(candidate: dict[int, WindowScore], live: dict[int, WindowScore], new_w
         checks.append(regression("new windows worse than live", [c for w in new for c in live[w].correct],
                                  [c for w in new for c in candidate[w].correct], -gain, -policy.min_gain))
         if policy.require_learning:  # by the model's own scores: the buffer's vote echoes any labels it holds
-            test = learning_test([candidate[w] for w in new], [candidate[w] for w in old], policy.alpha)
-            if test is None:  # a classifier of one label gives it every probe, learned or not
+            learning = learning_test([candidate[w] for w in new], [candidate[w] for w in old], policy.alpha)
+            if learning is None:  # a classifier of one label gives it every probe, learned or not
                 checks.append(Check(name="new windows learned beyond chance", passed=True, observed=1.0,
                                     threshold=1.0, detail="not judged: the new probes are too few, or of "
                                                           "one label, and no earlier window has probes"))
             else:
+                test, compared = learning
                 checks.append(Check(name="new windows learned beyond chance", passed=test.p_value < policy.alpha,
                                     observed=test.observed, threshold=test.chance, p_value=test.p_value,
-                                    detail="the model's own probability of each probe's label among the labels "
-                                           "the new probes carry (too few probes of a second label: of the new "
-                                           "labels, on the new probes against earlier windows'), without the "
-                                           "buffer's vote; chance: the labels dealt to the probes at random"))
+                                    detail=f"{compared}, without the buffer's vote; chance: the labels dealt to "
+                                           "the probes at random"))
     replying = reply_checks(*replies, policy)
     checks += replying
     # What the candidate did to earlier windows, as opposed to how it learned its own windows or
