@@ -250,7 +250,7 @@ def judge(candidate: dict[int, WindowScore], live: dict[int, WindowScore], new_w
                                  [c for w in new for c in candidate[w].correct], -gain, -policy.min_gain))
         if policy.require_learning:  # by the model's own scores: the buffer's vote echoes any labels it holds
             learning = learning_test([candidate[w] for w in new], [candidate[w] for w in old], policy.alpha)
-            if learning is None:  # a classifier of one label gives it every probe, learned or not
+            if learning is None:  # no answers could be significant, and nothing earlier to set them against
                 checks.append(Check(name="new windows learned beyond chance", passed=True, observed=1.0,
                                     threshold=1.0, detail="not judged: the new probes are too few, or of "
                                                           "one label, and no earlier window has probes"))
