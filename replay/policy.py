@@ -31,15 +31,20 @@ def is_probe(ticket_id: str, probe_percent: int) -> bool:
     >>> is_probe("ticket-1", 20) == is_probe("ticket-1", 20)
     True
     """
-    digest = hashlib.sha256(ticket_id.encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") % 100 < probe_percent
+    return _split_draw(ticket_id)[0] < probe_percent
 
 
 def probe_draw(ticket_id: str) -> float:
     """The id's draw in [0, 100) for the held-out split: held out when its whole part is under
     `probe_percent` (`is_probe`); the fraction orders ids of the same whole part."""
+    whole, fraction = _split_draw(ticket_id)
+    return whole + fraction
+
+
+def _split_draw(ticket_id: str) -> tuple[int, float]:
+    # Kept apart so that the side (the whole part) never depends on float rounding of the fraction.
     digest = hashlib.sha256(ticket_id.encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") % 100 + int.from_bytes(digest[8:16], "big") / 2**64
+    return int.from_bytes(digest[:8], "big") % 100, int.from_bytes(digest[8:16], "big") / 2**64
 
 
 def unlearnable(labels: Sequence[str | None], probe: Sequence[bool], draws: Sequence[float]) -> list[int]:

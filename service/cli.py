@@ -126,7 +126,7 @@ def _check_placement(settings: Settings) -> None:
 @app.command()
 def produce(
     source: Annotated[str, typer.Argument(
-        help="A JSONL file, or a data set: banking77, clinc150, hwu64, mcid, stackoverflow, trec, xtopic.")],
+        help="A JSONL file, or a data set: banking77, clinc150, hwu64, mcid, stackoverflow, trec, xtopic, ecdt.")],
     order: Annotated[str, typer.Option(help="random or class-incremental.")] = "class-incremental",
     windows: Annotated[int, typer.Option(help="Windows of new intents (JSONL: labels split into N windows).")] = 3,
     intents_per_window: Annotated[int, typer.Option(help="New intents per window.")] = 4,

@@ -46,6 +46,16 @@ def test_suite_smoke_runs_the_product_path(tmp_path: Path, tiny_llama: Path) -> 
     assert len(result["joint"]["matrix"]) == 1 and result["joint"]["updates"][0]["windows"] == [1]
     assert "poisoned_update_rejected" in result["targets_met"]
     assert "| mixed |" in (tmp_path / "suite-smoke.md").read_text()
+    # Each gate check's values, healthy against scrambled, and two runs' documents merged.
+    report = load_bench("suite_report")
+    spread, bounds = report.check_spread(written["results"])
+    for scrambled, updates in ((False, healthy), (True, poisoned)):
+        assert sorted(v for by_kind in spread.values() for v in by_kind[scrambled]) == sorted(
+            (c["observed"], c["passed"]) for u in updates for c in u["checks"])
+    assert "drop on window N" in spread and bounds["drop on window N"] == {written["gate"]["max_drop"]}
+    assert "| gate check |" in (tmp_path / "suite-smoke.md").read_text()
+    merged = report.main([str(tmp_path / "suite-smoke.json")] * 2)
+    assert "| mixed |" in merged and f"| mixed ({tmp_path / 'suite-smoke.json'}) |" in merged
 
 
 def test_suite_searches_with_hpo_trials_and_reports_each_updates_cpu(tmp_path: Path, tiny_llama: Path) -> None:

@@ -1,0 +1,129 @@
+"""The suite's tables, from a run or from the JSON documents of several (`evergreen bench suite_report`).
+
+Runs of the suite on different streams, seeds or days are merged into one table of streams and
+one of the gate's checks: each check's observed values over the healthy updates of every stream
+against those on the scrambled windows, and its bound. A bound is chosen where the healthy
+updates' values end and the poisoned ones' begin; one stream cannot show where that is.
+
+    evergreen bench suite_report bench/results/suite-quick.json other-run/suite-quick.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+# Observed values of one check over the updates it was applied to, healthy or poisoned.
+Spread = dict[str, dict[bool, list[tuple[float, bool]]]]
+
+
+def targets(result: dict[str, Any]) -> dict[str, bool]:
+    """The issue's targets on one stream's figures."""
+    default = result["default"]
+    checks = {"forgetting_le_2_points": default["forgetting"] <= 0.02,
+              "every_window_at_least_zero_shot": all(
+                  learned >= base for learned, base in zip(default["when_learned"], default["base_zero_shot"],
+                                                           strict=False)),
+              "every_healthy_update_promoted": all(u["status"] == "promoted" for u in default["updates"]
+                                                   if not u.get("poisoned"))}
+    if "joint" in result:
+        checks["final_ge_0.95_joint"] = default["final_accuracy"] >= 0.95 * result["joint"]["final_accuracy"]
+    if any(u.get("poisoned") for u in default["updates"]):
+        checks["poisoned_update_rejected"] = all(u["status"] == "rejected" for u in default["updates"]
+                                                 if u.get("poisoned"))
+    return checks
+
+
+def markdown(results: dict[str, dict[str, Any]]) -> str:
+    lines = ["| stream | zero-shot base | when learned | naive final, forgetting | default final | × joint | "
+             "forgetting | among the labels known then | model alone: final, forgetting | promoted | "
+             "scrambled window | minutes | default's update CPU minutes |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        d = r["default"]
+        healthy = [u for u in d["updates"] if not u.get("poisoned")]
+        poisoned = [u for u in d["updates"] if u.get("poisoned")]
+        joint = r.get("joint", {}).get("final_accuracy")
+        naive = r.get("naive")
+        lines.append(
+            f"| {name} | {' '.join(f'{a:.2f}' for a in d['base_zero_shot'])} | "
+            f"{' '.join(f'{a:.2f}' for a in d['when_learned'])} | "
+            + (f"{naive['final_accuracy']:.3f}, {naive['forgetting']:+.3f} | " if naive else "– | ")
+            + f"{d['final_accuracy']:.3f} | " + (f"{d['final_accuracy'] / joint:.2f}" if joint else "–")
+            + f" | {d['forgetting']:+.3f} | {d['forgetting_among_known']:+.3f}"
+            + f" | {d['model_alone']['final_accuracy']:.3f}, {d['model_alone']['forgetting']:+.3f}"
+            + f" | {sum(u['status'] == 'promoted' for u in healthy)}/{len(healthy)} | "
+            + (poisoned[0]["status"] if poisoned else "–")
+            + f" | {sum(m['seconds'] for k, m in r.items() if k in ('default', 'naive', 'joint')) / 60:.1f}"
+            + f" | {sum(u['cpu_seconds'] for u in healthy) / 60:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def check_spread(results: dict[str, dict[str, Any]]) -> tuple[Spread, dict[str, set[float]]]:
+    """Every gate check of the default's updates, by check (one row for all "drop on window N"):
+    (observed, passed) on healthy and on poisoned updates, and the check's bounds (the learning
+    check's is chance, which differs from update to update).
+
+    >>> update = {"checks": [
+    ...     {"name": "drop on window 1", "observed": 0.1, "passed": True, "threshold": 0.05},
+    ...     {"name": "drop on window 2", "observed": 0.2, "passed": False, "threshold": 0.05}]}
+    >>> spread, bounds = check_spread({"s": {"default": {"updates": [update]}}})
+    >>> spread["drop on window N"][False], bounds["drop on window N"]
+    ([(0.1, True), (0.2, False)], {0.05})
+    """
+    spread: Spread = defaultdict(lambda: {False: [], True: []})
+    bounds: dict[str, set[float]] = defaultdict(set)
+    for result in results.values():
+        for update in result["default"]["updates"]:
+            poisoned = bool(update.get("poisoned"))
+            for check in update["checks"]:
+                name = re.sub(r"window \d+", "window N", check["name"])
+                spread[name][poisoned].append((check["observed"], check["passed"]))
+                bounds[name].add(check["threshold"] + 0.0)  # -0.0 (a gain of 0) prints as 0
+    return spread, bounds
+
+
+def spread_markdown(results: dict[str, dict[str, Any]]) -> str:
+    """The check spread as a table: where each bound sits against healthy and scrambled updates."""
+    spread, bounds = check_spread(results)
+
+    def values(pairs: list[tuple[float, bool]]) -> str:
+        if not pairs:
+            return "–"
+        observed = sorted(v for v, _ in pairs)
+        failed = sum(not ok for _, ok in pairs)
+        return (f"{len(pairs)}: {observed[0]:.3f} … {observed[len(observed) // 2]:.3f} … {observed[-1]:.3f}"
+                + (f", **{failed} failed**" if failed else ", none failed"))
+
+    lines = ["| gate check | bound (fails past it, if significant) | healthy updates: n, min … median … max "
+             "| scrambled windows |",
+             "|---|---|---|---|"]
+    for name, by_kind in spread.items():
+        low, high = min(bounds[name]), max(bounds[name])
+        bound = f"{low:.3f}" if low == high else f"{low:.3f} – {high:.3f}"
+        lines.append(f"| {name} | {bound} | {values(by_kind[False])} | "
+                     f"{values(by_kind[True])} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("documents", nargs="+", type=Path, help="JSON documents written by the suite")
+    args = parser.parse_args(argv)
+    results: dict[str, dict[str, Any]] = {}
+    for path in args.documents:
+        for name, result in json.loads(path.read_text())["results"].items():
+            if "default" in result:
+                results[name if name not in results else f"{name} ({path})"] = result
+    tables = markdown(results) + "\n" + spread_markdown(results)
+    print(tables)
+    return tables
+
+
+if __name__ == "__main__":
+    main()
