@@ -168,34 +168,34 @@ def evaluate(model: nn.Module, scorer: LabelScorer, probes: Mapping[int, Sequenc
     return window_scores(score_probes(model, scorer, probes, shortlists), scorer.labels, known, votes, vote_weight)
 
 
-def learning_test(new: Sequence[WindowScore], earlier: Sequence[WindowScore] = (),
+def learning_test(new: WindowScore, earlier: Sequence[WindowScore] = (),
                   alpha: float = 0.05) -> tuple[LabelDependence, str] | None:
-    """Whether the model's own scores on the new windows' probes depend on the probes' labels: the
-    probability of each probe's label among the labels the probes carry (`label_dependence`).
+    """Whether the model's own scores on a new window's probes depend on the probes' labels: the
+    probability of each probe's label among the labels the window's probes carry (`label_dependence`).
 
     Where no answers could pass that test at `alpha` (`smallest_p_value`: probes of one label, a
     window of one new intent; or one probe of a rare intent beside four of a common one), the new
-    labels' probability on the new probes is set against theirs on the earlier windows' probes,
-    the probes dealt at random between the two. With no earlier probes either (a stream's first
-    window, of one intent), or no new probe, there is nothing to judge: None. Else the test and
+    labels' probability on the window's probes is set against theirs on the earlier windows'
+    probes, the probes dealt at random between the two. With no earlier probes either (a stream's
+    first window, of one intent), or no probe, there is nothing to judge: None. Else the test and
     what it compared, for the report.
     """
-    truth = [label for score in new for label in score.truth]
+    truth = list(new.truth)
     carried = sorted(set(truth))
     if smallest_p_value(truth) >= alpha:
         if not truth or not any(score.truth for score in earlier):
             return None
-        given = np.array([p for score in [*new, *earlier] for p in score.probabilities(carried)])
+        given = np.array([p for score in [new, *earlier] for p in score.probabilities(carried)])
         test = label_dependence(np.column_stack([given, 1 - given]), [0] * len(truth) + [1] * (len(given) - len(truth)))
         return (LabelDependence(float(given[:len(truth)].mean()), float(given.mean()), test.p_value),
                 "too few probes of a second label to judge among them: the model's own probability of the new "
-                "labels on the new probes against on earlier windows' probes")
-    rows = [[row[score.labels.index(label)] for label in carried] for score in new for row in score.model_scores]
+                "labels on the window's probes against on earlier windows' probes")
+    rows = [[row[new.labels.index(label)] for label in carried] for row in new.model_scores]
     probabilities = torch.softmax(torch.tensor(rows, dtype=torch.float64).reshape(len(truth), len(carried)), dim=1)
     # A probe none of whose labels was on its shortlist: no preference (a row of -inf is NaN).
     probabilities = probabilities.nan_to_num(1 / max(len(carried), 1)).numpy()
     return (label_dependence(probabilities, [carried.index(label) for label in truth]),
-            "the model's own probability of each probe's label among the labels the new probes carry")
+            "the model's own probability of each probe's label among the labels the window's probes carry")
 
 
 def judge(candidate: dict[int, WindowScore], live: dict[int, WindowScore], new_windows: Sequence[int],
@@ -244,22 +244,16 @@ def judge(candidate: dict[int, WindowScore], live: dict[int, WindowScore], new_w
                                  [c for w in old for c in candidate[w].correct], interference,
                                  policy.max_interference))
     on_earlier_windows = len(checks)
-    if new:  # the new windows must be learned: no significant loss against live, and beyond chance
+    if new:  # the new windows must be learned: no significant loss against live, pooled
         gain = sum(candidate[w].accuracy - live[w].accuracy for w in new) / len(new)
         checks.append(regression("new windows worse than live", [c for w in new for c in live[w].correct],
                                  [c for w in new for c in candidate[w].correct], -gain, -policy.min_gain))
-        if policy.require_learning:  # by the model's own scores: the buffer's vote echoes any labels it holds
-            learning = learning_test([candidate[w] for w in new], [candidate[w] for w in old], policy.alpha)
-            if learning is None:  # no answers could be significant, and nothing earlier to set them against
-                checks.append(Check(name="new windows learned beyond chance", passed=True, observed=1.0,
-                                    threshold=1.0, detail="not judged: the new probes are too few, or of "
-                                                          "one label, and no earlier window has probes"))
-            else:
-                test, compared = learning
-                checks.append(Check(name="new windows learned beyond chance", passed=test.p_value < policy.alpha,
-                                    observed=test.observed, threshold=test.chance, p_value=test.p_value,
-                                    detail=f"{compared}, without the buffer's vote; chance: the labels dealt to "
-                                           "the probes at random"))
+    learning_of: dict[int, int] = {}  # id of a learning check -> its window
+    if policy.require_learning:  # and beyond chance, each window as if it were learned alone: pooled,
+        # a well-learned window (one tried again after a refusal, say) carries a scrambled one past the test
+        for w in new:
+            checks.append(learning_check(w, candidate[w], [candidate[o] for o in old], policy.alpha))
+            learning_of[id(checks[-1])] = w
     replying = reply_checks(*replies, policy)
     checks += replying
     # What the candidate did to earlier windows, as opposed to how it learned its own windows or
@@ -279,11 +273,29 @@ def judge(candidate: dict[int, WindowScore], live: dict[int, WindowScore], new_w
         reason = f"{failed.name}: {failed.observed:.3f} against threshold {failed.threshold:.3f}{p}"
         if failed.detail:
             reason += f" ({failed.detail})"
-    retryable = failed is not None and all(c.passed or id(c) in harm_to_earlier for c in checks)
+    failures = [c for c in checks if not c.passed]
+    if all(id(c) in harm_to_earlier or id(c) in learning_of for c in failures):
+        at_fault = tuple(sorted({learning_of[id(c)] for c in failures if id(c) in learning_of}))
+    else:  # the canary, or the new windows worse than live: nothing tells which window is to blame
+        at_fault = tuple(new_windows)
     return GateReport(passed=failed is None, reason=reason, test=TEST_NAME, new_windows=tuple(new_windows),
-                      retryable=retryable,
+                      retryable=failed is not None and not at_fault, at_fault=at_fault,
                       candidate=candidate, live=live, base=base or {}, checks=checks, canary=canary,
                       thresholds=policy, replies_candidate=replies[0], replies_live=replies[1])
+
+
+def learning_check(window: int, new: WindowScore, earlier: Sequence[WindowScore], alpha: float) -> Check:
+    """Whether `window` was learned beyond chance, by the model's own scores: the buffer's vote
+    echoes whatever labels it holds (`learning_test`)."""
+    name = f"window {window} learned beyond chance"
+    learning = learning_test(new, earlier, alpha)
+    if learning is None:  # no answers could be significant, and nothing earlier to set them against
+        return Check(name=name, passed=True, observed=1.0, threshold=1.0,
+                     detail="not judged: its probes are too few, or of one label, and no earlier window has probes")
+    test, compared = learning
+    return Check(name=name, passed=test.p_value < alpha, observed=test.observed, threshold=test.chance,
+                 p_value=test.p_value, detail=f"{compared}, without the buffer's vote; chance: the labels dealt to "
+                                              "the probes at random")
 
 
 def significant_loss(name: str, observed: float, threshold: float, test: PairedTest, alpha: float,

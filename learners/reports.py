@@ -158,6 +158,10 @@ class GateVerdict(Report):
                                                        "forgetting, interference, replies), its own windows learned: "
                                                        "their tickets may be tried again "
                                                        "(`gate.retries_after_forgetting`).")
+    at_fault: tuple[int, ...] = Field(default=(), description="Windows the rejection blames on their own tickets: "
+                                                              "quarantined. The candidate's other new windows, "
+                                                              "learned, may be tried again as if `retryable`. "
+                                                              "Empty when retryable or passed.")
     seconds: float | None = Field(default=None, description="Time spent scoring and judging (unknown for old "
                                                             "versions).")
     live_scores_reused: int = Field(default=0, description="(Probe, label) scores of the live version read back "

@@ -136,8 +136,9 @@ class UpdateManager:
         rejected version (an override) accepts them.
 
         A window whose candidates were rejected only for harm to earlier windows, their own
-        windows learned (`GateVerdict.retryable`), is tried again, by up to
-        `gate.retries_after_forgetting` further updates."""
+        windows learned (`GateVerdict.retryable`), or for another window learned beside it (not
+        `GateVerdict.at_fault`), is tried again, by up to `gate.retries_after_forgetting` further
+        updates."""
         live = self.registry.live
         learned = set(self.registry.entry(live).windows_trained) if live is not None else set()
         tries: Counter[int] = Counter()
@@ -146,8 +147,8 @@ class UpdateManager:
             if entry.verdict == "rejected":
                 unlearned = set(entry.windows_trained) - learned
                 tries.update(unlearned)
-                if entry.gate is None or not entry.gate.retryable:
-                    blocked |= unlearned
+                if entry.gate is None or not entry.gate.retryable:  # versions before `at_fault` blamed all
+                    blocked |= unlearned & set(entry.gate.at_fault) if entry.gate and entry.gate.at_fault else unlearned
         return blocked | {w for w, n in tries.items() if n > self.gate.retries_after_forgetting}
 
     @property

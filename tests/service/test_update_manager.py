@@ -259,20 +259,20 @@ def test_ctrl_c_cancels_the_update(serve: Callable[[Settings], LiveService], tmp
 def test_a_rejected_window_is_quarantined_until_its_version_is_promoted(tiny_llama: Path, tmp_path: Path) -> None:
     service = Service(tiny_settings(tmp_path, None))
 
-    def reject(window: int, gate: GateReport | None) -> str:
+    def reject(gate: GateReport | None, *windows: int) -> str:
         source = service.registry.path("v0000")
         with service.registry.draft() as draft:
             for name in ("adapter_config.json", ADAPTER_WEIGHTS):
                 shutil.copy(source / name, draft.path / name)
             return service.registry.publish(draft, VersionMetadata(parent="v0000", verdict="rejected", gate=gate,
-                                                                   windows_trained=[window], labels=LABELS)).name
+                                                                   windows_trained=list(windows), labels=LABELS)).name
 
     try:
         for window, labels in ((1, LABELS), (2, ["pin_blocked"])):
             service.buffer.add_many([TicketRecord(id=f"w{window}-{i}", text=f"ticket {i}",
                                                   label=labels[i % len(labels)]) for i in range(20)])
             assert service.buffer.close_window() == window
-        rejected = reject(1, None)
+        rejected = reject(None, 1)
         assert service.updates.quarantined() == {1}
         snapshot = service.buffer.snapshot([], seed=0, skip=service.updates.quarantined())
         assert snapshot.new_windows == (2,) and set(snapshot.probes) == {2}
@@ -284,10 +284,19 @@ def test_a_rejected_window_is_quarantined_until_its_version_is_promoted(tiny_lla
         # Rejected only for what it did to earlier windows: tried once more, then quarantined.
         forgot = GateReport(passed=False, reason="drop on window 1", new_windows=(2,), thresholds=GateSettings(),
                             candidate={}, live={}, retryable=True)
-        reject(2, forgot)
+        reject(forgot, 2)
         assert service.updates.quarantined() == set()
-        reject(2, forgot)
+        reject(forgot, 2)
         assert service.updates.quarantined() == {2}
+
+        # Rejected for a window learned beside it: that one is quarantined, this one tried again.
+        service.live.promote(reject(None, 1, 2))  # windows 1 and 2 accepted, out of the way
+        scrambled = GateReport(passed=False, reason="window 4 learned beyond chance", new_windows=(3, 4),
+                               thresholds=GateSettings(), candidate={}, live={}, at_fault=(4,))
+        reject(scrambled, 3, 4)
+        assert service.updates.quarantined() == {4}
+        reject(scrambled.model_copy(update={"at_fault": (3, 4)}), 3)  # its second refusal: quarantined too
+        assert service.updates.quarantined() == {3, 4}
     finally:
         service.stop()
 

@@ -21,5 +21,6 @@ def five_window_rejection() -> GateReport:
 # What a listing serves of `five_window_rejection()`.
 FIVE_WINDOW_SUMMARY = {"passed": False, "reason": "drop on window 1: 0.300 against threshold 0.050", "test": "",
                        "new_windows": [5], "canary": None, "thresholds": GateSettings().model_dump(),
-                       "retryable": False, "seconds": 1.5, "live_scores_reused": 12, "live_scores_computed": 8,
+                       "retryable": False, "at_fault": [], "seconds": 1.5, "live_scores_reused": 12,
+                       "live_scores_computed": 8,
                        "live_replies_reused": 0, "checks_passed": 3, "checks_failed": 1}
