@@ -274,12 +274,15 @@ def judge(candidate: dict[int, WindowScore], live: dict[int, WindowScore], new_w
         if failed.detail:
             reason += f" ({failed.detail})"
     failures = [c for c in checks if not c.passed]
-    if all(id(c) in harm_to_earlier or id(c) in learning_of for c in failures):
-        at_fault = tuple(sorted({learning_of[id(c)] for c in failures if id(c) in learning_of}))
-    else:  # the canary, or the new windows worse than live: nothing tells which window is to blame
-        at_fault = tuple(new_windows)
+    retryable = bool(failures) and all(id(c) in harm_to_earlier for c in failures)
+    at_fault: tuple[int, ...] = ()
+    if failures and not retryable:
+        if all(id(c) in harm_to_earlier or id(c) in learning_of for c in failures):
+            at_fault = tuple(sorted({learning_of[id(c)] for c in failures if id(c) in learning_of}))
+        else:  # the canary, or the new windows worse than live: nothing tells which window is to blame
+            at_fault = tuple(new_windows)
     return GateReport(passed=failed is None, reason=reason, test=TEST_NAME, new_windows=tuple(new_windows),
-                      retryable=failed is not None and not at_fault, at_fault=at_fault,
+                      retryable=retryable, at_fault=at_fault,
                       candidate=candidate, live=live, base=base or {}, checks=checks, canary=canary,
                       thresholds=policy, replies_candidate=replies[0], replies_live=replies[1])
 
