@@ -59,7 +59,7 @@ def markdown(results: dict[str, dict[str, Any]]) -> str:
             + f" | {d['model_alone']['final_accuracy']:.3f}, {d['model_alone']['forgetting']:+.3f}"
             + f" | {sum(u['status'] == 'promoted' for u in healthy)}/{len(healthy)} | "
             + (poisoned[0]["status"] if poisoned else "–")
-            + f" | {sum(m['seconds'] for k, m in r.items() if k in ('default', 'naive', 'joint')) / 60:.1f}"
+            + f" | {sum(m['seconds'] for k, m in r.items() if k != 'targets_met') / 60:.1f}"
             + f" | {sum(u['cpu_seconds'] for u in healthy) / 60:.1f} |")
     return "\n".join(lines) + "\n"
 

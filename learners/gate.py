@@ -264,7 +264,8 @@ def judge(candidate: dict[int, WindowScore], live: dict[int, WindowScore], new_w
                             passed=canary.drift <= policy.max_canary_increase, observed=canary.drift,
                             threshold=policy.max_canary_increase))
 
-    failed = next((c for c in checks if not c.passed), None)
+    failures = [c for c in checks if not c.passed]
+    failed = failures[0] if failures else None
     if failed is None:
         reason = (f"passed all {len(checks)} checks" if checks else "nothing to compare yet") + \
                  f" (alpha {policy.alpha})"
@@ -273,7 +274,6 @@ def judge(candidate: dict[int, WindowScore], live: dict[int, WindowScore], new_w
         reason = f"{failed.name}: {failed.observed:.3f} against threshold {failed.threshold:.3f}{p}"
         if failed.detail:
             reason += f" ({failed.detail})"
-    failures = [c for c in checks if not c.passed]
     retryable = bool(failures) and all(id(c) in harm_to_earlier for c in failures)
     at_fault: tuple[int, ...] = ()
     if failures and not retryable:
