@@ -2,8 +2,9 @@
 
 Runs of the suite on different streams, seeds or days are merged into one table of streams and
 one of the gate's checks: each check's observed values over the healthy updates of every stream
-against those on the scrambled windows, and its bound. A bound is chosen where the healthy
-updates' values end and the poisoned ones' begin; one stream cannot show where that is.
+against those on the scrambled windows and on naive's updates (no replay: what forgetting looks
+like), and its bound. A bound is chosen where the healthy updates' values end and the harmful
+ones' begin; one stream cannot show where that is.
 
     evergreen bench suite_report bench/results/suite-quick.json other-run/suite-quick.json
 """
@@ -18,8 +19,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-# Observed values of one check over the updates it was applied to, healthy or poisoned.
-Spread = dict[str, dict[bool, list[tuple[float, bool]]]]
+# What a check was applied to: the default's healthy updates, its scrambled windows, naive's updates.
+KINDS = ("healthy", "scrambled", "naive")
+# Observed values of one check over the updates of each kind, and whether it passed.
+Spread = dict[str, dict[str, list[tuple[float, bool]]]]
 
 
 def targets(result: dict[str, Any]) -> dict[str, bool]:
@@ -65,31 +68,36 @@ def markdown(results: dict[str, dict[str, Any]]) -> str:
 
 
 def check_spread(results: dict[str, dict[str, Any]]) -> tuple[Spread, dict[str, set[float]]]:
-    """Every gate check of the default's updates, by check (one row for all "drop on window N"):
-    (observed, passed) on healthy and on poisoned updates, and the check's bounds (the learning
-    check's is chance, which differs from update to update).
+    """Every gate check, by check (one row for all "drop on window N"): (observed, passed) on the
+    default's healthy and scrambled updates and on naive's, and the check's bounds (the learning
+    check's is chance, which differs from update to update). Naive's candidates are promoted
+    whatever their checks say, so its bounds are not the default's and are left out.
 
     >>> update = {"checks": [
     ...     {"name": "drop on window 1", "observed": 0.1, "passed": True, "threshold": 0.05},
     ...     {"name": "drop on window 2", "observed": 0.2, "passed": False, "threshold": 0.05}]}
-    >>> spread, bounds = check_spread({"s": {"default": {"updates": [update]}}})
-    >>> spread["drop on window N"][False], bounds["drop on window N"]
-    ([(0.1, True), (0.2, False)], {0.05})
+    >>> naive = {"checks": [{"name": "drop on window 1", "observed": 0.9, "passed": True, "threshold": 1}]}
+    >>> spread, bounds = check_spread({"s": {"default": {"updates": [update]}, "naive": {"updates": [naive]}}})
+    >>> spread["drop on window N"]["healthy"], spread["drop on window N"]["naive"], bounds["drop on window N"]
+    ([(0.1, True), (0.2, False)], [(0.9, True)], {0.05})
     """
-    spread: Spread = defaultdict(lambda: {False: [], True: []})
+    spread: Spread = defaultdict(lambda: {kind: [] for kind in KINDS})
     bounds: dict[str, set[float]] = defaultdict(set)
     for result in results.values():
-        for update in result["default"]["updates"]:
-            poisoned = bool(update.get("poisoned"))
+        updates = [(u, "scrambled" if u.get("poisoned") else "healthy") for u in result["default"]["updates"]]
+        updates += [(u, "naive") for u in result.get("naive", {}).get("updates", [])]
+        for update, kind in updates:
             for check in update["checks"]:
                 name = re.sub(r"window \d+", "window N", check["name"])
-                spread[name][poisoned].append((check["observed"], check["passed"]))
-                bounds[name].add(check["threshold"] + 0.0)  # -0.0 (a gain of 0) prints as 0
+                spread[name][kind].append((check["observed"], check["passed"]))
+                if kind != "naive":
+                    bounds[name].add(check["threshold"] + 0.0)  # -0.0 (a gain of 0) prints as 0
     return spread, bounds
 
 
 def spread_markdown(results: dict[str, dict[str, Any]]) -> str:
-    """The check spread as a table: where each bound sits against healthy and scrambled updates."""
+    """The check spread as a table: where each bound sits against healthy, scrambled and naive updates
+    (naive's "failed" counts the default's bound, which naive's gate does not apply)."""
     spread, bounds = check_spread(results)
 
     def values(pairs: list[tuple[float, bool]]) -> str:
@@ -100,14 +108,21 @@ def spread_markdown(results: dict[str, dict[str, Any]]) -> str:
         return (f"{len(pairs)}: {observed[0]:.3f} … {observed[len(observed) // 2]:.3f} … {observed[-1]:.3f}"
                 + (f", **{failed} failed**" if failed else ", none failed"))
 
+    def naive_values(name: str, pairs: list[tuple[float, bool]]) -> str:
+        """Naive's gate passes everything: count the values past the default's bound instead."""
+        past = sum(observed > min(bounds[name]) for observed, _ in pairs)
+        return values([(observed, True) for observed, _ in pairs]).replace(", none failed", f", {past} past the bound")
+
     lines = ["| gate check | bound (fails past it, if significant) | healthy updates: n, min … median … max "
-             "| scrambled windows |",
-             "|---|---|---|---|"]
+             "| scrambled windows | naive's updates (no replay) |",
+             "|---|---|---|---|---|"]
     for name, by_kind in spread.items():
+        if not bounds[name]:  # a check only naive's gate applies
+            continue
         low, high = min(bounds[name]), max(bounds[name])
         bound = f"{low:.3f}" if low == high else f"{low:.3f} – {high:.3f}"
-        lines.append(f"| {name} | {bound} | {values(by_kind[False])} | "
-                     f"{values(by_kind[True])} |")
+        lines.append(f"| {name} | {bound} | {values(by_kind['healthy'])} | "
+                     f"{values(by_kind['scrambled'])} | {naive_values(name, by_kind['naive'])} |")
     return "\n".join(lines) + "\n"
 
 

@@ -46,11 +46,11 @@ def test_suite_smoke_runs_the_product_path(tmp_path: Path, tiny_llama: Path) -> 
     assert len(result["joint"]["matrix"]) == 1 and result["joint"]["updates"][0]["windows"] == [1]
     assert "poisoned_update_rejected" in result["targets_met"]
     assert "| mixed |" in (tmp_path / "suite-smoke.md").read_text()
-    # Each gate check's values, healthy against scrambled, and two runs' documents merged.
+    # Each gate check's values, healthy against scrambled and naive's, and two runs' documents merged.
     report = load_bench("suite_report")
     spread, bounds = report.check_spread(written["results"])
-    for scrambled, updates in ((False, healthy), (True, poisoned)):
-        assert sorted(v for by_kind in spread.values() for v in by_kind[scrambled]) == sorted(
+    for kind, updates in (("healthy", healthy), ("scrambled", poisoned), ("naive", result["naive"]["updates"])):
+        assert sorted(v for by_kind in spread.values() for v in by_kind[kind]) == sorted(
             (c["observed"], c["passed"]) for u in updates for c in u["checks"])
     assert "drop on window N" in spread and bounds["drop on window N"] == {written["gate"]["max_drop"]}
     assert "| gate check |" in (tmp_path / "suite-smoke.md").read_text()
