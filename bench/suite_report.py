@@ -131,10 +131,16 @@ def main(argv: Sequence[str] | None = None) -> str:
     parser.add_argument("documents", nargs="+", type=Path, help="JSON documents written by the suite")
     args = parser.parse_args(argv)
     results: dict[str, dict[str, Any]] = {}
+    others: list[tuple[str, dict[str, Any]]] = []  # runs without the default: naive or joint run apart
     for path in args.documents:
         for name, result in json.loads(path.read_text())["results"].items():
             if "default" in result:
                 results[name if name not in results else f"{name} ({path})"] = result
+            else:
+                others.append((name, result))
+    for name, result in others:  # beside the same stream's default, where that has no such method
+        if name in results and not results[name].keys() & result.keys():
+            results[name].update(result)
     tables = markdown(results) + "\n" + spread_markdown(results)
     print(tables)
     return tables

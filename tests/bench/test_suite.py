@@ -56,6 +56,13 @@ def test_suite_smoke_runs_the_product_path(tmp_path: Path, tiny_llama: Path) -> 
     assert "| gate check |" in (tmp_path / "suite-smoke.md").read_text()
     merged = report.main([str(tmp_path / "suite-smoke.json")] * 2)
     assert "| mixed |" in merged and f"| mixed ({tmp_path / 'suite-smoke.json'}) |" in merged
+    # A method run apart (naive, in another process) joins its stream's default in the tables.
+    for method, keys in (("default", {"default", "targets_met"}), ("naive", {"naive"})):
+        (tmp_path / f"{method}.json").write_text(json.dumps(
+            {"results": {"mixed": {k: v for k, v in result.items() if k in keys}}}))
+    merged = report.main([str(tmp_path / "default.json"), str(tmp_path / "naive.json")])
+    row = next(line for line in merged.splitlines() if line.startswith("| mixed |"))
+    assert f"| {result['naive']['final_accuracy']:.3f}, {result['naive']['forgetting']:+.3f} |" in row
 
 
 def test_suite_searches_with_hpo_trials_and_reports_each_updates_cpu(tmp_path: Path, tiny_llama: Path) -> None:
