@@ -143,8 +143,9 @@ class GateSettings(BaseModel):
                                      "probes lost to the new intents. Looser than `max_drop`, since joint "
                                      "training also confuses close intents; it stops a candidate that answers "
                                      "everything with the newest labels. Chosen by measurement, midway: healthy "
-                                     "updates on seven streams lost at most 0.28 (X-Topic, as joint training "
-                                     "does), a first update without replay 0.37-0.79 (docs/benchmarks.md)."
+                                     "updates on seven streams lost at most 0.28 (X-Topic, whose topics joint "
+                                     "training confuses too), a first update without replay 0.37-0.79 "
+                                     "(docs/benchmarks.md)."
     )
     min_gain: float = Field(
         0.0, ge=-1, le=1, description="Smallest accuracy gain over live on the new window(s); a shortfall counts "
