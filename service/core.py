@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -70,18 +71,18 @@ class Service:
                                     max_cached=settings.serving.cached_versions, placement=self.placement)
         self.live = LiveVersion(self.registry, self.runtime)
         self.exporter = Exporter(self.registry, lambda: self.runtime.base, self.base_path, base_gguf(settings.model))
+        # A replica neither ingests nor updates: it only follows the primary's promotions.
+        self.ingester = (Ingester(self.bootstrap, settings.kafka, self.buffer)
+                         if self.bootstrap and not self.replica else None)
         self.updates = UpdateManager(self.buffer, self.live, self.matrix, self.base_path,
                                      settings.train, settings.gate, scratch_dir=data / "scratch",
                                      retention=settings.registry, hpo=settings.hpo,
                                      study_journal=settings.hpo.journal or data / STUDY_JOURNAL,
-                                     placement=self.train_placement)
+                                     placement=self.train_placement, catch_up=self._catch_up())
         self.generator = Generator(self.runtime, settings.serving.max_prompt_tokens, settings.serving.turn_tokens,
                                    settings.serving.turn_ms)
         self.batcher = ClassifyBatcher(self.runtime, settings.serving.max_batch, settings.serving.batch_wait_ms,
                                        settings.serving.turn_tokens, settings.replay.vote_weight)
-        # A replica neither ingests nor updates: it only follows the primary's promotions.
-        self.ingester = (Ingester(self.bootstrap, settings.kafka, self.buffer)
-                         if self.bootstrap and not self.replica else None)
         self.publisher = (PromotionPublisher(self.bootstrap, settings.replicas)
                           if self.bootstrap and not self.replica else None)
         if self.publisher is not None:
@@ -95,6 +96,13 @@ class Service:
         self._ticket_producer: TicketProducer | None = None  # made on the first POST /v1/tickets
         self._producer_lock = threading.Lock()
         self.metrics_registry, self.http_metrics = make_registry(self)
+
+    def _catch_up(self) -> Callable[[], bool] | None:
+        """What an update waits for first: the ingester storing the tickets already sent."""
+        timeout = self.settings.kafka.catch_up_timeout_s
+        if self.ingester is None or not timeout:
+            return None
+        return functools.partial(self.ingester.wait_until_stored, timeout)
 
     def _first_version(self) -> str:
         if not self.replica:

@@ -24,8 +24,9 @@ from service.registry import AdapterRegistry, RegistryError, fsync_write
 LOG = logging.getLogger(__name__)
 
 UpdateStatus = Literal["running", "promoted", "rejected", "skipped", "cancelled", "failed"]
-# preparing: snapshot, starting the training process, loading the model; searching: the trials of
-# the hyperparameter search (`hpo.trials`); gating: Fisher, save, gate.
+# preparing: waiting for the ingester to store the tickets sent, snapshot, starting the training
+# process, loading the model; searching: the trials of the hyperparameter search (`hpo.trials`);
+# gating: Fisher, save, gate.
 UpdateStage = Literal["preparing", "searching", "training", "gating", "finished"]
 
 
@@ -42,6 +43,7 @@ class UpdateRecord:
     windows: list[int] = field(default_factory=list)  # the windows it learns, once snapshotted
     new_records: int = 0  # their training rows
     snapshot_seconds: float | None = None
+    ingest_caught_up: bool | None = None  # every ticket sent before it began was stored first; None: no broker
     progress: TrainingProgress | None = None  # as the training process last reported it
     gate: GateReport | None = None
     search: SearchReport | None = None  # the hyperparameter search's trials, when it searched

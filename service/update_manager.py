@@ -18,7 +18,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from learners.config import GateSettings, TrainSettings
@@ -97,8 +97,11 @@ class UpdateManager:
     def __init__(self, buffer: ReplayBuffer, live: LiveVersion, matrix: AccuracyMatrix,
                  base_path: Path, train: TrainSettings, gate: GateSettings, scratch_dir: Path,
                  retention: RegistrySettings, hpo: HpoSettings | None = None,
-                 study_journal: Path | None = None, placement: Placement = CPU) -> None:
+                 study_journal: Path | None = None, placement: Placement = CPU,
+                 catch_up: Callable[[], bool] | None = None) -> None:
         self.buffer = buffer
+        # Waits until the tickets already sent to the broker are in the buffer; whether they are.
+        self.catch_up = catch_up
         self.placement = placement  # of the training process
         # The search before training (`hpo.trials` ≥ 2) and its study's journal; without a journal
         # each update's search is a study of its own trials.
@@ -257,6 +260,10 @@ class UpdateManager:
             self._running.release()
 
     def _update(self, record: UpdateRecord) -> None:
+        if self.catch_up is not None:  # `evergreen produce` then `evergreen update` learns what was produced
+            record.ingest_caught_up = self.catch_up()
+            if not record.ingest_caught_up:
+                LOG.warning("update %d: tickets sent to the broker are not all stored yet; learning what is", record.id)
         self.buffer.close_window()
         live = self.registry.live
         if live is None:
@@ -268,6 +275,8 @@ class UpdateManager:
         record.windows, record.new_records = list(snapshot.new_windows), len(snapshot.new)
         if not any(r.label for r in snapshot.new):
             record.status, record.reason = "skipped", "no new labelled records since the live version"
+            if record.ingest_caught_up is False:
+                record.reason += " (the ingester had not stored every ticket sent yet: try again shortly)"
             return
         shortlists, votes = probe_neighbours(self.buffer, budgeted_probes(snapshot.probes, snapshot.new_windows,
                                                                           self.gate.probe_budget),

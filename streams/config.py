@@ -55,6 +55,10 @@ class KafkaSettings(BaseModel):
         "(one embedding pass)."
     )
     commit_timeout_ms: int = Field(5_000, gt=0, description="How long an offset commit may wait for the broker.")
+    catch_up_timeout_s: float = Field(
+        60.0, ge=0, description="How long an update waits for the ingester to store every ticket the topic "
+        "held when the update began (0: no wait); past it, the update learns what is stored, and its log says so."
+    )
     reconnect_backoff_max_ms: int = Field(
         2_000, gt=0, description="Longest wait between reconnection attempts to an unresponsive broker."
     )

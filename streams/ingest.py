@@ -90,6 +90,7 @@ def ensure_topics(bootstrap: str, settings: KafkaSettings) -> None:
 class _Batch:
     records: list[TicketRecord]
     offsets: Offsets
+    log_epoch: int  # which incarnation of the topic the offsets belong to
 
 
 class Ingester:
@@ -102,7 +103,10 @@ class Ingester:
         self.stats = IngestStats()
         self.dead_letters = DeadLetterWriter(settings)
         self._queue: queue.Queue[_Batch] = queue.Queue(maxsize=settings.queue_batches)
-        self._stored: queue.SimpleQueue[Offsets] = queue.SimpleQueue()  # writer → poll loop
+        self._stored: queue.SimpleQueue[tuple[int, Offsets]] = queue.SimpleQueue()  # writer → poll loop
+        # The topic's id, and how many times it changed: a topic recreated starts its offsets over.
+        self._topic_id: object | None = None
+        self._log_epoch = 0
         # First offset this instance read, per partition: where its uncommitted work begins.
         self._first_read: dict[tuple[str, int], int] = {}
         self._unanswered = False  # the last poll spun: the broker leaves the consumer unanswered
@@ -145,6 +149,43 @@ class Ingester:
                              max_request_size=self.dead_letters.producer_request_bytes(),
                              max_block_ms=s.commit_timeout_ms,
                              reconnect_backoff_max_ms=s.reconnect_backoff_max_ms)
+
+    def wait_until_stored(self, timeout_s: float) -> bool:
+        """Wait until every record the topic holds now is stored (or dead-lettered) and its offset
+        committed by the group; whether that happened within `timeout_s`.
+
+        An update started as soon as `evergreen produce` returned would otherwise snapshot the
+        buffer before the ingester had read the new tickets. The group's committed offsets are the
+        measure: they move only after a durable write, and they survive restarts (the ingester's
+        own counters start empty). A broker that cannot be reached ends the wait as not caught up.
+        """
+        deadline = time.monotonic() + timeout_s
+        s = self.settings
+        try:
+            reader = KafkaConsumer(bootstrap_servers=self.bootstrap, group_id=s.group_id,
+                                   client_id="evergreen-catch-up", enable_auto_commit=False,
+                                   request_timeout_ms=max(s.commit_timeout_ms, 1000) + 1000,
+                                   reconnect_backoff_max_ms=s.reconnect_backoff_max_ms)
+        except KafkaError as exc:
+            LOG.warning("cannot ask the broker what is left to ingest: %s", exc)
+            return False
+        try:
+            partitions = [TopicPartition(s.topic, p) for p in sorted(reader.partitions_for_topic(s.topic) or ())]
+            ends = reader.end_offsets(partitions, timeout_ms=s.commit_timeout_ms) if partitions else {}
+            while True:
+                behind = {tp: end for tp, end in ends.items()
+                          if end > (reader.committed(tp, timeout_ms=s.commit_timeout_ms) or 0)}
+                if not behind:
+                    return True
+                ends = behind  # a partition once caught up stays so: its end was fixed at the start
+                if time.monotonic() >= deadline:
+                    return False
+                time.sleep(0.2)
+        except KafkaError as exc:
+            LOG.warning("cannot ask the broker what is left to ingest: %s", exc)
+            return False
+        finally:
+            self._close(reader, None)
 
     # -- the poll side ----------------------------------------------------------------------
     def validate(self, messages: Sequence[ConsumerRecord], producer: KafkaProducer,
@@ -201,9 +242,11 @@ class Ingester:
         done: Offsets = {}
         while True:
             try:
-                done.update(self._stored.get_nowait())  # later batches carry later offsets
+                log_epoch, offsets = self._stored.get_nowait()
             except queue.Empty:
                 break
+            if log_epoch == self._log_epoch:  # an older log's offsets would skip the new log's records
+                done.update(offsets)  # later batches carry later offsets
         owned = consumer.assignment()
         done = {tp: offset for tp, offset in done.items() if tp in owned}
         if not done:
@@ -218,6 +261,30 @@ class Ingester:
         for tp, offset in done.items():
             self.stats.committed[(tp.topic, tp.partition)] = offset
         self.stats.progress_at = time.monotonic()
+
+    def _log_recreated(self, consumer: KafkaConsumer) -> bool:
+        """Whether the topic turned out to be a new one since the last poll, and if so, read it from its start.
+
+        A broker that keeps its log in memory comes back empty, and a topic deleted and created
+        again starts over too: its offsets begin at 0 again, and kafka-python keeps the old
+        positions (a rejoin preserves them for partitions it keeps), so once the new log has grown
+        past them the records below would be skipped. The sink dedups what gets read twice.
+        """
+        # kafka-python exposes a topic's id (KIP-516, metadata v10+) only on its cluster metadata.
+        topic_id = consumer._client.cluster.topic_id(self.settings.topic)
+        known = self._topic_id
+        if topic_id is not None:
+            self._topic_id = topic_id
+        if known is None or topic_id is None or topic_id == known:
+            return False
+        LOG.warning("topic %s was recreated (id %s, was %s): reading it again from its start",
+                    self.settings.topic, topic_id, known)
+        self._log_epoch += 1
+        self._first_read.clear()
+        self.stats.committed.clear()
+        if consumer.assignment():  # partitions assigned later start from the new log's commits or its start
+            consumer.seek_to_beginning()
+        return True
 
     def _update_lag(self, consumer: KafkaConsumer) -> None:
         lag: dict[tuple[str, int], int] = {}
@@ -272,6 +339,8 @@ class Ingester:
                     self.stats.paused = False
                 self._backpressure(consumer)
                 polled = self._poll(consumer, stop)
+                if self._log_recreated(consumer):
+                    continue  # what this poll fetched was read at the old log's positions
                 batch = [m for messages in polled.values() for m in messages]
                 if batch:
                     valid = self.validate(batch, producer, stop)
@@ -282,7 +351,7 @@ class Ingester:
                         tp = TopicPartition(m.topic, m.partition)
                         offsets[tp] = max(offsets.get(tp, 0), m.offset + 1)
                         self._first_read.setdefault((m.topic, m.partition), m.offset)
-                    self._enqueue(_Batch(valid, offsets), stop)
+                    self._enqueue(_Batch(valid, offsets, self._log_epoch), stop)
                     self.stats.queued_batches = self._queue.qsize()
                 self._commit_stored(consumer)
                 self._update_lag(consumer)
@@ -333,10 +402,8 @@ class Ingester:
                 records.extend(batches[-1].records)
             if not self._store(records, stop):
                 return  # shutting down mid-retry: report nothing past the unstored batch
-            merged: Offsets = {}
             for b in batches:
-                merged.update(b.offsets)
-            self._stored.put(merged)
+                self._stored.put((b.log_epoch, b.offsets))
             self.stats.stored += len(records)
             self.stats.queued_batches = self._queue.qsize()
 

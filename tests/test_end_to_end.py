@@ -48,17 +48,19 @@ def test_tickets_flow_through_gate_to_served_answers(
     client = live.client()
     assert client.get("/v1/adapters").json()["live"] == "v0000"
 
-    # Window 1, plus one malformed message, produced to the real broker; updated on demand.
+    # Window 1, plus one malformed message, produced to the real broker; updated on demand at
+    # once, as `evergreen produce` then `evergreen update` would: the update waits for the ingester.
     producer = TicketProducer(broker.bootstrap, settings.kafka.topic)
     sent = producer.send_all([*window_tickets(1, WINDOW_1, 60), b'{"id": "broken", "text": 42}'])
     assert sent == 61
-    wait_for(lambda: client.get("/v1/buffer").json()["records"] == 60, 60, "window 1 in the buffer")
     started = client.post("/v1/updates", headers=live.admin)
     assert started.status_code == 202
     update_id = started.json()["id"]
     wait_for(finished(client, update_id), 240, "the first update")
     first = client.get(f"/v1/updates/{update_id}").json()
     assert first["status"] == "promoted", first
+    assert first["ingest_caught_up"] is True and first["windows"] == [1]
+    assert client.get("/v1/buffer").json()["records"] == 60
     assert first["gate"]["passed"] and "1" in first["gate"]["candidate"]
     adapters = client.get("/v1/adapters").json()
     assert adapters["live"] == "v0001"

@@ -22,9 +22,9 @@ class UpdateFields(BaseModel):
     id: int
     trigger: str
     status: str
-    stage: UpdateStage = Field(description="preparing (loading, snapshotting), searching (the hyperparameter "
-                                           "search's trials), training, gating (the gate's evaluation after the "
-                                           "last step), or finished.")
+    stage: UpdateStage = Field(description="preparing (waiting for the tickets sent, loading, snapshotting), "
+                                           "searching (the hyperparameter search's trials), training, gating (the "
+                                           "gate's evaluation after the last step), or finished.")
     started_at: float
     finished_at: float | None
     version: str | None
@@ -34,6 +34,9 @@ class UpdateFields(BaseModel):
     snapshot_seconds: float | None = Field(description="Time taking the buffer's snapshot and the probes' "
                                                        "shortlists (training and gate times are in the gate report "
                                                        "and the version's metadata).")
+    ingest_caught_up: bool | None = Field(default=None, description="Whether every ticket on the topic when the "
+                                          "update began was stored before its snapshot (false: "
+                                          "`kafka.catch_up_timeout_s` ran out first); none without a broker.")
     progress: TrainingProgress | None = Field(description="Training as its process last reported it (gating "
                                                           "follows the last step); none before the first step.")
     search: SearchReport | None = Field(default=None, description="The hyperparameter search's trials and winner "

@@ -90,3 +90,27 @@ def test_offsets_are_committed_only_after_the_durable_write(
         wait_for(settled, 30, "the offsets committed after the write")
     assert ingester.stats.write_errors == 2
     assert all(offset <= stored for offset, stored in seen), seen  # never an offset ahead of the rows
+
+
+def test_an_update_can_wait_until_the_tickets_sent_are_stored(
+        broker: LocalBroker, tmp_path: Path, embedder: SentenceEmbedder) -> None:
+    """What an update waits for before its snapshot (`Ingester.wait_until_stored`): the group's
+    offsets at the topic's end, measured when the wait began; not merely polled tickets."""
+    settings = kafka_settings(broker.bootstrap, partitions=2)
+    ensure_topics(broker.bootstrap, settings)
+    sink = GatedSink(ReplayBuffer(tmp_path, embedder), failures=0)
+    with ingesting(settings, sink) as (ingester, _):
+        assert ingester.wait_until_stored(5.0)  # an empty topic: nothing to wait for
+        producer = TicketProducer(broker.bootstrap, settings.topic)
+        producer.send_all(json.dumps({"id": f"w-{i}", "text": f"refund {i} still pending", "label": "refund"}).encode()
+                          for i in range(TICKETS))
+        producer.close()
+        try:
+            wait_for(lambda: ingester.stats.consumed == TICKETS, 30, "every ticket polled")
+            started = time.monotonic()
+            assert not ingester.wait_until_stored(1.0)  # polled, held by the writer, not stored
+            assert 1.0 <= time.monotonic() - started < 10.0
+        finally:
+            sink.gate.set()
+        assert ingester.wait_until_stored(30.0)
+        assert len(sink.buffer) == TICKETS  # stored by the time it returned, not a moment later
