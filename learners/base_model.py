@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -26,6 +27,9 @@ from transformers import (
 from learners.placement import CPU, Placement
 
 LOG = logging.getLogger(__name__)
+# PEFT 0.21 reads transformers' deprecated `is_gradient_checkpointing` on every model it wraps: a
+# FutureWarning about their code on every update's terminal and every adapter loaded.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 SMOLLM2 = "smollm2-135m"
 TINY_LLAMA = "tiny-llama"
