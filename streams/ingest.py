@@ -164,6 +164,7 @@ class Ingester:
         try:
             reader = KafkaConsumer(bootstrap_servers=self.bootstrap, group_id=s.group_id,
                                    client_id="evergreen-catch-up", enable_auto_commit=False,
+                                   bootstrap_timeout_ms=max(int(timeout_s * 1000), 1000),
                                    request_timeout_ms=max(s.commit_timeout_ms, 1000) + 1000,
                                    reconnect_backoff_max_ms=s.reconnect_backoff_max_ms)
         except KafkaError as exc:

@@ -17,7 +17,7 @@ from replay.buffer import ReplayBuffer
 from replay.embed import SentenceEmbedder
 from streams.broker import LocalBroker
 from streams.config import KafkaSettings
-from streams.ingest import ensure_topics
+from streams.ingest import Ingester, ensure_topics
 from streams.produce import TicketProducer
 from streams.records import TicketRecord
 from tests.conftest import wait_for
@@ -114,3 +114,13 @@ def test_an_update_can_wait_until_the_tickets_sent_are_stored(
             sink.gate.set()
         assert ingester.wait_until_stored(30.0)
         assert len(sink.buffer) == TICKETS  # stored by the time it returned, not a moment later
+
+
+def test_waiting_on_a_broker_that_is_gone_ends_at_its_timeout(tmp_path: Path, embedder: SentenceEmbedder) -> None:
+    """An update then learns what is stored rather than hang (the broker's port is closed)."""
+    with LocalBroker() as gone:
+        bootstrap = gone.bootstrap
+    settings = kafka_settings(bootstrap)
+    started = time.monotonic()
+    assert not Ingester(bootstrap, settings, ReplayBuffer(tmp_path, embedder)).wait_until_stored(2.0)
+    assert time.monotonic() - started < 8.0
