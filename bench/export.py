@@ -1,8 +1,9 @@
 """Does llama.cpp answer as the server does? A trained version's GGUF exports run through llama-cpp-python.
 
 A version is trained as `bench/suite.py` trains one (the product's update path: replay buffer
-and its probe split, `UpdateManager` with its worker process and gate, the registry) on one
-window of new BANKING77 intents, or taken from a registry (`--registry DIR --version vNNNN`).
+and its probe split, `UpdateManager` with its worker process and gate, the registry) on the CL
+quick preset's stream of BANKING77 intents (the version after its last window), or taken from a
+registry (`--registry DIR --version vNNNN`).
 `Exporter.export` (what `evergreen export` runs) writes it as f16, q8_0 and q4_0 models and as
 its LoRA adapter alone (f16, q8_0), which llama.cpp applies to the base model's q8_0 file (the
 base written by the same writer). Each file is loaded in `llama_cpp.Llama` and set against the
@@ -30,7 +31,7 @@ The issue's bounds are checked (f16: same next token >= 99 %, perplexity ratio <
 and each adapter on the q8_0 base: same next token >= 94 %, accuracy within 1 point of the
 served model's). Writes `bench/results/export-<preset>.json`.
 
-    evergreen bench export --preset quick                   # SmolLM2-135M, 200 held-out tickets, 2 CPU cores
+    evergreen bench export --preset quick                   # SmolLM2-135M, 480 held-out tickets, 2 CPU cores
     evergreen bench export --root DIR                       # keeps the trained registry in DIR/registry
     evergreen bench export --registry DIR/registry --version v0001
 """
@@ -90,9 +91,9 @@ class Sizes:
 
 
 PRESETS = {
-    # One window of 5 intents with the CL quick preset's 16 tickets each; BANKING77 has 40 test
-    # tickets per intent, so 200 held-out prompts.
-    "quick": Sizes(Preset(windows=1, intents_per_window=5, per_intent=16, test_per_intent=40), 4, 32),
+    # The CL quick preset's stream (4 windows of 3 intents, 16 tickets each), its version after
+    # the last window; BANKING77 has 40 test tickets an intent, so 480 held-out prompts.
+    "quick": Sizes(Preset(windows=4, intents_per_window=3, per_intent=16, test_per_intent=40), 4, 32),
     "smoke": Sizes(Preset(windows=1, intents_per_window=2, per_intent=10, test_per_intent=12), 2, 8),  # tiny model
 }
 
