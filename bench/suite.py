@@ -195,6 +195,7 @@ class Accuracy:
 
     served: dict[int, float]
     model_alone: dict[int, float]
+    served_correct: dict[int, str]  # each test ticket, in order: "1" answered right, "0" wrong (paired tests)
 
 
 def accuracy(base_path: Path, adapter: Path | None, labels: Sequence[str],
@@ -212,7 +213,8 @@ def accuracy(base_path: Path, adapter: Path | None, labels: Sequence[str],
         matrices = score_probes(model.eval(), scorer, windows)
     served = window_scores(matrices, scorer.labels, votes=votes, vote_weight=buffer.settings.vote_weight)
     alone = window_scores(matrices, scorer.labels)
-    return Accuracy({w: s.accuracy for w, s in served.items()}, {w: s.accuracy for w, s in alone.items()})
+    return Accuracy({w: s.accuracy for w, s in served.items()}, {w: s.accuracy for w, s in alone.items()},
+                    {w: "".join("1" if c else "0" for c in s.correct) for w, s in served.items()})
 
 
 def run_method(method: str, stream: Stream, base_path: Path, embedder: SentenceEmbedder, train: TrainSettings,
@@ -259,7 +261,7 @@ def run_method(method: str, stream: Stream, base_path: Path, embedder: SentenceE
         finally:
             loop.close()
     return {"matrix": matrix, "updates": updates, "base_zero_shot": base_zero_shot,
-            "seconds": time.perf_counter() - started,
+            "seconds": time.perf_counter() - started, "final_correct": now.served_correct,
             **figures(matrix, None if known is None else [a.served[n] for n, a in enumerate(known, 1)]),
             "model_alone": {"matrix": model_matrix, **figures(
                 model_matrix, None if known is None else [a.model_alone[n] for n, a in enumerate(known, 1)])}}

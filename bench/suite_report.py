@@ -7,6 +7,11 @@ like), and its bound. A bound is chosen where the healthy updates' values end an
 ones' begin; one stream cannot show where that is.
 
     evergreen bench suite_report bench/results/suite-quick.json other-run/suite-quick.json
+
+With `--against BASELINE.json`, each stream's final served answers are set against the
+baseline's on the same test tickets (the streams are reproducible from their name and seed):
+tickets lost and gained, and exact McNemar p-values of "worse" and of "better", so "within noise"
+is a test, not a reading of two averages.
 """
 
 from __future__ import annotations
@@ -17,7 +22,10 @@ import re
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
+from statistics import fmean
 from typing import Any
+
+from learners.stats import paired_regression
 
 # What a check was applied to: the default's healthy updates, its scrambled windows, naive's updates.
 KINDS = ("healthy", "scrambled", "naive")
@@ -64,6 +72,24 @@ def markdown(results: dict[str, dict[str, Any]]) -> str:
             + (poisoned[0]["status"] if poisoned else "–")
             + f" | {sum(m['seconds'] for k, m in r.items() if k != 'targets_met') / 60:.1f}"
             + f" | {sum(u['cpu_seconds'] for u in healthy) / 60:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def paired_markdown(results: dict[str, dict[str, Any]], baseline: dict[str, dict[str, Any]]) -> str:
+    """Each stream's final served answers against the baseline's default on the same tickets."""
+    lines = ["| stream | final | baseline's | tickets lost | gained | p (worse) | p (better) |",
+             "|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        ours, theirs = r["default"].get("final_correct"), baseline.get(name, {}).get("default", {}).get("final_correct")
+        if not ours or not theirs:
+            continue
+        if ours.keys() != theirs.keys() or any(len(ours[w]) != len(theirs[w]) for w in ours):
+            raise ValueError(f"{name}: not the same test tickets as the baseline's (another preset?)")
+        after = [c == "1" for w in sorted(ours, key=int) for c in ours[w]]
+        before = [c == "1" for w in sorted(ours, key=int) for c in theirs[w]]
+        worse, better = paired_regression(before, after), paired_regression(after, before)
+        lines.append(f"| {name} | {fmean(after):.3f} | {fmean(before):.3f} | {worse.lost} | {worse.gained} | "
+                     f"{worse.p_value:.3f} | {better.p_value:.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -127,6 +153,8 @@ def spread_markdown(results: dict[str, dict[str, Any]]) -> str:
 def main(argv: Sequence[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("documents", nargs="+", type=Path, help="JSON documents written by the suite")
+    parser.add_argument("--against", type=Path, help="a suite document to set each stream's final answers "
+                                                     "against, ticket by ticket")
     args = parser.parse_args(argv)
     results: dict[str, dict[str, Any]] = {}
     others: list[tuple[str, dict[str, Any]]] = []  # runs without the default: naive or joint run apart
@@ -140,6 +168,8 @@ def main(argv: Sequence[str] | None = None) -> str:
         if name in results and not results[name].keys() & result.keys():
             results[name].update(result)
     tables = markdown(results) + "\n" + spread_markdown(results)
+    if args.against is not None:
+        tables += "\n" + paired_markdown(results, json.loads(args.against.read_text())["results"])
     print(tables)
     return tables
 

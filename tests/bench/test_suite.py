@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import load_bench
 
 
@@ -63,6 +65,19 @@ def test_suite_smoke_runs_the_product_path(tmp_path: Path, tiny_llama: Path) -> 
     merged = report.main([str(tmp_path / "default.json"), str(tmp_path / "naive.json")])
     row = next(line for line in merged.splitlines() if line.startswith("| mixed |"))
     assert f"| {result['naive']['final_accuracy']:.3f}, {result['naive']['forgetting']:+.3f} |" in row
+    # The final answers, ticket by ticket, against a baseline's on the same tickets: one flipped.
+    final = default["final_correct"]
+    assert [final[w].count("1") / len(final[w]) for w in ("1", "2")] == pytest.approx(default["matrix"][-1])
+    right = final["1"][0] == "1"
+    final["1"] = ("0" if right else "1") + final["1"][1:]
+    (tmp_path / "baseline.json").write_text(json.dumps(written))
+    paired = report.main([str(tmp_path / "suite-smoke.json"), "--against", str(tmp_path / "baseline.json")])
+    row = next(line for line in paired.splitlines() if line.startswith("| mixed |") and line.count("|") == 8)
+    assert row.endswith("| 0 | 1 | 1.000 | 0.500 |" if right else "| 1 | 0 | 0.500 | 1.000 |")
+    final["2"] = final["2"][1:]
+    (tmp_path / "baseline.json").write_text(json.dumps(written))
+    with pytest.raises(ValueError, match="not the same test tickets"):
+        report.main([str(tmp_path / "suite-smoke.json"), "--against", str(tmp_path / "baseline.json")])
 
 
 def test_suite_searches_with_hpo_trials_and_reports_each_updates_cpu(tmp_path: Path, tiny_llama: Path) -> None:
