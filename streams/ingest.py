@@ -20,6 +20,7 @@ import logging
 import queue
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -105,7 +106,7 @@ class Ingester:
         self._queue: queue.Queue[_Batch] = queue.Queue(maxsize=settings.queue_batches)
         self._stored: queue.SimpleQueue[tuple[int, Offsets]] = queue.SimpleQueue()  # writer → poll loop
         # The topic's id, and how many times it changed: a topic recreated starts its offsets over.
-        self._topic_id: object | None = None
+        self._topic_id: uuid.UUID | None = None
         self._log_epoch = 0
         # First offset this instance read, per partition: where its uncommitted work begins.
         self._first_read: dict[tuple[str, int], int] = {}
