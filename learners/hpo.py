@@ -215,8 +215,7 @@ class Search:
 
         def midway(model: nn.Module) -> None:
             nonlocal halfway
-            value, _ = validation_score(model, self.tokenizer, self.split, self.snapshot.labels, cfg,
-                                        self.hpo.replay_weight)
+            value, _ = validation_score(model, self.tokenizer, self.split.held, self.snapshot.labels, cfg)
             trial.report(value, step=key)
             halfway = value
             if self.hpo.pruning and trial.should_prune():
@@ -230,8 +229,7 @@ class Search:
         try:
             model, _, _ = train_adapter(self.split.new, self.split.replay, self.base_path, start, out, cfg,
                                         progress, self.cancel, midway, self.placement)
-            value, loss = validation_score(model, self.tokenizer, self.split, self.snapshot.labels, cfg,
-                                           self.hpo.replay_weight)
+            value, loss = validation_score(model, self.tokenizer, self.split.held, self.snapshot.labels, cfg)
         except optuna.TrialPruned:
             self.study.tell(trial, state=TrialState.PRUNED)
             return report(halfway, float("nan"), pruned=True)

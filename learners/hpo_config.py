@@ -74,17 +74,15 @@ class HpoSettings(BaseModel):
                                                       "with the rank only: on a trained adapter a new alpha "
                                                       "would rescale what it learned.")
     replay_share: ShareRange | None = Field(
-        ShareRange(low=0.1, high=0.8), description="Shares of each batch drawn from replay tried "
-                                                   "(`train.replay_ratio`; the `min_new_epochs` cap still applies).")
+        None, description="Shares of each batch drawn from replay tried (`train.replay_ratio`; the "
+                          "`min_new_epochs` cap still applies). Unset by default: a trial's score on the "
+                          "earlier windows is measured on replay rows the live version has trained on, which "
+                          "hide forgetting, and a search of it on MCID picked less replay that cost the "
+                          "earlier windows 6-11 points of their test tickets.")
     validation_share: float = Field(
         0.2, gt=0, lt=1, description="Share of the training rows, of the new window and of the replay sample "
                                      "alike, held out to score the trials (stratified by label; a label keeps at "
                                      "least one training row). The gate's probes are never among them.")
-    replay_weight: float = Field(
-        0.5, gt=0, lt=1, description="Weight of the replay's held-out rows (the earlier windows) in a trial's "
-                                     "score; the new window's rows weigh the rest. The gate judges learning the "
-                                     "new window and keeping the earlier ones apart; pooled, the new rows "
-                                     "outnumbered the replay's and a search traded the earlier windows away.")
     startup_trials: int = Field(2, ge=0, description="Trials of the study sampled at random before TPE models "
                                                      "the results (few: an update runs few trials).")
     pruning: bool = Field(True, description="Stop a trial half-way when its validation score then is below the "

@@ -222,9 +222,8 @@ class SearchReport(Report):
     """An update's hyperparameter search: its trials, and which settings trained the candidate."""
 
     metric: str = Field(description="`label_probability` (the mean probability of each validation row's label "
-                                    "among every label, as the gate scores probes, of the new window's rows and "
-                                    "of the replay's, weighed by `hpo.replay_weight`) or, with no labelled "
-                                    "validation row, `-answer_loss`.")
+                                    "among every label, as the gate scores probes) or, with no labelled validation "
+                                    "row, `-answer_loss`.")
     validation_rows: int = Field(description="Training rows held out to score the trials (new and replay).")
     trials: list[TrialReport]
     winner: dict[str, int | float] = Field(description="The winning trial's settings, which trained the candidate on "

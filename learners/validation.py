@@ -2,8 +2,7 @@
 
 It is cut from the update's training rows, the new window's and the replay sample's alike, never
 from the gate's probes: a search that picked its winner on the probes would leave the gate no
-held-out test of it. The two parts are scored apart and weighed (`hpo.replay_weight`), as the gate
-judges learning the new window and keeping the earlier ones apart.
+held-out test of it.
 """
 
 from __future__ import annotations
@@ -12,7 +11,6 @@ import random
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from statistics import fmean
 
 import torch
 from torch import nn
@@ -52,23 +50,18 @@ def hold_out(rows: Sequence[TicketRecord], share: float, seed: int) -> tuple[lis
 
 @dataclass(frozen=True)
 class ValidationSplit:
-    """An update's training rows, less the held-out ones, and those held out of each."""
+    """An update's training rows, less the held-out ones, and those held out."""
 
     new: list[TicketRecord]
     replay: list[TicketRecord]
-    new_held: list[TicketRecord]
-    replay_held: list[TicketRecord]
-
-    @property
-    def held(self) -> list[TicketRecord]:
-        return self.new_held + self.replay_held
+    held: list[TicketRecord]
 
     @classmethod
     def of(cls, new: Sequence[TicketRecord], replay: Sequence[TicketRecord], share: float,
            seed: int) -> ValidationSplit:
         new_train, new_held = hold_out(new, share, seed)
         replay_train, replay_held = hold_out(replay, share, seed)
-        return cls(new_train, replay_train, new_held, replay_held)
+        return cls(new_train, replay_train, new_held + replay_held)
 
 
 def answer_loss_on(model: nn.Module, tokenizer: PreTrainedTokenizerBase, rows: Sequence[TicketRecord],
@@ -83,25 +76,21 @@ def answer_loss_on(model: nn.Module, tokenizer: PreTrainedTokenizerBase, rows: S
     return total / len(examples)
 
 
-def validation_score(model: nn.Module, tokenizer: PreTrainedTokenizerBase, split: ValidationSplit,
-                     labels: Sequence[str], cfg: TrainSettings, replay_weight: float) -> tuple[float, float]:
-    """(score, answer loss) of a model on a split's held-out rows; the higher the score, the better.
+def validation_score(model: nn.Module, tokenizer: PreTrainedTokenizerBase, held: Sequence[TicketRecord],
+                     labels: Sequence[str], cfg: TrainSettings) -> tuple[float, float]:
+    """(score, answer loss) of a model on held-out rows; the higher the score, the better.
 
-    Where held-out rows carry labels, each part's score (the new window's rows, the replay's) is
-    the mean probability the model gives each row's label among every label, by the gate's own
-    label scoring (`learners.gate.evaluate`): the accuracy a model answering at random by its own
-    probabilities would get. Accuracy itself moves in steps of one row, and on the dozen or so rows
-    a small window holds out, trials tie (three of four at 8 of 15 on an MCID window), leaving the
-    sampler nothing to learn from. The replay's part weighs `replay_weight`, the new window's the
-    rest (a part with no labelled row is left out). Pooled, the new window's rows outnumbered the
-    replay's, and a search on MCID bought 1.4 points on them with 6-11 on the earlier windows.
-    A window of replies alone has no labels, and is scored by minus its answer loss.
+    Where held-out rows carry labels the score is the mean probability the model gives each row's
+    label among every label, by the gate's own label scoring (`learners.gate.evaluate`): the
+    accuracy a model answering at random by its own probabilities would get. Accuracy itself
+    moves in steps of one row, and on the dozen or so rows a small window holds out, trials tie
+    (three of four at 8 of 15 on an MCID window), leaving the sampler nothing to learn from. A
+    window of replies alone has no labels, and is scored by minus its answer loss.
     """
-    loss = answer_loss_on(model, tokenizer, split.held, cfg)
-    parts = [(rows, weight) for rows, weight in (([r for r in split.new_held if r.label], 1 - replay_weight),
-                                                 ([r for r in split.replay_held if r.label], replay_weight)) if rows]
-    if not parts:
+    loss = answer_loss_on(model, tokenizer, held, cfg)
+    labelled = [r for r in held if r.label]
+    if not labelled:
         return -loss, loss
-    scores = evaluate(model, LabelScorer(tokenizer, labels), dict(enumerate(rows for rows, _ in parts)))
-    means = [fmean(scores[i].probabilities()) for i in range(len(parts))]
-    return sum(m * w for m, (_, w) in zip(means, parts, strict=True)) / sum(w for _, w in parts), loss
+    score = evaluate(model, LabelScorer(tokenizer, labels), {0: labelled})[0]
+    given = score.probabilities()
+    return sum(given) / len(given), loss

@@ -1,6 +1,5 @@
 """A search prunes a trial whose half-way score is below the median of its own search's trials,
-and never compares one window's validation scores with another's; a score weighs the new window's
-rows and the earlier windows' as set; a window of replies alone is
+and never compares one window's validation scores with another's; a window of replies alone is
 scored by its answer loss.
 
 Real training of the tiny llama; only the validation scores are scripted, so which trial is
@@ -13,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import PreTrainedTokenizerBase
 
 from learners import hpo
 from learners.base_model import load_base
@@ -22,7 +20,7 @@ from learners.hpo import Search
 from learners.hpo_config import HpoSettings, PositiveRange
 from learners.scoring import LabelScorer
 from learners.update_step import initial_adapter
-from learners.validation import ValidationSplit, validation_score
+from learners.validation import validation_score
 from replay.buffer import Snapshot
 from streams.records import TicketRecord
 from tests.conftest import TINY_TRAIN
@@ -68,26 +66,11 @@ def test_a_hopeless_trial_is_pruned_half_way_against_its_own_search_only(
 def test_a_window_of_replies_alone_is_scored_by_its_answer_loss(tiny_llama: Path) -> None:
     model, tokenizer = load_base(tiny_llama)
     replies = [TicketRecord(id=f"r{i}", text=f"where is my card {i}", reply="It ships today.") for i in range(3)]
-    score, loss = validation_score(model, tokenizer, ValidationSplit([], [], replies, []), LABELS, TINY_TRAIN, 0.5)
+    score, loss = validation_score(model, tokenizer, replies, LABELS, TINY_TRAIN)
     assert loss > 0 and score == -loss  # higher is better, as with accuracy
-
-
-def given(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, rows: list[TicketRecord]) -> float:
-    """The mean probability of each row's label among all labels, as the gate scores it."""
-    scores = score_probes(model, LabelScorer(tokenizer, LABELS), {0: rows})[0].scores
-    return float(torch.softmax(scores, dim=1)[torch.arange(len(rows)), [LABELS.index(r.label) for r in rows]].mean())
-
-
-def test_the_new_window_and_the_earlier_ones_weigh_as_set_however_many_rows_each_holds_out(tiny_llama: Path) -> None:
-    model, tokenizer = load_base(tiny_llama)
-    new = [TicketRecord(id=f"n{i}", text=f"where is my card {i}", label=LABELS[0]) for i in range(6)]
-    old = [TicketRecord(id="o", text="what rate do you give for euros", label=LABELS[1])]
-    on_new, on_old = given(model, tokenizer, new), given(model, tokenizer, old)
-    assert 0 < on_new < 1 and 0 < on_old < 1 and abs(on_new - on_old) > 0.01  # not accuracy's steps
-
-    for weight in (0.5, 0.2):
-        score, loss = validation_score(model, tokenizer, ValidationSplit([], [], new, old), LABELS, TINY_TRAIN, weight)
-        # One earlier row weighs as much as six new ones at 0.5; pooled, it would weigh a seventh.
-        assert score == pytest.approx((1 - weight) * on_new + weight * on_old, rel=1e-5) and loss > 0
-    alone, _ = validation_score(model, tokenizer, ValidationSplit([], [], new, []), LABELS, TINY_TRAIN, 0.5)
-    assert alone == pytest.approx(on_new, rel=1e-5)  # no replay rows held out: the new window's score
+    labelled = [r.model_copy(update={"label": LABELS[0]}) for r in replies]
+    score, with_labels = validation_score(model, tokenizer, labelled, LABELS, TINY_TRAIN)
+    # The mean probability of each row's label among all labels, as the gate scores it: not accuracy's steps.
+    scores = score_probes(model, LabelScorer(tokenizer, LABELS), {0: labelled})[0].scores
+    given = torch.softmax(scores, dim=1)[:, LABELS.index(LABELS[0])]
+    assert score == pytest.approx(float(given.mean()), rel=1e-5) and 0 < score < 1 and with_labels > 0

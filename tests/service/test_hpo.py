@@ -22,7 +22,7 @@ from rich.progress import Progress, TextColumn
 
 from learners.config import PROMOTE_ALL
 from learners.hpo import STUDY_NAME
-from learners.hpo_config import HpoSettings, PositiveRange
+from learners.hpo_config import HpoSettings, PositiveRange, ShareRange
 from learners.update_step import TRAIN_CONFIG_FILE
 from learners.validation import ValidationSplit
 from service.cli import _show
@@ -35,7 +35,8 @@ from tests.conftest import TINY_TRAIN, gauge, tiny_settings, wait_for
 from tests.service.test_update_manager import LABELS, add_window, run_update
 
 # Short trials: the tiny llama, a few steps each.
-HPO = HpoSettings(trials=3, epochs=PositiveRange(low=1.0, high=2.0), rank=[4, 8])
+HPO = HpoSettings(trials=3, epochs=PositiveRange(low=1.0, high=2.0), rank=[4, 8],
+                  replay_share=ShareRange(low=0.1, high=0.8))
 TRAIN = TINY_TRAIN.model_copy(update={"threads": 1})
 
 
