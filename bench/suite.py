@@ -104,7 +104,7 @@ class Stream:
     test: list[list[TicketRecord]]  # held out: the data set's test split
 
 
-def _by_label(source: str, split: str, prefix: str) -> dict[str, list[TicketRecord]]:
+def tickets_by_label(source: str, split: str, prefix: str) -> dict[str, list[TicketRecord]]:
     pool: dict[str, list[TicketRecord]] = defaultdict(list)
     for r in load_tickets(source, split):  # type: ignore[arg-type]
         pool[f"{prefix}{r.label}"].append(r.model_copy(update={"label": f"{prefix}{r.label}", "id": f"{prefix}{r.id}"}))
@@ -118,7 +118,8 @@ def make_stream(name: str, preset: Preset, seed: int) -> Stream:
     train_pool, test_pool, order = {}, {}, {}
     for source in sources:
         prefix = f"{DATASETS[source]}:" if name == "mixed" else ""
-        train_pool[source], test_pool[source] = _by_label(source, "train", prefix), _by_label(source, "test", prefix)
+        train_pool[source] = tickets_by_label(source, "train", prefix)
+        test_pool[source] = tickets_by_label(source, "test", prefix)
         order[source] = sorted(label for label, rows in test_pool[source].items()
                                if len(rows) >= MIN_TEST_TICKETS and label in train_pool[source])
         rng.shuffle(order[source])
@@ -140,7 +141,7 @@ def make_stream(name: str, preset: Preset, seed: int) -> Stream:
 def unstreamed(stream: Stream) -> dict[str, list[TicketRecord]]:
     """The data set's training tickets the stream never carried, by intent (a one-data-set stream)."""
     streamed = {r.id for window in stream.train for r in window}
-    pool = _by_label(stream.name, "train", "")
+    pool = tickets_by_label(stream.name, "train", "")
     return {label: [r for r in rows if r.id not in streamed] for label, rows in pool.items()}
 
 
@@ -148,7 +149,7 @@ def poison_window(stream: Stream, preset: Preset, seed: int) -> list[TicketRecor
     """A window of intents the stream never had, labels scrambled."""
     source = stream.name if stream.name != "mixed" else "banking77"
     prefix = f"{DATASETS[source]}:" if stream.name == "mixed" else ""
-    pool = _by_label(source, "train", prefix)
+    pool = tickets_by_label(source, "train", prefix)
     seen = {label for w in stream.labels for label in w}
     intents = random.Random(seed).sample(sorted(set(pool) - seen), preset.intents_per_window)
     rows = [r.model_copy(update={"id": f"poison-{r.id}"}) for i in intents for r in pool[i][:preset.per_intent]]

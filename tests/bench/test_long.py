@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import load_bench
 
 
@@ -21,6 +23,17 @@ def test_recurring_windows_bring_earlier_intents_in_new_tickets() -> None:
     assert len(ids) == len(set(ids)) and not set(ids) & streamed
     assert all(len({r.label for r in window}) == preset.recur_intents and {r.label for r in window} <= seen
                for window in recur)
+
+
+def test_the_wide_tests_are_the_next_test_tickets_of_each_windows_intents() -> None:
+    bench = load_bench("long")
+    preset = bench.PRESETS["quick"]
+    stream = bench.make_stream("banking77", preset.stream, seed=0)
+    wide = bench.wide_tests(stream, preset)
+    own = {r.id for window in stream.test for r in window}
+    assert sorted(wide) == list(range(1, 20)) and not own & {r.id for w in wide.values() for r in w}
+    for w, intents in enumerate(stream.labels, 1):
+        assert sorted(r.label for r in wide[w]) == sorted(intents * preset.wide_per_intent)
 
 
 def test_a_refused_window_counts_as_learned_from_the_update_that_retries_it() -> None:
@@ -50,4 +63,11 @@ def test_long_smoke_splits_each_update_and_gives_joint_the_same_steps(tmp_path: 
     total = sum(u["steps"] for u in updates)
     assert abs(result["joint"]["steps"] - total) <= 1, (result["joint"]["steps"], total)
     assert set(result["targets_met"]) >= {"last_update_le_1.5x_window_2", "final_ge_0.9_joint"}
+    # Forgetting on more test tickets, none of them the stream's own, scored when learned and at the end.
+    wide = result["wide"]
+    assert wide["tickets_per_intent"] == 2 and wide["learned"].keys() == wide["final"].keys()
+    learned_by_promotion = {str(w) for u in updates if u["status"] == "promoted" for w in u["windows"] if w <= 3}
+    assert set(wide["learned"]) == learned_by_promotion
+    assert wide["forgetting"] == pytest.approx(sum(wide["learned"][w] - wide["final"][w] for w in wide["final"])
+                                               / len(wide["final"]))
     assert (tmp_path / "long.png").stat().st_size > 10_000
