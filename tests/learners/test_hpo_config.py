@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import optuna
 import pytest
 from pydantic import ValidationError
 
-from learners.hpo import trial_settings, within
-from learners.hpo_config import HpoSettings
+from learners.hpo import suggest, trial_settings, within
+from learners.hpo_config import HpoSettings, ShareRange
 from learners.validation import ValidationSplit
 from service.settings import CONFIG_FILE_ENV, Settings
 from streams.records import TicketRecord
@@ -51,6 +52,18 @@ def test_no_search_by_default_and_a_trial_keeps_its_settings_valid() -> None:
     old = {"learning_rate": 1.0, "epochs": 2.0, "rank": 32, "alpha_ratio": 2.0}
     assert within(old, HpoSettings(), shape_searched=False) == {"epochs": 2.0}
     assert within(old, HpoSettings(), shape_searched=True) == {"epochs": 2.0, "rank": 32, "alpha_ratio": 2.0}
+
+
+def test_the_replay_share_is_searched_only_when_asked() -> None:
+    # The earlier windows' held-out rows are rows the live version trained on: a weak test of
+    # forgetting, so by default a search leaves the replay share to `train.replay_ratio`.
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    assert suggest(study.ask(), HpoSettings(), shape_searched=False, replaying=True).keys() == {
+        "learning_rate", "epochs"}
+    asked = HpoSettings(replay_share=ShareRange(low=0.2, high=0.6))
+    share = suggest(study.ask(), asked, shape_searched=False, replaying=True)["replay_share"]
+    assert 0.2 <= share <= 0.6
+    assert "replay_share" not in suggest(study.ask(), asked, shape_searched=False, replaying=False)
 
 
 def test_the_validation_split_is_stratified_over_new_and_replay_rows() -> None:
