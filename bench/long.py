@@ -17,7 +17,7 @@ A few test tickets an intent keep that per-update scoring affordable, and make t
 figure coarse: at 3 an intent, one ticket moves a window by 8 points, and the mean drop over 19
 windows is uncertain by a few points. So forgetting is also measured on `wide_per_intent`
 more test tickets an intent, scored only twice: when a promoted update first learns the window,
-and with the last live version (`forgetting_wide`, the figure the target is held to).
+and with the last live version (`wide` in the JSON, the figure the target is held to).
 
 Then `joint`: one update over every ticket of the stream at once, given the same total number
 of optimiser steps as the whole stream took (the baseline the final accuracy is held to).
