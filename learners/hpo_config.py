@@ -76,8 +76,8 @@ class HpoSettings(BaseModel):
     replay_share: ShareRange | None = Field(
         None, description="Shares of each batch drawn from replay tried (`train.replay_ratio`; the "
                           "`min_new_epochs` cap still applies). Unset by default: a trial's score on the "
-                          "earlier windows is measured on replay rows the live version has trained on, which "
-                          "hide forgetting, and a search of it on MCID picked less replay that cost the "
+                          "earlier windows is measured on replay rows the live version has trained on, a weak "
+                          "test of forgetting, and a search of it on MCID picked less replay that cost the "
                           "earlier windows 6-11 points of their test tickets.")
     validation_share: float = Field(
         0.2, gt=0, lt=1, description="Share of the training rows, of the new window and of the replay sample "
