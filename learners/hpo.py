@@ -10,7 +10,9 @@ made exactly as an update with those settings would make it.
 
 One study serves the service's whole life: a journal file (append-only, so a process killed
 mid-search leaves it readable), a TPE sampler that starts modelling after a few trials, and the
-last winner tried first in the next search.
+last winner tried first in the next search. That opening trial stays the winner unless a
+challenger beats it beyond noise, row by row on the validation split (`hpo.replace_p`): the best
+of several trials on a few dozen rows is partly the luck of those rows.
 
 A LoRA adapter's rank is its shape, and its alpha scales what it learned, so a warm start keeps
 both: they are searched only while the live version is the untrained first one, whose trials
@@ -42,9 +44,10 @@ from learners.config import TrainSettings
 from learners.hpo_config import HpoSettings
 from learners.placement import CPU, Placement
 from learners.reports import Progress, SearchReport, TrialReport
+from learners.stats import paired_increase
 from learners.train import Diverged
 from learners.update_step import initial_adapter, train_adapter
-from learners.validation import ValidationSplit, validation_score
+from learners.validation import ValidationScores, ValidationSplit, validation_scores
 from replay.buffer import Snapshot
 
 LOG = logging.getLogger(__name__)
@@ -142,6 +145,7 @@ class Search:
         # A seed per update: the same seed in every update would draw the same random trials.
         self.study = open_study(journal, hpo, cfg.seed + max(snapshot.new_windows, default=0))
         self.tokenizer: PreTrainedTokenizerBase = load_tokenizer(base_path)
+        self.row_scores: dict[int, ValidationScores] = {}  # each finished trial's, by trial number
 
     def run(self) -> Winner | None:
         """The winning settings; None when the split leaves nothing to score or to train on."""
@@ -166,14 +170,29 @@ class Search:
         if not finished:
             LOG.warning("no trial of the search finished with a finite score: training with the settings as they are")
             return None
-        best = max(finished, key=lambda t: (t.value, -t.loss))
+        best, p_value = self._winner(finished)
         self.study.set_user_attr(WINNER, best.params)
         reports = [t.model_copy(update={"winner": t is best}) for t in reports]
         start_dir = self._fresh_adapter(best.params, "winner") if reshaped(best.params) else None
         return Winner(trial_settings(self.cfg, best.params), start_dir, SearchReport(
             metric="label_probability" if any(r.label for r in self.split.held) else "-answer_loss",
-            validation_rows=len(self.split.held), trials=reports, winner=best.params,
+            validation_rows=len(self.split.held), trials=reports, winner=best.params, opening_p_value=p_value,
             seconds=time.perf_counter() - started))
+
+    def _winner(self, finished: list[TrialReport]) -> tuple[TrialReport, float | None]:
+        """The best-scoring trial, unless the opening one finished and the best beats it by less than
+        `hpo.replace_p` allows (row by row, corrected for the challengers tried); the p-value."""
+        best = max(finished, key=lambda t: (t.value, -t.loss))
+        opening = next((t for t in finished if t.enqueued), None)
+        if opening is None or best is opening:
+            return best, None
+        test = paired_increase(self.row_scores[opening.number].rows, self.row_scores[best.number].rows)
+        p_value = min(1.0, test.p_value * (len(finished) - 1))
+        if p_value <= self.hpo.replace_p:
+            return best, p_value
+        LOG.info("trial %d scored best (%.3f against %.3f) but not beyond noise (p = %.3f): the opening "
+                 "trial %d wins", best.number, best.value, opening.value, p_value, opening.number)
+        return opening, p_value
 
     def _enqueue_opening(self) -> None:
         """The previous update's winner is tried first, and before there is one the settings as
@@ -215,7 +234,7 @@ class Search:
 
         def midway(model: nn.Module) -> None:
             nonlocal halfway
-            value, _ = validation_score(model, self.tokenizer, self.split.held, self.snapshot.labels, cfg)
+            value = validation_scores(model, self.tokenizer, self.split.held, self.snapshot.labels, cfg).value
             trial.report(value, step=key)
             halfway = value
             if self.hpo.pruning and trial.should_prune():
@@ -229,7 +248,7 @@ class Search:
         try:
             model, _, _ = train_adapter(self.split.new, self.split.replay, self.base_path, start, out, cfg,
                                         progress, self.cancel, midway, self.placement)
-            value, loss = validation_score(model, self.tokenizer, self.split.held, self.snapshot.labels, cfg)
+            scores = validation_scores(model, self.tokenizer, self.split.held, self.snapshot.labels, cfg)
         except optuna.TrialPruned:
             self.study.tell(trial, state=TrialState.PRUNED)
             return report(halfway, float("nan"), pruned=True)
@@ -243,5 +262,6 @@ class Search:
             shutil.rmtree(out, ignore_errors=True)
             if start != self.live_dir:
                 shutil.rmtree(start, ignore_errors=True)
-        self.study.tell(trial, value)
-        return report(value, loss, pruned=False)
+        self.row_scores[trial.number] = scores
+        self.study.tell(trial, scores.value)
+        return report(scores.value, scores.loss, pruned=False)

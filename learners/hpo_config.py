@@ -83,6 +83,13 @@ class HpoSettings(BaseModel):
         0.2, gt=0, lt=1, description="Share of the training rows, of the new window and of the replay sample "
                                      "alike, held out to score the trials (stratified by label; a label keeps at "
                                      "least one training row). The gate's probes are never among them.")
+    replace_p: float = Field(
+        0.05, gt=0, le=1, description="A challenger replaces the opening trial (the last winner, or the settings "
+                                      "as configured) only when it beats it row by row on the validation split at "
+                                      "this p-value (a one-sided paired permutation test, times the number of "
+                                      "challengers that finished); 1: the best score wins. The best of several "
+                                      "trials on a few dozen rows is partly luck, and on MCID taking it cost 7-12 "
+                                      "test tickets against the default.")
     startup_trials: int = Field(2, ge=0, description="Trials of the study sampled at random before TPE models "
                                                      "the results (few: an update runs few trials).")
     pruning: bool = Field(True, description="Stop a trial half-way when its validation score then is below the "

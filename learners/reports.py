@@ -228,6 +228,11 @@ class SearchReport(Report):
     trials: list[TrialReport]
     winner: dict[str, int | float] = Field(description="The winning trial's settings, which trained the candidate on "
                                                  "every training row.")
+    opening_p_value: float | None = Field(
+        default=None, description="The best challenger against the opening trial, row by row on the validation "
+                                  "split: the paired test's p-value times the challengers that finished (none "
+                                  "when the opening scored best or did not finish). Above `hpo.replace_p` the "
+                                  "opening stays the winner.")
     seconds: float = Field(description="Time the search took, before the candidate's own training.")
 
 

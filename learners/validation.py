@@ -64,33 +64,44 @@ class ValidationSplit:
         return cls(new_train, replay_train, new_held + replay_held)
 
 
-def answer_loss_on(model: nn.Module, tokenizer: PreTrainedTokenizerBase, rows: Sequence[TicketRecord],
-                   cfg: TrainSettings) -> float:
-    """Mean answer loss (nats/token, as training takes it) of every example the rows carry."""
-    examples = ticket_examples(tokenizer, rows, cfg.max_length, cfg.system_prompt)
-    total = 0.0
+def answer_losses(model: nn.Module, tokenizer: PreTrainedTokenizerBase, rows: Sequence[TicketRecord],
+                  cfg: TrainSettings) -> list[float]:
+    """Each row's answer loss (nats/token, as training takes it, over every example it carries)."""
+    losses = []
     with torch.no_grad():
-        for start in range(0, len(examples), cfg.batch_size):
-            batch = examples[start:start + cfg.batch_size]
-            total += float(answer_loss(model, collate(batch, tokenizer.pad_token_id))) * len(batch)
-    return total / len(examples)
+        for row in rows:
+            examples = ticket_examples(tokenizer, [row], cfg.max_length, cfg.system_prompt)
+            losses.append(float(answer_loss(model, collate(examples, tokenizer.pad_token_id))))
+    return losses
 
 
-def validation_score(model: nn.Module, tokenizer: PreTrainedTokenizerBase, held: Sequence[TicketRecord],
-                     labels: Sequence[str], cfg: TrainSettings) -> tuple[float, float]:
-    """(score, answer loss) of a model on held-out rows; the higher the score, the better.
+@dataclass(frozen=True)
+class ValidationScores:
+    """A model's score on each held-out row (higher is better) and its mean answer loss on them."""
 
-    Where held-out rows carry labels the score is the mean probability the model gives each row's
-    label among every label, by the gate's own label scoring (`learners.gate.evaluate`): the
-    accuracy a model answering at random by its own probabilities would get. Accuracy itself
+    rows: list[float]
+    loss: float
+
+    @property
+    def value(self) -> float:
+        return sum(self.rows) / len(self.rows)
+
+
+def validation_scores(model: nn.Module, tokenizer: PreTrainedTokenizerBase, held: Sequence[TicketRecord],
+                      labels: Sequence[str], cfg: TrainSettings) -> ValidationScores:
+    """A model's scores on held-out rows, row by row, so that two trials can be compared row by row.
+
+    Where held-out rows carry labels a row's score is the probability the model gives its label
+    among every label, by the gate's own label scoring (`learners.gate.evaluate`); their mean is
+    the accuracy a model answering at random by its own probabilities would get. Accuracy itself
     moves in steps of one row, and on the dozen or so rows a small window holds out, trials tie
     (three of four at 8 of 15 on an MCID window), leaving the sampler nothing to learn from. A
-    window of replies alone has no labels, and is scored by minus its answer loss.
+    window of replies alone has no labels, and each row is scored by minus its answer loss.
     """
-    loss = answer_loss_on(model, tokenizer, held, cfg)
+    losses = answer_losses(model, tokenizer, held, cfg)
+    loss = sum(losses) / len(losses)
     labelled = [r for r in held if r.label]
     if not labelled:
-        return -loss, loss
+        return ValidationScores([-x for x in losses], loss)
     score = evaluate(model, LabelScorer(tokenizer, labels), {0: labelled})[0]
-    given = score.probabilities()
-    return sum(given) / len(given), loss
+    return ValidationScores(list(score.probabilities()), loss)
