@@ -66,12 +66,13 @@ class ValidationSplit:
 
 def answer_losses(model: nn.Module, tokenizer: PreTrainedTokenizerBase, rows: Sequence[TicketRecord],
                   cfg: TrainSettings) -> list[float]:
-    """Each row's answer loss (nats/token, as training takes it, over every example it carries)."""
+    """Each row's answer loss (nats/token, as training takes it, over every example it carries);
+    a row that carries none (no label, no reply) has none."""
     losses = []
     with torch.no_grad():
         for row in rows:
-            examples = ticket_examples(tokenizer, [row], cfg.max_length, cfg.system_prompt)
-            losses.append(float(answer_loss(model, collate(examples, tokenizer.pad_token_id))))
+            if examples := ticket_examples(tokenizer, [row], cfg.max_length, cfg.system_prompt):
+                losses.append(float(answer_loss(model, collate(examples, tokenizer.pad_token_id))))
     return losses
 
 
@@ -99,7 +100,7 @@ def validation_scores(model: nn.Module, tokenizer: PreTrainedTokenizerBase, held
     window of replies alone has no labels, and each row is scored by minus its answer loss.
     """
     losses = answer_losses(model, tokenizer, held, cfg)
-    loss = sum(losses) / len(losses)
+    loss = sum(losses) / len(losses) if losses else float("nan")
     labelled = [r for r in held if r.label]
     if not labelled:
         return ValidationScores([-x for x in losses], loss)
