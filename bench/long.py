@@ -52,7 +52,7 @@ from service.update_log import UpdateRecord
 from streams.records import TicketRecord
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is a folder of scripts, not a package
-from suite import Loop, Preset, Stream, accuracy, make_stream, tickets_by_label, unstreamed  # noqa: E402
+from suite import Accuracy, Loop, Preset, Stream, accuracy, make_stream, tickets_by_label, unstreamed  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -132,7 +132,8 @@ def run_stream(stream: Stream, recur: list[list[TicketRecord]], wide: dict[int, 
     """The class windows, then the recurring ones; a row of figures per update, appended to
     `rows` as each update ends (`log` is called after it). Returns forgetting on the `wide` tests."""
     learned: dict[int, float] = {}  # each class window's accuracy when a promoted update learned it
-    learned_wide: dict[int, float] = {}  # the same on its wide tests
+    learned_wide: dict[int, Accuracy] = {}  # the same on its wide tests, each window alone
+    known_then: dict[int, list[str]] = {}  # the labels known when it was learned
     tests = {w + 1: stream.test[w] for w in range(len(stream.train))}
     with tempfile.TemporaryDirectory(prefix="bench-long-") as scratch:
         loop = Loop(Path(scratch), base_path, embedder, train, gate, placement=placement)
@@ -148,9 +149,10 @@ def run_stream(stream: Stream, recur: list[list[TicketRecord]], wide: dict[int, 
                 now = scored.served
                 forgetting = forgetting_since_learned(learned, now, record.status == "promoted",
                                                       [w for w in record.windows if w in tests])
-                if first := [w for w in learned if w not in learned_wide]:
-                    learned_wide |= accuracy(base_path, loop.registry.path(live), labels,
-                                             {w: wide[w] for w in first}, loop.buffer, placement).served
+                for w in [w for w in learned if w not in learned_wide]:
+                    learned_wide[w] = accuracy(base_path, loop.registry.path(live), labels, {w: wide[w]},
+                                               loop.buffer, placement)
+                    known_then[w] = labels
                 row = {"window": index + 1, "recurring": index >= len(stream.train), **costs(record, loop),
                        "accuracy": now, "average_accuracy": fmean(now.values()),
                        "average_model_alone": fmean(scored.model_alone.values()),
@@ -164,11 +166,36 @@ def run_stream(stream: Stream, recur: list[list[TicketRecord]], wide: dict[int, 
                     + ("" if record.status == "promoted" else f" ({record.reason})"))
             labels = [label for w in stream.labels for label in w]
             final = accuracy(base_path, loop.registry.path(live), labels, {w: wide[w] for w in learned_wide},
-                             loop.buffer, placement).served
+                             loop.buffer, placement)
+            among_known = {w: accuracy(base_path, loop.registry.path(live), known_then[w], {w: wide[w]},
+                                       loop.buffer, placement).served[w] for w in learned_wide}
         finally:
             loop.close()
-    return {"tickets_per_intent": len(wide[1]) // len(stream.labels[0]), "learned": learned_wide, "final": final,
-            "forgetting": fmean(learned_wide[w] - final[w] for w in learned_wide) if learned_wide else 0.0}
+    return {"tickets_per_intent": len(wide[1]) // len(stream.labels[0]), **forgetting_split(
+        {w: a.served[w] for w, a in learned_wide.items()}, final.served, among_known,
+        {w: a.vote_alone[w] for w, a in learned_wide.items()}, final.vote_alone)}
+
+
+def forgetting_split(learned: dict[int, float], final: dict[int, float], among_known: dict[int, float],
+                     vote_learned: dict[int, float], vote_final: dict[int, float]) -> dict[str, Any]:
+    """Forgetting (the mean drop from `learned` to `final`), split in two: what the last version
+    lost among the labels known when each window was learned (`among_known`), and what the labels
+    learned since then took. Beside it the same drop for the buffer's vote alone, a memory that
+    keeps every ticket: what the intents that came later take even where nothing is forgotten.
+
+    >>> split = forgetting_split({1: 0.9, 2: 0.8}, {1: 0.7, 2: 0.8}, {1: 0.8, 2: 0.9}, {1: 0.9, 2: 0.9},
+    ...                          {1: 0.8, 2: 0.8})
+    >>> {k: round(v, 3) for k, v in split.items() if isinstance(v, float)}
+    {'forgetting': 0.1, 'lost_among_known': 0.0, 'taken_by_later_labels': 0.1, 'vote_alone_forgetting': 0.1}
+    """
+    def mean_drop(before: dict[int, float], after: dict[int, float]) -> float:
+        return fmean(before[w] - after[w] for w in before) if before else 0.0
+
+    return {"learned": learned, "final": final, "final_among_known": among_known,
+            "forgetting": mean_drop(learned, final), "lost_among_known": mean_drop(learned, among_known),
+            "taken_by_later_labels": mean_drop(among_known, final),
+            "vote_alone": {"learned": vote_learned, "final": vote_final},
+            "vote_alone_forgetting": mean_drop(vote_learned, vote_final)}
 
 
 def run_joint(stream: Stream, recur: list[list[TicketRecord]], base_path: Path, embedder: SentenceEmbedder,
@@ -291,8 +318,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not args.joint_only:
         result["wide"] = run_stream(stream, recur, wide_tests(stream, preset), base_path, embedder, train, gate,
                                     log, updates, placement)
-        log(f"forgetting on {result['wide']['tickets_per_intent']} more test tickets an intent: "
-            f"{result['wide']['forgetting']:+.3f}")
+        wide = result["wide"]
+        log(f"forgetting on {wide['tickets_per_intent']} more test tickets an intent: {wide['forgetting']:+.3f} "
+            f"(lost among the labels known when learned {wide['lost_among_known']:+.3f}, taken by later labels "
+            f"{wide['taken_by_later_labels']:+.3f}; the buffer's vote alone {wide['vote_alone_forgetting']:+.3f})")
     if not args.no_joint:
         steps = sum(u["steps"] or 0 for u in result["updates"])
         result["joint"] = run_joint(stream, recur, base_path, embedder, train, steps, placement)
