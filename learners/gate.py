@@ -113,6 +113,22 @@ def score_probes(model: nn.Module, scorer: LabelScorer, probes: Mapping[int, Seq
     return result
 
 
+def vote_matrix(records: Sequence[TicketRecord], labels: Sequence[str], votes: Votes | None) -> torch.Tensor:
+    """The buffer's vote shares as `with_votes` takes them: records × labels, 0 where none.
+
+    >>> vote_matrix([TicketRecord(id="p1", text="t"), TicketRecord(id="p2", text="t")], ["a", "b"],
+    ...             {"p2": {"b": 0.75, "a": 0.25, "gone": 0.5}}).tolist()
+    [[0.0, 0.0], [0.25, 0.75]]
+    """
+    index, votes = {label: i for i, label in enumerate(labels)}, votes or {}
+    shares = torch.zeros(len(records), len(labels))
+    for row, record in enumerate(records):
+        for label, share in votes.get(record.id, {}).items():
+            if label in index:
+                shares[row, index[label]] = share
+    return shares
+
+
 def window_score(matrix: ProbeMatrix, labels: Sequence[str], known: Collection[str] = (),
                  votes: Votes | None = None, vote_weight: float = 0.0) -> WindowScore:
     """A window's scores judged: each probe answered with its best label, as `/v1/classify` would
@@ -122,18 +138,13 @@ def window_score(matrix: ProbeMatrix, labels: Sequence[str], known: Collection[s
     same scores, the argmax restricted to their columns, so it costs nothing more. A probe whose
     true label was not scored (not on its shortlist) is wrong. `loss` is the model's own.
     """
-    index, known, votes = {label: i for i, label in enumerate(labels)}, set(known), votes or {}
+    index, known = {label: i for i, label in enumerate(labels)}, set(known)
     columns = torch.tensor([i for i, label in enumerate(labels) if label in known], dtype=torch.long)
     records, scores = matrix.records, matrix.scores
     truth = torch.tensor([index[r.label] for r in records if r.label is not None])
     picked = torch.log_softmax(scores, dim=1).gather(1, truth[:, None])[:, 0]
     scored = picked.isfinite()  # the true label was scored (on the probe's shortlist)
-    shares = torch.zeros(scores.shape)
-    for row, record in enumerate(records):
-        for label, share in votes.get(record.id, {}).items():
-            if label in index:
-                shares[row, index[label]] = share
-    answer = with_votes(scores, shares, vote_weight)
+    answer = with_votes(scores, vote_matrix(records, labels, votes), vote_weight)
     correct = ((answer.argmax(dim=1) == truth) & scored).tolist()
     among_known = torch.isin(truth, columns)
     known_correct = ((columns[answer[among_known][:, columns].argmax(dim=1)] == truth[among_known])

@@ -41,6 +41,7 @@ from transformers import PreTrainedTokenizerBase
 
 from learners.base_model import load_tokenizer
 from learners.config import TrainSettings
+from learners.gate import Votes
 from learners.hpo_config import HpoSettings
 from learners.placement import CPU, Placement
 from learners.reports import Progress, SearchReport, TrialReport
@@ -135,9 +136,11 @@ class Search:
     def __init__(self, snapshot: Snapshot, base_path: Path, live_dir: Path, live_untrained: bool,
                  cfg: TrainSettings, hpo: HpoSettings, journal: Path | None, scratch: Path,
                  on_progress: Callable[[Progress], None] | None = None,
-                 cancel: threading.Event | None = None, placement: Placement = CPU) -> None:
+                 cancel: threading.Event | None = None, placement: Placement = CPU,
+                 votes: Votes | None = None, vote_weight: float = 0.0) -> None:
         self.snapshot, self.base_path, self.live_dir = snapshot, base_path, live_dir
         self.placement = placement
+        self.votes, self.vote_weight = votes, vote_weight  # the buffer's on the held-out rows (`validation_scores`)
         self.cfg, self.hpo, self.scratch = cfg, hpo, scratch
         self.on_progress, self.cancel = on_progress, cancel
         self.shape_searched = live_untrained and cfg.adapter.method == "lora"
@@ -218,6 +221,10 @@ class Search:
                         self.placement)
         return directory
 
+    def _scores(self, model: nn.Module, cfg: TrainSettings) -> ValidationScores:
+        return validation_scores(model, self.tokenizer, self.split.held, self.snapshot.labels, cfg, self.votes,
+                                 self.vote_weight)
+
     def _trial(self, trial: optuna.Trial, k: int, key: int) -> TrialReport:
         params = suggest(trial, self.hpo, self.shape_searched, bool(self.split.replay))
         cfg = trial_settings(self.cfg, params)
@@ -234,7 +241,7 @@ class Search:
 
         def midway(model: nn.Module) -> None:
             nonlocal halfway
-            value = validation_scores(model, self.tokenizer, self.split.held, self.snapshot.labels, cfg).value
+            value = self._scores(model, cfg).value
             trial.report(value, step=key)
             halfway = value
             if self.hpo.pruning and trial.should_prune():
@@ -248,7 +255,7 @@ class Search:
         try:
             model, _, _ = train_adapter(self.split.new, self.split.replay, self.base_path, start, out, cfg,
                                         progress, self.cancel, midway, self.placement)
-            scores = validation_scores(model, self.tokenizer, self.split.held, self.snapshot.labels, cfg)
+            scores = self._scores(model, cfg)
         except optuna.TrialPruned:
             self.study.tell(trial, state=TrialState.PRUNED)
             return report(halfway, float("nan"), pruned=True)

@@ -53,8 +53,8 @@ def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]
 
 
 def answer_loss(model: nn.Module, batch: dict[str, torch.Tensor],
-                reduction: Literal["mean", "sum"] = "mean") -> torch.Tensor:
-    """Mean (or summed) cross-entropy over the answer tokens.
+                reduction: Literal["mean", "sum", "per_row"] = "mean") -> torch.Tensor:
+    """Mean (or summed) cross-entropy over the answer tokens; `per_row`: each row's sum.
 
     The vocabulary projection is the largest matrix product of a small model; computing logits
     only for the positions that predict answer tokens (the last few, thanks to left padding)
@@ -67,8 +67,9 @@ def answer_loss(model: nn.Module, batch: dict[str, torch.Tensor],
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                    position_ids=batch["position_ids"], logits_to_keep=keep).logits
     targets = labels[:, labels.shape[1] - keep + 1:]
-    return nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                                       targets.reshape(-1), ignore_index=IGNORE, reduction=reduction)
+    losses = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                                         ignore_index=IGNORE, reduction="none" if reduction == "per_row" else reduction)
+    return losses.view(targets.shape).sum(dim=1) if reduction == "per_row" else losses
 
 
 def answer_tokens(example: Example) -> int:

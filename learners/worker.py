@@ -64,7 +64,8 @@ class Job(BaseModel):
                                                                      "among; a probe without one: every label.")
     votes: dict[str, dict[str, float]] = Field(
         default={}, description="The buffer's vote on each probe (by id): label → share "
-                                "(`replay.shortlist.vote_shares`).")
+                                "(`replay.shortlist.vote_shares`); with a search, on each training row too, "
+                                "its own stored copy not voting (`learners.validation`).")
     vote_weight: float = Field(default=0.0, ge=0, description="The vote's weight in an answer "
                                                               "(`replay.vote_weight`).")
     hpo: HpoSettings = Field(default=HpoSettings(), description="The hyperparameter search before training.")
@@ -129,7 +130,8 @@ def main(job_file: Path) -> int:
         torch.set_num_threads(threads)
         reporter.send(StartedMessage(pid=os.getpid(), threads=threads))
         winner = (Search(job.snapshot, job.base_path, job.live_dir, job.live_untrained, job.train, job.hpo,
-                         job.study_journal, job_file.parent / "hpo", reporter.progress, cancel, job.placement).run()
+                         job.study_journal, job_file.parent / "hpo", reporter.progress, cancel, job.placement,
+                         job.votes, job.vote_weight).run()
                   if job.hpo.searching else None)
         outcome = train_candidate(job.snapshot, job.base_path, job.live_dir, job.out_dir,
                                   winner.cfg if winner else job.train, job.gate, reporter.progress, cancel,

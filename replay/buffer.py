@@ -313,34 +313,40 @@ class ReplayBuffer:
             rows = self._store.by_row(i for i, _ in found)
         return [(rows[i].record(), score) for i, score in found if i in rows][:k]
 
-    def neighbour_labels(self, texts: Sequence[str], k: int, *, probes: bool = True) -> list[list[tuple[str, float]]]:
+    def neighbour_labels(self, texts: Sequence[str], k: int, *, probes: bool = True,
+                         left_out: Sequence[str] = ()) -> list[list[tuple[str, float]]]:
         """For each text, (label, cosine) of its k nearest labelled tickets, nearest first: the
         votes of `replay.shortlist.shortlist`. With `probes=False` probe rows do not vote, so a
-        probe scored by the gate is never shortlisted by its own stored copy. Unlabelled (and
-        non-voting) rows are skipped among the 2k nearest, so a buffer where most rows are such
-        gives fewer than k."""
+        probe scored by the gate is never shortlisted by its own stored copy. `left_out` (one
+        record id per text, or none) keeps a stored ticket from voting on its own text: the vote
+        a new ticket like it would get. Unlabelled (and non-voting) rows are skipped among the 2k
+        nearest, so a buffer where most rows are such gives fewer than k."""
         vectors = self.embedder.encode(texts)  # outside the lock, as in `add_many`
         with self._lock:
             scores, ids = self._index.search(vectors, 2 * k)  # an exact search costs the same for 2k
             hits = [int(i) for i in ids.ravel() if i >= 0]
             labels = self._store.column(hits, "label")
             probe = {} if probes else self._store.column(hits, "probe")
+            record_ids = self._store.column(hits, "id") if left_out else {}
+        own = left_out or [None] * len(texts)
         return [[(label, float(score)) for i, score in zip(row_ids.tolist(), row_scores.tolist(), strict=True)
-                 if (label := labels.get(i)) is not None and not probe.get(i)][:k]
-                for row_ids, row_scores in zip(ids, scores, strict=True)]
+                 if (label := labels.get(i)) is not None and not probe.get(i)
+                 and (mine is None or record_ids.get(i) != mine)][:k]
+                for row_ids, row_scores, mine in zip(ids, scores, own, strict=True)]
 
     def advise(self, texts: Sequence[str], candidates: Sequence[str], size: int, shortlist_neighbours: int, *,
-               probes: bool = True) -> list[Advice]:
+               probes: bool = True, left_out: Sequence[str] = ()) -> list[Advice]:
         """What each text's nearest labelled tickets say about it among `candidates`
         (`replay.shortlist.advise`): a shortlist of `size` (0: none) from the nearest
         `shortlist_neighbours`, and the vote (`replay.vote_neighbours`; none when
-        `replay.vote_weight` is 0). The index is not searched when neither is asked for."""
+        `replay.vote_weight` is 0). The index is not searched when neither is asked for.
+        `probes` and `left_out`: which stored tickets do not vote (`neighbour_labels`)."""
         vote_neighbours = self.settings.vote_neighbours if self.settings.vote_weight else 0
         shortlisting = bool(size) and len(candidates) > size
         if not candidates or not (shortlisting or vote_neighbours):
             return [Advice() for _ in texts]
         near = self.neighbour_labels(texts, max(shortlist_neighbours if shortlisting else 0, vote_neighbours),
-                                     probes=probes)
+                                     probes=probes, left_out=left_out)
         return [advise(n, candidates, size, shortlist_neighbours, vote_neighbours) for n in near]
 
     def snapshot(self, trained_windows: Iterable[int], seed: int, skip: Iterable[int] = ()) -> Snapshot:

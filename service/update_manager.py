@@ -72,6 +72,16 @@ def probe_neighbours(buffer: ReplayBuffer, probes: Mapping[int, Sequence[TicketR
             {r.id: a.votes for r, a in zip(rows, advice, strict=True) if a.votes})
 
 
+def held_out_votes(buffer: ReplayBuffer, rows: Sequence[TicketRecord],
+                   labels: Sequence[str]) -> dict[str, dict[str, float]]:
+    """The buffer's vote on each labelled row as `/v1/classify` would give it on a new ticket like
+    it: every stored ticket votes but the row's own copy. A search scores its trials on rows held
+    out of training with these (`learners.validation.validation_scores`)."""
+    rows = [r for r in rows if r.label]
+    advice = buffer.advise([r.text for r in rows], labels, 0, 0, left_out=[r.id for r in rows])
+    return {r.id: a.votes for r, a in zip(rows, advice, strict=True) if a.votes}
+
+
 def ensure_initial_version(registry: AdapterRegistry, base_path: Path, cfg: TrainSettings,
                            placement: Placement = CPU) -> str:
     """The registry's first version (an untrained adapter) when it has none; the live name.
@@ -281,6 +291,8 @@ class UpdateManager:
         shortlists, votes = probe_neighbours(self.buffer, budgeted_probes(snapshot.probes, snapshot.new_windows,
                                                                           self.gate.probe_budget),
                                              snapshot.labels, self.gate)
+        if self.hpo.searching:  # any training row may be held out for validation
+            votes |= held_out_votes(self.buffer, [*snapshot.new, *snapshot.replay], snapshot.labels)
         record.snapshot_seconds = time.perf_counter() - started
 
         with self.registry.draft() as draft:

@@ -20,9 +20,11 @@ from learners.base_model import load_base
 from learners.gate import score_probes
 from learners.hpo import Search
 from learners.hpo_config import HpoSettings, PositiveRange
+from learners.prompts import ticket_examples
 from learners.scoring import LabelScorer
+from learners.train import answer_loss, collate
 from learners.update_step import initial_adapter
-from learners.validation import ValidationScores, validation_scores
+from learners.validation import ValidationScores, answer_losses, validation_scores
 from replay.buffer import Snapshot
 from streams.records import TicketRecord
 from tests.conftest import TINY_TRAIN
@@ -108,3 +110,22 @@ def test_a_window_of_replies_alone_is_scored_by_its_answer_loss(tiny_llama: Path
     given = torch.softmax(scores, dim=1)[:, LABELS.index(LABELS[0])]
     assert with_labels.rows == pytest.approx(given.tolist(), rel=1e-5)
     assert 0 < with_labels.value < 1 and with_labels.loss > 0
+
+
+def test_held_out_rows_are_scored_as_served_with_the_buffers_vote(tiny_llama: Path) -> None:
+    model, tokenizer = load_base(tiny_llama)
+    rows = [TicketRecord(id=f"r{i}", text="where is my card " + "please " * 3 * i, label=LABELS[0],
+                         reply="It ships today." * (i + 1)) for i in range(3)]
+    votes = {"r0": {LABELS[1]: 1.0}, "r1": {LABELS[0]: 0.9, LABELS[1]: 0.1}}  # none on r2
+    alone = validation_scores(model, tokenizer, rows, LABELS, TINY_TRAIN)
+    served = validation_scores(model, tokenizer, rows, LABELS, TINY_TRAIN, votes, vote_weight=2.0)
+    assert served.rows[0] < alone.rows[0] and served.rows[1] > alone.rows[1]  # the vote against, for
+    assert served.rows[2] == pytest.approx(alone.rows[2], rel=1e-5) and served.loss == alone.loss
+
+    # Each row's loss is computed in batches, the same as row by row; a bare ticket has none.
+    bare = TicketRecord(id="bare", text="hello")
+    one_by_one = [float(answer_loss(model, collate(ticket_examples(tokenizer, [r], TINY_TRAIN.max_length,
+                                                                   TINY_TRAIN.system_prompt), tokenizer.pad_token_id)))
+                  for r in rows]
+    assert answer_losses(model, tokenizer, [rows[0], bare, *rows[1:]], TINY_TRAIN) == pytest.approx(one_by_one,
+                                                                                                   rel=1e-4)

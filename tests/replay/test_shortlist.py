@@ -68,3 +68,16 @@ def test_probe_rows_can_be_kept_from_voting(tmp_path: Path, embedder: SentenceEm
     for text, near, kept in zip(texts, everyone, training, strict=True):
         assert near[0][1] > 0.99  # every ticket is stored: its nearest neighbour is itself
         assert (kept[0][1] > 0.99) == (text not in probes)  # ...unless it is a probe and probes do not vote
+
+
+def test_a_stored_ticket_can_be_kept_from_voting_on_its_own_text(tmp_path: Path, embedder: SentenceEmbedder) -> None:
+    """A hyperparameter search's case: a held-out training row gets the vote a new ticket like it
+    would, from every other stored ticket but not from its own stored copy."""
+    buffer = filled(tmp_path, embedder)
+    ids = [f"{label}-{i}" for label, texts in TOPICS.items() for i in range(len(texts))]
+    texts = [text for texts in TOPICS.values() for text in texts]
+    everyone = buffer.neighbour_labels(texts, k=len(ids))
+    others = buffer.neighbour_labels(texts, k=len(ids), left_out=ids)
+    for near, rest in zip(everyone, others, strict=True):
+        assert near[0][1] > 0.99 and len(near) == len(ids)  # its own copy first
+        assert near[1:] == rest  # the same neighbours without it

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import pytest
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
@@ -25,11 +26,13 @@ from learners.hpo import STUDY_NAME
 from learners.hpo_config import HpoSettings, PositiveRange, ShareRange
 from learners.update_step import TRAIN_CONFIG_FILE
 from learners.validation import ValidationSplit
+from replay.buffer import ReplayBuffer
+from replay.embed import SentenceEmbedder
 from service.cli import _show
 from service.core import Service
 from service.narrator import Narrator
 from service.routes.updates import UpdatePublic
-from service.update_manager import STUDY_JOURNAL
+from service.update_manager import STUDY_JOURNAL, held_out_votes
 from streams.records import TicketRecord
 from tests.conftest import TINY_TRAIN, gauge, tiny_settings, wait_for
 from tests.service.test_update_manager import LABELS, add_window, run_update
@@ -149,3 +152,20 @@ def test_the_progress_bar_says_which_trial_is_training() -> None:
     progress = {"step": 3, "steps": 9, "loss": 1.5, "tokens_per_s": 800.0, "eta_s": 4.0, "trial": 2, "trials": 3}
     _show(bar, task, {"stage": "searching", "progress": progress}, cancelling=False)
     assert bar.tasks[0].description == "searching: trial 2/3" and bar.tasks[0].completed == 3
+
+
+def test_a_held_out_row_gets_the_vote_of_every_stored_ticket_but_its_own(tmp_path: Path,
+                                                                         embedder: SentenceEmbedder) -> None:
+    """Trials are scored as `/v1/classify` would answer a new ticket like the held-out row: its own
+    stored copy, the nearest of all, must not vote for its label."""
+    buffer = ReplayBuffer(tmp_path, embedder)
+    cards = [TicketRecord(id=f"c{i}", text=text, label="card_arrival") for i, text in enumerate(
+        ["my new card has not arrived yet", "when will my card be delivered", "card still not in the post"])]
+    odd = TicketRecord(id="odd", text="my new card has still not arrived", label="exchange_rate")  # mislabelled
+    buffer.add_many([*cards, odd])
+    votes = held_out_votes(buffer, [odd, cards[0], TicketRecord(id="x", text="no label")],
+                           ["card_arrival", "exchange_rate"])
+    assert set(votes) == {"odd", "c0"}
+    assert votes["odd"] == {"card_arrival": pytest.approx(1.0)}  # its own copy would have voted exchange_rate
+    [near] = buffer.advise([odd.text], ["card_arrival", "exchange_rate"], 0, 0)
+    assert near.votes["exchange_rate"] > 0.2
