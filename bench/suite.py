@@ -191,14 +191,12 @@ class Loop:
 
 @dataclass(frozen=True)
 class Accuracy:
-    """Per window: what `/v1/classify` answers (the model's scores and the buffer's vote), the
-    model alone (`replay.vote_weight` 0), from one scoring pass, and the vote alone (the label
-    with the largest share; a ticket no neighbour votes on counts as wrong)."""
+    """Per window: what `/v1/classify` answers (the model's scores and the buffer's vote), and the
+    model alone (`replay.vote_weight` 0), from one scoring pass."""
 
     served: dict[int, float]
     model_alone: dict[int, float]
     served_correct: dict[int, str]  # each test ticket, in order: "1" answered right, "0" wrong (paired tests)
-    vote_alone: dict[int, float]
 
 
 def accuracy(base_path: Path, adapter: Path | None, labels: Sequence[str],
@@ -216,10 +214,8 @@ def accuracy(base_path: Path, adapter: Path | None, labels: Sequence[str],
         matrices = score_probes(model.eval(), scorer, windows)
     served = window_scores(matrices, scorer.labels, votes=votes, vote_weight=buffer.settings.vote_weight)
     alone = window_scores(matrices, scorer.labels)
-    by_vote = {w: fmean(bool(v := votes[r.id]) and max(v, key=v.__getitem__) == r.label for r in tickets)
-               for w, tickets in windows.items()}
     return Accuracy({w: s.accuracy for w, s in served.items()}, {w: s.accuracy for w, s in alone.items()},
-                    {w: "".join("1" if c else "0" for c in s.correct) for w, s in served.items()}, by_vote)
+                    {w: "".join("1" if c else "0" for c in s.correct) for w, s in served.items()})
 
 
 def run_method(method: str, stream: Stream, base_path: Path, embedder: SentenceEmbedder, train: TrainSettings,
