@@ -328,7 +328,7 @@ class ReplayBuffer:
             labels = self._store.column(hits, "label")
             probe = {} if probes else self._store.column(hits, "probe")
             record_ids = self._store.column(hits, "id") if left_out else {}
-        own = left_out or [None] * len(texts)
+        own: Sequence[str | None] = left_out or [None] * len(texts)
         return [[(label, float(score)) for i, score in zip(row_ids.tolist(), row_scores.tolist(), strict=True)
                  if (label := labels.get(i)) is not None and not probe.get(i)
                  and (mine is None or record_ids.get(i) != mine)][:k]
