@@ -157,10 +157,10 @@ def run_stream(stream: Stream, recur: list[list[TicketRecord]], wide: dict[int, 
                 now = scored.served
                 forgetting = forgetting_since_learned(learned, now, record.status == "promoted",
                                                       [w for w in record.windows if w in tests])
-                for w in [w for w in learned if w not in learned_wide]:
-                    learned_wide |= accuracy(base_path, loop.registry.path(live), labels, {w: wide[w]},
-                                             loop.buffer, placement).served
-                    known_then[w] = labels
+                if first := [w for w in learned if w not in learned_wide]:
+                    learned_wide |= accuracy(base_path, loop.registry.path(live), labels,
+                                             {w: wide[w] for w in first}, loop.buffer, placement).served
+                    known_then |= dict.fromkeys(first, labels)
                 row = {"window": index + 1, "recurring": index >= len(stream.train), **costs(record, loop),
                        "accuracy": now, "average_accuracy": fmean(now.values()),
                        "average_model_alone": fmean(scored.model_alone.values()),

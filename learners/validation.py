@@ -108,10 +108,10 @@ def validation_scores(model: nn.Module, tokenizer: PreTrainedTokenizerBase, held
     not voting). A trial is chosen for what users get: on an MCID window, a trial that beat the
     configured settings on the model's own probabilities learned the window worse once the vote
     was weighed in (0.81 against 0.85 served). The mean of the scores is the accuracy an answer
-    drawn at random by those probabilities would get. Accuracy itself
-    moves in steps of one row, and on the dozen or so rows a small window holds out, trials tie
-    (three of four at 8 of 15 on an MCID window), leaving the sampler nothing to learn from. A
-    window of replies alone has no labels, and each row is scored by minus its answer loss.
+    drawn at random by those probabilities would get. Accuracy itself moves in steps of one row,
+    and on the dozen or so rows a small window holds out, trials tie (three of four at 8 of 15 on
+    an MCID window), leaving the sampler nothing to learn from. A window of replies alone has no
+    labels, and each row is scored by minus its answer loss.
     """
     losses = answer_losses(model, tokenizer, held, cfg)
     loss = sum(losses) / len(losses) if losses else float("nan")
