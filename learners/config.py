@@ -53,6 +53,27 @@ class EwcSettings(BaseModel):
                                                     "gradients average into the diagonal Fisher.")
 
 
+class PrivacySettings(BaseModel):
+    """Differentially private updates (DP-SGD with Opacus; see `learners.privacy`): the adapter
+    is what may leave a site, so each ticket's influence on it is clipped and noised, and the
+    privacy loss of every round is accounted against a budget for the service's whole life."""
+
+    enabled: bool = Field(False, description="Train every update with DP-SGD: tickets sampled independently "
+                                             "(Poisson) from the new and replay rows alike, each ticket's "
+                                             "gradient clipped, Gaussian noise added to the sum. `replay_ratio`, "
+                                             "`min_new_epochs`, `keep_general` and EWC do not apply to these "
+                                             "rounds; `epochs` and `step_budget` size them as usual.")
+    noise_multiplier: float = Field(1.0, gt=0, description="Noise standard deviation as a multiple of "
+                                                           "`max_grad_norm` (σ).")
+    max_grad_norm: float = Field(1.0, gt=0, description="Bound on each ticket's gradient norm (its examples "
+                                                        "together: label and reply) before the noise.")
+    delta: float = Field(1e-6, gt=0, lt=1, description="δ of the (ε, δ) guarantee; an update is refused while δ "
+                                                      "is not below 1 / the tickets stored.")
+    epsilon_budget: float = Field(8.0, gt=0, description="Most ε this service may spend, over all its updates: "
+                                                         "an update that would pass it is refused, and the "
+                                                         "service trains no more.")
+
+
 class TrainSettings(BaseModel):
     """One incremental update: optimiser, schedule, batch mix, budget."""
 
@@ -124,6 +145,14 @@ class TrainSettings(BaseModel):
                                 "terminated.")
     adapter: AdapterSettings = AdapterSettings()
     ewc: EwcSettings = EwcSettings()
+    privacy: PrivacySettings = PrivacySettings()
+
+    @model_validator(mode="after")
+    def _private_without_ewc(self) -> TrainSettings:
+        if self.privacy.enabled and self.ewc.enabled:
+            raise ValueError("`privacy.enabled` needs `ewc.enabled` false: the EWC Fisher is measured on tickets "
+                             "without noise, and it would carry them into every later update")
+        return self
 
 
 class GateSettings(BaseModel):

@@ -59,6 +59,16 @@ class TrainingProgress(Progress):
     eta_s: float | None = Field(default=None, description="Training seconds left, from the second step on.")
 
 
+class PrivateRound(Report):
+    """A differentially private round as its privacy accountant sees it: `steps` draws of a
+    Poisson sample of the round's tickets at `sample_rate`, each with Gaussian noise of
+    `noise_multiplier` × the clipping norm (`learners.privacy`)."""
+
+    noise_multiplier: float
+    sample_rate: float = Field(gt=0, le=1)
+    steps: int = Field(gt=0)
+
+
 class RoundReport(Report):
     steps: int
     skipped_steps: int = Field(default=0, description="Steps whose gradient was not finite, skipped (the "
@@ -72,6 +82,8 @@ class RoundReport(Report):
     device: str | None = Field(default=None, description="Where it trained, `cpu` or `cuda:N` (unknown for old "
                                                          "versions).")
     precision: str | None = Field(default=None, description="The base model's weights' precision while it trained.")
+    privacy: PrivateRound | None = Field(default=None, description="The round's privacy mechanism, if it trained "
+                                                                    "with DP-SGD (`train.privacy`).")
 
 
 class WindowScore(Report):

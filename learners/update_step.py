@@ -25,6 +25,7 @@ from learners.gate import Votes, evaluate, finite_scores, judge, score_probes, w
 from learners.general import GeneralText
 from learners.methods import peft_config, warm_start
 from learners.placement import CPU, Placement
+from learners.privacy import private_round
 from learners.probes import budgeted_probes
 from learners.prompts import Example, ticket_examples
 from learners.replies import reply_conditions, reply_probes, score_replies
@@ -63,15 +64,23 @@ def train_adapter(new_records: Sequence[TicketRecord], replay_records: Sequence[
     """
     base, tokenizer = load_base(base_path, placement)
     model = warm_start(base, live_dir)
-    new = ticket_examples(tokenizer, new_records, cfg.max_length, cfg.system_prompt)
-    replay = ticket_examples(tokenizer, replay_records, cfg.max_length, cfg.system_prompt)
-    previous = (EwcPenalty.load(live_dir / EWC_FILE, cfg.ewc.strength, placement.torch_device)
-                if cfg.ewc.enabled and (live_dir / EWC_FILE).exists() else None)
-    general = (GeneralText(tokenizer, tokenizer.pad_token_id, cfg.general_rows, cfg.seed)
-               if cfg.keep_general > 0 else None)
-    report = run_round(model, new, replay, cfg, tokenizer.pad_token_id, previous, on_progress, cancel, general,
-                       midway)
-    ewc = consolidate_window(model, new, previous, cfg, tokenizer.pad_token_id) if cfg.ewc.enabled else None
+    if cfg.privacy.enabled:  # each ticket's examples kept together: the ticket is the unit of privacy
+        def tickets(records: Sequence[TicketRecord]) -> list[list[Example]]:
+            return [ticket_examples(tokenizer, [r], cfg.max_length, cfg.system_prompt) for r in records]
+
+        report = private_round(model, tickets(new_records), tickets(replay_records), cfg, tokenizer.pad_token_id,
+                               on_progress, cancel)
+        ewc = None
+    else:
+        new = ticket_examples(tokenizer, new_records, cfg.max_length, cfg.system_prompt)
+        replay = ticket_examples(tokenizer, replay_records, cfg.max_length, cfg.system_prompt)
+        previous = (EwcPenalty.load(live_dir / EWC_FILE, cfg.ewc.strength, placement.torch_device)
+                    if cfg.ewc.enabled and (live_dir / EWC_FILE).exists() else None)
+        general = (GeneralText(tokenizer, tokenizer.pad_token_id, cfg.general_rows, cfg.seed)
+                   if cfg.keep_general > 0 else None)
+        report = run_round(model, new, replay, cfg, tokenizer.pad_token_id, previous, on_progress, cancel, general,
+                           midway)
+        ewc = consolidate_window(model, new, previous, cfg, tokenizer.pad_token_id) if cfg.ewc.enabled else None
     if not dist.is_initialized() or dist.get_rank() == 0:
         model.save_pretrained(out_dir)
         (out_dir / TRAIN_CONFIG_FILE).write_text(cfg.model_dump_json(indent=2))

@@ -9,7 +9,7 @@ from fastapi import FastAPI, Request, Response
 
 from service import errors
 from service.core import Service
-from service.routes import adapters, buffer, classify, console, forgetting, health, openai, tickets, updates
+from service.routes import adapters, buffer, classify, console, forgetting, health, openai, privacy, tickets, updates
 
 
 def create_app(service: Service) -> FastAPI:
@@ -28,7 +28,7 @@ def create_app(service: Service) -> FastAPI:
                                      response.status_code, time.perf_counter() - started)
         return response
 
-    for module in (console, health, classify, openai, adapters, updates, forgetting, buffer, tickets):
+    for module in (console, health, classify, openai, adapters, updates, privacy, forgetting, buffer, tickets):
         app.include_router(module.router)
     app.mount("/console", console.assets(), name="console")
     return app

@@ -86,6 +86,14 @@ class ServiceCollector(Collector):
         yield updates
         yield from _update_progress(s)
         yield from _update_durations(s)
+        privacy = s.updates.privacy
+        if privacy.settings.enabled or privacy.entries:
+            epsilon = GaugeMetricFamily("evergreen_privacy_epsilon", "Differential privacy of the updates "
+                                        "(`train.privacy`): ε spent by every round so far, and the budget, at δ "
+                                        "`train.privacy.delta`.", labels=["kind"])
+            epsilon.add_metric(["spent"], privacy.spent)
+            epsilon.add_metric(["budget"], privacy.settings.epsilon_budget)
+            yield epsilon
         yield from _registry_metrics(s)
         batched = GaugeMetricFamily("evergreen_classify_batched", "Classify requests and the batches they ran in.",
                                     labels=["count"])

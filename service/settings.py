@@ -233,6 +233,9 @@ class Settings(BaseSettings):
                 raise ValueError("`kafka.bootstrap` must be set in production")
         if self.api.require_query_key is None:
             self.api.require_query_key = self.environment == "production"
+        if self.train.privacy.enabled and self.hpo.searching:
+            raise ValueError("`train.privacy.enabled` needs `hpo.trials` 0 or 1: a search trains on the tickets "
+                             "once a trial, and its trials are not accounted")
         return self
 
     @classmethod

@@ -32,6 +32,7 @@ from learners.messages import (
     WorkerMessage,
 )
 from learners.placement import CPU, Placement
+from learners.privacy import mechanism
 from learners.probes import budgeted_probes
 from learners.reports import TrainingProgress
 from learners.train import Cancelled
@@ -41,6 +42,7 @@ from replay.buffer import ReplayBuffer
 from service.forgetting import AccuracyMatrix, best_before
 from service.heap import release_free_memory
 from service.live import LiveVersion
+from service.privacy import LEDGER_FILE, PrivacyLedger
 from service.registry import AdapterRegistry, VersionMetadata
 from service.settings import RegistrySettings
 from service.update_log import UpdateLog, UpdateRecord
@@ -132,6 +134,8 @@ class UpdateManager:
         self.gate = gate
         self.retention = retention
         self._log = UpdateLog(self.registry.root / "updates.jsonl", retention.keep_updates)
+        # Private rounds (`train.privacy`) are entered here before they train.
+        self.privacy = PrivacyLedger(self.registry.root / LEDGER_FILE, train.privacy)
         self.history: list[UpdateRecord] = self._log.load(self.registry)
         self._ids = itertools.count(max((r.id for r in self.history), default=0) + 1)
         self._running = threading.Lock()
@@ -288,6 +292,12 @@ class UpdateManager:
             if record.ingest_caught_up is False:
                 record.reason += " (the ingester had not stored every ticket sent yet: try again shortly)"
             return
+        if self.train.privacy.enabled:
+            planned = mechanism(len(snapshot.new) + len(snapshot.replay), len(snapshot.new), self.train)
+            refusal = self.privacy.admit(record.id, planned, stored=len(self.buffer))
+            if refusal is not None:
+                record.status, record.reason = "skipped", refusal
+                return
         shortlists, votes = probe_neighbours(self.buffer, budgeted_probes(snapshot.probes, snapshot.new_windows,
                                                                           self.gate.probe_budget),
                                              snapshot.labels, self.gate)

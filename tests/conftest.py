@@ -19,6 +19,7 @@ import httpx
 import pytest
 import torch
 import uvicorn
+from playwright.sync_api import Browser, ConsoleMessage, Page, expect, sync_playwright
 from safetensors.torch import load_file, save_file
 
 from learners.base_model import TINY_LLAMA, resolve_base_model
@@ -47,6 +48,10 @@ TINY_TRAIN = TrainSettings(learning_rate=3e-3, epochs=30, batch_size=8, keep_gen
 # moves by tenths of a nat: the canary is measured on every update, but its bound (sized for
 # SmolLM2) is set out of reach; tests/learners/test_gate.py tests the check itself.
 TINY_GATE = GateSettings(max_canary_increase=5.0)
+CHROMIUM = "/usr/bin/chromium"  # Debian's package; Playwright never downloads a browser here
+# Without the background-networking flags Chromium stalls on refused connections (no internet).
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
 def load_bench(name: str) -> ModuleType:
@@ -212,3 +217,26 @@ def add_version_of(registry: AdapterRegistry, base_path: Path, adapter: AdapterS
         initial_adapter(base_path, draft.path, adapter, seed=0)
         return registry.publish(draft, VersionMetadata(parent=registry.live, verdict="accepted", windows_trained=[],
                                                        labels=labels)).name
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
+        yield launched
+        launched.close()
+
+
+def open_console(browser: Browser, url: str, errors: list[str]) -> Page:
+    """The web console in a new page, its script's errors collected in `errors`."""
+    page = browser.new_page(viewport={"width": 1360, "height": 900})
+
+    def on_console(message: ConsoleMessage) -> None:
+        if message.type == "error":
+            errors.append(message.text)
+
+    page.on("console", on_console)
+    page.on("pageerror", lambda exc: errors.append(f"uncaught: {exc}"))
+    page.goto(url)
+    expect(page.locator('#timeline [data-name="v0000"]')).to_be_visible()
+    return page

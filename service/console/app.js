@@ -74,9 +74,12 @@ async function act(label, method, path, done = () => `${label}: done.`) {
 // the newest 8 updates, which the list shows (a running one is always the newest).
 const SOURCES = {
   adapters: "/v1/adapters?limit=20", forgetting: "/v1/forgetting?limit=20&window_limit=20",
-  buffer: "/v1/buffer", updates: "/v1/updates?limit=8",
+  buffer: "/v1/buffer", updates: "/v1/updates?limit=8", privacy: "/v1/privacy",
 };
-const RENDER = { adapters: renderAdapters, forgetting: renderForgetting, buffer: renderBuffer, updates: renderUpdates };
+const RENDER = {
+  adapters: renderAdapters, forgetting: renderForgetting, buffer: renderBuffer, updates: renderUpdates,
+  privacy: renderPrivacy,
+};
 
 async function load(names) {
   const results = await Promise.all(names.map(async (name) => {
@@ -98,7 +101,7 @@ async function load(names) {
 async function refresh() {
   clearTimeout(state.timer);
   try {
-    const changed = await load(["adapters", "buffer", "updates"]);
+    const changed = await load(["adapters", "buffer", "updates", "privacy"]);
     // The matrix only changes when an update gates a candidate or the live pointer moves, and
     // it is the costliest figure to serve: ask for it only then.
     if (!state.seen.forgetting || changed.includes("adapters") || changed.includes("updates")) await load(["forgetting"]);
@@ -318,6 +321,15 @@ function renderBuffer(b) {
   Charts.bars($("dead-letters"), sorted(b.dead_lettered));
   Charts.bars($("redactions"), sorted(b.redactions));
   Charts.bars($("lag"), b.ingest ? b.ingest.lag.map((p) => [`${p.topic}[${p.partition}]`, p.lag]) : [], b.ingest ? "no partition assigned" : "no consumer");
+}
+
+// Shown once updates train privately (`train.privacy`), or ever did.
+function renderPrivacy(p) {
+  $("privacy-figures").hidden = !p.enabled && p.rounds === 0;
+  figures($("privacy-figures"), [
+    ["ε spent", p.epsilon_spent.toFixed(2)], ["ε budget", p.epsilon_budget], ["δ", p.delta],
+    ["private rounds", p.rounds], ["budget", p.refused ? "spent: updates refused" : "open"]]);
+  $("privacy-figures").title = p.refused || "";
 }
 
 // -- playground -----------------------------------------------------------------------------

@@ -10,12 +10,11 @@ import json
 import math
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
-import pytest
-from playwright.sync_api import Browser, ConsoleMessage, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Page, expect
 
 from learners.config import GateSettings
 from learners.gate import judge
@@ -25,43 +24,17 @@ from service.settings import DEV_ADMIN_KEY, Settings
 from service.update_log import UpdateRecord
 from streams.broker import LocalBroker
 from streams.produce import TicketProducer
-from tests.conftest import LiveService, add_versions, tiny_settings, wait_for
+from tests.conftest import LiveService, add_versions, open_console, tiny_settings, wait_for
 from tests.test_end_to_end import WINDOW_1, WINDOW_2, window_tickets
 
-CHROMIUM = "/usr/bin/chromium"  # Debian's package; Playwright never downloads a browser here
-# Without the background-networking flags Chromium stalls on refused connections (no internet).
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 SHOTS = Path(__file__).resolve().parents[2] / "docs" / "img"
 UPDATE_TIMEOUT_MS = 240_000
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
-        yield launched
-        launched.close()
 
 
 def js_percent(share: float) -> str:
     """A share as the console writes it (`Charts.pct`): JS's Math.round rounds halves up, where
     Python's round() goes to the even neighbour (62.5 % reads 63 %, not 62 %)."""
     return f"{math.floor(share * 100 + 0.5)}%"
-
-
-def open_console(browser: Browser, url: str, errors: list[str]) -> Page:
-    page = browser.new_page(viewport={"width": 1360, "height": 900})
-
-    def on_console(message: ConsoleMessage) -> None:
-        if message.type == "error":
-            errors.append(message.text)
-
-    page.on("console", on_console)
-    page.on("pageerror", lambda exc: errors.append(f"uncaught: {exc}"))
-    page.goto(url)
-    expect(page.locator('#timeline [data-name="v0000"]')).to_be_visible()
-    return page
 
 
 def produce(bootstrap: str, topic: str, values: list[bytes]) -> None:
@@ -100,6 +73,7 @@ def test_console_watches_forgetting_and_steers_updates(
     page.fill("#ticket", "hello my card issue 3")
     page.click("#classify")
     expect(page.locator("#answer-source")).to_contain_text("zero-shot")
+    expect(page.locator("#privacy-figures")).to_be_hidden()  # updates are not private here
 
     page.fill("#admin-key", DEV_ADMIN_KEY)
     page.click("#key-save")
