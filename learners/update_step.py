@@ -58,7 +58,8 @@ def train_adapter(new_records: Sequence[TicketRecord], replay_records: Sequence[
     """Warm-start from the live adapter (in its own method), train, consolidate EWC, save.
 
     With EWC off, no Fisher is measured or saved (it costs a backward pass per sampled example);
-    switching it on later starts the consolidation from that update's window.
+    switching it on later starts the consolidation from that update's window. With
+    `train.privacy` on, the round is DP-SGD over the tickets (`learners.privacy`).
     Under torchrun every rank runs this whole function (`run_round` shards the batches);
     only rank 0 writes `out_dir`.
     """
