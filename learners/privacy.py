@@ -103,7 +103,7 @@ def private_round(model: nn.Module, new: Sequence[Sequence[Example]], replay: Se
     net = GradSampleModule(model, batch_first=True, loss_reduction="sum")
     optimizer = DPOptimizer(torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay),
                             noise_multiplier=plan.noise_multiplier, max_grad_norm=cfg.privacy.max_grad_norm,
-                            expected_batch_size=cfg.batch_size, loss_reduction="mean",
+                            expected_batch_size=max(1, round(plan.sample_rate * len(tickets))), loss_reduction="mean",
                             generator=torch.Generator(device=device).manual_seed(secrets.randbits(63)))
     draw = random.SystemRandom()
     model.train()
