@@ -48,21 +48,24 @@ class PrivacyStatus(BaseModel):
 
 
 class PrivacyLedger:
-    def __init__(self, path: Path, settings: PrivacySettings) -> None:
+    def __init__(self, path: Path, settings: PrivacySettings, repair: bool = True) -> None:
+        """`repair=False` for a replica sharing the registry: a torn last line may be the primary's
+        entry being written, so it is left out of the reading, not cut off the file."""
         self.path = path
         self.settings = settings
         self.refused: str | None = None
         self._lock = threading.Lock()
-        self.entries = self._load()
+        self.entries = self._load(repair)
         self.spent = epsilon([e.round for e in self.entries], settings.delta)  # read at every scrape
 
-    def _load(self) -> list[LedgerEntry]:
+    def _load(self, repair: bool) -> list[LedgerEntry]:
         data = self.path.read_bytes() if self.path.exists() else b""
         if not data.endswith(b"\n") and data:
-            LOG.warning("cutting a line torn by a crash off the end of %s: %.80r", self.path, data[-80:])
-            with self.path.open("r+b") as ledger:
-                ledger.truncate(data.rfind(b"\n") + 1)
             data = data[:data.rfind(b"\n") + 1]
+            if repair:
+                LOG.warning("cutting a line torn by a crash off the end of %s", self.path)
+                with self.path.open("r+b") as ledger:
+                    ledger.truncate(len(data))
         entries = []
         for number, line in enumerate(data.splitlines(), 1):
             try:

@@ -157,6 +157,7 @@ class AdapterRegistry:
         """`writer=False` for a serve-only replica sharing the directory: it must never clean up
         a temporary directory, which may be the primary's candidate being written."""
         self.root = root
+        self.writer = writer
         self.versions_dir = root / "versions"
         self.versions_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()

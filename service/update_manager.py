@@ -135,7 +135,7 @@ class UpdateManager:
         self.retention = retention
         self._log = UpdateLog(self.registry.root / "updates.jsonl", retention.keep_updates)
         # Private rounds (`train.privacy`) are entered here before they train.
-        self.privacy = PrivacyLedger(self.registry.root / LEDGER_FILE, train.privacy)
+        self.privacy = PrivacyLedger(self.registry.root / LEDGER_FILE, train.privacy, repair=self.registry.writer)
         self.history: list[UpdateRecord] = self._log.load(self.registry)
         self._ids = itertools.count(max((r.id for r in self.history), default=0) + 1)
         self._running = threading.Lock()
