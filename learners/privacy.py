@@ -23,9 +23,6 @@ import warnings
 from collections.abc import Callable, Sequence
 
 import torch
-from opacus import GradSampleModule
-from opacus.accountants import RDPAccountant
-from opacus.optimizers import DPOptimizer
 from torch import distributed as dist
 from torch import nn
 
@@ -70,6 +67,8 @@ def epsilon(rounds: Sequence[PrivateRound], delta: float) -> float:
     """
     if not rounds:
         return 0.0
+    from opacus.accountants import RDPAccountant  # see `private_round`
+
     accountant = RDPAccountant()
     accountant.history = [(r.noise_multiplier, r.sample_rate, r.steps) for r in rounds]
     return float(accountant.get_epsilon(delta))
@@ -96,6 +95,11 @@ def private_round(model: nn.Module, new: Sequence[Sequence[Example]], replay: Se
     """
     if dist.is_initialized() and dist.get_world_size() > 1:
         raise ValueError("private rounds run in one process: `train.privacy` with torchrun is not supported")
+    # Imported when first needed: 0.8 s on 2 cores that every service and training process
+    # without privacy (the default) would otherwise pay at start.
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
     tickets = [*new, *replay]
     plan = mechanism(len(tickets), len(new), cfg)
     params = list(trainable(model).values())
