@@ -31,7 +31,7 @@ from learners.ewc import trainable
 from learners.placement import base_dtype, device_of
 from learners.prompts import Example
 from learners.reports import PrivateRound, Progress, RoundReport
-from learners.train import Cancelled, answer_loss, answer_tokens, collate, lr_at
+from learners.train import Cancelled, answer_loss, answer_tokens, collate, lr_at, max_steps
 
 # Opacus's hooks see the frozen base's inputs need no gradient and torch warns that the hook fires on
 # the module's outputs: the outputs' gradients are the ones the per-example gradients need.
@@ -52,8 +52,7 @@ def mechanism(tickets: int, new: int, cfg: TrainSettings) -> PrivateRound:
     >>> mechanism(400, 40, cfg).steps  # replay shares the budget: twice the new tickets' 15 steps
     30
     """
-    alone = math.ceil(new * cfg.epochs / cfg.batch_size)
-    steps = min(math.ceil(tickets * cfg.epochs / cfg.batch_size), math.ceil(cfg.step_budget * alone))
+    steps = min(math.ceil(tickets * cfg.epochs / cfg.batch_size), max_steps(new, cfg))
     return PrivateRound(noise_multiplier=cfg.privacy.noise_multiplier,
                         sample_rate=min(1.0, cfg.batch_size / tickets), steps=max(1, steps))
 

@@ -130,6 +130,16 @@ def replay_share(new: Sequence[Example], replay: Sequence[Example], ratio: float
     return len(old_labels) / (len(old_labels) + len(new_labels))
 
 
+def max_steps(new: int, cfg: TrainSettings) -> int:
+    """Most optimiser steps of an update with `new` new rows: `step_budget` times the steps the
+    new rows alone take at `epochs`, whatever the replay beside them.
+
+    >>> max_steps(40, TrainSettings(batch_size=8, epochs=3))  # 15 steps alone, twice that
+    30
+    """
+    return math.ceil(cfg.step_budget * math.ceil(new * cfg.epochs / cfg.batch_size))
+
+
 def mixed_batches(new: Sequence[Example], replay: Sequence[Example], cfg: TrainSettings,
                   rng: random.Random) -> list[list[Example]]:
     """`epochs` passes over the new rows; each batch topped up with replay rows (`replay_share`).
@@ -144,8 +154,7 @@ def mixed_batches(new: Sequence[Example], replay: Sequence[Example], cfg: TrainS
     share = min(replay_share(new, replay, cfg.replay_ratio), ceiling)
     n_replay = min(round(cfg.batch_size * share), cfg.batch_size - 1)
     n_new = cfg.batch_size - n_replay
-    alone = math.ceil(len(new) * cfg.epochs / cfg.batch_size)
-    steps = max(1, min(math.ceil(len(new) * cfg.epochs / n_new), math.ceil(cfg.step_budget * alone)))
+    steps = max(1, min(math.ceil(len(new) * cfg.epochs / n_new), max_steps(len(new), cfg)))
     order: list[Example] = []
     while len(order) < steps * n_new:
         order += rng.sample(list(new), len(new))  # reshuffle at each pass
