@@ -44,6 +44,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # distillation: on the tiny model the full-vocabulary logits it needs cost more than the rest of
 # a step; tests/learners/test_general.py covers it.
 TINY_TRAIN = TrainSettings(learning_rate=3e-3, epochs=30, batch_size=8, keep_general=0.0)
+# The benchmarks' smoke runs test their pipeline and figures, not what the tiny model learns: one
+# pass over each window (a pass over reply macros costs the tiny model ~0.5 s a step on one thread).
+SMOKE_TRAIN_JSON = '{"learning_rate": 3e-3, "epochs": 1, "min_new_epochs": 1, "batch_size": 8}'
 # The random tiny model has no general ability to keep, and without distillation its canary loss
 # moves by tenths of a nat: the canary is measured on every update, but its bound (sized for
 # SmolLM2) is set out of reach; tests/learners/test_gate.py tests the check itself.

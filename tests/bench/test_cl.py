@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import load_bench
+from tests.conftest import SMOKE_TRAIN_JSON, load_bench
 
 
 def test_cl_bench_smoke_writes_matrices_metrics_and_heatmaps(tmp_path: Path, tiny_llama: Path) -> None:
     bench = load_bench("cl")
     doc = bench.main(["--preset", "smoke", "--base", str(tiny_llama), "--methods", "naive,replay,ewc+replay,joint",
-                      "--train-json", '{"learning_rate": 3e-3, "epochs": 4, "batch_size": 8}',
+                      "--train-json", SMOKE_TRAIN_JSON,
                       "--out", str(tmp_path)])
     written = json.loads((tmp_path / "cl-smoke.json").read_text())
     assert written["results"].keys() == doc["results"].keys() == {"naive", "replay", "ewc+replay", "joint"}

@@ -7,14 +7,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tests.conftest import load_bench
+from tests.conftest import SMOKE_TRAIN_JSON, load_bench
 
 
 def test_replies_smoke_runs_the_product_path(tmp_path: Path, tiny_llama: Path) -> None:
     bench = load_bench("replies")
     plot = tmp_path / "replies.png"
     doc = bench.main(["--preset", "smoke", "--base", str(tiny_llama), "--methods", "default,joint",
-                      "--train-json", '{"learning_rate": 3e-3, "epochs": 4, "batch_size": 8}',
+                      "--train-json", SMOKE_TRAIN_JSON,
                       "--gate-json", '{"require_learning": false, "max_canary_increase": null, "reply_generations": 2, '
                                     '"reply_max_tokens": 8}',
                       "--recurring", "--out", str(tmp_path), "--plot", str(plot)])

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import load_bench
+from tests.conftest import SMOKE_TRAIN_JSON, load_bench
 
 
 def test_mixed_streams_are_namespaced_and_windows_new() -> None:
@@ -28,7 +28,7 @@ def test_mixed_streams_are_namespaced_and_windows_new() -> None:
 def test_suite_smoke_runs_the_product_path(tmp_path: Path, tiny_llama: Path) -> None:
     bench = load_bench("suite")
     doc = bench.main(["--preset", "smoke", "--base", str(tiny_llama), "--streams", "mixed", "--poison",
-                      "--train-json", '{"learning_rate": 3e-3, "epochs": 4, "batch_size": 8}', "--out", str(tmp_path)])
+                      "--train-json", SMOKE_TRAIN_JSON, "--out", str(tmp_path)])
     written = json.loads((tmp_path / "suite-smoke.json").read_text())
     result = written["results"]["mixed"]
     assert result.keys() == doc["results"]["mixed"].keys() == {"default", "naive", "joint", "targets_met"}

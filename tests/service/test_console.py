@@ -24,7 +24,7 @@ from service.settings import DEV_ADMIN_KEY, Settings
 from service.update_log import UpdateRecord
 from streams.broker import LocalBroker
 from streams.produce import TicketProducer
-from tests.conftest import LiveService, add_versions, open_console, tiny_settings, wait_for
+from tests.conftest import TINY_TRAIN, LiveService, add_versions, open_console, tiny_settings, wait_for
 from tests.test_end_to_end import WINDOW_1, WINDOW_2, window_tickets
 
 SHOTS = Path(__file__).resolve().parents[2] / "docs" / "img"
@@ -57,7 +57,9 @@ def trigger_and_wait(page: Page, version: str) -> None:
 
 def test_console_watches_forgetting_and_steers_updates(
         broker: LocalBroker, serve: Callable[[Settings], LiveService], browser: Browser, tmp_path: Path) -> None:
-    settings = tiny_settings(tmp_path, broker.bootstrap, replay=ReplaySettings(near_duplicate_cosine=0.999))
+    # The console shows what the updates did, not how well the tiny model learns: a third of the epochs.
+    settings = tiny_settings(tmp_path, broker.bootstrap, replay=ReplaySettings(near_duplicate_cosine=0.999),
+                             train=TINY_TRAIN.model_copy(update={"epochs": 10}))
     live = serve(settings)
     client = live.client()
     errors: list[str] = []

@@ -39,6 +39,8 @@ TRAIN = TINY_TRAIN.model_copy(update={"threads": 1})
 # Tests that cancel: an update that would run for minutes, so it cannot finish before the cancel
 # lands on a quiet machine (110 steps took under 3 s there, less than a CLI's reaction to Ctrl-C).
 LONG_TRAIN = TRAIN.model_copy(update={"epochs": 3000})
+# Tests of the process and the registry, every update promoted (PROMOTE_ALL): what is learned is not the point.
+QUICK_TRAIN = TRAIN.model_copy(update={"epochs": 2})
 LABELS = ["card_arrival", "exchange_rate"]
 
 
@@ -346,7 +348,7 @@ def test_a_restart_removes_the_job_folders_of_a_killed_service(tiny_llama: Path,
 
 def test_an_update_prunes_the_registry_and_a_pruned_version_is_refused_clearly(
         serve: Callable[[Settings], LiveService], tmp_path: Path) -> None:
-    live = serve(tiny_settings(tmp_path, None, train=TRAIN, gate=PROMOTE_ALL,
+    live = serve(tiny_settings(tmp_path, None, train=QUICK_TRAIN, gate=PROMOTE_ALL,
                                registry=RegistrySettings(keep_rejected=0, keep_superseded=1)))
     service, client = live.service, live.client()
     add_versions(service.registry, 3, LABELS)  # v0001-v0003: accepted, never served
@@ -374,7 +376,8 @@ def test_an_update_prunes_the_registry_and_a_pruned_version_is_refused_clearly(
 
 def test_the_newest_updates_are_kept_bounded_across_a_restart(tiny_llama: Path, tmp_path: Path) -> None:
     """A year-long service: the history may neither grow without end nor vanish with a restart."""
-    settings = tiny_settings(tmp_path, None, train=TRAIN, gate=PROMOTE_ALL, registry=RegistrySettings(keep_updates=3))
+    settings = tiny_settings(tmp_path, None, train=QUICK_TRAIN, gate=PROMOTE_ALL,
+                             registry=RegistrySettings(keep_updates=3))
     service = Service(settings)
     try:
         for _ in range(5):  # nothing to learn: each is skipped at once
@@ -401,7 +404,7 @@ def test_the_newest_updates_are_kept_bounded_across_a_restart(tiny_llama: Path, 
 
 def test_the_next_training_process_waits_imported_and_a_dead_one_is_replaced(
         serve: Callable[[Settings], LiveService], tmp_path: Path) -> None:
-    live = serve(tiny_settings(tmp_path, None, train=TRAIN, gate=PROMOTE_ALL))
+    live = serve(tiny_settings(tmp_path, None, train=QUICK_TRAIN, gate=PROMOTE_ALL))
     updates = live.service.updates
     assert updates.spare_pid is None  # nothing waits to be learned: no process is kept for it
 
