@@ -253,7 +253,8 @@ class UpdateOutcome(Report):
     the labels the candidate knows."""
 
     gate: GateReport
-    train: RoundReport
+    train: RoundReport | None = Field(description="None for a candidate trained elsewhere and only gated here "
+                                                  "(a federated round's, `learners.federated`).")
     labels: list[str]
     search: SearchReport | None = Field(default=None, description="The hyperparameter search that chose the "
                                                                   "candidate's settings (`hpo.trials` ≥ 2).")

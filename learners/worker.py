@@ -20,12 +20,13 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import IO
+from typing import IO, Literal
 
 import torch
 from pydantic import BaseModel, Field
 
 from learners.config import GateSettings, TrainSettings
+from learners.federated import SITE_SCORES_FILE, SiteScores
 from learners.hpo import Search
 from learners.hpo_config import HpoSettings
 from learners.messages import (
@@ -39,7 +40,7 @@ from learners.messages import (
 from learners.placement import CPU, Placement
 from learners.reports import Progress
 from learners.train import Cancelled
-from learners.update_step import train_candidate
+from learners.update_step import evaluate_candidate, train_candidate
 from replay.buffer import Snapshot
 
 LOG = logging.getLogger(__name__)
@@ -73,6 +74,13 @@ class Job(BaseModel):
                                                                  "of this update's trials only).")
     live_untrained: bool = Field(default=False, description="The live version has learned no window (the "
                                                             "first version): the search may change the rank.")
+    task: Literal["update", "evaluate"] = Field(
+        default="update", description="update: train a candidate and gate it; evaluate: gate `candidate_dir`, "
+                                      "trained elsewhere (a federated round's), and write its per-probe scores "
+                                      f"to `out_dir/{SITE_SCORES_FILE}` for the hub.")
+    start_dir: Path | None = Field(default=None, description="The adapter training starts from, when not the "
+                                                             "live one (a federated round's global adapter).")
+    candidate_dir: Path | None = Field(default=None, description="The adapter an evaluation gates.")
 
 
 def thread_budget(cfg: TrainSettings) -> int:
@@ -129,6 +137,8 @@ def main(job_file: Path) -> int:
         threads = thread_budget(job.train)
         torch.set_num_threads(threads)
         reporter.send(StartedMessage(pid=os.getpid(), threads=threads))
+        if job.task == "evaluate":
+            return evaluate(job, reporter)
         winner = (Search(job.snapshot, job.base_path, job.live_dir, job.live_untrained, job.train, job.hpo,
                          job.study_journal, job_file.parent / "hpo", reporter.progress, cancel, job.placement,
                          job.votes, job.vote_weight).run()
@@ -136,7 +146,7 @@ def main(job_file: Path) -> int:
         outcome = train_candidate(job.snapshot, job.base_path, job.live_dir, job.out_dir,
                                   winner.cfg if winner else job.train, job.gate, reporter.progress, cancel,
                                   job.best_before, job.shortlists, job.votes, job.vote_weight,
-                                  winner.start_dir if winner else None, job.placement)
+                                  winner.start_dir if winner else job.start_dir, job.placement)
         if winner is not None:
             outcome = outcome.model_copy(update={"search": winner.report})
     except Cancelled as exc:
@@ -146,6 +156,16 @@ def main(job_file: Path) -> int:
         LOG.exception("training failed")
         reporter.send(FailedMessage(reason=f"{type(exc).__name__}: {exc}"))
         return 1
+    reporter.send(DoneMessage(**dict(outcome)))
+    return 0
+
+
+def evaluate(job: Job, reporter: Reporter) -> int:
+    if job.candidate_dir is None:
+        raise ValueError("an evaluation needs `candidate_dir`")
+    outcome = evaluate_candidate(job.snapshot, job.base_path, job.live_dir, job.candidate_dir, job.out_dir,
+                                 job.train, job.gate, job.shortlists, job.votes, job.vote_weight, job.placement)
+    (job.out_dir / SITE_SCORES_FILE).write_text(SiteScores.of(outcome.gate).model_dump_json())
     reporter.send(DoneMessage(**dict(outcome)))
     return 0
 

@@ -9,7 +9,19 @@ from fastapi import FastAPI, Request, Response
 
 from service import errors
 from service.core import Service
-from service.routes import adapters, buffer, classify, console, forgetting, health, openai, privacy, tickets, updates
+from service.routes import (
+    adapters,
+    buffer,
+    classify,
+    console,
+    federation,
+    forgetting,
+    health,
+    openai,
+    privacy,
+    tickets,
+    updates,
+)
 
 
 def create_app(service: Service) -> FastAPI:
@@ -30,5 +42,8 @@ def create_app(service: Service) -> FastAPI:
 
     for module in (console, health, classify, openai, adapters, updates, privacy, forgetting, buffer, tickets):
         app.include_router(module.router)
+    # Adapters travel whole: the bound is the federation's own, base64 in JSON a third over it.
+    app.include_router(federation.router, max_body_size=service.settings.federation.max_weights_bytes * 4 // 3
+                       + service.settings.api.max_body_bytes)
     app.mount("/console", console.assets(), name="console")
     return app

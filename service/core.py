@@ -18,6 +18,7 @@ from replay.buffer import ReplayBuffer
 from replay.embed import SentenceEmbedder
 from service.batching import ClassifyBatcher
 from service.export import Exporter, base_gguf
+from service.federated_site import FederatedSite
 from service.forgetting import AccuracyMatrix
 from service.generation import Generator
 from service.live import LiveVersion
@@ -79,6 +80,7 @@ class Service:
                                      retention=settings.registry, hpo=settings.hpo,
                                      study_journal=settings.hpo.journal or data / STUDY_JOURNAL,
                                      placement=self.train_placement, catch_up=self._catch_up())
+        self.federated_site = FederatedSite(self.updates, data / "scratch")
         self.generator = Generator(self.runtime, settings.serving.max_prompt_tokens, settings.serving.turn_tokens,
                                    settings.serving.turn_ms)
         self.batcher = ClassifyBatcher(self.runtime, settings.serving.max_batch, settings.serving.batch_wait_ms,

@@ -180,6 +180,14 @@ class ReplicaSettings(BaseModel):
     poll_timeout_ms: int = Field(500, gt=0, description="How long one poll of the promotion topic waits (ms).")
 
 
+class FederationSettings(BaseModel):
+    """This service as a site of a federation (`evergreen federate site`, `/v1/federation`)."""
+
+    max_weights_bytes: int = Field(64 * 1024 * 1024, gt=0, description="Largest adapter (safetensors bytes) the "
+                                   "federation routes accept from the hub; their bodies may be a third larger "
+                                   "(base64 in JSON).")
+
+
 class DemoSettings(BaseModel):
     """The built-in BANKING77 stream that `evergreen up` runs (see `service.demo`)."""
 
@@ -218,6 +226,7 @@ class Settings(BaseSettings):
     api: ApiSettings = ApiSettings()
     serving: ServingSettings = ServingSettings()
     replicas: ReplicaSettings = ReplicaSettings()
+    federation: FederationSettings = FederationSettings()
     demo: DemoSettings = DemoSettings()
 
     @model_validator(mode="after")

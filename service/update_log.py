@@ -23,7 +23,8 @@ from service.registry import AdapterRegistry, RegistryError, fsync_write
 
 LOG = logging.getLogger(__name__)
 
-UpdateStatus = Literal["running", "promoted", "rejected", "skipped", "cancelled", "failed"]
+# contributed, evaluated: a federated round's fit and evaluation (`service.federated_site`).
+UpdateStatus = Literal["running", "promoted", "rejected", "skipped", "cancelled", "failed", "contributed", "evaluated"]
 # preparing: waiting for the ingester to store the tickets sent, snapshot, starting the training
 # process, loading the model; searching: the trials of the hyperparameter search (`hpo.trials`);
 # gating: Fisher, save, gate.

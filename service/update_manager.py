@@ -19,7 +19,9 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from learners.config import GateSettings, TrainSettings
 from learners.hpo_config import HpoSettings
@@ -38,7 +40,7 @@ from learners.reports import TrainingProgress
 from learners.train import Cancelled
 from learners.update_step import initial_adapter
 from learners.worker import Job
-from replay.buffer import ReplayBuffer
+from replay.buffer import ReplayBuffer, Snapshot
 from service.forgetting import AccuracyMatrix, best_before
 from service.heap import release_free_memory
 from service.live import LiveVersion
@@ -100,6 +102,17 @@ def ensure_initial_version(registry: AdapterRegistry, base_path: Path, cfg: Trai
     live = registry.live
     assert live is not None
     return live
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """An update's inputs, taken before its training process starts."""
+
+    live: str
+    windows_trained: list[int]  # by the live version
+    snapshot: Snapshot
+    shortlists: dict[str, list[str]]
+    votes: dict[str, dict[str, float]]
 
 
 class UpdateManager:
@@ -183,8 +196,12 @@ class UpdateManager:
         with self._control:
             return self._process.pid if self._process is not None else None
 
-    def start(self, trigger: str) -> UpdateRecord:
-        """Start an update in the background; raises UpdateInProgress if one is running."""
+    def start(self, trigger: str, work: Callable[[UpdateRecord], None] | None = None) -> UpdateRecord:
+        """Start an update in the background; raises UpdateInProgress if one is running.
+
+        `work`: what the update does instead of training and gating a candidate of its own (a
+        federated round's part, `service.federated_site`), under the same one-at-a-time rule.
+        """
         # One whose verdict is out may still be tidying up (its log line, freed memory): a client
         # that saw it finish must be able to start the next, so that wait is not a refusal.
         if not self._running.acquire(blocking=False) and (
@@ -194,8 +211,8 @@ class UpdateManager:
             self._cancelled, self._process = None, None
         record = UpdateRecord(id=next(self._ids), trigger=trigger)
         self.history.append(record)
-        self._thread = threading.Thread(target=self._run, args=(record,), name=f"update-{record.id}",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(record, work or self._update),
+                                        name=f"update-{record.id}", daemon=True)
         self._thread.start()
         return record
 
@@ -253,9 +270,15 @@ class UpdateManager:
     def get(self, update_id: int) -> UpdateRecord | None:
         return next((r for r in self.history if r.id == update_id), None)
 
-    def _run(self, record: UpdateRecord) -> None:
+    def wait(self, record: UpdateRecord, timeout: float | None = None) -> None:
+        """Return once `record`'s update has finished (or `timeout` seconds passed)."""
+        thread = self._thread  # the update last started: nothing else starts while a caller waits for its own
+        if thread is not None and thread.name == f"update-{record.id}":
+            thread.join(timeout)
+
+    def _run(self, record: UpdateRecord, work: Callable[[UpdateRecord], None]) -> None:
         try:
-            self._update(record)
+            work(record)
         except Cancelled as exc:
             LOG.info("update %d cancelled: %s", record.id, exc)
             record.status, record.reason = "cancelled", str(exc)
@@ -273,7 +296,9 @@ class UpdateManager:
             self.warm()
             self._running.release()
 
-    def _update(self, record: UpdateRecord) -> None:
+    def prepare(self, record: UpdateRecord) -> Prepared | None:
+        """Close the open window and take the update's snapshot, its probes' neighbours, and its
+        privacy budget; None when there is nothing to learn or the budget refuses (the record says)."""
         if self.catch_up is not None:  # `evergreen produce` then `evergreen update` learns what was produced
             record.ingest_caught_up = self.catch_up()
             if not record.ingest_caught_up:
@@ -291,30 +316,42 @@ class UpdateManager:
             record.status, record.reason = "skipped", "no new labelled records since the live version"
             if record.ingest_caught_up is False:
                 record.reason += " (the ingester had not stored every ticket sent yet: try again shortly)"
-            return
+            return None
         if self.train.privacy.enabled:
             planned = mechanism(len(snapshot.new) + len(snapshot.replay), len(snapshot.new), self.train)
             refusal = self.privacy.admit(record.id, planned, stored=len(self.buffer))
             if refusal is not None:
                 record.status, record.reason = "skipped", refusal
-                return
+                return None
         shortlists, votes = probe_neighbours(self.buffer, budgeted_probes(snapshot.probes, snapshot.new_windows,
                                                                           self.gate.probe_budget),
                                              snapshot.labels, self.gate)
         if self.hpo.searching:  # any training row may be held out for validation
             votes |= held_out_votes(self.buffer, [*snapshot.new, *snapshot.replay], snapshot.labels)
         record.snapshot_seconds = time.perf_counter() - started
+        return Prepared(live=live, windows_trained=live_info.windows_trained, snapshot=snapshot,
+                        shortlists=shortlists, votes=votes)
 
+    def job(self, prepared: Prepared, out_dir: Path, **task: Any) -> Job:
+        """The training process's job on `prepared`, writing into `out_dir`; `task`: `Job`'s
+        fields of a federated round's part (`task`, `start_dir`, `candidate_dir`)."""
+        live = prepared.live
+        return Job(snapshot=prepared.snapshot, base_path=self.base_path, live_dir=self.registry.path(live),
+                   out_dir=out_dir, train=self.train, gate=self.gate, placement=self.placement,
+                   best_before=best_before(self.registry, self.matrix, live), shortlists=prepared.shortlists,
+                   votes=prepared.votes, vote_weight=self.buffer.settings.vote_weight, hpo=self.hpo,
+                   study_journal=self.study_journal, live_untrained=not prepared.windows_trained, **task)
+
+    def _update(self, record: UpdateRecord) -> None:
+        prepared = self.prepare(record)
+        if prepared is None:
+            return
+        live, snapshot = prepared.live, prepared.snapshot
         with self.registry.draft() as draft:
-            job = Job(snapshot=snapshot, base_path=self.base_path, live_dir=self.registry.path(live),
-                      out_dir=draft.path, train=self.train, gate=self.gate, placement=self.placement,
-                      best_before=best_before(self.registry, self.matrix, live), shortlists=shortlists,
-                      votes=votes, vote_weight=self.buffer.settings.vote_weight, hpo=self.hpo,
-                      study_journal=self.study_journal, live_untrained=not live_info.windows_trained)
-            outcome = self._train(record, job)
+            outcome = self.run_job(record, self.job(prepared, draft.path))
             info = self.registry.publish(draft, VersionMetadata(
                 parent=live, verdict="accepted" if outcome.gate.passed else "rejected",
-                windows_trained=sorted({*live_info.windows_trained, *snapshot.new_windows}),
+                windows_trained=sorted({*prepared.windows_trained, *snapshot.new_windows}),
                 labels=outcome.labels, gate=outcome.gate, train=outcome.train))
         self.matrix.record_gate(info.name, live, outcome.gate)
         record.version, record.gate, record.reason = info.name, outcome.gate, outcome.gate.reason
@@ -324,9 +361,9 @@ class UpdateManager:
         else:
             self.live.promote(info.name)
             record.status = "promoted"
-        self._prune()
+        self.prune()
 
-    def _prune(self) -> None:
+    def prune(self) -> None:
         """Apply the registry's retention. A failure is logged, not the update's: its version is
         registered (and live, if promoted) already, and the next update or start finishes it."""
         try:
@@ -337,7 +374,7 @@ class UpdateManager:
         if pruned:
             LOG.info("pruned %d registry versions (retention): %s", len(pruned), ", ".join(pruned))
 
-    def _train(self, record: UpdateRecord, job: Job) -> DoneMessage:
+    def run_job(self, record: UpdateRecord, job: Job) -> DoneMessage:
         """Run the training process to its end; its `done` message, or an exception saying why not."""
         self.scratch_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="evergreen-update-", dir=self.scratch_dir) as scratch:
