@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 
 from service.export_config import ExportFormat, Quant
+from service.federation.launch import app as federate_app
 from service.settings import DEV_ADMIN_KEY, Settings, masked, use_config_file
 from service.settings_doc import reference
 
@@ -28,6 +29,7 @@ config_app = typer.Typer(help="Inspect the settings.", no_args_is_help=True)
 model_app = typer.Typer(help="Prepare base models.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(model_app, name="model")
+app.add_typer(federate_app, name="federate")
 console = Console(stderr=True)
 
 

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load, save
 
 from learners.federated import SiteScores, judge_pooled
+from learners.privacy import epsilon, mechanism
 from service.settings import FederationSettings, Settings
 from streams.records import TicketRecord
 from tests.conftest import TINY_GATE, TINY_TRAIN, LiveService, tiny_settings
@@ -118,3 +119,24 @@ def test_bad_adapters_and_requests_are_refused_before_anything_reads_them(
     assert live.service.registry.names() == [live.service.registry.live]  # nothing of it registered
     with pytest.raises(ValueError, match="no site's scores"):
         judge_pooled([], TINY_GATE)
+
+
+def test_a_private_site_reports_its_epsilon_and_stops_contributing_when_its_budget_is_spent(
+        serve: Callable[[Settings], LiveService], tmp_path: Path) -> None:
+    private = QUICK.model_copy(update={"epochs": 3.0, "privacy": QUICK.privacy.model_copy(
+        update={"enabled": True, "noise_multiplier": 0.8})})
+    one_round = epsilon([mechanism(26, 26, private)], private.privacy.delta)  # of 36 tickets, 10 kept as probes
+    budgeted = private.model_copy(update={"privacy": private.privacy.model_copy(
+        update={"epsilon_budget": 1.1 * one_round})})
+    live = serve(tiny_settings(tmp_path, None, train=budgeted, gate=TINY_GATE))
+    client = live.client()
+    start = client.get("/v1/federation/weights", headers=live.admin).content
+    add_window(live, "a", LABELS[:2])
+    first = octets(client, "/v1/federation/rounds/1/fit", start, live.admin).json()
+    assert first["examples"] == 26 and first["epsilon_spent"] == pytest.approx(one_round), first
+    assert client.get("/v1/privacy").json()["rounds"] == 1
+    add_window(live, "b", LABELS[1:])
+    second = octets(client, "/v1/federation/rounds/2/fit", start, live.admin).json()
+    assert second["examples"] == 0 and second["weights"] == "", second
+    assert second["reason"].startswith("skipped: privacy budget spent"), second
+    assert second["epsilon_spent"] == pytest.approx(one_round)
