@@ -213,7 +213,7 @@ def _failure(failure: object) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--address", default="127.0.0.1:9092", help="Where the hub listens, host:port.")
+    parser.add_argument("--address", default="127.0.0.1:8080", help="Where the hub listens, host:port.")
     parser.add_argument("--sites", type=Path, required=True, help="JSON file: each site's name and key.")
     parser.add_argument("--rounds", type=int, default=3, help="Rounds that train (one more delivers).")
     parser.add_argument("--quorum", type=int, default=2, help="Fewest sites a round's candidate and its "

@@ -34,7 +34,7 @@ def federation_python() -> str:
 def hub(
     sites: Annotated[Path, typer.Option(help="JSON file: each site's name and its key (16+ characters).",
                                         exists=True, dir_okay=False)],
-    address: Annotated[str, typer.Option(help="Where the hub listens, host:port.")] = "127.0.0.1:9092",
+    address: Annotated[str, typer.Option(help="Where the hub listens, host:port.")] = "127.0.0.1:8080",
     rounds: Annotated[int, typer.Option(min=1, help="Rounds that train; one more delivers the last promotion.")] = 3,
     quorum: Annotated[int, typer.Option(min=1, help="Fewest sites whose adapters make a candidate, and whose "
                                                     "evaluations may promote it.")] = 2,
