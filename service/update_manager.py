@@ -18,7 +18,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,7 @@ from learners.train import Cancelled
 from learners.update_step import initial_adapter
 from learners.worker import Job
 from replay.buffer import ReplayBuffer, Snapshot
+from service.buffer_votes import held_out_votes, probe_neighbours
 from service.forgetting import AccuracyMatrix, best_before
 from service.heap import release_free_memory
 from service.live import LiveVersion
@@ -49,7 +50,6 @@ from service.registry import AdapterRegistry, VersionMetadata
 from service.settings import RegistrySettings
 from service.update_log import UpdateLog, UpdateRecord
 from service.worker_process import TrainingFailed, TrainingProcess, describe_exit, discard, spawn_spare
-from streams.records import TicketRecord
 
 LOG = logging.getLogger(__name__)
 STUDY_JOURNAL = "hpo-study.journal"  # the hyperparameter search's Optuna journal, in `data_dir`
@@ -62,28 +62,6 @@ class UpdateInProgress(Exception):
 
 class UpdateNotRunning(Exception):
     """The update asked to be cancelled has finished already."""
-
-
-def probe_neighbours(buffer: ReplayBuffer, probes: Mapping[int, Sequence[TicketRecord]], labels: Sequence[str],
-                     gate: GateSettings) -> tuple[dict[str, list[str]], dict[str, dict[str, float]]]:
-    """What each probe's nearest labelled training tickets (probe rows do not vote) say about it
-    (`ReplayBuffer.advise`), by probe id: the labels it is judged among (absent: every label), and
-    the buffer's vote on it (absent: no vote)."""
-    rows = [r for window in probes.values() for r in window if r.label]
-    advice = buffer.advise([r.text for r in rows], labels, gate.shortlist_labels, gate.shortlist_neighbours,
-                           probes=False)
-    return ({r.id: a.shortlist for r, a in zip(rows, advice, strict=True) if a.shortlist},
-            {r.id: a.votes for r, a in zip(rows, advice, strict=True) if a.votes})
-
-
-def held_out_votes(buffer: ReplayBuffer, rows: Sequence[TicketRecord],
-                   labels: Sequence[str]) -> dict[str, dict[str, float]]:
-    """The buffer's vote on each labelled row as `/v1/classify` would give it on a new ticket like
-    it: every stored ticket votes but the row's own copy. A search scores its trials on rows held
-    out of training with these (`learners.validation.validation_scores`)."""
-    rows = [r for r in rows if r.label]
-    advice = buffer.advise([r.text for r in rows], labels, 0, 0, left_out=[r.id for r in rows])
-    return {r.id: a.votes for r, a in zip(rows, advice, strict=True) if a.votes}
 
 
 def ensure_initial_version(registry: AdapterRegistry, base_path: Path, cfg: TrainSettings,

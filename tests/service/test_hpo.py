@@ -28,11 +28,12 @@ from learners.update_step import TRAIN_CONFIG_FILE
 from learners.validation import ValidationSplit
 from replay.buffer import ReplayBuffer
 from replay.embed import SentenceEmbedder
+from service.buffer_votes import held_out_votes
 from service.cli import _show
 from service.core import Service
 from service.narrator import Narrator
 from service.routes.updates import UpdatePublic
-from service.update_manager import STUDY_JOURNAL, held_out_votes
+from service.update_manager import STUDY_JOURNAL
 from streams.records import TicketRecord
 from tests.conftest import TINY_TRAIN, gauge, tiny_settings, wait_for
 from tests.service.test_update_manager import LABELS, add_window, run_update
