@@ -4,37 +4,37 @@ hub refuses a sites file it cannot trust before it listens."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
-EVERGREEN = Path(sys.executable).parent / "evergreen"
+from service.cli import app
 
-
-def federate(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(EVERGREEN), "federate", *args], cwd=cwd, env={**os.environ, **env},
-                          capture_output=True, text=True, timeout=120)
+FED_PYTHON = Path(__file__).resolve().parents[2] / ".venv-fed" / "bin" / "python"
 
 
-def test_what_is_missing_is_named(tmp_path: Path) -> None:
+def test_what_is_missing_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     sites = tmp_path / "sites.json"
     sites.write_text(json.dumps({"east": "east-key-0123456789"}))
-    missing = federate("hub", "--sites", str(sites), cwd=tmp_path, EVERGREEN_FEDERATION_PYTHON=str(tmp_path / "nope"))
-    assert missing.returncode != 0 and "make federation" in missing.stderr
-    keyless = federate("site", "--hub", "127.0.0.1:1", "--name", "east", cwd=tmp_path)
-    assert keyless.returncode != 0 and "EVERGREEN_FEDERATION_KEY" in keyless.stderr
+    monkeypatch.setenv("EVERGREEN_FEDERATION_PYTHON", str(tmp_path / "nope"))
+    missing = CliRunner().invoke(app, ["federate", "hub", "--sites", str(sites)])
+    assert missing.exit_code != 0 and "make federation" in missing.output
+    monkeypatch.delenv("EVERGREEN_FEDERATION_KEY", raising=False)
+    keyless = CliRunner().invoke(app, ["federate", "site", "--hub", "127.0.0.1:1", "--name", "east"])
+    assert keyless.exit_code != 0 and "EVERGREEN_FEDERATION_KEY" in keyless.output
 
 
-def test_the_hub_refuses_short_keys_and_an_impossible_quorum(tmp_path: Path) -> None:
-    if not (Path(__file__).resolve().parents[2] / ".venv-fed" / "bin" / "python").exists():
-        pytest.skip("the federation's environment: `make federation` (`make test` builds it)")
+@pytest.mark.skipif(not FED_PYTHON.exists(), reason="the federation's environment: `make federation`")
+@pytest.mark.parametrize(("keys", "quorum", "why"), [
+    ({"east": "short"}, "1", "at least 16 characters"),
+    ({"east": "east-key-0123456789"}, "2", "--quorum 2 must be between 1 and the 1 sites"),
+])
+def test_the_hub_refuses_short_keys_and_an_impossible_quorum(tmp_path: Path, keys: dict[str, str], quorum: str,
+                                                             why: str) -> None:
     sites = tmp_path / "sites.json"
-    sites.write_text(json.dumps({"east": "short"}))
-    short = federate("hub", "--sites", str(sites), cwd=tmp_path)
-    assert short.returncode != 0 and "at least 16 characters" in short.stderr
-    sites.write_text(json.dumps({"east": "east-key-0123456789"}))
-    quorum = federate("hub", "--sites", str(sites), "--quorum", "2", cwd=tmp_path)
-    assert quorum.returncode != 0 and "--quorum 2 must be between 1 and the 1 sites" in quorum.stderr
+    sites.write_text(json.dumps(keys))
+    hub = subprocess.run([str(FED_PYTHON), "-m", "service.federation.hub", "--sites", str(sites), "--quorum", quorum,
+                          "--out", str(tmp_path / "hub")], capture_output=True, text=True, timeout=120)
+    assert hub.returncode != 0 and why in hub.stderr, hub.stderr[-2000:]
