@@ -228,6 +228,7 @@ def main() -> None:
                         help="PEM files of the hub's TLS; none: plain gRPC (loopback and tests only).")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("flwr").propagate = False  # Flower prints its own lines
     keys = json.loads(args.sites.read_text())
     if not isinstance(keys, dict) or not all(isinstance(v, str) and len(v) >= 16 for v in keys.values()):
         raise SystemExit(f"{args.sites}: a JSON object of site name to key (at least 16 characters)")

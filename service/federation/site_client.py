@@ -124,6 +124,7 @@ def main() -> None:
     parser.add_argument("--root-certificate", help="CA certificate (PEM) of the hub's TLS; none: plain gRPC.")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("flwr").propagate = False  # Flower prints its own lines
     key, api_key = os.environ.get(FEDERATION_KEY_ENV), os.environ.get(SITE_API_KEY_ENV)
     if not key or not api_key:
         raise SystemExit(f"{FEDERATION_KEY_ENV} and {SITE_API_KEY_ENV} must be set")
