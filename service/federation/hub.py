@@ -170,7 +170,7 @@ class GatedFedAvg(FedAvg):
     def aggregate_evaluate(self, server_round: int, results: list[tuple[ClientProxy, flwr.common.EvaluateRes]],
                            failures: list[tuple[ClientProxy, flwr.common.EvaluateRes] | BaseException]
                            ) -> tuple[float | None, dict[str, Scalar]]:
-        sites, refused = [], {}
+        sites, refused, unable = [], {}, {}
         for _, result in results:
             site, scores = str(result.metrics.get("site", "?")), str(result.metrics.get("scores", ""))
             key = self.keys.get(site)
@@ -178,12 +178,16 @@ class GatedFedAvg(FedAvg):
                                          str(result.metrics.get("signature", ""))):
                 refused[site] = "unknown site or wrong signature"
                 continue
+            if not scores:  # the site could not evaluate (it did not train this round, say)
+                unable[site] = str(result.metrics.get("reason", ""))
+                continue
             try:
                 sites.append(SiteScores.model_validate_json(scores).model_copy(update={"site": site}))
             except ValueError as exc:
                 refused[site] = f"scores that do not parse: {str(exc)[:200]}"
         self.entry |= {"evaluated": {s.site: {"probes": s.probes, "own_verdict": s.verdict} for s in sites},
-                       "evaluation_refused": refused, "evaluate_failures": [_failure(f) for f in failures]}
+                       "not_evaluated": unable, "evaluation_refused": refused,
+                       "evaluate_failures": [_failure(f) for f in failures]}
         if len(sites) < self.quorum:
             self.entry["outcome"] = (f"not promoted: {len(sites)} sites' evaluations, below the quorum of "
                                      f"{self.quorum}")

@@ -10,6 +10,8 @@ Each instruction becomes one call to the site's `/v1/federation` API (`service.r
 - evaluate: gate the hub's candidate on the site's probes; the per-probe results go back.
 
 Every result carries the site's name and its signature with the federation key (`wire.sign`).
+A site that cannot do what a round asks (its service refuses or does not answer) says why in its
+result rather than raising: with Flower's gRPC transport a client that raises ends its process.
 """
 
 from __future__ import annotations
@@ -42,13 +44,21 @@ class SiteClient(NumPyClient):
         self.names: list[str] = []  # the adapter's tensor names, in the arrays' order
 
     def _post(self, path: str, weights: bytes | None = None, json: object = None) -> httpx.Response:
-        if weights is not None:
-            return self.http.post(path, content=weights, headers={"Content-Type": "application/octet-stream"})
-        return self.http.post(path, json=json)
+        """The service's answer; a 503 of our own making when it does not answer at all."""
+        try:
+            if weights is not None:
+                return self.http.post(path, content=weights, headers={"Content-Type": "application/octet-stream"})
+            return self.http.post(path, json=json)
+        except httpx.HTTPError as exc:
+            return httpx.Response(503, text=f"the site's service did not answer: {exc!r}")
 
     def get_parameters(self, config: dict[str, object]) -> list[np.ndarray]:
-        answer = self.http.get("/v1/federation/weights")
-        answer.raise_for_status()
+        try:
+            answer = self.http.get("/v1/federation/weights")
+            answer.raise_for_status()
+        except httpx.HTTPError as exc:  # the hub starts from the adapter most other sites hold
+            LOG.warning("%s: no live adapter to send: %r", self.name, exc)
+            return []
         self.names, arrays = to_arrays(answer.content)
         LOG.info("%s: the live version %s is the hub's first global adapter", self.name,
                  answer.headers.get("X-Evergreen-Version"))
@@ -95,9 +105,11 @@ class SiteClient(NumPyClient):
             self.get_parameters({})
         answer = self._post(f"/v1/federation/rounds/{round_number}/evaluate",
                             weights=to_safetensors(self.names, parameters))
-        answer.raise_for_status()  # the hub counts the site out of this evaluation
-        scores = answer.text
-        return 0.0, 1, {"site": self.name, "scores": scores,
+        scores = answer.text if answer.status_code == 200 else ""  # none: the hub counts the site out
+        if not scores:
+            LOG.warning("%s: round %d not evaluated: %s %s", self.name, round_number, answer.status_code,
+                        answer.text[:500])
+        return 0.0, 1, {"site": self.name, "scores": scores, "reason": f"{answer.status_code}: {answer.text[:500]}",
                         "signature": sign(self.key, round_number, "evaluate", scores.encode())}
 
 

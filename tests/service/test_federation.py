@@ -2,9 +2,10 @@
 on loopback, each honest site's client bridging to a real Evergreen service on the tiny model.
 
 One round with everything that can go wrong in it: a site whose client is killed mid-fit, a site
-that sends NaN weights, one whose key the hub does not know. The round goes on with the two honest
-sites (the quorum), their adapters averaged, gated on their pooled probes, and the promoted
-version delivered to both by the next round; the refusals are in the hub's log with their reasons.
+with nothing new to learn, a site that sends NaN weights, one whose key the hub does not know. The
+round goes on with the two honest sites that trained (the quorum), their adapters averaged, gated
+on their pooled probes, and the promoted version delivered by the next round to every site still
+connected; the refusals are in the hub's log with their reasons.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ FED_PYTHON = Path(__file__).resolve().parents[2] / ".venv-fed" / "bin" / "python
 pytestmark = pytest.mark.skipif(not FED_PYTHON.exists(), reason="the federation's environment: `make federation`")
 QUICK = TINY_TRAIN.model_copy(update={"epochs": 10.0, "threads": 1})
 KEYS = {"east": "east-key-0123456789abcdef", "west": "west-key-0123456789abcdef",
-        "north": "north-key-0123456789abcdef", "rogue": "rogue-key-0123456789abcdef"}
+        "north": "north-key-0123456789abcdef", "south": "south-key-0123456789abcdef",
+        "rogue": "rogue-key-0123456789abcdef"}
 # Clients that lie, for the hub to catch: `nan` signs NaN weights with its real key; `unknown`
 # signs a plausible adapter with a key the hub was never given.
 ROGUE = """
@@ -84,22 +86,23 @@ def processes() -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
         process.wait()
 
 
-def test_a_round_survives_a_lost_site_nan_weights_and_an_unknown_key(
+def test_a_round_survives_a_lost_site_an_idle_one_nan_weights_and_an_unknown_key(
         serve: Callable[[Settings], LiveService], processes: Callable[..., subprocess.Popen[bytes]],
         tmp_path: Path) -> None:
     assert federation_python() == str(FED_PYTHON)
     # Each site its own mix of the window's intents (not identically distributed).
     mixes = {"east": ("card_arrival", "exchange_rate"), "west": ("exchange_rate", "top_up_failed"),
              "north": ("card_arrival", "top_up_failed")}
-    sites = {name: serve(tiny_settings(tmp_path / name, None, train=QUICK, gate=TINY_GATE)) for name in mixes}
-    for name, live in sites.items():
-        add_window(live, name, mixes[name])
+    sites = {name: serve(tiny_settings(tmp_path / name, None, train=QUICK, gate=TINY_GATE))
+             for name in [*mixes, "south"]}
+    for name, labels in mixes.items():  # south has no tickets yet
+        add_window(sites[name], name, labels)
     started_with = {name: live.service.registry.live for name, live in sites.items()}
     (tmp_path / "sites.json").write_text(json.dumps({k: v for k, v in KEYS.items() if k != "rogue"}
                                                     | {"nan": KEYS["rogue"]}))
     hub_address, out = f"127.0.0.1:{free_port()}", tmp_path / "hub"
     hub = processes("-m", "service.federation.hub", "--sites", str(tmp_path / "sites.json"), "--address",
-                    hub_address, "--rounds", "1", "--quorum", "2", "--wait-for", "5", "--out", str(out),
+                    hub_address, "--rounds", "1", "--quorum", "2", "--wait-for", "6", "--out", str(out),
                     "--gate", TINY_GATE.model_dump_json(), "--round-timeout", "300", log=tmp_path / "hub.log")
     clients = {name: processes("-m", "service.federation.site_client", "--hub", hub_address, "--name", name,
                                "--service", live.url, log=tmp_path / f"{name}.log",
@@ -127,18 +130,21 @@ def test_a_round_survives_a_lost_site_nan_weights_and_an_unknown_key(
     assert sorted(first["fit"]) == ["east", "west"], first
     assert first["refused"] == {"nan": "NaN or infinite weights", "mallory": "unknown site or wrong signature"}
     assert len(first["fit_failures"]) == 1  # north, lost mid-fit
+    assert list(first["idle"]) == ["south"] and first["idle"]["south"].startswith("skipped: no new labelled")
     assert sorted(first["evaluated"]) == ["east", "west"] and first["outcome"].startswith("promoted"), first
+    assert list(first["not_evaluated"]) == ["south"] and "no fit of round 1" in first["not_evaluated"]["south"]
     pooled = first["gate"]["candidate"]
     assert sum(w["n"] for w in pooled.values()) == sum(s["probes"] for s in first["evaluated"].values())
     assert delivery["delivers_round"] == 1 and "outcome" not in delivery
 
-    # Both honest sites now serve the same federated version, with the hub's report; north kept its own.
-    versions = {name: sites[name].service.registry.live for name in ("east", "west")}
+    # Every site still connected serves the same federated version, with the hub's report (south
+    # learned no window of its own in it); north, gone, kept its own.
+    versions = {name: sites[name].service.registry.live for name in ("east", "west", "south")}
     for name, version in versions.items():
         assert version != started_with[name]
         info = sites[name].service.registry.info(version)
-        assert info.gate is not None and info.gate.passed and info.windows_trained == [1]
+        assert info.gate is not None and info.gate.passed and info.windows_trained == ([] if name == "south" else [1])
         assert first["outcome"] == f"promoted: {info.gate.reason}"
-    east, west = (load_file(sites[n].service.registry.path(v) / ADAPTER_WEIGHTS) for n, v in versions.items())
-    assert east.keys() == west.keys() and all(torch.equal(east[k], west[k]) for k in east)
+    east, *others = (load_file(sites[n].service.registry.path(v) / ADAPTER_WEIGHTS) for n, v in versions.items())
+    assert all(other.keys() == east.keys() and all(torch.equal(east[k], other[k]) for k in east) for other in others)
     assert sites["north"].service.registry.live == started_with["north"]
