@@ -168,8 +168,9 @@ def markdown(results: dict[str, dict[str, object]]) -> str:
              "|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         ratio = f"{r['average_accuracy'] / central:.2f}" if central else "–"  # type: ignore[operator]
-        spent = ", ".join(f"{e:.2f}" for e in r.get("epsilon_spent", [])) or "–"  # type: ignore[attr-defined]
-        sigma = ", ".join(f"{s:.2f}" for s in r.get("noise_multipliers", []) if s) or "–"  # type: ignore[attr-defined]
+        private = r.get("target_epsilon") is not None
+        spent = ", ".join(f"{e:.2f}" for e in r["epsilon_spent"]) if private else "–"  # type: ignore[attr-defined]
+        sigma = ", ".join(f"{s:.2f}" for s in r["noise_multipliers"]) if private else "–"  # type: ignore[attr-defined]
         lines.append(f"| {name} | {spent} | {sigma} | {r['average_accuracy']:.3f} | {ratio} | "
                      f"{r['average_forgetting']:.3f} | {r['seconds'] / 60:.1f} |")  # type: ignore[operator]
     return "\n".join(lines) + "\n"
