@@ -5,6 +5,8 @@ tickets dealt to `--sites` sites unevenly: each intent of a window has a home si
 `--skew` of its tickets, the others share the rest. Each site keeps its own replay of its own
 earlier windows (`cl.replay_for` on its share). Configurations, all from the same fresh adapter:
 
+- `base`: the untrained adapter (the base model), tested as the others: what a run learned is
+  its accuracy above this;
 - `centralized`: the CL benchmark's default method on the whole stream (`cl.run_method`);
 - `federated`: per window, a round: every site trains the global adapter on its share of the
   window plus its replay (`learners.train.run_round`, the product's update step), and the new
@@ -105,7 +107,7 @@ def run_federated(stream: Stream, sites: list[Stream], base_path: Path, cfg: Tra
     rows, started, plans = [], time.perf_counter(), [[] for _ in sites]
     for window in range(len(stream.train)):
         states, weights = [], []
-        for index, (site, site_cfg) in enumerate(zip(sites, configs, strict=True)):
+        for index, (site, site_cfg) in enumerate(zip(sites, configs, strict=True)):  # none: the base model
             new_records = site.train[window]
             if not new_records:
                 continue
@@ -121,9 +123,10 @@ def run_federated(stream: Stream, sites: list[Stream], base_path: Path, cfg: Tra
                           site_cfg, pad)
             states.append({k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()})
             weights.append(len(new_records) + len(replay_records))
-        global_state = {k: sum(w * s[k] for w, s in zip(weights, states, strict=True)) / sum(weights)
-                        for k in global_state}
-        set_peft_model_state_dict(model, global_state)
+        if states:
+            global_state = {k: sum(w * s[k] for w, s in zip(weights, states, strict=True)) / sum(weights)
+                            for k in global_state}
+            set_peft_model_state_dict(model, global_state)
         learnt = list(range(window + 1))
         scorer = LabelScorer(tokenizer, sorted({label for w in learnt for label in stream.labels[w]}))  # type: ignore[arg-type]
         with torch.no_grad():
@@ -200,7 +203,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     parser.add_argument("--skew", type=float, default=0.6, help="share of an intent's tickets at its home site")
     parser.add_argument("--epsilons", default="1,4,8", help="comma-separated ε per site (empty: no DP runs)")
     parser.add_argument("--delta", type=float, default=1e-6)
-    parser.add_argument("--runs", default="centralized,federated,dp", help="which of centralized, federated, dp")
+    parser.add_argument("--runs", default="base,centralized,federated,dp",
+                        help="which of base, centralized, federated, dp")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train-json", default="{}", help="TrainSettings overrides as JSON (default: none)")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
@@ -234,6 +238,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
             "train": cfg.model_dump(mode="json"),
             "command": "evergreen bench federated " + " ".join(sys.argv[1:] if argv is None else argv)})
 
+    if "base" in runs:
+        record("base", run_federated(stream, [], base_path, cfg, None, args.delta, "base"))
     if "centralized" in runs:
         record("centralized", run_method(DEFAULT, stream, base_path, cfg,
                                          lambda m, line: print(f"{'centralized':<12} {line}", flush=True)))

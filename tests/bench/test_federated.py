@@ -22,7 +22,7 @@ def test_federated_bench_smoke_splits_the_stream_and_spends_each_sites_epsilon(
     # Every window's tickets dealt among the three sites, none twice, not evenly.
     assert [sum(site[w] for site in doc["site_tickets"]) for w in range(sizes["windows"])] == \
         [per_window] * sizes["windows"]
-    assert results_keys(doc) == ["centralized", "dp-eps-4", "federated"]
+    assert results_keys(doc) == ["base", "centralized", "dp-eps-4", "federated"]
     private = doc["results"]["dp-eps-4"]
     # Each site's σ is the one at which its rounds over the stream spend the ε asked for, by the
     # service's accountant: replayed tickets counted in every round they join.
