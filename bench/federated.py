@@ -48,7 +48,7 @@ from learners.base_model import resolve_base_model
 from learners.config import TrainSettings
 from learners.gate import evaluate
 from learners.privacy import epsilon, mechanism, private_round
-from learners.prompts import ticket_examples
+from learners.prompts import examples_by_ticket, ticket_examples
 from learners.reports import PrivateRound
 from learners.scoring import LabelScorer
 from learners.train import run_round
@@ -101,9 +101,6 @@ def run_federated(stream: Stream, sites: list[Stream], base_path: Path, cfg: Tra
         if target_epsilon is not None else cfg for site in sites]
     global_state = {k: v.clone() for k, v in get_peft_model_state_dict(model).items()}
 
-    def tickets(records: Sequence[TicketRecord]) -> list[list[object]]:  # the unit DP-SGD clips
-        return [ticket_examples(tokenizer, [r], cfg.max_length, cfg.system_prompt) for r in records]  # type: ignore[arg-type]
-
     rows, started, plans = [], time.perf_counter(), [[] for _ in sites]
     for window in range(len(stream.train)):
         states, weights = [], []
@@ -114,7 +111,10 @@ def run_federated(stream: Stream, sites: list[Stream], base_path: Path, cfg: Tra
             set_peft_model_state_dict(model, global_state)
             replay_records = replay_for(site, window, cfg.seed)
             if site_cfg.privacy.enabled:
-                report = private_round(model, tickets(new_records), tickets(replay_records), site_cfg, pad)  # type: ignore[arg-type]
+                report = private_round(model, examples_by_ticket(tokenizer, new_records, cfg.max_length,  # type: ignore[arg-type]
+                                                                 cfg.system_prompt),
+                                       examples_by_ticket(tokenizer, replay_records, cfg.max_length,  # type: ignore[arg-type]
+                                                          cfg.system_prompt), site_cfg, pad)
                 assert report.privacy is not None
                 plans[index].append(report.privacy)
             else:

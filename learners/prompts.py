@@ -166,3 +166,10 @@ def ticket_examples(tokenizer: PreTrainedTokenizerBase, records: Sequence[Ticket
         if (conversation := record.conversation()) is not None:
             examples.append(conversation_example(tokenizer, conversation, max_length, system))
     return examples
+
+
+def examples_by_ticket(tokenizer: PreTrainedTokenizerBase, records: Sequence[TicketRecord],
+                       max_length: int, system: str | None = None) -> list[list[Example]]:
+    """`ticket_examples` kept apart ticket by ticket: the unit a private round clips
+    (`learners.privacy`); a ticket without examples is still one."""
+    return [ticket_examples(tokenizer, [record], max_length, system) for record in records]

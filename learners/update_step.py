@@ -28,7 +28,7 @@ from learners.methods import peft_config, warm_start
 from learners.placement import CPU, Placement
 from learners.privacy import private_round
 from learners.probes import budgeted_probes
-from learners.prompts import Example, ticket_examples
+from learners.prompts import Example, examples_by_ticket, ticket_examples
 from learners.replies import reply_conditions, reply_probes, score_replies
 from learners.reports import Canary, GateReport, Progress, ReplyScore, RoundReport, UpdateOutcome
 from learners.score_cache import read_probe_scores, write_probe_scores
@@ -67,11 +67,9 @@ def train_adapter(new_records: Sequence[TicketRecord], replay_records: Sequence[
     base, tokenizer = load_base(base_path, placement)
     model = warm_start(base, live_dir)
     if cfg.privacy.enabled:  # each ticket's examples kept together: the ticket is the unit of privacy
-        def tickets(records: Sequence[TicketRecord]) -> list[list[Example]]:
-            return [ticket_examples(tokenizer, [r], cfg.max_length, cfg.system_prompt) for r in records]
-
-        report = private_round(model, tickets(new_records), tickets(replay_records), cfg, tokenizer.pad_token_id,
-                               on_progress, cancel)
+        report = private_round(model, examples_by_ticket(tokenizer, new_records, cfg.max_length, cfg.system_prompt),
+                               examples_by_ticket(tokenizer, replay_records, cfg.max_length, cfg.system_prompt),
+                               cfg, tokenizer.pad_token_id, on_progress, cancel)
         ewc = None
     else:
         new = ticket_examples(tokenizer, new_records, cfg.max_length, cfg.system_prompt)
