@@ -18,8 +18,10 @@ import torch
 from safetensors.torch import load, save
 
 from learners.federated import SiteScores, judge_pooled
+from learners.hpo_config import HpoSettings
 from learners.privacy import epsilon, mechanism
 from service.settings import FederationSettings, Settings
+from service.update_manager import STUDY_JOURNAL
 from streams.records import TicketRecord
 from tests.conftest import TINY_GATE, TINY_TRAIN, LiveService, tiny_settings
 
@@ -39,7 +41,8 @@ def octets(client: httpx.Client, url: str, data: bytes, headers: dict[str, str])
 
 def test_a_round_trains_from_the_hub_is_gated_on_local_probes_and_adopted(
         serve: Callable[[Settings], LiveService], tmp_path: Path) -> None:
-    live = serve(tiny_settings(tmp_path, None, train=QUICK, gate=TINY_GATE))
+    # A site that searches its own updates' settings trains the hub's adapter as it is in a round.
+    live = serve(tiny_settings(tmp_path, None, train=QUICK, gate=TINY_GATE, hpo=HpoSettings(trials=2)))
     client = live.client()
     add_window(live, "a", LABELS[:2])
     answer = client.get("/v1/federation/weights", headers=live.admin)
@@ -54,6 +57,7 @@ def test_a_round_trains_from_the_hub_is_gated_on_local_probes_and_adopted(
     trained = base64.b64decode(reply["weights"])
     assert load(trained).keys() == load(start).keys()
     assert any(not torch.equal(load(trained)[k], load(start)[k]) for k in load(start))
+    assert not (live.service.settings.data_dir / STUDY_JOURNAL).exists()  # no search ran
     # Its fit is an update of its own, not a version: nothing registered, nothing promoted.
     assert live.service.registry.names() == [live.service.registry.live]
 
