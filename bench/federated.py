@@ -9,9 +9,11 @@ earlier windows (`cl.replay_for` on its share). Configurations, all from the sam
   its accuracy above this;
 - `centralized`: the CL benchmark's default method on the whole stream (`cl.run_method`);
 - `federated`: per window, a round: every site trains the global adapter on its share of the
-  window plus its replay (`learners.train.run_round`, the product's update step), and the new
-  global adapter is the average of the sites' adapters weighted by the tickets each trained on,
-  as the hub's FedAvg takes it (`service.federation.hub`);
+  window plus its replay (`learners.train.run_round`, the product's update step, at the learning
+  rate times `--fit-lr-scale` as a site's fit is, `federation.fit_learning_rate_scale`), and the
+  new global adapter is the average of the sites' adapters weighted by the tickets each trained
+  on, as the hub's FedAvg takes it (`service.federation.hub`); `--server-lr` moves it further
+  than the average (FedAvgM's server step, without momentum);
 - `dp-eps-E`: the same rounds as DP-SGD (`learners.privacy.private_round`), each site's σ chosen
   so that its rounds over the whole stream spend ε = E at δ (`--delta`) by the service's own
   accountant (`learners.privacy.epsilon`), replayed tickets counted in every round they join.
@@ -52,6 +54,7 @@ from learners.prompts import examples_by_ticket, ticket_examples
 from learners.reports import PrivateRound
 from learners.scoring import LabelScorer
 from learners.train import run_round
+from service.settings import FederationSettings
 from streams.records import TicketRecord
 
 
@@ -91,8 +94,9 @@ def noise_for(target: float, site: Stream, cfg: TrainSettings, delta: float) -> 
 
 
 def run_federated(stream: Stream, sites: list[Stream], base_path: Path, cfg: TrainSettings,
-                  target_epsilon: float | None, delta: float, log: str) -> dict[str, object]:
-    """The rounds along the stream; accuracy rows, time, each site's σ and ε spent."""
+                  target_epsilon: float | None, delta: float, log: str, server_lr: float = 1.0) -> dict[str, object]:
+    """The rounds along the stream; accuracy rows, time, each site's σ and ε spent. The new global
+    adapter moves `server_lr` times the way to the sites' average (1: FedAvg)."""
     with tempfile.TemporaryDirectory() as scratch:
         model, tokenizer = fresh_adapter(base_path, cfg, Path(scratch))
     pad = tokenizer.pad_token_id  # type: ignore[attr-defined]
@@ -124,8 +128,8 @@ def run_federated(stream: Stream, sites: list[Stream], base_path: Path, cfg: Tra
             states.append({k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()})
             weights.append(len(new_records) + len(replay_records))
         if states:
-            global_state = {k: sum(w * s[k] for w, s in zip(weights, states, strict=True)) / sum(weights)
-                            for k in global_state}
+            global_state = {k: v + server_lr * (sum(w * s[k] for w, s in zip(weights, states, strict=True))
+                                                 / sum(weights) - v) for k, v in global_state.items()}
             set_peft_model_state_dict(model, global_state)
         learnt = list(range(window + 1))
         scorer = LabelScorer(tokenizer, sorted({label for w in learnt for label in stream.labels[w]}))  # type: ignore[arg-type]
@@ -206,6 +210,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     parser.add_argument("--runs", default="base,centralized,federated,dp",
                         help="which of base, centralized, federated, dp")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fit-lr-scale", type=float, default=FederationSettings().fit_learning_rate_scale,
+                        help="a site's fit trains at the learning rate times this "
+                             "(`federation.fit_learning_rate_scale`)")
+    parser.add_argument("--server-lr", type=float, default=1.0,
+                        help="the global adapter moves this times the way to the sites' average (1: FedAvg)")
     parser.add_argument("--train-json", default="{}", help="TrainSettings overrides as JSON (default: none)")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args(argv)
@@ -213,6 +222,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     if args.train_per_intent:
         preset = replace(preset, train_per_intent=args.train_per_intent)
     cfg = settings_for(DEFAULT, TrainSettings.model_validate({**json.loads(args.train_json), "seed": args.seed}))
+    fit_cfg = cfg.model_copy(update={"learning_rate": cfg.learning_rate * args.fit_lr_scale})
     base_path = resolve_base_model(args.base, Path.home() / ".cache" / "evergreen" / "models")
     stream = make_stream(preset, args.seed)
     sites = split(stream, args.sites, args.skew, args.seed)
@@ -233,7 +243,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
         results[name] = {**figures(run.pop("rows")), **run, **extra}  # type: ignore[arg-type]
         document = write(stem, results, {
             "preset": args.preset, "preset_sizes": asdict(preset), "base": args.base, "seed": args.seed,
-            "sites": args.sites, "skew": args.skew, "delta": args.delta, "smallest_site_window": smallest,
+            "sites": args.sites, "skew": args.skew, "fit_lr_scale": args.fit_lr_scale, "server_lr": args.server_lr,
+            "delta": args.delta, "smallest_site_window": smallest,
             "site_tickets": [[len(w) for w in s.train] for s in sites], "windows": stream.labels,
             "train": cfg.model_dump(mode="json"),
             "command": "evergreen bench federated " + " ".join(sys.argv[1:] if argv is None else argv)})
@@ -244,11 +255,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
         record("centralized", run_method(DEFAULT, stream, base_path, cfg,
                                          lambda m, line: print(f"{'centralized':<12} {line}", flush=True)))
     if "federated" in runs:
-        record("federated", run_federated(stream, sites, base_path, cfg, None, args.delta, "federated"))
+        record("federated", run_federated(stream, sites, base_path, fit_cfg, None, args.delta, "federated",
+                                          args.server_lr))
     if "dp" in runs:
         for target in [float(e) for e in args.epsilons.split(",") if e]:
             name = f"dp-eps-{target:g}"
-            record(name, run_federated(stream, sites, base_path, cfg, target, args.delta, name),
+            record(name, run_federated(stream, sites, base_path, fit_cfg, target, args.delta, name,
+                                       args.server_lr),
                    target_epsilon=target)
     print(markdown(results))
     for name, ok in document.get("targets_met", {}).items():  # type: ignore[attr-defined]

@@ -80,7 +80,7 @@ class Service:
                                      retention=settings.registry, hpo=settings.hpo,
                                      study_journal=settings.hpo.journal or data / STUDY_JOURNAL,
                                      placement=self.train_placement, catch_up=self._catch_up())
-        self.federated_site = FederatedSite(self.updates, data / "scratch")
+        self.federated_site = FederatedSite(self.updates, data / "scratch", settings.federation)
         self.generator = Generator(self.runtime, settings.serving.max_prompt_tokens, settings.serving.turn_tokens,
                                    settings.serving.turn_ms)
         self.batcher = ClassifyBatcher(self.runtime, settings.serving.max_batch, settings.serving.batch_wait_ms,

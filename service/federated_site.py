@@ -6,8 +6,9 @@ A federation's sites each run the normal service on their own stream and buffer;
 
 1. `fit`: the open window is closed and snapshotted as any update's (new tickets, replay,
    probes, the privacy budget: a round under `train.privacy` is entered in the ledger first),
-   an adapter is trained from the hub's global one, gated here on this site's probes, and its
-   weights go back. Nothing is registered: it is one site's share of a candidate.
+   an adapter is trained from the hub's global one (at `federation.fit_learning_rate_scale`
+   times the learning rate, with no search), gated here on this site's probes, and its weights
+   go back. Nothing is registered: it is one site's share of a candidate.
 2. `evaluate`: the hub's average of the sites' adapters is gated on the probes of this site's fit
    snapshot against the live version; the per-probe results (`learners.federated.SiteScores`)
    go back, for the hub to pool with the other sites' and judge.
@@ -33,9 +34,12 @@ from pydantic import BaseModel, Field
 from safetensors import SafetensorError
 from safetensors.torch import load, load_file, save_file
 
+from learners.config import TrainSettings
 from learners.federated import SITE_SCORES_FILE, SiteScores
+from learners.hpo_config import HpoSettings
 from learners.reports import GateReport
 from service.registry import ADAPTER_WEIGHTS, VersionMetadata
+from service.settings import FederationSettings
 from service.update_log import UpdateRecord
 from service.update_manager import Prepared, UpdateManager
 
@@ -94,8 +98,9 @@ def write_adapter(directory: Path, tensors: dict[str, torch.Tensor], like: Path)
 class FederatedSite:
     """This service's side of the hub's rounds, run as updates by its `UpdateManager`."""
 
-    def __init__(self, updates: UpdateManager, scratch_dir: Path) -> None:
+    def __init__(self, updates: UpdateManager, scratch_dir: Path, settings: FederationSettings) -> None:
         self.updates = updates
+        self.settings = settings
         self.registry = updates.registry
         self.scratch_dir = scratch_dir
         self._rounds: dict[int, Prepared] = {}  # each round's fit snapshot, for its evaluation and adoption
@@ -125,7 +130,10 @@ class FederatedSite:
                 start_dir = write_adapter(scratch / "start", start, self.registry.path(prepared.live))
                 out_dir = scratch / "candidate"
                 out_dir.mkdir()
-                outcome = self.updates.run_job(record, self.updates.job(prepared, out_dir, start_dir=start_dir))
+                # The hub's adapter as it is: no search of other ranks or a fresh start.
+                job = self.updates.job(prepared, out_dir, start_dir=start_dir, hpo=HpoSettings(),
+                                       train=self._fit_train())
+                outcome = self.updates.run_job(record, job)
                 trained.append((out_dir / ADAPTER_WEIGHTS).read_bytes())
             with self._lock:
                 self._rounds[round_number] = prepared
@@ -139,6 +147,10 @@ class FederatedSite:
         return FitReply(examples=examples if contributed else 0, windows=record.windows,
                         epsilon_spent=self.updates.privacy.spent, reason=f"{record.status}: {record.reason}",
                         update=record.id), trained[0] if contributed else b""
+
+    def _fit_train(self) -> TrainSettings:
+        train = self.updates.train
+        return train.model_copy(update={"learning_rate": train.learning_rate * self.settings.fit_learning_rate_scale})
 
     def evaluate(self, round_number: int, candidate_weights: bytes) -> SiteScores:
         """Gate the hub's candidate on this site's probes of `round_number`'s fit, against live."""

@@ -186,6 +186,11 @@ class FederationSettings(BaseModel):
     max_weights_bytes: int = Field(64 * 1024 * 1024, gt=0, description="Largest adapter (safetensors bytes) the "
                                    "federation routes accept from the hub; their bodies may be a third larger "
                                    "(base64 in JSON).")
+    fit_learning_rate_scale: float = Field(
+        3.0, gt=0, le=20, description="A federated round's fit trains at `train.learning_rate` times this. A site "
+        "holds a share of the window the hub averages over, so its update takes that share of the steps and "
+        "FedAvg dilutes it with sites that hardly saw its intents; 3 made three sites' FedAvg match the "
+        "centralized update (docs/benchmarks.md, federated sites).")
 
 
 class DemoSettings(BaseModel):

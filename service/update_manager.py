@@ -312,15 +312,15 @@ class UpdateManager:
 
     def job(self, prepared: Prepared, out_dir: Path, **task: Any) -> Job:
         """The training process's job on `prepared`, writing into `out_dir`; `task`: `Job`'s
-        fields of a federated round's part (`task`, `start_dir`, `candidate_dir`). A job with a
-        `start_dir` does not search: a federated fit trains the hub's adapter, in its shapes."""
+        fields as a federated round's part sets them (`task`, `start_dir`, `candidate_dir`, `train`,
+        `hpo`), over this manager's."""
         live = prepared.live
-        hpo = self.hpo if task.get("start_dir") is None else HpoSettings()
-        return Job(snapshot=prepared.snapshot, base_path=self.base_path, live_dir=self.registry.path(live),
-                   out_dir=out_dir, train=self.train, gate=self.gate, placement=self.placement,
-                   best_before=best_before(self.registry, self.matrix, live), shortlists=prepared.shortlists,
-                   votes=prepared.votes, vote_weight=self.buffer.settings.vote_weight, hpo=hpo,
-                   study_journal=self.study_journal, live_untrained=not prepared.windows_trained, **task)
+        return Job(**{"snapshot": prepared.snapshot, "base_path": self.base_path, "live_dir": self.registry.path(live),
+                      "out_dir": out_dir, "train": self.train, "gate": self.gate, "placement": self.placement,
+                      "best_before": best_before(self.registry, self.matrix, live),
+                      "shortlists": prepared.shortlists, "votes": prepared.votes,
+                      "vote_weight": self.buffer.settings.vote_weight, "hpo": self.hpo,
+                      "study_journal": self.study_journal, "live_untrained": not prepared.windows_trained, **task})
 
     def _update(self, record: UpdateRecord) -> None:
         prepared = self.prepare(record)

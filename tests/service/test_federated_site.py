@@ -88,10 +88,14 @@ def test_a_round_trains_from_the_hub_is_gated_on_local_probes_and_adopted(
     again = client.post("/v1/federation/rounds/1/adopt", headers=live.admin,
                         json={"weights": reply["weights"], "gate": refused.model_dump(mode="json")})
     assert again.status_code == 409 and "the hub's gate rejected" in again.json()["detail"], again.text
-    # The next window's fit learns only what the new live version has not.
+    # The next window's fit learns only what the new live version has not, at the federation's
+    # learning rate: scaled to next to nothing, its adapter stays the hub's.
     add_window(live, "b", LABELS[1:])
+    live.service.federated_site.settings = FederationSettings(fit_learning_rate_scale=1e-6)
     second = octets(client, "/v1/federation/rounds/2/fit", served.content, live.admin).json()
     assert second["windows"] == [2], second
+    still = load(base64.b64decode(second["weights"]))
+    assert all(torch.allclose(still[k], load(served.content)[k], atol=1e-5) for k in still)
 
 
 def test_bad_adapters_and_requests_are_refused_before_anything_reads_them(
