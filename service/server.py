@@ -15,7 +15,7 @@ from service.core import Service
 from service.demo import run_demo
 from service.narrator import Narrator, Say
 from service.settings import Settings
-from streams.broker import LocalBroker, announced, port_is_free
+from streams.broker import LocalBroker, announced, claimed
 from streams.ingest import ensure_topics
 
 
@@ -65,11 +65,12 @@ LOCAL_BROKER_PORT = 9092  # Kafka's own default, so `evergreen produce` finds it
 @contextlib.contextmanager
 def broker_for(settings: Settings) -> Iterator[str]:
     """The configured Kafka bootstrap, or a local Tansu broker started for the duration (on
-    port 9092 when it is free), announced in the data directory for `evergreen produce`."""
+    port 9092 when it is free and no other `evergreen up` here claimed it first, else on any free
+    port), announced in the data directory for `evergreen produce`."""
     if settings.kafka.bootstrap:
         yield settings.kafka.bootstrap
         return
-    with (LocalBroker(LOCAL_BROKER_PORT if port_is_free(LOCAL_BROKER_PORT) else None) as broker,
+    with (claimed(LOCAL_BROKER_PORT) as ours, LocalBroker(LOCAL_BROKER_PORT if ours else None) as broker,
           announced(broker.bootstrap, settings.data_dir)):
         yield broker.bootstrap
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import importlib.util
 import logging
 import os
@@ -16,6 +17,7 @@ import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -44,6 +46,21 @@ def port_is_free(port: int) -> bool:
         except OSError:
             return False
         return True
+
+
+@contextlib.contextmanager
+def claimed(port: int) -> Iterator[bool]:
+    """Whether this process may start its broker on `port`, held for the block: no other process
+    here holds the port's claim (a lock file, freed when its holder ends, however it ends) and
+    the port is free. Without the claim, `evergreen up`s started at once all find it free, and all
+    but one fail to bind it or take the first one's broker for their own."""
+    with (Path(tempfile.gettempdir()) / f"evergreen-broker-{port}.lock").open("a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield port_is_free(port)
 
 
 def free_port() -> int:
