@@ -40,7 +40,7 @@ test: setup federation
 # those, and Evergreen installed without its dependencies (requirements/federation.txt names the
 # ones the hub and the clients import). The service's environment lies under it (a .pth line, after
 # its own packages), so pip installs only Flower and the versions it pins, not another 6 GB of torch:
-# about 10 seconds, not 75. `make test` runs the federation's tests in it.
+# under 20 seconds, not 75. `make test` runs the federation's tests in it.
 $(FED_STAMP): $(SETUP_STAMP) pyproject.toml requirements/constraints.txt requirements/federation.txt
 	test -x $(FED_VENV)/bin/python || $(PYTHON) -m venv $(FED_VENV)
 	$(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' \
