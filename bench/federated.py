@@ -222,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     if args.train_per_intent:
         preset = replace(preset, train_per_intent=args.train_per_intent)
     cfg = settings_for(DEFAULT, TrainSettings.model_validate({**json.loads(args.train_json), "seed": args.seed}))
-    fit_cfg = cfg.model_copy(update={"learning_rate": cfg.learning_rate * args.fit_lr_scale})
+    fit_cfg = FederationSettings(fit_learning_rate_scale=args.fit_lr_scale).fit_train(cfg)
     base_path = resolve_base_model(args.base, Path.home() / ".cache" / "evergreen" / "models")
     stream = make_stream(preset, args.seed)
     sites = split(stream, args.sites, args.skew, args.seed)

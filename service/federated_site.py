@@ -34,7 +34,6 @@ from pydantic import BaseModel, Field
 from safetensors import SafetensorError
 from safetensors.torch import load, load_file, save_file
 
-from learners.config import TrainSettings
 from learners.federated import SITE_SCORES_FILE, SiteScores
 from learners.hpo_config import HpoSettings
 from learners.reports import GateReport
@@ -132,7 +131,7 @@ class FederatedSite:
                 out_dir.mkdir()
                 # The hub's adapter as it is: no search of other ranks or a fresh start.
                 job = self.updates.job(prepared, out_dir, start_dir=start_dir, hpo=HpoSettings(),
-                                       train=self._fit_train())
+                                       train=self.settings.fit_train(self.updates.train))
                 outcome = self.updates.run_job(record, job)
                 trained.append((out_dir / ADAPTER_WEIGHTS).read_bytes())
             with self._lock:
@@ -147,10 +146,6 @@ class FederatedSite:
         return FitReply(examples=examples if contributed else 0, windows=record.windows,
                         epsilon_spent=self.updates.privacy.spent, reason=f"{record.status}: {record.reason}",
                         update=record.id), trained[0] if contributed else b""
-
-    def _fit_train(self) -> TrainSettings:
-        train = self.updates.train
-        return train.model_copy(update={"learning_rate": train.learning_rate * self.settings.fit_learning_rate_scale})
 
     def evaluate(self, round_number: int, candidate_weights: bytes) -> SiteScores:
         """Gate the hub's candidate on this site's probes of `round_number`'s fit, against live."""

@@ -192,6 +192,10 @@ class FederationSettings(BaseModel):
         "FedAvg dilutes it with sites that hardly saw its intents. Three sites' FedAvg reached 0.88 x the "
         "centralized accuracy at 1; at 3, 1.02 x and 0.96 x on two streams (docs/benchmarks.md).")
 
+    def fit_train(self, train: TrainSettings) -> TrainSettings:
+        """`train` as a federated round's fit trains."""
+        return train.model_copy(update={"learning_rate": train.learning_rate * self.fit_learning_rate_scale})
+
 
 class DemoSettings(BaseModel):
     """The built-in BANKING77 stream that `evergreen up` runs (see `service.demo`)."""
