@@ -152,6 +152,9 @@ class TrainSettings(BaseModel):
         if self.privacy.enabled and self.ewc.enabled:
             raise ValueError("`privacy.enabled` needs `ewc.enabled` false: the EWC Fisher is measured on tickets "
                              "without noise, and it would carry them into every later update")
+        if self.privacy.enabled and self.adapter.method == "ia3":
+            raise ValueError("`privacy.enabled` needs `adapter.method` lora or prefix: Opacus computes no "
+                             "per-ticket gradient for IA3's scaling vectors")
         return self
 
 

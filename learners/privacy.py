@@ -73,14 +73,58 @@ def epsilon(rounds: Sequence[PrivateRound], delta: float) -> float:
     return float(accountant.get_epsilon(delta))
 
 
-def per_ticket(grad_sample: torch.Tensor, owners: torch.Tensor, tickets: int) -> torch.Tensor:
-    """Per-example gradients summed into per-ticket ones: the ticket is what is clipped, so a
-    ticket with a label and a reply moves the adapter no more than one with a label alone.
+def ticket_passes(tickets: Sequence[Sequence[Example]], max_tokens: int) -> list[list[int]]:
+    """The drawn tickets (by index) as forward passes of at most `max_tokens` padded tokens each
+    (`train.max_batch_tokens`), every ticket whole in one pass, the shortest together; a ticket
+    over the bound alone is a pass of its own, one without examples in none (its gradient is
+    zero). A large private batch, which DP-SGD needs, then costs no more memory than a
+    non-private one: a pass's activations and per-example gradients are freed by its backward.
 
-    >>> per_ticket(torch.tensor([[1.0], [2.0], [4.0]]), torch.tensor([0, 0, 2]), 3).tolist()
-    [[3.0], [0.0], [4.0]]
+    >>> def ticket(*lengths): return [Example([1] * n, [1] * n) for n in lengths]
+    >>> ticket_passes([ticket(5), ticket(1, 2), ticket(4), ticket(9)], 12)
+    [[1, 2], [0], [3]]
+    >>> ticket_passes([[], ticket(3)], 10), ticket_passes([], 10)
+    ([[1]], [])
     """
-    return grad_sample.new_zeros((tickets, *grad_sample.shape[1:])).index_add_(0, owners, grad_sample)
+    width = [max((len(e.input_ids) for e in t), default=0) for t in tickets]
+    passes: list[list[int]] = []
+    rows = longest = 0
+    for index in sorted((i for i, t in enumerate(tickets) if t), key=width.__getitem__):
+        if not passes or (rows + len(tickets[index])) * max(longest, width[index]) > max_tokens:
+            passes.append([])
+            rows = longest = 0
+        passes[-1].append(index)
+        rows, longest = rows + len(tickets[index]), max(longest, width[index])
+    return passes
+
+
+def ticket_gradients(net: nn.Module, params: dict[str, nn.Parameter], tickets: Sequence[Sequence[Example]],
+                     pad_id: int, max_tokens: int) -> tuple[torch.Tensor, int]:
+    """Each ticket's gradient as every parameter's `grad_sample`, tickets × its shape, for the DP
+    optimizer to clip and noise (`net`: the model in Opacus's `GradSampleModule`). A ticket's
+    examples are summed first: the ticket is what is clipped, so one with a label and a reply
+    moves the adapter no more than one with a label alone. Computed in `ticket_passes`; returns
+    every example's answer loss and the tokens read."""
+    device = device_of(net)
+    sums = {name: p.new_zeros((len(tickets), *p.shape)) for name, p in params.items()}
+    losses, tokens = [torch.zeros(0, device=device)], 0
+    for part in ticket_passes(tickets, max_tokens):
+        rows = [e for i in part for e in tickets[i]]
+        batch = collate(rows, pad_id)
+        tokens += int(batch["attention_mask"].sum())
+        answers = torch.tensor([max(1, answer_tokens(e)) for e in rows], device=device)
+        pass_losses = answer_loss(net, batch, "per_row") / answers
+        pass_losses.sum().backward()
+        owners = torch.tensor([i for i in part for _ in tickets[i]], device=device)
+        for name, p in params.items():
+            if p.grad_sample is None:  # IA3's scaling vectors, for one
+                raise ValueError(f"cannot train `{name}` privately: Opacus computes no per-ticket gradient for it")
+            sums[name].index_add_(0, owners, p.grad_sample)
+            p.grad_sample = None  # the next pass's backward starts its own
+        losses.append(pass_losses.detach())
+    for name, p in params.items():
+        p.grad_sample = sums[name]
+    return torch.cat(losses), tokens
 
 
 def private_round(model: nn.Module, new: Sequence[Sequence[Example]], replay: Sequence[Sequence[Example]],
@@ -101,10 +145,10 @@ def private_round(model: nn.Module, new: Sequence[Sequence[Example]], replay: Se
 
     tickets = [*new, *replay]
     plan = mechanism(len(tickets), len(new), cfg)
-    params = list(trainable(model).values())
+    params = trainable(model)
     device = device_of(model)
     net = GradSampleModule(model, batch_first=True, loss_reduction="sum")
-    optimizer = DPOptimizer(torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay),
+    optimizer = DPOptimizer(torch.optim.AdamW(params.values(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay),
                             noise_multiplier=plan.noise_multiplier, max_grad_norm=cfg.privacy.max_grad_norm,
                             expected_batch_size=max(1, round(plan.sample_rate * len(tickets))), loss_reduction="mean",
                             generator=torch.Generator(device=device).manual_seed(secrets.randbits(63)))
@@ -117,21 +161,13 @@ def private_round(model: nn.Module, new: Sequence[Sequence[Example]], replay: Se
                 raise Cancelled(f"cancelled at step {step} of {plan.steps}")
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, plan.steps, cfg)
-            chosen = [t for t in tickets if draw.random() < plan.sample_rate]
-            rows = [e for t in chosen for e in t]
-            if rows:
-                batch = collate(rows, pad_id)
-                tokens += int(batch["attention_mask"].sum())
-                answers = torch.tensor([max(1, answer_tokens(e)) for e in rows], device=device)
-                losses = answer_loss(net, batch, "per_row") / answers
-                losses.sum().backward()
-                owners = torch.tensor([i for i, t in enumerate(chosen) for _ in t], device=device)
-                for p in params:
-                    p.grad_sample = per_ticket(p.grad_sample, owners, len(chosen))
-                loss_value = float(losses.detach().mean())
-            else:  # nobody drawn: the step is noise alone, as the accountant assumes
-                for p in params:
-                    p.grad_sample = p.new_zeros((0, *p.shape))
+            # Nobody drawn (or only tickets without examples): the step is noise alone, as the
+            # accountant assumes.
+            drawn = [t for t in tickets if draw.random() < plan.sample_rate]
+            losses, step_tokens = ticket_gradients(net, params, drawn, pad_id, cfg.max_batch_tokens)
+            tokens += step_tokens
+            if len(losses):
+                loss_value = float(losses.mean())
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if on_progress is not None:

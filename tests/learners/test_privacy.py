@@ -6,14 +6,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from pydantic import ValidationError
 from safetensors.torch import load_file
 
 from learners.base_model import load_base
 from learners.config import TrainSettings
+from learners.ewc import trainable
 from learners.gate import evaluate
 from learners.methods import warm_start
-from learners.privacy import epsilon, mechanism
+from learners.privacy import epsilon, mechanism, ticket_gradients, ticket_passes
+from learners.prompts import examples_by_ticket
 from learners.scoring import LabelScorer
 from learners.update_step import initial_adapter, train_adapter
 from tests.conftest import TINY_TRAIN
@@ -65,7 +68,40 @@ def test_the_budget_is_spent_by_every_round_and_replayed_tickets_count_each_time
 def test_privacy_and_ewc_are_refused_together_with_the_fields_named() -> None:
     with pytest.raises(ValidationError, match="`privacy.enabled` needs `ewc.enabled` false"):
         TrainSettings.model_validate({"privacy": {"enabled": True}, "ewc": {"enabled": True}})
+    with pytest.raises(ValidationError, match="needs `adapter.method` lora or prefix"):
+        TrainSettings.model_validate({"privacy": {"enabled": True}, "ewc": {"enabled": False},
+                                      "adapter": {"method": "ia3"}})
     with pytest.raises(ValidationError, match="noise_multiplier"):
         TrainSettings.model_validate({"privacy": {"enabled": True, "noise_multiplier": 0}})
     with pytest.raises(ValidationError, match="delta"):
         TrainSettings.model_validate({"privacy": {"delta": 1.5}})
+
+
+def test_a_private_batch_in_many_small_passes_has_each_tickets_gradient_of_one_pass(tiny_llama: Path,
+                                                                                   tmp_path: Path) -> None:
+    from opacus import GradSampleModule
+
+    # No dropout, so that both ways see the same network (Opacus records only in training mode).
+    initial_adapter(tiny_llama, tmp_path / "v0", PRIVATE.adapter.model_copy(update={"dropout": 0.0}), 0)
+    model, tokenizer = load_base(tiny_llama)
+    model = warm_start(model, tmp_path / "v0").train()
+    with torch.no_grad():  # B = 0 would give A no gradient at all
+        for name, p in trainable(model).items():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    tickets = examples_by_ticket(tokenizer, window(0, list(FIRST), FIRST, 6, "w1"), PRIVATE.max_length,
+                                 PRIVATE.system_prompt)
+    tickets = [*tickets[:3], [], *tickets[3:]]  # one drawn ticket without examples
+    net, params = GradSampleModule(model, batch_first=True, loss_reduction="sum"), trainable(model)
+    gradients = []
+    for max_tokens in (10**6, 1):  # one pass; a pass a ticket
+        losses, tokens = ticket_gradients(net, params, tickets, tokenizer.pad_token_id, max_tokens)
+        gradients.append([p.grad_sample.clone() for p in params.values()])
+        for p in params.values():
+            p.grad_sample = None
+    net._close()
+    assert len(ticket_passes(tickets, 1)) == 6 and len(losses) == 6 and tokens > 0
+    for whole, split in zip(*gradients, strict=True):
+        assert whole.shape == split.shape == (7, *whole.shape[1:])
+        assert whole[3].abs().sum() == 0 and whole.abs().sum() > 0
+        torch.testing.assert_close(whole, split, rtol=1e-3, atol=1e-5)  # float32 sums in another order
