@@ -125,7 +125,7 @@ def settings_for(method: str, base: TrainSettings) -> TrainSettings:
 def fresh_adapter(base_path: Path, cfg: TrainSettings, scratch: Path,
                   placement: Placement = CPU) -> tuple[PeftModel, object]:
     """A new untrained adapter, made and warm-started exactly as the service's first version."""
-    initial_adapter(base_path, scratch, cfg.adapter, cfg.seed, placement)
+    initial_adapter(base_path, scratch, cfg.new_adapter, cfg.seed, placement)
     model, tokenizer = load_base(base_path, placement)
     return PeftModel.from_pretrained(model, scratch, is_trainable=True), tokenizer
 

@@ -97,11 +97,12 @@ def run_federated(stream: Stream, sites: list[Stream], base_path: Path, cfg: Tra
                   target_epsilon: float | None, delta: float, log: str, server_lr: float = 1.0) -> dict[str, object]:
     """The rounds along the stream; accuracy rows, time, each site's σ and ε spent. The new global
     adapter moves `server_lr` times the way to the sites' average (1: FedAvg)."""
-    with tempfile.TemporaryDirectory() as scratch:
-        model, tokenizer = fresh_adapter(base_path, cfg, Path(scratch))
+    private = cfg.model_copy(update={"privacy": cfg.privacy.model_copy(update={"enabled": True, "delta": delta})})
+    with tempfile.TemporaryDirectory() as scratch:  # a private run's adapter is `train.privacy.adapter`
+        model, tokenizer = fresh_adapter(base_path, private if target_epsilon is not None else cfg, Path(scratch))
     pad = tokenizer.pad_token_id  # type: ignore[attr-defined]
-    configs = [cfg.model_copy(update={"privacy": cfg.privacy.model_copy(update={
-        "enabled": True, "delta": delta, "noise_multiplier": noise_for(target_epsilon, site, cfg, delta)})})
+    configs = [private.model_copy(update={"privacy": private.privacy.model_copy(update={
+        "noise_multiplier": noise_for(target_epsilon, site, cfg, delta)})})
         if target_epsilon is not None else cfg for site in sites]
     global_state = {k: v.clone() for k, v in get_peft_model_state_dict(model).items()}
 

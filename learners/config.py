@@ -72,6 +72,18 @@ class PrivacySettings(BaseModel):
     epsilon_budget: float = Field(8.0, gt=0, description="Most ε this service may spend, over all its updates: "
                                                          "an update that would pass it is refused, and the "
                                                          "service trains no more.")
+    adapter: AdapterSettings = Field(
+        AdapterSettings(rank=1, alpha=2, target_modules=["q_proj", "v_proj"]),
+        description="The adapter a private service's first version is made with (`train.adapter` without "
+                    "privacy). The noise grows with the weights trained while what a batch of clipped tickets "
+                    "can say does not: at ε = 8, 365 BANKING77 tickets, rank 1 on the attention's query and value "
+                    "projections (57.6 k weights in SmolLM2-135M) learned their window to 0.82 where the default "
+                    "(rank 16 on every linear layer, 4.9 M) stayed at the base model's 0.68. An update warm-starts "
+                    "in the live version's adapter, so this applies to a service's first version only.")
+    learning_rate: float = Field(
+        0.03, gt=0, description="Peak learning rate of private rounds (`train.learning_rate` without privacy), "
+                                "for `adapter`'s few weights: at 0.001 they did not move in a round, at 0.1 they "
+                                "diverged, without noise too.")
 
 
 class TrainSettings(BaseModel):
@@ -152,10 +164,15 @@ class TrainSettings(BaseModel):
         if self.privacy.enabled and self.ewc.enabled:
             raise ValueError("`privacy.enabled` needs `ewc.enabled` false: the EWC Fisher is measured on tickets "
                              "without noise, and it would carry them into every later update")
-        if self.privacy.enabled and self.adapter.method == "ia3":
-            raise ValueError("`privacy.enabled` needs `adapter.method` lora or prefix: Opacus computes no "
+        if self.privacy.enabled and self.new_adapter.method == "ia3":
+            raise ValueError("`privacy.enabled` needs `privacy.adapter.method` lora or prefix: Opacus computes no "
                              "per-ticket gradient for IA3's scaling vectors")
         return self
+
+    @property
+    def new_adapter(self) -> AdapterSettings:
+        """The adapter a service's first version is made with: the private one under privacy."""
+        return self.privacy.adapter if self.privacy.enabled else self.adapter
 
 
 class GateSettings(BaseModel):

@@ -148,8 +148,9 @@ def private_round(model: nn.Module, new: Sequence[Sequence[Example]], replay: Se
     params = trainable(model)
     device = device_of(model)
     net = GradSampleModule(model, batch_first=True, loss_reduction="sum")
-    optimizer = DPOptimizer(torch.optim.AdamW(params.values(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay),
-                            noise_multiplier=plan.noise_multiplier, max_grad_norm=cfg.privacy.max_grad_norm,
+    schedule = cfg.model_copy(update={"learning_rate": cfg.privacy.learning_rate})  # for `lr_at`
+    adamw = torch.optim.AdamW(params.values(), lr=schedule.learning_rate, weight_decay=cfg.weight_decay)
+    optimizer = DPOptimizer(adamw, noise_multiplier=plan.noise_multiplier, max_grad_norm=cfg.privacy.max_grad_norm,
                             expected_batch_size=max(1, round(plan.sample_rate * len(tickets))), loss_reduction="mean",
                             generator=torch.Generator(device=device).manual_seed(secrets.randbits(63)))
     draw = random.SystemRandom()
@@ -160,7 +161,7 @@ def private_round(model: nn.Module, new: Sequence[Sequence[Example]], replay: Se
             if cancel is not None and cancel.is_set():
                 raise Cancelled(f"cancelled at step {step} of {plan.steps}")
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, plan.steps, cfg)
+                group["lr"] = lr_at(step, plan.steps, schedule)
             # Nobody drawn (or only tickets without examples): the step is noise alone, as the
             # accountant assumes.
             drawn = [t for t in tickets if draw.random() < plan.sample_rate]

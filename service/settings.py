@@ -190,7 +190,9 @@ class FederationSettings(BaseModel):
         3.0, gt=0, le=20, description="A federated round's fit trains at `train.learning_rate` times this. A site "
         "holds a share of the window the hub averages over, so its update takes that share of the steps and "
         "FedAvg dilutes it with sites that hardly saw its intents. Three sites' FedAvg reached 0.88 x the "
-        "centralized accuracy at 1; at 3, 1.02 x and 0.96 x on two streams (docs/benchmarks.md).")
+        "centralized accuracy at 1; at 3, 1.02 x and 0.96 x on two streams (docs/benchmarks.md). A private "
+        "fit trains at `train.privacy.learning_rate`, unscaled: its adapter's rate is already at the edge "
+        "(0.1 diverged).")
 
     def fit_train(self, train: TrainSettings) -> TrainSettings:
         """`train` as a federated round's fit trains."""

@@ -73,7 +73,7 @@ def ensure_initial_version(registry: AdapterRegistry, base_path: Path, cfg: Trai
     """
     if registry.live is None:
         with registry.draft() as draft:
-            initial_adapter(base_path, draft.path, cfg.adapter, cfg.seed, placement)
+            initial_adapter(base_path, draft.path, cfg.new_adapter, cfg.seed, placement)
             info = registry.publish(draft, VersionMetadata(parent=None, verdict="accepted", windows_trained=[],
                                                            labels=[]))
         registry.promote(info.name)

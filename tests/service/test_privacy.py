@@ -8,6 +8,7 @@ process, the console in Chromium.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -60,6 +61,9 @@ def test_each_round_is_accounted_and_the_budget_refuses_the_one_it_cannot_pay(
     trained = live.service.registry.info(first["version"]).train
     assert trained is not None and trained.privacy is not None
     assert trained.privacy.model_dump() == planned  # what the worker ran is what was entered
+    # The service's first version, and so every later one, has the private adapter's few weights.
+    adapter = json.loads((live.service.registry.path(first["version"]) / "adapter_config.json").read_text())
+    assert adapter["r"] == 1 and sorted(adapter["target_modules"]) == ["q_proj", "v_proj"]
     metrics = live.client().get("/metrics").text
     assert gauge(metrics, 'evergreen_privacy_epsilon{kind="spent"}') == pytest.approx(ONE_ROUND)
 
