@@ -37,7 +37,7 @@ import random
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -77,14 +77,14 @@ def site_plans(site: Stream, cfg: TrainSettings) -> list[PrivateRound]:
             for w, records in enumerate(site.train) if records]
 
 
-def noise_for(target: float, site: Stream, cfg: TrainSettings, delta: float) -> float:
-    """The σ at which the site's rounds over the whole stream spend ε = `target` (bisection)."""
+def noise_for(target: float, plans: Callable[[TrainSettings], list[PrivateRound]], cfg: TrainSettings,
+              delta: float) -> float:
+    """The σ at which the rounds `plans` makes of `cfg` spend ε = `target` (bisection)."""
     def spent(sigma: float) -> float:
-        plans = site_plans(site, cfg.model_copy(update={"privacy": cfg.privacy.model_copy(
-            update={"noise_multiplier": sigma})}))
-        return epsilon(plans, delta)
+        return epsilon(plans(cfg.model_copy(update={"privacy": cfg.privacy.model_copy(
+            update={"noise_multiplier": sigma})})), delta)
 
-    low, high = 0.3, 64.0
+    low, high = 0.3, 256.0
     if spent(high) > target:
         raise ValueError(f"ε = {target} needs more noise than σ = {high}")
     for _ in range(40):
@@ -102,7 +102,7 @@ def run_federated(stream: Stream, sites: list[Stream], base_path: Path, cfg: Tra
         model, tokenizer = fresh_adapter(base_path, private if target_epsilon is not None else cfg, Path(scratch))
     pad = tokenizer.pad_token_id  # type: ignore[attr-defined]
     configs = [private.model_copy(update={"privacy": private.privacy.model_copy(update={
-        "noise_multiplier": noise_for(target_epsilon, site, cfg, delta)})})
+        "noise_multiplier": noise_for(target_epsilon, lambda c, site=site: site_plans(site, c), cfg, delta)})})
         if target_epsilon is not None else cfg for site in sites]
     global_state = {k: v.clone() for k, v in get_peft_model_state_dict(model).items()}
 
