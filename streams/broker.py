@@ -53,8 +53,14 @@ def claimed(port: int) -> Iterator[bool]:
     """Whether this process may start its broker on `port`, held for the block: no other process
     here holds the port's claim (a lock file, freed when its holder ends, however it ends) and
     the port is free. Without the claim, `evergreen up`s started at once all find it free, and all
-    but one fail to bind it or take the first one's broker for their own."""
-    with (Path(tempfile.gettempdir()) / f"evergreen-broker-{port}.lock").open("a") as lock:
+    but one fail to bind it or take the first one's broker for their own. Another user's claim
+    (their lock file, which this user may not open) is theirs: the port is not claimed."""
+    try:
+        lock = (Path(tempfile.gettempdir()) / f"evergreen-broker-{port}.lock").open("a")
+    except PermissionError:
+        yield False
+        return
+    with lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

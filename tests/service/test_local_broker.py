@@ -6,14 +6,22 @@ Real parts: Tansu brokers on loopback, reached over TCP.
 
 from __future__ import annotations
 
+import os
+import shutil
 import socket
+import subprocess
+import sys
+import tempfile
 import threading
 from contextlib import ExitStack, suppress
 from pathlib import Path
 
+import pytest
+
 from service.server import broker_for
 from service.settings import Settings
-from streams.broker import announced_broker
+from streams.broker import announced_broker, free_port
+from tests.conftest import ROOT
 
 
 def test_three_ups_started_at_once_get_three_brokers(tmp_path: Path) -> None:
@@ -48,3 +56,19 @@ def test_three_ups_started_at_once_get_three_brokers(tmp_path: Path) -> None:
             assert announced_broker(settings.data_dir) == bootstrap
             host, _, port = bootstrap.rpartition(":")
             socket.create_connection((host, int(port)), timeout=2).close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root to act as a second user")
+def test_another_users_claim_on_a_shared_machine_is_theirs() -> None:
+    # Their lock file in the shared temp folder, which this user may not open for writing.
+    port = free_port()
+    lock = Path(tempfile.gettempdir()) / f"evergreen-broker-{port}.lock"
+    lock.touch()
+    lock.chmod(0o644)
+    try:
+        probe = f"from streams.broker import claimed\nwith claimed({port}) as mine: print(mine)"
+        done = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", sys.executable,
+                               "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0 and done.stdout.strip() == "False", done.stderr[-800:]
+    finally:
+        lock.unlink()
