@@ -116,6 +116,13 @@ def make_stream(preset: Preset, seed: int) -> Stream:
                   test=[take(test, w, preset.test_per_intent) for w in windows])
 
 
+def training_threads(cfg: TrainSettings) -> None:
+    """`train.threads` for this process's torch, when set: these benchmarks train in-process, not in
+    the service's worker, which sets it there (unset: torch's default, every core)."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+
+
 def settings_for(method: str, base: TrainSettings) -> TrainSettings:
     """The default settings with what the method leaves out switched off."""
     ewc = method in ("ewc", "ewc+replay")
@@ -275,6 +282,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
         parser.error(f"unknown methods: {', '.join(sorted(unknown))}")
     preset = PRESETS[args.preset]
     base_cfg = TrainSettings.model_validate({**json.loads(args.train_json), "seed": args.seed})
+    training_threads(base_cfg)
     base_path = resolve_base_model(args.base, Path.home() / ".cache" / "evergreen" / "models")
     stream = make_stream(preset, args.seed)
     torch.manual_seed(args.seed)

@@ -44,7 +44,18 @@ from pathlib import Path
 import torch
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-from bench.cl import DEFAULT, PRESETS, Stream, figures, fresh_adapter, make_stream, replay_for, run_method, settings_for
+from bench.cl import (
+    DEFAULT,
+    PRESETS,
+    Stream,
+    figures,
+    fresh_adapter,
+    make_stream,
+    replay_for,
+    run_method,
+    settings_for,
+    training_threads,
+)
 from learners.accuracy_matrix import Row
 from learners.base_model import resolve_base_model
 from learners.config import TrainSettings
@@ -223,6 +234,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     if args.train_per_intent:
         preset = replace(preset, train_per_intent=args.train_per_intent)
     cfg = settings_for(DEFAULT, TrainSettings.model_validate({**json.loads(args.train_json), "seed": args.seed}))
+    training_threads(cfg)
     fit_cfg = FederationSettings(fit_learning_rate_scale=args.fit_lr_scale).fit_train(cfg)
     base_path = resolve_base_model(args.base, Path.home() / ".cache" / "evergreen" / "models")
     stream = make_stream(preset, args.seed)

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from bench.cl import PRESETS, fresh_adapter, make_stream
+from bench.cl import PRESETS, fresh_adapter, make_stream, training_threads
 from bench.federated import noise_for
 from learners.base_model import resolve_base_model
 from learners.config import TrainSettings
@@ -104,6 +104,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args(argv)
     cfg = TrainSettings.model_validate({**json.loads(args.train_json), "seed": args.seed})
+    training_threads(cfg)
     cfg = cfg.model_copy(update={"ewc": cfg.ewc.model_copy(update={"enabled": False})})  # one window: nothing to keep
     base_path = resolve_base_model(args.base, Path.home() / ".cache" / "evergreen" / "models")
     runs = [r for r in RUNS if r in args.runs.split(",")]

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from learners.config import TrainSettings
 from learners.privacy import epsilon, mechanism
@@ -15,9 +16,14 @@ from tests.conftest import SMOKE_TRAIN_JSON, load_bench
 
 def test_private_round_bench_smoke_trains_each_run_at_its_size_and_spends_the_epsilon_asked(
         tmp_path: Path, tiny_llama: Path) -> None:
-    bench = load_bench("private_round")
-    doc = bench.main(["--preset", "smoke", "--base", str(tiny_llama), "--train-per-intent", "3", "--epsilon", "4",
-                      "--train-json", SMOKE_TRAIN_JSON, "--out", str(tmp_path)])
+    bench, threads = load_bench("private_round"), torch.get_num_threads()
+    one_thread = json.dumps({**json.loads(SMOKE_TRAIN_JSON), "threads": 1})
+    try:
+        doc = bench.main(["--preset", "smoke", "--base", str(tiny_llama), "--train-per-intent", "3", "--epsilon", "4",
+                          "--train-json", one_thread, "--out", str(tmp_path)])
+        assert torch.get_num_threads() == 1  # `train.threads`: it trains in this process
+    finally:
+        torch.set_num_threads(threads)
     assert json.loads((tmp_path / "private-round-smoke.json").read_text()) == json.loads(json.dumps(doc))
     results = doc["results"]
     assert [(r["tickets"], r["run"]) for r in results] == [
