@@ -5,6 +5,7 @@ The first window of `bench/cl.py`'s stream (BANKING77, seeded intents), `--train
 tickets an intent, trained in one round from a fresh adapter and tested on the window's held-out
 tickets. Per size:
 
+- `base`: the fresh adapter untrained (the base model): what a run that learned nothing scores;
 - `plain`: the product's update step without privacy (`learners.train.run_round`, the default
   adapter and learning rate): the baseline the ratios are against;
 - `private`: DP-SGD (`learners.privacy.private_round`) in `train.privacy.adapter` at
@@ -44,7 +45,7 @@ from learners.scoring import LabelScorer
 from learners.train import run_round
 from streams.records import TicketRecord
 
-RUNS = ("plain", "private", "private-default-adapter")
+RUNS = ("base", "plain", "private", "private-default-adapter")
 
 
 def one_round(run: str, records: Sequence[TicketRecord], test: Sequence[TicketRecord], labels: list[str],
@@ -62,7 +63,9 @@ def one_round(run: str, records: Sequence[TicketRecord], test: Sequence[TicketRe
     with tempfile.TemporaryDirectory() as scratch:
         model, tokenizer = fresh_adapter(base_path, cfg, Path(scratch))
     started = time.perf_counter()
-    if cfg.privacy.enabled:
+    if run == "base":
+        report = None
+    elif cfg.privacy.enabled:
         report = private_round(model, examples_by_ticket(tokenizer, records, cfg.max_length, cfg.system_prompt),  # type: ignore[arg-type]
                                [], cfg, tokenizer.pad_token_id)  # type: ignore[attr-defined]
     else:
@@ -72,8 +75,9 @@ def one_round(run: str, records: Sequence[TicketRecord], test: Sequence[TicketRe
         accuracy = evaluate(model, LabelScorer(tokenizer, labels), {1: test})[1].accuracy  # type: ignore[arg-type]
     weights = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"accuracy": accuracy, "noise_multiplier": cfg.privacy.noise_multiplier if cfg.privacy.enabled else None,
-            "batch_size": cfg.batch_size, "steps": report.steps, "adapter_weights": weights,
-            "learning_rate": cfg.privacy.learning_rate if cfg.privacy.enabled else cfg.learning_rate,
+            "batch_size": cfg.batch_size if report else None, "steps": report.steps if report else 0,
+            "adapter_weights": weights, "learning_rate": None if report is None else
+            cfg.privacy.learning_rate if cfg.privacy.enabled else cfg.learning_rate,
             "seconds": time.perf_counter() - started}
 
 
@@ -84,7 +88,7 @@ def markdown(results: list[dict[str, object]]) -> str:
     for r in results:
         sigma = "–" if r["noise_multiplier"] is None else f"{r['noise_multiplier']:.2f}"
         ratio = f"{r['accuracy'] / plain[r['tickets']]:.2f}" if plain.get(r["tickets"]) else "–"  # type: ignore[operator]
-        lines.append(f"| {r['tickets']} | {r['run']} | {r['adapter_weights']:,} | {r['batch_size']} | {sigma} | "
+        lines.append(f"| {r['tickets']} | {r['run']} | {r['adapter_weights']:,} | {r['batch_size'] or '–'} | {sigma} | "
                      f"{r['steps']} | {r['accuracy']:.3f} | {ratio} |")
     return "\n".join(lines) + "\n"
 

@@ -27,10 +27,11 @@ def test_private_round_bench_smoke_trains_each_run_at_its_size_and_spends_the_ep
     assert json.loads((tmp_path / "private-round-smoke.json").read_text()) == json.loads(json.dumps(doc))
     results = doc["results"]
     assert [(r["tickets"], r["run"]) for r in results] == [
-        (6, run) for run in ("plain", "private", "private-default-adapter")]
+        (6, run) for run in ("base", "plain", "private", "private-default-adapter")]
     by = {(r["tickets"], r["run"]): r for r in results}
     cfg = TrainSettings.model_validate(json.loads(SMOKE_TRAIN_JSON))
     assert by[6, "plain"]["noise_multiplier"] is None and by[6, "plain"]["learning_rate"] == cfg.learning_rate
+    assert by[6, "base"]["steps"] == 0 < by[6, "plain"]["steps"] and by[6, "base"]["learning_rate"] is None
     # The private adapter has the fewer weights, and trains at its own rate.
     assert by[6, "private"]["adapter_weights"] < by[6, "private-default-adapter"]["adapter_weights"] \
         == by[6, "plain"]["adapter_weights"]
@@ -42,6 +43,6 @@ def test_private_round_bench_smoke_trains_each_run_at_its_size_and_spends_the_ep
             update={"noise_multiplier": r["noise_multiplier"]})})
         plan = mechanism(6, 6, private)
         assert r["steps"] == plan.steps and epsilon([plan] * 4, 1e-6) == pytest.approx(4.0, rel=1e-3)
-    assert all(0 <= by[6, run]["accuracy"] <= 1 for run in ("plain", "private", "private-default-adapter"))
+    assert all(0 <= by[6, run]["accuracy"] <= 1 for run in bench.RUNS)
     table = (tmp_path / "private-round-smoke.md").read_text()
     assert table.count("| private |") == 1 and "× plain" in table
