@@ -90,12 +90,13 @@ class Stream:
     test: list[list[TicketRecord]]
 
 
-def make_stream(preset: Preset, seed: int) -> Stream:
-    """The windows: seeded intent order, a seeded subset of each intent's tickets."""
+def make_stream(preset: Preset, seed: int, data: str = "banking77") -> Stream:
+    """The windows of `data` (a `streams.datasets` name): seeded intent order, a seeded subset of
+    each intent's tickets."""
     rng = random.Random(seed)
     train, test = defaultdict(list), defaultdict(list)
     for records, split in ((train, "train"), (test, "test")):
-        for record in load_tickets("banking77", split):  # type: ignore[arg-type]
+        for record in load_tickets(data, split):  # type: ignore[arg-type]
             records[record.label].append(record)
     intents = sorted(train)
     rng.shuffle(intents)

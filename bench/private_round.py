@@ -1,8 +1,8 @@
 """One private round against its size (issue 17): which adapter learns under DP-SGD, and from how
 many tickets.
 
-The first window of `bench/cl.py`'s stream (BANKING77, seeded intents), `--train-per-intent`
-tickets an intent, trained in one round from a fresh adapter and tested on the window's held-out
+The first window of `bench/cl.py`'s stream (BANKING77, or `--data`; seeded intents),
+`--train-per-intent` tickets an intent, trained in one round from a fresh adapter and tested on the window's held-out
 tickets. Per size:
 
 - `base`: the fresh adapter untrained (the base model): what a run that learned nothing scores;
@@ -19,6 +19,7 @@ tickets a step in expectation. The noise comes from the operating system, not th
 row differs run to run.
 
     evergreen bench private_round --train-per-intent 16,64,128    # SmolLM2-135M, about 40 min on 2 cores
+    evergreen bench private_round --data stackoverflow --train-per-intent 600 --runs base,plain,private
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from learners.privacy import mechanism, private_round
 from learners.prompts import examples_by_ticket, ticket_examples
 from learners.scoring import LabelScorer
 from learners.train import run_round
+from streams.datasets import DATASETS
 from streams.records import TicketRecord
 
 RUNS = ("base", "plain", "private", "private-default-adapter")
@@ -96,6 +98,8 @@ def markdown(results: list[dict[str, object]]) -> str:
 def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="quick", help="the stream's intents a window")
+    parser.add_argument("--data", choices=sorted(DATASETS), default="banking77",
+                        help="the data set (more tickets an intent than BANKING77's 117: stackoverflow's 600)")
     parser.add_argument("--train-per-intent", default="16,64,128", help="comma-separated round sizes, a column each")
     parser.add_argument("--base", default="smollm2-135m", help="base model (`model prepare` name or directory)")
     parser.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset of " + ", ".join(RUNS))
@@ -113,18 +117,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     base_path = resolve_base_model(args.base, Path.home() / ".cache" / "evergreen" / "models")
     runs = [r for r in RUNS if r in args.runs.split(",")]
     results: list[dict[str, object]] = []
-    stem = args.out / f"private-round-{args.preset}"
+    stem = args.out / (f"private-round-{args.preset}" if args.data == "banking77" else
+                       f"private-round-{args.data}-{args.preset}")
     for size in (int(s) for s in args.train_per_intent.split(",")):
-        stream = make_stream(replace(PRESETS[args.preset], train_per_intent=size), args.seed)
+        stream = make_stream(replace(PRESETS[args.preset], train_per_intent=size), args.seed, args.data)
         records, labels = stream.train[0], sorted(stream.labels[0])
         for run in runs:
             result = {"tickets": len(records), "train_per_intent": size, "run": run,
                       **one_round(run, records, stream.test[0], labels, base_path, cfg, args)}
             results.append(result)
             print(f"{len(records):>5} tickets  {run:<24} {result['accuracy']:.3f}", flush=True)
-            document = {"preset": args.preset, "preset_sizes": asdict(PRESETS[args.preset]), "base": args.base,
-                        "seed": args.seed, "epsilon": args.epsilon, "rounds": args.rounds, "delta": args.delta,
-                        "batch_share": args.batch_share, "labels": labels, "train": cfg.model_dump(mode="json"),
+            document = {"data": args.data, "preset": args.preset, "preset_sizes": asdict(PRESETS[args.preset]),
+                        "base": args.base, "seed": args.seed, "epsilon": args.epsilon, "rounds": args.rounds,
+                        "delta": args.delta, "batch_share": args.batch_share, "labels": labels,
+                        "train": cfg.model_dump(mode="json"),
                         "command": "evergreen bench private_round " + " ".join(sys.argv[1:] if argv is None else argv),
                         "results": results}
             stem.parent.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from streams.datasets import load_tickets
 from tests.conftest import SMOKE_TRAIN_JSON, load_bench
 
 
@@ -35,3 +36,14 @@ def test_cl_bench_smoke_writes_matrices_metrics_and_heatmaps(tmp_path: Path, tin
     table = (tmp_path / "cl-smoke.md").read_text()
     assert all(f"| {m} |" in table for m in doc["results"])
     assert set(doc["targets_met"]) >= {"default_forgetting_le_2_points", "naive_forgets_at_least_10_points_more"}
+
+
+def test_cl_stream_of_another_data_set_takes_its_intents_and_as_many_tickets_as_asked() -> None:
+    bench = load_bench("cl")
+    preset = bench.Preset(windows=2, intents_per_window=3, train_per_intent=500, test_per_intent=None)
+    stream = bench.make_stream(preset, 0, "stackoverflow")
+    tags = {r.label for r in load_tickets("stackoverflow", "train")}
+    assert all(set(window) <= tags and len(window) == 3 for window in stream.labels)
+    assert [len(rows) for rows in stream.train] == [1500, 1500]  # 500 of each tag: BANKING77 has ~117
+    assert {r.label for r in stream.test[1]} == set(stream.labels[1])
+    assert stream.labels != bench.make_stream(preset, 0).labels  # the default is still BANKING77
