@@ -76,7 +76,8 @@ def one_round(run: str, records: Sequence[TicketRecord], test: Sequence[TicketRe
     with torch.no_grad():
         accuracy = evaluate(model, LabelScorer(tokenizer, labels), {1: test})[1].accuracy  # type: ignore[arg-type]
     weights = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"accuracy": accuracy, "noise_multiplier": cfg.privacy.noise_multiplier if cfg.privacy.enabled else None,
+    noise = cfg.privacy.noise_multiplier if report and cfg.privacy.enabled else None
+    return {"accuracy": accuracy, "noise_multiplier": noise,
             "batch_size": cfg.batch_size if report else None, "steps": report.steps if report else 0,
             "adapter_weights": weights, "learning_rate": None if report is None else
             cfg.privacy.learning_rate if cfg.privacy.enabled else cfg.learning_rate,

@@ -32,6 +32,7 @@ def test_private_round_bench_smoke_trains_each_run_at_its_size_and_spends_the_ep
     cfg = TrainSettings.model_validate(json.loads(SMOKE_TRAIN_JSON))
     assert by[6, "plain"]["noise_multiplier"] is None and by[6, "plain"]["learning_rate"] == cfg.learning_rate
     assert by[6, "base"]["steps"] == 0 < by[6, "plain"]["steps"] and by[6, "base"]["learning_rate"] is None
+    assert by[6, "base"]["noise_multiplier"] is None  # nothing trained, nothing noised
     # The private adapter has the fewer weights, and trains at its own rate.
     assert by[6, "private"]["adapter_weights"] < by[6, "private-default-adapter"]["adapter_weights"] \
         == by[6, "plain"]["adapter_weights"]
